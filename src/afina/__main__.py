@@ -1,0 +1,5 @@
+import sys
+
+from afina.cli import main
+
+sys.exit(main())

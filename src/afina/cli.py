@@ -1,0 +1,166 @@
+"""The `afina` command: one subcommand per stage; each parses, calls the stage, prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from afina import __version__
+
+RECIPE_HELP = "recipe YAML file"
+OVERRIDES_HELP = "overrides of the form key.sub=value (e.g. training.epochs=2 method.r=8)"
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help=RECIPE_HELP)
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="afina",
+        description="Fine-tune a pretrained LLM end to end: prepare data, train, evaluate, export, serve.",
+        epilog="Start with `afina quickstart`. Every stage takes a recipe and key.sub=value overrides.",
+    )
+    parser.add_argument("--version", action="version", version=f"afina {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (model conversion, loading)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prepare", help="load, check, format and split the data into the run directory",
+                       description="Read the recipe's data file, reject bad rows (data/rejects.jsonl, with reasons), "
+                       "split train/validation/test and write data/report.json.")
+    _add_recipe_args(p)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of rejecting it")
+
+    p = sub.add_parser("train", help="fine-tune the model on the prepared train split",
+                       description="Train with the recipe's method (LoRA or full); writes adapter/ or model/ and metrics.jsonl.")
+    _add_recipe_args(p)
+
+    p = sub.add_parser("eval", help="compare the base and the tuned model on the test split",
+                       description="Generate answers on the held-out test split with each system; writes eval/metrics.json and eval/predictions.jsonl.")
+    _add_recipe_args(p)
+
+    p = sub.add_parser("export", help="write the adapter and a merged Hugging Face model, verified",
+                       description="Export the trained weights (export/adapter, export/merged) and check each export reproduces the trained model.")
+    _add_recipe_args(p)
+
+    p = sub.add_parser("run", help="run prepare, train, eval and export in order",
+                       description="Run every stage of a recipe in order.")
+    _add_recipe_args(p)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad data row")
+
+    p = sub.add_parser("serve", help="serve a run or a model over an OpenAI-compatible HTTP API",
+                       description="Serve /v1/chat/completions, /v1/completions and /v1/models for a run directory "
+                       "(its adapter over the base model) or any model spec.")
+    p.add_argument("target", help="a run directory (runs/NAME) or a model spec (see `afina models`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+
+    sub.add_parser("models", help="list the models afina can use offline",
+                   description="List packaged models; any local HF folder, .gguf file or hub name works too.")
+
+    p = sub.add_parser("config", help="show a recipe with every default filled in",
+                       description="Validate a recipe and print it resolved.")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    p = csub.add_parser("show", help="print the resolved recipe", description="Validate a recipe and print it with every default filled in.")
+    p.add_argument("recipe", nargs="?", help="recipe YAML file (none: the defaults)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+    p = sub.add_parser("quickstart", help="fine-tune the default model on bundled support data and show before/after",
+                       description="Run the bundled quickstart recipe (support answers for a fictional company) "
+                       "through every stage and print the base-vs-tuned table.")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    return parser
+
+
+def cmd_config_show(args) -> None:
+    from afina.config import load_recipe, recipe_to_yaml
+
+    sys.stdout.write(recipe_to_yaml(load_recipe(args.recipe, args.overrides)))
+
+
+def cmd_models(args) -> None:
+    from afina.models import list_packaged_models
+
+    for row in list_packaged_models():
+        print(f"{row['name']:<24} {row['status']}")
+        print(f"{'':<24} {row['description']}")
+        if row["path"]:
+            print(f"{'':<24} {row['path']}")
+    print("Also usable: any local Hugging Face folder, any local .gguf file (llama, mistral, qwen2, ...), "
+          "or a hub name (org/model) where a hub is reachable.")
+
+
+def cmd_stage(args) -> None:
+    from afina.config import load_recipe
+    from afina.pipeline import run_stage
+
+    run_stage(args.command, load_recipe(args.recipe, args.overrides), strict=getattr(args, "strict", False))
+
+
+def cmd_run(args) -> None:
+    from afina.config import load_recipe
+    from afina.pipeline import run_all
+
+    result = run_all(load_recipe(args.recipe, args.overrides), strict=args.strict)
+    print(f"done in {result['wall_time_s']} s")
+
+
+def cmd_quickstart(args) -> None:
+    from afina.eval.evaluate import format_table
+    from afina.pipeline import quickstart_recipe, run_all
+
+    start = time.perf_counter()
+    recipe = quickstart_recipe(args.overrides)
+    print(f"afina quickstart: teach {recipe.model.name} the support facts of a fictional company, "
+          f"then compare base and tuned on held-out questions. Run directory: {recipe.run_dir}")
+    result = run_all(recipe)
+    print()
+    print("Before / after fine-tuning (held-out test questions):")
+    print(format_table(result["eval"]))
+    print(f"\nquickstart finished in {time.perf_counter() - start:.0f} s; everything is in {recipe.run_dir}/ "
+          f"(predictions: {recipe.run_dir}/eval/predictions.jsonl)")
+
+
+def cmd_serve(args) -> None:
+    from afina.serve.app import serve
+
+    serve(args.target, host=args.host, port=args.port)
+
+
+COMMANDS = {
+    "prepare": cmd_stage,
+    "train": cmd_stage,
+    "eval": cmd_stage,
+    "export": cmd_stage,
+    "run": cmd_run,
+    "serve": cmd_serve,
+    "models": cmd_models,
+    "config": cmd_config_show,
+    "quickstart": cmd_quickstart,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from afina.config import RecipeError
+    from afina.data.load import DataError
+    from afina.models import ModelError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except (RecipeError, DataError, ModelError, FileNotFoundError) as exc:
+        print(f"afina {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"afina {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data preparation: load, map to canonical chat rows, format with masks, split, report."""

@@ -1,0 +1,1 @@
+"""Export: the adapter alone, or merged into the base as a plain Hugging Face model."""

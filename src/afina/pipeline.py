@@ -1,0 +1,72 @@
+"""The stages in order, each recorded in the run's manifest."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from afina.config import Recipe, load_recipe
+from afina.rundir import RunDir
+
+STAGES = ("prepare", "train", "eval", "export")
+
+
+def bundled_recipe_path(name: str) -> Path:
+    path = Path(str(resources.files("afina") / "recipes" / f"{name}.yaml"))
+    if not path.is_file():
+        raise FileNotFoundError(f"no bundled recipe named '{name}' (looked for {path})")
+    return path
+
+
+def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, **options: Any) -> Any:
+    """Run one stage, record its wall time in the manifest, and print its summary."""
+    from afina.data.prepare import format_report, prepare
+    from afina.eval.evaluate import evaluate, format_table
+    from afina.export.merge import export
+    from afina.train.loop import train
+
+    run = RunDir(recipe.run_dir)
+    echo(f"== {stage} ({run.root})")
+    with run.stage(stage, recipe.to_dict(), recipe.seed):
+        if stage == "prepare":
+            result = prepare(recipe, strict=options.get("strict", False))
+            echo(format_report(result))
+        elif stage == "train":
+            result = train(recipe)
+            echo(
+                f"trained {result['steps']} steps ({result['epochs']} epochs, {result['tokens']} tokens, "
+                f"{result['tokens_per_s']} tokens/s, {result['precision']} on {result['device']}); "
+                f"validation loss {_fmt(result['val_loss_before'])} -> {_fmt(result['val_loss_after'])}; "
+                f"saved to {result['output']}"
+            )
+        elif stage == "eval":
+            result = evaluate(recipe)
+            echo(format_table(result))
+        elif stage == "export":
+            result = export(recipe)
+            for fmt, info in result.items():
+                if "skipped" in info:
+                    echo(f"{fmt}: skipped ({info['skipped']})")
+                else:
+                    echo(f"{fmt}: {info['path']} (verified: max logit diff {info['max_logit_diff']:.2e}, greedy text equal: {info['greedy_text_equal']})")
+        else:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    return result
+
+
+def run_all(recipe: Recipe, echo: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
+    start = time.perf_counter()
+    results = {stage: run_stage(stage, recipe, echo, **options) for stage in STAGES}
+    results["wall_time_s"] = round(time.perf_counter() - start, 1)
+    return results
+
+
+def quickstart_recipe(overrides: list[str]) -> Recipe:
+    return load_recipe(bundled_recipe_path("quickstart"), overrides)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

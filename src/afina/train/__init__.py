@@ -1,0 +1,1 @@
+"""Training: batches, the loss, the loop."""
