@@ -43,3 +43,8 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def progress_interval() -> float:
+    """Seconds between progress-bar refreshes: live on a terminal, a line now and then in a log."""
+    return 0.2 if sys.stderr.isatty() else 15.0

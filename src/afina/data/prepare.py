@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,7 @@ def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
         "rows_in": rows_in,
         "kept": len(kept),
         "rejected": len(rejects),
-        "rejected_by_reason": dict(Counter(r.reason.split(" of line")[0] for r in rejects)),
+        "rejected_by_reason": dict(Counter(re.sub(r"\d+", "N", r.reason) for r in rejects)),
         "splits": {name: len(rows) for name, rows in splits.items()},
         "tokens": {
             "total": sum(token_lengths),

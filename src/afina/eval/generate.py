@@ -6,6 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from afina.data.format import render_prompt
+from afina.device import progress_interval
 
 
 @torch.no_grad()
@@ -18,7 +19,7 @@ def generate_answers(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     answers: list[str] = [""] * len(prompts)
     pad_id = tokenizer.pad_token_id
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, mininterval=progress_interval()):
         idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=model.device)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from afina.config import Recipe
 from afina.data.format import encode_chat
-from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
+from afina.device import autocast_factory, peak_memory_mb, pick_device, progress_interval, resolve_precision
 from afina.rundir import RunDir, read_jsonl
 from afina.train.loss import label_token_loss, mean_label_loss, pad_batch
 
@@ -108,14 +108,13 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     metrics_file = run.metrics.open("a", encoding="utf-8")
     history = {"val_loss_before": validation_loss()}
     model.train()
-    step, epoch, tokens_seen, start = 0, 0, 0, time.perf_counter()
+    step, tokens_seen, start = 0, 0, time.perf_counter()
     queue: list[list[int]] = []
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, mininterval=progress_interval())
     last_loss = float("nan")
     while step < total_steps:
         if len(queue) < cfg.grad_accum:
             queue += micro_batches(train_set, cfg.batch_size, rng)
-            epoch += 1
         group = [pad_batch([train_set[i] for i in idx], pad_id) for idx in queue[: cfg.grad_accum]]
         del queue[: cfg.grad_accum]
         # Normalise by every label token of the accumulated batch, not per micro-batch.
@@ -126,7 +125,7 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             with autocast():
                 loss_sum, _ = label_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             (loss_sum / max(n_label, 1)).backward()
-            step_loss += float(loss_sum) / max(n_label, 1)
+            step_loss += float(loss_sum.detach()) / max(n_label, 1)
             tokens_seen += int(batch["attention_mask"].sum())
         grad_norm = (
             float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)) if cfg.max_grad_norm else None
@@ -141,7 +140,10 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         elapsed = time.perf_counter() - start
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}", mem=f"{peak_memory_mb(device):.0f}MB")
-        if step % cfg.log_every == 0 or step == total_steps:
+        val_loss = None
+        if step == total_steps or step % steps_per_epoch == 0:  # validate at each epoch's end
+            val_loss = history["val_loss_after"] = validation_loss()
+        if step % cfg.log_every == 0 or val_loss is not None:
             record = {
                 "step": step,
                 "epoch": round(step / steps_per_epoch, 3),
@@ -151,15 +153,13 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                 "tokens": tokens_seen,
                 "tokens_per_s": round(tokens_seen / elapsed, 1),
                 "peak_memory_mb": round(peak_memory_mb(device), 1),
+                **({"val_loss": val_loss} if val_loss is not None else {}),
             }
-            if step == total_steps or step % steps_per_epoch == 0:
-                record["val_loss"] = validation_loss()
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
     bar.close()
     metrics_file.close()
 
-    history["val_loss_after"] = validation_loss()
     out_dir = run.adapter if recipe.method.type == "lora" else run.model
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
