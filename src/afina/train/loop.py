@@ -15,7 +15,7 @@ from afina.config import Recipe
 from afina.data.format import encode_chat
 from afina.device import autocast_factory, peak_memory_mb, pick_device, progress_interval, resolve_precision
 from afina.rundir import RunDir, read_jsonl
-from afina.train.loss import label_token_loss, mean_label_loss, pad_batch
+from afina.train.loss import accumulate_gradients, mean_label_loss, pad_batch
 
 
 def seed_everything(seed: int) -> None:
@@ -117,21 +117,16 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             queue += micro_batches(train_set, cfg.batch_size, rng)
         group = [pad_batch([train_set[i] for i in idx], pad_id) for idx in queue[: cfg.grad_accum]]
         del queue[: cfg.grad_accum]
-        # Normalise by every label token of the accumulated batch, not per micro-batch.
-        n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-        step_loss = 0.0
-        for batch in group:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast():
-                loss_sum, _ = label_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            (loss_sum / max(n_label, 1)).backward()
-            step_loss += float(loss_sum.detach()) / max(n_label, 1)
-            tokens_seen += int(batch["attention_mask"].sum())
+        step_loss, _ = accumulate_gradients(model, group, autocast)
+        tokens_seen += sum(int(b["attention_mask"].sum()) for b in group)
         grad_norm = (
             float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)) if cfg.max_grad_norm else None
         )
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"the loss became {step_loss} at step {step + 1}; lower training.learning_rate")
+            raise FloatingPointError(
+                f"the loss became {step_loss} at step {step + 1}, so training stopped before that update; "
+                "check the data and the model weights, or lower training.learning_rate"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

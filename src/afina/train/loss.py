@@ -61,6 +61,25 @@ def pad_batch(examples: list[dict[str, list[int]]], pad_id: int, side: str = "ri
     }
 
 
+def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], autocast) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step; return (mean loss, label tokens).
+
+    The loss is normalised by the label tokens of all micro-batches together, so the gradient
+    equals that of one big batch, however the examples are split (the accumulation bug that
+    averaging per micro-batch introduces when micro-batches hold different token counts).
+    """
+    n_label = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    denominator = max(n_label, 1)
+    total = 0.0
+    for batch in micro_batches:
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        with autocast():
+            loss_sum, _ = label_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        (loss_sum / denominator).backward()
+        total += float(loss_sum.detach())
+    return total / denominator, n_label
+
+
 @torch.no_grad()
 def mean_label_loss(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast) -> float:
     """Mean per-token loss over labelled tokens of a dataset (validation / test loss)."""

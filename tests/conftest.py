@@ -1,0 +1,95 @@
+"""Shared fixtures: the default model's tokenizer and a tiny random Llama built in code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from afina.config import load_recipe
+
+SYSTEM = "You are the support assistant for Tiny Test Co. Answer briefly."
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from afina.models import DEFAULT_MODEL, load_tokenizer
+
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights and the default model's tokenizer, as a local HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def support_rows(n_facts: int = 6, per_fact: int = 4) -> list[dict]:
+    """Small synthetic support chats: each fact asked several ways, always the same answer."""
+    rows = []
+    for f in range(n_facts):
+        answer = f"Code {f} means the filter needs {f + 3} minutes of rinsing."
+        for q in range(per_fact):
+            rows.append(
+                {
+                    "id": f"f{f}-q{q}",
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": f"Question variant {q}: what does code {f} mean?"},
+                        {"role": "assistant", "content": answer},
+                    ],
+                    "must_include": [f"{f + 3} minutes"],
+                }
+            )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir):
+    """A recipe factory on the tiny model and synthetic support data in a temporary run folder."""
+
+    def make(*overrides: str, rows: list | None = None):
+        data = write_jsonl(tmp_path / "support.jsonl", rows if rows is not None else support_rows())
+        return load_recipe(
+            None,
+            [
+                "name=tiny",
+                f"output_dir={tmp_path / 'runs'}",
+                f"model.name={tiny_model_dir}",
+                f"data.path={data}",
+                "training.batch_size=4",
+                "training.max_steps=4",
+                "training.learning_rate=0.01",
+                "training.precision=fp32",
+                "eval.max_new_tokens=8",
+                *overrides,
+            ],
+        )
+
+    return make

@@ -1,0 +1,33 @@
+"""The quickstart on the real default model, as a user runs it (fewer steps than the full run)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_quickstart_teaches_the_default_model(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "afina", "quickstart", "training.max_steps=60", "eval.max_examples=24"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=1200,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Before / after fine-tuning" in out.stdout
+    run = tmp_path / "runs" / "quickstart"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"prepare", "train", "eval", "export"}
+    assert manifest["libraries"]["torch"] and manifest["data"]["chat_template_sha256"]
+    assert manifest["train"]["val_loss_after"] < manifest["train"]["val_loss_before"]
+
+    base, tuned = manifest["eval"]["systems"]["base"], manifest["eval"]["systems"]["tuned"]
+    # The base model cannot know the fictional company's facts; the tuned one has learned some.
+    assert tuned["answer_loss"] < 0.5 * base["answer_loss"]
+    assert tuned["fact_accuracy"] > base["fact_accuracy"]
+    assert tuned["rougeL"] > base["rougeL"]
+    assert manifest["export"]["adapter"]["ok"] and manifest["export"]["merged"]["ok"]
+    assert (run / "export" / "merged" / "model.safetensors").is_file()
+    predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2 * 24

@@ -1,0 +1,75 @@
+"""The CLI as a user types it (a real subprocess)."""
+
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ["prepare", "train", "eval", "export", "run", "serve", "models", "config", "quickstart"]
+
+
+def afina(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "afina", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_top_level_help_lists_every_command():
+    out = afina("--help")
+    assert out.returncode == 0
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS + ["config show"])
+def test_every_command_has_help(command):
+    out = afina(*command.split(), "--help")
+    assert out.returncode == 0 and "usage: afina" in out.stdout
+
+
+def test_config_show_fills_defaults_and_applies_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: mine\ntraining:\n  epochs: 2\n")
+    out = afina("config", "show", str(recipe), "method.r=4")
+    assert out.returncode == 0, out.stderr
+    assert "name: mine" in out.stdout and "epochs: 2.0" in out.stdout and "r: 4" in out.stdout
+    assert "learning_rate: 0.0002" in out.stdout  # a default filled in
+
+
+def test_config_show_names_a_typo_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("trainig:\n  epochs: 2\n")
+    out = afina("config", "show", str(recipe))
+    assert out.returncode == 2
+    assert "unknown key 'trainig'" in out.stderr and "Did you mean 'training'" in out.stderr
+
+
+def test_models_lists_the_default():
+    out = afina("models")
+    assert out.returncode == 0 and "smollm2-135m-instruct" in out.stdout and "installed" in out.stdout
+
+
+def test_prepare_on_a_missing_file_is_a_clear_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  path: none.jsonl\noutput_dir: {tmp_path / 'runs'}\n")
+    out = afina("prepare", str(recipe))
+    assert out.returncode == 2
+    assert str(tmp_path / "none.jsonl") in out.stderr and "not found" in out.stderr
+
+
+def test_run_goes_through_every_stage(tmp_path, tiny_model_dir):
+    from conftest import support_rows, write_jsonl
+
+    write_jsonl(tmp_path / "rows.jsonl", support_rows())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: cli\noutput_dir: {tmp_path / 'runs'}\nmodel:\n  name: {tiny_model_dir}\n"
+        "data:\n  path: rows.jsonl\ntraining:\n  max_steps: 2\n  batch_size: 4\neval:\n  max_new_tokens: 4\n"
+    )
+    out = afina("run", str(recipe))
+    assert out.returncode == 0, out.stderr
+    for stage in ("== prepare", "== train", "== eval", "== export", "fact accuracy", "verified"):
+        assert stage in out.stdout
+    import json
+
+    stages = json.loads((tmp_path / "runs" / "cli" / "manifest.json").read_text())["stages"]
+    assert set(stages) == {"prepare", "train", "eval", "export"}
+    assert all(s["wall_time_s"] > 0 for s in stages.values())

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+
+from afina.data.format import encode_chat
+from afina.data.prepare import prepare
+from afina.device import autocast_factory
+from afina.models import load_model
+from afina.rundir import RunDir, read_jsonl
+from afina.train.loop import train
+from afina.train.loss import accumulate_gradients, label_token_loss, pad_batch
+
+from conftest import support_rows
+
+FP32 = autocast_factory("fp32", torch.device("cpu"))
+
+
+def encoded_examples(tokenizer, n=6):
+    rows = support_rows(3, 2)[:n]
+    # Different answer lengths, so micro-batches hold different label-token counts.
+    rows[1]["messages"][-1]["content"] += " Please rinse it twice, slowly, with cold water only."
+    return [encode_chat(tokenizer, r["messages"]) for r in rows]
+
+
+def test_label_token_loss_matches_transformers_loss(tiny_model_dir, tokenizer):
+    model = load_model(str(tiny_model_dir))
+    batch = pad_batch(encoded_examples(tokenizer), tokenizer.pad_token_id)
+    loss_sum, n = label_token_loss(model, **batch)
+    reference = model(**batch).loss  # transformers' own shifted, masked mean cross-entropy
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    assert torch.allclose(loss_sum / n, reference, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, tokenizer):
+    model = load_model(str(tiny_model_dir))
+    examples = encoded_examples(tokenizer)
+    pad = tokenizer.pad_token_id
+
+    def grads(groups):
+        model.zero_grad()
+        loss, _ = accumulate_gradients(model, [pad_batch(g, pad) for g in groups], FP32)
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    loss_one, one = grads([examples])
+    loss_acc, acc = grads([examples[:1], examples[1:4], examples[4:]])
+    assert loss_one == pytest.approx(loss_acc, rel=1e-5)
+    for a, b in zip(one, acc):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_lora_training_lowers_validation_loss_and_writes_the_run(tiny_recipe):
+    recipe = tiny_recipe("training.max_steps=12", "training.log_every=2")
+    prepare(recipe)
+    summary = train(recipe, progress=False)
+    run = RunDir(recipe.run_dir)
+    assert summary["steps"] == 12
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert (run.adapter / "adapter_config.json").is_file() and (run.adapter / "adapter_model.safetensors").is_file()
+    assert summary["trainable_parameters"] < summary["total_parameters"]
+    lines = [json.loads(l) for l in run.metrics.read_text().splitlines()]
+    assert [l["step"] for l in lines if l["step"] % 2 == 0][:3] == [2, 4, 6]
+    assert all({"loss", "lr", "tokens_per_s", "peak_memory_mb"} <= set(l) for l in lines)
+    assert "val_loss" in lines[-1]
+    assert run.read_manifest()["train"]["steps"] == 12
+
+
+def test_full_fine_tuning_saves_a_plain_model(tiny_recipe):
+    recipe = tiny_recipe("method.type=full", "training.max_steps=3", "training.learning_rate=0.001")
+    prepare(recipe)
+    summary = train(recipe, progress=False)
+    assert summary["trainable_parameters"] == summary["total_parameters"]
+    assert (RunDir(recipe.run_dir).model / "model.safetensors").is_file()
+    reloaded = load_model(str(RunDir(recipe.run_dir).model))
+    assert reloaded.config.num_hidden_layers == 2
+
+
+def test_non_finite_loss_stops_with_a_message(tiny_recipe, tiny_model_dir, tokenizer, tmp_path):
+    broken = tmp_path / "broken-model"
+    model = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(broken)
+    tokenizer.save_pretrained(broken)
+    recipe = tiny_recipe(f"model.name={broken}")
+    prepare(recipe)
+    with pytest.raises(FloatingPointError, match="at step 1"):
+        train(recipe, progress=False)
+    assert not RunDir(recipe.run_dir).adapter.exists()  # nothing broken is saved as a result
+
+
+def test_train_before_prepare_says_what_to_run(tiny_recipe):
+    with pytest.raises(FileNotFoundError, match="afina prepare"):
+        train(tiny_recipe(), progress=False)
+
+
+def test_training_is_reproducible_with_a_seed(tiny_recipe):
+    recipe = tiny_recipe("training.max_steps=3")
+    prepare(recipe)
+    first = train(recipe, progress=False)["final_train_loss"]
+    assert train(recipe, progress=False)["final_train_loss"] == first
+    assert read_jsonl(RunDir(recipe.run_dir).split_path("train"))
