@@ -29,23 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (model conversion, loading)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("prepare", help="load, check, format and split the data into the run directory",
-                       description="Read the recipe's data file, reject bad rows (data/rejects.jsonl, with reasons), "
-                       "split train/validation/test and write data/report.json.")
-    _add_recipe_args(p)
-    p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of rejecting it")
-
-    p = sub.add_parser("train", help="fine-tune the model on the prepared train split",
-                       description="Train with the recipe's method (LoRA or full); writes adapter/ or model/ and metrics.jsonl.")
-    _add_recipe_args(p)
-
-    p = sub.add_parser("eval", help="compare the base and the tuned model on the test split",
-                       description="Generate answers on the held-out test split with each system; writes eval/metrics.json and eval/predictions.jsonl.")
-    _add_recipe_args(p)
-
-    p = sub.add_parser("export", help="write the adapter and a merged Hugging Face model, verified",
-                       description="Export the trained weights (export/adapter, export/merged) and check each export reproduces the trained model.")
-    _add_recipe_args(p)
+    stages = {
+        "prepare": ("load, check, format and split the data into the run directory",
+                    "Read the recipe's data file, reject bad rows (data/rejects.jsonl, with reasons), "
+                    "split train/validation/test and write data/report.json."),
+        "train": ("fine-tune the model on the prepared train split",
+                  "Train with the recipe's method (LoRA or full); writes adapter/ or model/ and metrics.jsonl."),
+        "eval": ("compare the base and the tuned model on the test split",
+                 "Generate answers on the held-out test split with each system; "
+                 "writes eval/metrics.json and eval/predictions.jsonl."),
+        "export": ("write the adapter and a merged Hugging Face model, verified",
+                   "Export the trained weights (export/adapter, export/merged) and check that each export "
+                   "reproduces the trained model."),
+    }
+    for name, (summary, description) in stages.items():
+        p = sub.add_parser(name, help=summary, description=description)
+        _add_recipe_args(p)
+        if name == "prepare":
+            p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of rejecting it")
 
     p = sub.add_parser("run", help="run prepare, train, eval and export in order",
                        description="Run every stage of a recipe in order.")

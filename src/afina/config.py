@@ -30,9 +30,6 @@ class ModelConfig(_Section):
         description="A packaged model name (see `afina models`), a local Hugging Face folder, "
         "a local .gguf file, or a hub name where a hub is reachable.",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype for loading. auto: bfloat16 where the hardware is fast at it."
-    )
 
 
 class SplitConfig(_Section):

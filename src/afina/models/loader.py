@@ -13,7 +13,6 @@ quantized, which training refuses, and the conversion takes ~15 s where the cach
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -22,6 +21,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from afina.rundir import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,6 @@ def list_packaged_models() -> list[dict[str, str]]:
     return rows
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_gguf(path: Path) -> str:
     """Read a GGUF file's header and tensor table; return its architecture or raise ModelError."""
     from gguf import GGUFReader
@@ -124,7 +117,7 @@ def check_gguf(path: Path) -> str:
 def convert_gguf(path: Path) -> Path:
     """Return a cached safetensors folder for a GGUF file, converting it the first time."""
     path = path.resolve()
-    digest = _file_digest(path)
+    digest = file_sha256(path)
     target = cache_root() / "models" / f"{path.stem}-{digest[:16]}"
     if (target / "afina_source.json").is_file():
         return target
