@@ -9,7 +9,8 @@ from afina.device import autocast_factory
 from afina.models import load_model
 from afina.rundir import RunDir, read_jsonl
 from afina.train.loop import train
-from afina.train.loss import accumulate_gradients, label_token_loss, pad_batch
+from afina.train.batches import pad_batch
+from afina.train.loss import accumulate_gradients, label_token_loss
 
 from conftest import support_rows
 
@@ -100,3 +101,83 @@ def test_training_is_reproducible_with_a_seed(tiny_recipe):
     first = train(recipe, progress=False)["final_train_loss"]
     assert train(recipe, progress=False)["final_train_loss"] == first
     assert read_jsonl(RunDir(recipe.run_dir).split_path("train"))
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tokenizer):
+    from afina.train.batches import collate_packed, pack_examples
+
+    model = load_model(str(tiny_model_dir))
+    examples = encoded_examples(tokenizer)
+    packs = pack_examples(examples, list(range(len(examples))), pack_length=200)
+    assert len(packs) < len(examples)  # several examples share a row
+    packed = collate_packed(examples, packs, tokenizer.pad_token_id)
+    assert "attention_mask" not in packed
+    loss_packed, n_packed = label_token_loss(model, **packed)
+    loss_one_by_one = sum(label_token_loss(model, **pad_batch([e], tokenizer.pad_token_id))[0] for e in examples)
+    n_one_by_one = sum(label_token_loss(model, **pad_batch([e], tokenizer.pad_token_id))[1] for e in examples)
+    assert n_packed == n_one_by_one
+    assert torch.allclose(loss_packed, loss_one_by_one, rtol=1e-5)
+
+
+def test_chunked_loss_equals_whole_loss(tiny_model_dir, tokenizer, monkeypatch):
+    import afina.train.loss as loss_module
+
+    model = load_model(str(tiny_model_dir))
+    batch = pad_batch(encoded_examples(tokenizer), tokenizer.pad_token_id)
+    whole, n = label_token_loss(model, **batch)
+    whole.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_TOKENS", 7)  # force many chunks
+    chunked, n_chunked = label_token_loss(model, **batch)
+    chunked.backward()
+    assert n == n_chunked and torch.allclose(whole, chunked, rtol=1e-5)
+    for a, p in zip(grads, model.parameters()):
+        assert float((a - p.grad).norm() / a.norm()) < 1e-5  # same gradient up to summation order
+
+
+def test_packed_training_runs_and_learns(tiny_recipe):
+    recipe = tiny_recipe("training.packing=true", "training.pack_length=160", "training.batch_size=1", "training.max_steps=10")
+    prepare(recipe)
+    summary = train(recipe, progress=False)
+    assert summary["packing"] and summary["val_loss_after"] < summary["val_loss_before"]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["method.rslora=true"],
+        ["method.dora=true"],
+        ["method.type=loha", "method.r=4"],
+        ["method.type=lokr", "method.r=4"],
+        ["method.type=ia3"],
+        ["method.type=full", "method.freeze_layers=1", "method.freeze_embeddings=true", "training.learning_rate=0.001"],
+    ],
+)
+def test_methods_train_the_right_weights(tiny_recipe, method):
+    recipe = tiny_recipe(*method, "training.max_steps=2", "training.tensorboard=false", "training.plots=false")
+    prepare(recipe)
+    summary = train(recipe, progress=False)
+    assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
+
+
+def test_monitoring_writes_tensorboard_events_and_plot(tiny_recipe):
+    recipe = tiny_recipe("training.max_steps=4", "training.eval_every=2")
+    prepare(recipe)
+    train(recipe, progress=False)
+    run = RunDir(recipe.run_dir)
+    assert list((run.root / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run.root / "plots" / "training.png").read_bytes()[:4] == b"\x89PNG"
+    vals = [json.loads(l) for l in run.metrics.read_text().splitlines() if "val_loss" in l]
+    assert [v["step"] for v in vals] == [2, 4]
+
+
+def test_early_stopping_keeps_the_best_weights(tiny_recipe):
+    # A learning rate this high makes validation worse after the first evaluations.
+    recipe = tiny_recipe("training.max_steps=40", "training.eval_every=1", "training.early_stopping_patience=2",
+                         "training.learning_rate=0.5", "training.scheduler=constant", "training.warmup_ratio=0")
+    prepare(recipe)
+    summary = train(recipe, progress=False)
+    assert summary["stopped"].startswith("early stopping")
+    assert summary["steps"] < 40
+    assert summary["best_step"] <= summary["steps"] - 2

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_recipe_args(p)
         if name == "prepare":
             p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of rejecting it")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints")
 
     p = sub.add_parser("run", help="run prepare, train, eval and export in order",
                        description="Run every stage of a recipe in order.")
@@ -99,7 +101,12 @@ def cmd_stage(args) -> None:
     from afina.config import load_recipe
     from afina.pipeline import run_stage
 
-    run_stage(args.command, load_recipe(args.recipe, args.overrides), strict=getattr(args, "strict", False))
+    run_stage(
+        args.command,
+        load_recipe(args.recipe, args.overrides),
+        strict=getattr(args, "strict", False),
+        resume=getattr(args, "resume", False),
+    )
 
 
 def cmd_run(args) -> None:
@@ -149,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from afina.config import RecipeError
     from afina.data.load import DataError
     from afina.models import ModelError
+    from afina.train.loop import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -157,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, ModelError, FileNotFoundError) as exc:
         print(f"afina {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"afina {args.command}: {exc}", file=sys.stderr)
+        return 130
+    except FloatingPointError as exc:
+        print(f"afina {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"afina {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -53,11 +53,19 @@ class DataConfig(_Section):
 
 
 class MethodConfig(_Section):
-    type: Literal["lora", "full"] = "lora"
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    type: Literal["lora", "qlora", "full", "loha", "lokr", "ia3"] = Field(
+        "lora",
+        description="lora; qlora (LoRA over a 4-bit NF4 base, bitsandbytes); full (every weight); "
+        "loha, lokr, ia3 (other peft methods).",
+    )
+    r: int = Field(16, ge=1, le=1024, description="Adapter rank (lora, qlora, loha, lokr).")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rslora).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    freeze_layers: int = Field(0, ge=0, description="Full fine-tuning: keep the first N decoder layers frozen.")
+    freeze_embeddings: bool = Field(False, description="Full fine-tuning: keep the token embeddings frozen.")
 
 
 class TrainingConfig(_Section):
@@ -74,6 +82,19 @@ class TrainingConfig(_Section):
         "auto", description="auto: bf16 where the CPU or GPU supports it fast, otherwise fp32."
     )
     log_every: int = Field(5, ge=1, description="Write a metrics line every N optimizer steps.")
+    eval_every: int | None = Field(None, ge=1, description="Validate every N steps (default: at the end of each epoch).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without a lower validation loss."
+    )
+    load_best_at_end: bool = Field(True, description="Save the weights of the best validation loss as the result.")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at each validation).")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the newest K checkpoints (the best is kept apart).")
+    packing: bool = Field(False, description="Pack short examples into rows of pack_length tokens, padding-free.")
+    pack_length: int | None = Field(None, ge=16, description="Tokens per packed row (default: data.max_length).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    compile: bool = Field(False, description="torch.compile the model (slow start, faster steps).")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to <run>/tensorboard.")
+    plots: bool = Field(True, description="Write <run>/plots/training.png (loss and learning rate).")
 
 
 class EvalConfig(_Section):

@@ -35,7 +35,7 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
             result = prepare(recipe, strict=options.get("strict", False))
             echo(format_report(result))
         elif stage == "train":
-            result = train(recipe)
+            result = train(recipe, resume=options.get("resume", False))
             echo(
                 f"trained {result['steps']} steps ({result['epochs']} epochs, {result['tokens']} tokens, "
                 f"{result['tokens_per_s']} tokens/s, {result['precision']} on {result['device']}); "

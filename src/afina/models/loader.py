@@ -203,11 +203,11 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def load_model(spec: str, dtype: str = "float32"):
-    """Load a causal LM in the given dtype (a torch dtype name)."""
+def load_model(spec: str, dtype: str = "float32", **kwargs):
+    """Load a causal LM in the given dtype (a torch dtype name); kwargs go to from_pretrained."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, resolve_model(spec), dtype=getattr(torch, dtype))
+    model = _from_pretrained(AutoModelForCausalLM, resolve_model(spec), dtype=getattr(torch, dtype), **kwargs)
     model.eval()
     return model

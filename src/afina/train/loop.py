@@ -1,11 +1,18 @@
-"""`afina train`: fine-tune the recipe's model on the prepared train split."""
+"""`afina train`: fine-tune the recipe's model on the prepared train split.
+
+The flow: load data and model, build the optimizer and schedule, (resume from the newest
+checkpoint,) then step: accumulate gradients over micro-batches, clip, update, validate,
+log, checkpoint, stop early when validation stops improving. The loss math is in loss.py.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import random
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -15,7 +22,15 @@ from afina.config import Recipe
 from afina.data.format import encode_chat
 from afina.device import autocast_factory, peak_memory_mb, pick_device, progress_interval, resolve_precision
 from afina.rundir import RunDir, read_jsonl
-from afina.train.loss import accumulate_gradients, mean_label_loss, pad_batch
+from afina.train.batches import collate, epoch_batches
+from afina.train.checkpoint import list_checkpoints, load_checkpoint, load_trainable_state, save_checkpoint, save_weights
+from afina.train.loss import accumulate_gradients, mean_label_loss
+from afina.train.methods import apply_method, load_for_method
+from afina.train.monitor import TrainingMonitor
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived: a checkpoint was saved and the run can be resumed."""
 
 
 def seed_everything(seed: int) -> None:
@@ -27,38 +42,6 @@ def encode_split(tokenizer, rows: list[dict[str, Any]], train_on: str) -> list[d
     return [encode_chat(tokenizer, row["messages"], train_on) for row in rows]
 
 
-def apply_method(model, recipe: Recipe):
-    """Wrap the model for the recipe's method: LoRA through peft, or all weights trainable."""
-    method = recipe.method
-    if method.type == "full":
-        model.requires_grad_(True)
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=method.r,
-        lora_alpha=method.alpha,
-        lora_dropout=method.dropout,
-        target_modules=method.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
-def micro_batches(encoded: list[dict[str, list[int]]], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffled micro-batches of example indices; examples of similar length share a batch."""
-    order = list(range(len(encoded)))
-    rng.shuffle(order)
-    # Sort within windows of 8 batches: little padding, still a random order of batches.
-    window = batch_size * 8
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: len(encoded[i]["input_ids"]))
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
 def make_scheduler(optimizer, recipe: Recipe, total_steps: int):
     from transformers import get_scheduler
 
@@ -67,8 +50,27 @@ def make_scheduler(optimizer, recipe: Recipe, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
-    from afina.models import load_model, load_tokenizer
+@contextmanager
+def stop_requests():
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+    flag = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, _frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    from afina.models import load_tokenizer
 
     run = RunDir(recipe.run_dir)
     cfg = recipe.training
@@ -86,15 +88,24 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     val_set = encode_split(tokenizer, val_rows, recipe.data.train_on)
 
     # Master weights stay fp32; matmuls run in bf16 under autocast (faster on this CPU than a bf16 copy).
-    model = apply_method(load_model(recipe.model.name, "float32"), recipe).to(device)
+    model = apply_method(load_for_method(recipe.model.name, recipe.method, device), recipe.method)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        model.get_decoder().compile()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / cfg.batch_size) / cfg.grad_accum)
+    pack_length = (cfg.pack_length or recipe.data.max_length) if cfg.packing else None
+    batches_per_epoch = len(epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length))
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum))
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    eval_every = cfg.eval_every or steps_per_epoch
+    save_every = cfg.save_every or eval_every
     scheduler = make_scheduler(optimizer, recipe, total_steps)
     rng = random.Random(recipe.seed)
     pad_id = tokenizer.pad_token_id
+    checkpoints = run.root / "checkpoints"
 
     def validation_loss() -> float | None:
         if not val_set:
@@ -104,70 +115,117 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         model.train()
         return loss
 
-    run.metrics.unlink(missing_ok=True)
-    metrics_file = run.metrics.open("a", encoding="utf-8")
-    history = {"val_loss_before": validation_loss()}
-    model.train()
-    step, tokens_seen, start = 0, 0, time.perf_counter()
-    queue: list[list[int]] = []
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, mininterval=progress_interval())
-    last_loss = float("nan")
-    while step < total_steps:
-        if len(queue) < cfg.grad_accum:
-            queue += micro_batches(train_set, cfg.batch_size, rng)
-        group = [pad_batch([train_set[i] for i in idx], pad_id) for idx in queue[: cfg.grad_accum]]
-        del queue[: cfg.grad_accum]
-        step_loss, _ = accumulate_gradients(model, group, autocast)
-        tokens_seen += sum(int(b["attention_mask"].sum()) for b in group)
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)) if cfg.max_grad_norm else None
-        )
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(
-                f"the loss became {step_loss} at step {step + 1}, so training stopped before that update; "
-                "check the data and the model weights, or lower training.learning_rate"
-            )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        last_loss = step_loss
-        elapsed = time.perf_counter() - start
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}", mem=f"{peak_memory_mb(device):.0f}MB")
-        val_loss = None
-        if step == total_steps or step % steps_per_epoch == 0:  # validate at each epoch's end
-            val_loss = history["val_loss_after"] = validation_loss()
-        if step % cfg.log_every == 0 or val_loss is not None:
-            record = {
-                "step": step,
-                "epoch": round(step / steps_per_epoch, 3),
-                "loss": round(step_loss, 5),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens": tokens_seen,
-                "tokens_per_s": round(tokens_seen / elapsed, 1),
-                "peak_memory_mb": round(peak_memory_mb(device), 1),
-                **({"val_loss": val_loss} if val_loss is not None else {}),
-            }
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-    bar.close()
-    metrics_file.close()
+    loop: dict[str, Any] = {"step": 0, "tokens": 0, "queue": [], "best_val": None, "bad_evals": 0, "train_time": 0.0}
+    resumed_from = None
+    if resume:
+        found = list_checkpoints(checkpoints)
+        if not found:
+            raise FileNotFoundError(f"no checkpoint to resume from in {checkpoints}; run `afina train` without --resume")
+        resumed_from = found[-1]
+        loop.update(load_checkpoint(resumed_from, model, optimizer, scheduler, rng)["loop"])
+    else:
+        loop["val_before"] = validation_loss()
 
-    out_dir = run.adapter if recipe.method.type == "lora" else run.model
+    def save(step: int) -> None:
+        save_checkpoint(checkpoints, step, model, optimizer, scheduler, rng, {"loop": loop}, cfg.keep_checkpoints)
+
+    monitor = TrainingMonitor(run.root, run.metrics, loop["step"] if resume else None, cfg.tensorboard, cfg.plots)
+    bar = tqdm(total=total_steps, initial=loop["step"], desc="train", unit="step", disable=not progress, mininterval=progress_interval())
+    model.train()
+    started, stop_reason, last_loss = time.perf_counter(), "finished", float("nan")
+    with stop_requests() as stop:
+        while loop["step"] < total_steps:
+            if stop["signal"]:
+                save(loop["step"])
+                raise TrainingInterrupted(
+                    f"{stop['signal']} received: checkpoint saved at step {loop['step']}; "
+                    "continue with `afina train --resume` on the same recipe"
+                )
+            if len(loop["queue"]) < cfg.grad_accum:
+                loop["queue"] += epoch_batches(train_set, cfg.batch_size, rng, pack_length)
+            step_rows = loop["queue"][: cfg.grad_accum]
+            del loop["queue"][: cfg.grad_accum]
+            group = [collate(train_set, rows, pad_id, packed=bool(pack_length)) for rows in step_rows]
+            step_loss, _ = accumulate_gradients(model, group, autocast)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
+            if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
+                kept = list_checkpoints(checkpoints)
+                raise FloatingPointError(
+                    f"the loss became {step_loss} (gradient norm {grad_norm}) at step {loop['step'] + 1}, so training "
+                    "stopped before that update"
+                    + (f"; the last good checkpoint is {kept[-1]}" if kept else "")
+                    + ". Check the data and the model weights, or lower training.learning_rate"
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loop["step"] += 1
+            loop["tokens"] += sum(len(train_set[i]["input_ids"]) for rows in step_rows for row in rows for i in row)
+            step = loop["step"]
+            last_loss = step_loss
+            elapsed = loop["train_time"] + time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{loop['tokens'] / elapsed:.0f}", mem=f"{peak_memory_mb(device):.0f}MB")
+
+            val_loss = validation_loss() if (step % eval_every == 0 or step == total_steps) else None
+            if val_loss is not None:
+                loop["val_last"] = val_loss
+                if loop["best_val"] is None or val_loss < loop["best_val"]:
+                    loop["best_val"], loop["best_step"], loop["bad_evals"] = val_loss, step, 0
+                    save_weights(checkpoints / "best", model, {"step": step, "val_loss": val_loss})
+                else:
+                    loop["bad_evals"] += 1
+            if step % cfg.log_every == 0 or val_loss is not None or step == total_steps:
+                monitor.log(
+                    {
+                        "step": step,
+                        "epoch": round(step / steps_per_epoch, 3),
+                        "loss": round(step_loss, 5),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": round(grad_norm, 4),
+                        "tokens": loop["tokens"],
+                        "tokens_per_s": round(loop["tokens"] / elapsed, 1),
+                        "peak_memory_mb": round(peak_memory_mb(device), 1),
+                        **({"val_loss": val_loss} if val_loss is not None else {}),
+                    }
+                )
+            if val_loss is not None:
+                monitor.plot()
+            patience = cfg.early_stopping_patience
+            if patience and loop["bad_evals"] >= patience:
+                stop_reason = f"early stopping: no better validation loss in {patience} validations"
+            if step % save_every == 0 or step == total_steps or stop_reason != "finished":
+                loop["train_time"], started = elapsed, time.perf_counter()
+                save(step)
+            if stop_reason != "finished":
+                break
+    bar.close()
+    monitor.close()
+    elapsed = loop["train_time"] + time.perf_counter() - started
+
+    best = checkpoints / "best"
+    if cfg.load_best_at_end and (best / "trainable.safetensors").is_file() and loop.get("best_step") != loop["step"]:
+        from safetensors.torch import load_file
+
+        load_trainable_state(model, load_file(str(best / "trainable.safetensors")))
+    out_dir = run.adapter if recipe.method.type not in ("full",) else run.model
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     summary = {
         "method": recipe.method.type,
-        "steps": step,
-        "epochs": round(step / steps_per_epoch, 2),
+        "steps": loop["step"],
+        "epochs": round(loop["step"] / steps_per_epoch, 2),
+        "stopped": stop_reason,
+        "resumed_from": str(resumed_from) if resumed_from else None,
         "train_examples": len(train_set),
-        "tokens": tokens_seen,
-        "tokens_per_s": round(tokens_seen / (time.perf_counter() - start), 1),
+        "packing": bool(pack_length),
+        "tokens": loop["tokens"],
+        "tokens_per_s": round(loop["tokens"] / max(elapsed, 1e-9), 1),
         "final_train_loss": round(last_loss, 5),
-        "val_loss_before": history["val_loss_before"],
-        "val_loss_after": history["val_loss_after"],
+        "val_loss_before": loop.get("val_before"),
+        "val_loss_after": loop.get("val_last"),
+        "best_val_loss": loop["best_val"],
+        "best_step": loop.get("best_step"),
         "trainable_parameters": sum(p.numel() for p in trainable),
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "precision": precision,

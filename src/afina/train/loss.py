@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from afina.data.format import IGNORE_INDEX
+from afina.train.batches import pad_batch
 
 
 def _causal_lm_parts(model):
@@ -19,46 +20,49 @@ def _causal_lm_parts(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def label_token_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+LOSS_CHUNK_TOKENS = 2048
+
+
+def _chunk_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def label_token_loss(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and how many there are.
 
     Callers divide by the token count of the whole accumulated batch, so that every label token
-    weighs the same however the examples fall into micro-batches.
+    weighs the same however the examples fall into micro-batches. Packed rows pass position_ids
+    and no attention mask. Beyond LOSS_CHUNK_TOKENS labelled positions, the logits are computed
+    chunk by chunk and recomputed in the backward pass, so the full logits never exist at once.
     """
     decoder, head = _causal_lm_parts(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     # Position t predicts token t+1.
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX
     n_tokens = int(selected.sum())
     if n_tokens == 0:
         return hidden.sum() * 0.0, 0
-    logits = head(hidden[:, :-1][selected])
-    loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+    hidden, targets = hidden[:, :-1][selected], targets[selected]
+    if n_tokens <= LOSS_CHUNK_TOKENS or not torch.is_grad_enabled():
+        return _chunk_loss_sum(head, hidden, targets), n_tokens
+    from torch.utils.checkpoint import checkpoint
+
+    loss_sum = sum(
+        checkpoint(
+            _chunk_loss_sum, head, hidden[i : i + LOSS_CHUNK_TOKENS], targets[i : i + LOSS_CHUNK_TOKENS], use_reentrant=False
+        )
+        for i in range(0, n_tokens, LOSS_CHUNK_TOKENS)
+    )
     return loss_sum, n_tokens
-
-
-def pad_batch(examples: list[dict[str, list[int]]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
-    """Stack token lists into padded tensors; labels are IGNORE_INDEX on padding."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids, mask, labels = [], [], []
-    for e in examples:
-        n = len(e["input_ids"])
-        fill = width - n
-        row_labels = e.get("labels", [IGNORE_INDEX] * n)
-        if side == "right":
-            ids.append(e["input_ids"] + [pad_id] * fill)
-            mask.append([1] * n + [0] * fill)
-            labels.append(row_labels + [IGNORE_INDEX] * fill)
-        else:
-            ids.append([pad_id] * fill + e["input_ids"])
-            mask.append([0] * fill + [1] * n)
-            labels.append([IGNORE_INDEX] * fill + row_labels)
-    return {
-        "input_ids": torch.tensor(ids, dtype=torch.long),
-        "attention_mask": torch.tensor(mask, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
-    }
 
 
 def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], autocast) -> tuple[float, int]:
@@ -74,7 +78,7 @@ def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], au
     for batch in micro_batches:
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with autocast():
-            loss_sum, _ = label_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss_sum, _ = label_token_loss(model, **batch)
         (loss_sum / denominator).backward()
         total += float(loss_sum.detach())
     return total / denominator, n_label
@@ -88,7 +92,7 @@ def mean_label_loss(model, encoded: list[dict[str, list[int]]], pad_id: int, bat
         batch = pad_batch(encoded[start : start + batch_size], pad_id)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with autocast():
-            loss_sum, n = label_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss_sum, n = label_token_loss(model, **batch)
         total += float(loss_sum)
         count += n
     return total / max(count, 1)

@@ -1,0 +1,102 @@
+"""Resumable training state, written atomically.
+
+A checkpoint is a folder `checkpoints/step-00000040/` holding the trainable weights
+(safetensors) and everything else a resumed run needs to continue exactly as if it had never
+stopped: optimizer, scheduler, random generators, the data order still to come, counters and
+history (state.pt). It is written into a temporary folder and renamed into place, so a crash
+mid-write leaves either the previous checkpoints or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.requires_grad and name not in tensors]
+    if missing:
+        raise ValueError(f"the checkpoint does not match this model/method: {len(missing)} trainable tensors missing, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def _write_atomic_dir(target: Path, write) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, rng: random.Random, extra: dict[str, Any], keep: int) -> Path:
+    """Write checkpoints/step-N atomically and keep only the newest `keep` of them."""
+
+    def write(tmp: Path) -> None:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "python_rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                **extra,
+            },
+            tmp / "state.pt",
+        )
+
+    path = _write_atomic_dir(folder / f"{PREFIX}{step:08d}", write)
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def save_weights(target: Path, model, info: dict[str, Any]) -> Path:
+    """The trainable weights alone (the best checkpoint), atomically."""
+
+    def write(tmp: Path) -> None:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(info, tmp / "info.pt")
+
+    return _write_atomic_dir(target, write)
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    done = [p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / "state.pt").is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rng: random.Random) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and random state; return the saved state dict."""
+    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    state = torch.load(path / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng.setstate(state["python_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state

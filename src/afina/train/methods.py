@@ -1,0 +1,57 @@
+"""The fine-tuning methods: which weights train, and how the base model is loaded for them."""
+
+from __future__ import annotations
+
+from afina.config import MethodConfig
+
+
+def load_for_method(spec: str, method: MethodConfig, device):
+    """The base model as the method needs it: fp32 weights, or 4-bit NF4 for QLoRA."""
+    from afina.models import load_model
+
+    if method.type != "qlora":
+        return load_model(spec, "float32").to(device)
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = load_model(spec, "float32", quantization_config=quantization, device_map={"": str(device)})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def apply_method(model, method: MethodConfig):
+    """Wrap the model so that exactly the method's weights train."""
+    if method.type == "full":
+        model.requires_grad_(True)
+        decoder = model.get_decoder()
+        for layer in list(decoder.layers)[: method.freeze_layers]:
+            layer.requires_grad_(False)
+        if method.freeze_embeddings:
+            model.get_input_embeddings().requires_grad_(False)
+        return model
+    import peft
+
+    targets = method.target_modules
+    if method.type in ("lora", "qlora"):
+        config = peft.LoraConfig(
+            r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, target_modules=targets,
+            use_rslora=method.rslora, use_dora=method.dora, task_type="CAUSAL_LM",
+        )
+    elif method.type == "loha":
+        config = peft.LoHaConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    elif method.type == "lokr":
+        config = peft.LoKrConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    else:  # ia3: learned rescaling vectors; the feed-forward modules are scaled on their input
+        ia3_targets = ["k_proj", "v_proj", "down_proj"] if targets == "all-linear" else targets
+        config = peft.IA3Config(
+            target_modules=ia3_targets,
+            feedforward_modules=[t for t in ia3_targets if t in ("down_proj", "up_proj", "gate_proj")],
+            task_type="CAUSAL_LM",
+        )
+    return peft.get_peft_model(model, config)
