@@ -181,3 +181,41 @@ def test_early_stopping_keeps_the_best_weights(tiny_recipe):
     assert summary["stopped"].startswith("early stopping")
     assert summary["steps"] < 40
     assert summary["best_step"] <= summary["steps"] - 2
+
+
+def test_qlora_trains_lora_over_a_4bit_base(tiny_recipe):
+    pytest.importorskip("bitsandbytes")
+    recipe = tiny_recipe("method.type=qlora", "training.max_steps=6", "training.precision=bf16",
+                         "training.tensorboard=false", "training.plots=false")
+    prepare(recipe)
+    summary = train(recipe, progress=False)
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(RunDir(recipe.run_dir).adapter / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in name for name in adapter)
+
+
+def test_estimate_counts_parameters_memory_and_time(tiny_recipe):
+    from afina.train.estimate import estimate, format_estimate
+
+    recipe = tiny_recipe("training.max_steps=20")
+    prepare(recipe)
+    result = estimate(recipe, measure_steps=2)
+    train_rows = read_jsonl(RunDir(recipe.run_dir).split_path("train"))
+    assert result["train_examples"] == len(train_rows)
+    assert result["total_steps"] == 20
+    assert 0 < result["trainable_parameters"] < result["total_parameters"]
+    assert result["fits"] and result["seconds_per_step"] > 0 and result["expected_seconds"] > 0
+    assert result["memory_bytes"]["optimizer"] == 8 * result["trainable_parameters"]
+    assert "trainable" in format_estimate(result)
+
+
+def test_estimate_warns_when_the_run_will_not_fit(tiny_recipe):
+    from afina.train.estimate import estimate, format_estimate
+
+    recipe = tiny_recipe()
+    prepare(recipe)
+    result = estimate(recipe, available=1_000_000)
+    assert not result["fits"] and "seconds_per_step" not in result
+    assert "WARNING" in format_estimate(result) and "gradient_checkpointing" in result["warning"]

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints")
 
+    p = sub.add_parser("estimate", help="parameters, memory and time of a training run, before running it",
+                       description="Count parameters, model the memory the run needs (and warn when it will not fit), "
+                       "and time a few real steps to predict the run's duration. Needs `afina prepare` first.")
+    _add_recipe_args(p)
+
     p = sub.add_parser("run", help="run prepare, train, eval and export in order",
                        description="Run every stage of a recipe in order.")
     _add_recipe_args(p)
@@ -109,6 +114,13 @@ def cmd_stage(args) -> None:
     )
 
 
+def cmd_estimate(args) -> None:
+    from afina.config import load_recipe
+    from afina.train.estimate import estimate, format_estimate
+
+    print(format_estimate(estimate(load_recipe(args.recipe, args.overrides))))
+
+
 def cmd_run(args) -> None:
     from afina.config import load_recipe
     from afina.pipeline import run_all
@@ -144,6 +156,7 @@ COMMANDS = {
     "train": cmd_stage,
     "eval": cmd_stage,
     "export": cmd_stage,
+    "estimate": cmd_estimate,
     "run": cmd_run,
     "serve": cmd_serve,
     "models": cmd_models,

@@ -28,7 +28,11 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
     from afina.export.merge import export
     from afina.train.loop import train
 
+    from afina.train.distributed import is_main_process
+
     run = RunDir(recipe.run_dir)
+    if not is_main_process():  # the other processes of a distributed run train silently
+        return train(recipe, progress=False, resume=options.get("resume", False)) if stage == "train" else None
     echo(f"== {stage} ({run.root})")
     with run.stage(stage, recipe.to_dict(), recipe.seed):
         if stage == "prepare":

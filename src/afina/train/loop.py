@@ -24,7 +24,8 @@ from afina.device import autocast_factory, peak_memory_mb, pick_device, progress
 from afina.rundir import RunDir, read_jsonl
 from afina.train.batches import collate, epoch_batches
 from afina.train.checkpoint import list_checkpoints, load_checkpoint, load_trainable_state, save_checkpoint, save_weights
-from afina.train.loss import accumulate_gradients, mean_label_loss
+from afina.train.distributed import Distributed
+from afina.train.loss import accumulate_gradients, count_label_tokens, mean_label_loss
 from afina.train.methods import apply_method, load_for_method
 from afina.train.monitor import TrainingMonitor
 
@@ -75,7 +76,10 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     run = RunDir(recipe.run_dir)
     cfg = recipe.training
     seed_everything(recipe.seed)
+    ddp = Distributed.from_env()
     device = pick_device()
+    if device.type == "cuda" and ddp.world_size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
     precision = resolve_precision(cfg.precision, device)
     autocast = autocast_factory(precision, device)
 
@@ -98,7 +102,8 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
 
     pack_length = (cfg.pack_length or recipe.data.max_length) if cfg.packing else None
     batches_per_epoch = len(epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length))
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum))
+    per_step = cfg.grad_accum * ddp.world_size  # micro-batches in one global optimizer step
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / per_step))
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     eval_every = cfg.eval_every or steps_per_epoch
     save_every = cfg.save_every or eval_every
@@ -127,10 +132,15 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
         loop["val_before"] = validation_loss()
 
     def save(step: int) -> None:
-        save_checkpoint(checkpoints, step, model, optimizer, scheduler, rng, {"loop": loop}, cfg.keep_checkpoints)
+        if ddp.is_main:  # every process holds the same weights; one writes them
+            save_checkpoint(checkpoints, step, model, optimizer, scheduler, rng, {"loop": loop}, cfg.keep_checkpoints)
 
-    monitor = TrainingMonitor(run.root, run.metrics, loop["step"] if resume else None, cfg.tensorboard, cfg.plots)
-    bar = tqdm(total=total_steps, initial=loop["step"], desc="train", unit="step", disable=not progress, mininterval=progress_interval())
+    if ddp.is_main:
+        monitor = TrainingMonitor(run.root, run.metrics, loop["step"] if resume else None, cfg.tensorboard, cfg.plots)
+    else:
+        monitor = TrainingMonitor.silent()
+    bar = tqdm(total=total_steps, initial=loop["step"], desc="train", unit="step", disable=not (progress and ddp.is_main),
+               mininterval=progress_interval())
     model.train()
     started, stop_reason, last_loss = time.perf_counter(), "finished", float("nan")
     with stop_requests() as stop:
@@ -141,12 +151,15 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
                     f"{stop['signal']} received: checkpoint saved at step {loop['step']}; "
                     "continue with `afina train --resume` on the same recipe"
                 )
-            if len(loop["queue"]) < cfg.grad_accum:
+            while len(loop["queue"]) < per_step:
                 loop["queue"] += epoch_batches(train_set, cfg.batch_size, rng, pack_length)
-            step_rows = loop["queue"][: cfg.grad_accum]
-            del loop["queue"][: cfg.grad_accum]
+            step_rows = loop["queue"][:per_step]
+            del loop["queue"][:per_step]
             group = [collate(train_set, rows, pad_id, packed=bool(pack_length)) for rows in step_rows]
-            step_loss, _ = accumulate_gradients(model, group, autocast)
+            local = group[ddp.rank :: ddp.world_size]
+            step_loss, _ = accumulate_gradients(model, local, autocast, denominator=count_label_tokens(group))
+            step_loss = ddp.sum_scalar(step_loss)
+            ddp.sum_gradients(trainable)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
             if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
                 kept = list_checkpoints(checkpoints)
@@ -172,7 +185,8 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
                 loop["val_last"] = val_loss
                 if loop["best_val"] is None or val_loss < loop["best_val"]:
                     loop["best_val"], loop["best_step"], loop["bad_evals"] = val_loss, step, 0
-                    save_weights(checkpoints / "best", model, {"step": step, "val_loss": val_loss})
+                    if ddp.is_main:
+                        save_weights(checkpoints / "best", model, {"step": step, "val_loss": val_loss})
                 else:
                     loop["bad_evals"] += 1
             if step % cfg.log_every == 0 or val_loss is not None or step == total_steps:
@@ -203,14 +217,13 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     monitor.close()
     elapsed = loop["train_time"] + time.perf_counter() - started
 
+    ddp.barrier()  # the best weights are on disk before any process reads them
     best = checkpoints / "best"
     if cfg.load_best_at_end and (best / "trainable.safetensors").is_file() and loop.get("best_step") != loop["step"]:
         from safetensors.torch import load_file
 
         load_trainable_state(model, load_file(str(best / "trainable.safetensors")))
     out_dir = run.adapter if recipe.method.type not in ("full",) else run.model
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
     summary = {
         "method": recipe.method.type,
         "steps": loop["step"],
@@ -232,6 +245,11 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
         "device": str(device),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "output": str(out_dir),
+        "processes": ddp.world_size,
     }
-    run.update_manifest(train=summary)
+    if ddp.is_main:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        run.update_manifest(train=summary)
+    ddp.close()
     return summary

@@ -65,15 +65,23 @@ def label_token_loss(
     return loss_sum, n_tokens
 
 
-def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], autocast) -> tuple[float, int]:
-    """Backward over the micro-batches of one optimizer step; return (mean loss, label tokens).
+def count_label_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> int:
+    """Positions that carry a loss (targets are the labels shifted by one)."""
+    return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
 
-    The loss is normalised by the label tokens of all micro-batches together, so the gradient
-    equals that of one big batch, however the examples are split (the accumulation bug that
-    averaging per micro-batch introduces when micro-batches hold different token counts).
+
+def accumulate_gradients(
+    model, micro_batches: list[dict[str, torch.Tensor]], autocast, denominator: int | None = None
+) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step; return (loss, label tokens).
+
+    The loss is normalised by the label tokens of all micro-batches of the step together (pass
+    `denominator` when the step spans several processes), so the gradient equals that of one big
+    batch, however the examples are split (averaging per micro-batch instead weighs tokens
+    unequally when micro-batches hold different token counts).
     """
-    n_label = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
-    denominator = max(n_label, 1)
+    n_label = count_label_tokens(micro_batches)
+    denominator = max(denominator if denominator is not None else n_label, 1)
     total = 0.0
     for batch in micro_batches:
         batch = {k: v.to(model.device) for k, v in batch.items()}

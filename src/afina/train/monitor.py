@@ -26,7 +26,16 @@ class TrainingMonitor:
 
             self.writer = SummaryWriter(log_dir=str(root / "tensorboard"), purge_step=(resume_step + 1) if resume_step else None)
 
+    @classmethod
+    def silent(cls) -> TrainingMonitor:
+        """For the non-main processes of a distributed run: records nothing."""
+        monitor = cls.__new__(cls)
+        monitor.records, monitor.file, monitor.writer, monitor.plot_path = [], None, None, None
+        return monitor
+
     def log(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
         self.records.append(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -68,6 +77,7 @@ class TrainingMonitor:
 
     def close(self) -> None:
         self.plot()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
