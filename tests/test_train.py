@@ -219,3 +219,13 @@ def test_estimate_warns_when_the_run_will_not_fit(tiny_recipe):
     result = estimate(recipe, available=1_000_000)
     assert not result["fits"] and "seconds_per_step" not in result
     assert "WARNING" in format_estimate(result) and "gradient_checkpointing" in result["warning"]
+
+
+def test_compiled_packed_training_matches_eager(tiny_recipe):
+    eager = tiny_recipe("training.packing=true", "training.pack_length=128", "training.batch_size=1", "training.max_steps=3",
+                        "training.tensorboard=false", "training.plots=false")
+    prepare(eager)
+    expected = train(eager, progress=False)["final_train_loss"]
+    compiled = tiny_recipe("training.packing=true", "training.pack_length=128", "training.batch_size=1", "training.max_steps=3",
+                           "training.tensorboard=false", "training.plots=false", "training.compile=true")
+    assert train(compiled, progress=False)["final_train_loss"] == pytest.approx(expected, rel=1e-3)

@@ -55,8 +55,14 @@ def pack_examples(examples: list[dict[str, list[int]]], order: list[int], pack_l
     return packs
 
 
-def collate_packed(examples: list[dict[str, list[int]]], packs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of concatenated examples with restarting position ids; no attention mask."""
+def collate_packed(
+    examples: list[dict[str, list[int]]], packs: list[list[int]], pad_id: int, width: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Rows of concatenated examples with restarting position ids; no attention mask.
+
+    Rows are padded to `width` (the pack length) so that every micro-batch has the same shape:
+    compiled graphs and oneDNN kernels are then built once.
+    """
     rows = []
     for pack in packs:
         ids, labels, positions = [], [], []
@@ -66,7 +72,7 @@ def collate_packed(examples: list[dict[str, list[int]]], packs: list[list[int]],
             labels += [IGNORE_INDEX] + e["labels"][1:]
             positions += list(range(len(e["input_ids"])))
         rows.append((ids, labels, positions))
-    width = max(len(r[0]) for r in rows)
+    width = max([len(r[0]) for r in rows] + [width or 0])
     out_ids, out_labels, out_pos = [], [], []
     for ids, labels, positions in rows:
         fill = width - len(ids)
@@ -104,7 +110,10 @@ def epoch_batches(
     return batches
 
 
-def collate(examples: list[dict[str, list[int]]], rows: list[list[int]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    if packed:
-        return collate_packed(examples, rows, pad_id)
+def collate(
+    examples: list[dict[str, list[int]]], rows: list[list[int]], pad_id: int, pack_length: int | None
+) -> dict[str, torch.Tensor]:
+    """A micro-batch: packed rows of pack_length tokens, or padded single examples."""
+    if pack_length:
+        return collate_packed(examples, rows, pad_id, width=pack_length)
     return pad_batch([examples[row[0]] for row in rows], pad_id)

@@ -68,7 +68,7 @@ def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = Non
     n_trainable = sum(p.numel() for p in trainable)
     weights = sum(p.numel() * p.element_size() for p in params)
     largest = max(batches, key=lambda rows: sum(len(train_set[i]["input_ids"]) for row in rows for i in row))
-    largest_batch = collate(train_set, largest, tokenizer.pad_token_id, packed=bool(pack_length))
+    largest_batch = collate(train_set, largest, tokenizer.pad_token_id, pack_length)
     tokens_mb = largest_batch["input_ids"].numel()
     labels_mb = int((largest_batch["labels"] != -100).sum())
     memory = {
@@ -107,7 +107,7 @@ def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = Non
     durations, tokens = [], 0
     for index in range(measure_steps + 1):
         rows_group = batches[(index * cfg.grad_accum) % len(batches) :][: cfg.grad_accum] or batches[: cfg.grad_accum]
-        group = [collate(train_set, rows, tokenizer.pad_token_id, packed=bool(pack_length)) for rows in rows_group]
+        group = [collate(train_set, rows, tokenizer.pad_token_id, pack_length) for rows in rows_group]
         start = time.perf_counter()
         accumulate_gradients(model, group, autocast)
         optimizer.step()

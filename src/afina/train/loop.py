@@ -155,7 +155,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
                 loop["queue"] += epoch_batches(train_set, cfg.batch_size, rng, pack_length)
             step_rows = loop["queue"][:per_step]
             del loop["queue"][:per_step]
-            group = [collate(train_set, rows, pad_id, packed=bool(pack_length)) for rows in step_rows]
+            group = [collate(train_set, rows, pad_id, pack_length) for rows in step_rows]
             local = group[ddp.rank :: ddp.world_size]
             step_loss, _ = accumulate_gradients(model, local, autocast, denominator=count_label_tokens(group))
             step_loss = ddp.sum_scalar(step_loss)

@@ -1,0 +1,199 @@
+"""afina vs TRL's SFTTrainer: LoRA fine-tuning throughput on this CPU, side by side in one run.
+
+Same model (SmolLM2-135M-Instruct), same data (the first rows of Dolly open_qa as
+user/assistant chats, loss on the answers), LoRA r=16 alpha=32 on all linear layers, packing
+to 512 tokens, same batch, learning rate and number of optimizer steps. Each system trains in
+its own process (so peak memory is its own); afterwards both are scored with the same
+validation loss on the same held-out rows.
+
+    python bench/bench_train.py                       # both, default budget
+    python bench/bench_train.py --steps 40 --batch 4  # a bigger budget
+    python bench/bench_train.py --afina-compile       # afina with torch.compile
+
+Needs `pip install trl` (the peer; not a dependency of afina) and ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "instruct_dolly_open_qa.jsonl"
+VAL_ROWS = 100
+
+
+def chats(n_train: int) -> tuple[list[dict], list[dict]]:
+    # Answers short enough for one 512-token row (about 4 characters a token), for both systems.
+    rows = [r for r in map(json.loads, DATA.open()) if len(r["instruction"]) + len(r["response"]) < 1800][: n_train + VAL_ROWS]
+    conv = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]} for r in rows]
+    return conv[:n_train], conv[n_train:]
+
+
+def bf16_matmul_flops(seconds: float = 3.0) -> float:
+    import torch
+
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * 2048**3 * n / (time.perf_counter() - start)
+
+
+def validation_loss(model, tokenizer, val) -> float:
+    import torch
+
+    from afina.device import autocast_factory
+    from afina.train.loop import encode_split
+    from afina.train.loss import mean_label_loss
+
+    model.eval()
+    encoded = [e for e in encode_split(tokenizer, val, "assistant") if len(e["input_ids"]) <= 512]
+    return mean_label_loss(model, encoded, tokenizer.pad_token_id, 8, autocast_factory("bf16", torch.device("cpu")))
+
+
+def worker_afina(args, train_rows, val_rows, out: dict) -> None:
+    from afina.config import load_recipe
+    from afina.rundir import RunDir, write_jsonl
+    from afina.train.loop import train
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-afina-"))
+    recipe = load_recipe(None, [
+        "name=bench", f"output_dir={tmp}", "data.max_length=512",
+        "method.r=16", "method.alpha=32", "method.target_modules=all-linear",
+        "training.packing=true", "training.pack_length=512", f"training.batch_size={args.batch}",
+        f"training.max_steps={args.steps}", "training.learning_rate=2e-4", "training.scheduler=constant",
+        "training.warmup_ratio=0", "training.log_every=1", "training.precision=bf16",
+        "training.tensorboard=false", "training.plots=false", "training.load_best_at_end=false",
+        f"training.eval_every={10**6}", f"training.save_every={10**6}", f"training.compile={str(args.afina_compile).lower()}",
+    ])
+    run = RunDir(recipe.run_dir)
+    write_jsonl(run.split_path("train"), train_rows)
+    write_jsonl(run.split_path("validation"), val_rows)
+    # afina validates before and after training with the same function validation_loss() uses.
+    summary = train(recipe, progress=False)
+    records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    out["steps"] = [(r["step"], r["tokens"], r["tokens"] / r["tokens_per_s"]) for r in records]
+    out["val_loss"] = summary["val_loss_after"]
+
+
+def worker_trl(args, train_rows, val_rows, out: dict) -> None:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from afina.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct")
+    prompt_completion = [{"prompt": [r["messages"][0]], "completion": [r["messages"][1]]} for r in train_rows]
+    times: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, _args, state, _control, **kwargs):
+            times.append(time.perf_counter())
+
+    tmp = tempfile.mkdtemp(prefix="bench-trl-")
+    config = SFTConfig(
+        output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+        learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, bf16=True, use_cpu=True,
+        packing=True, max_length=512, completion_only_loss=True, logging_steps=1, save_strategy="no",
+        report_to=[], dataloader_num_workers=0, seed=42,
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(prompt_completion), processing_class=tokenizer,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+        callbacks=[StepTimes()],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    packed = trainer.train_dataset
+    # Tokens trained: the packed rows the sampler drew, counted without padding (padding-free packing).
+    order = list(trainer.get_train_dataloader().sampler)[: args.steps * args.batch]
+    per_step = [sum(len(packed[i]["input_ids"]) for i in order[s * args.batch : (s + 1) * args.batch]) for s in range(args.steps)]
+    cumulative, total = [], 0
+    for s, n in enumerate(per_step):
+        total += n
+        cumulative.append((s + 1, total, times[s] - start))
+    out["steps"] = cumulative
+    out["val_loss"] = validation_loss(trainer.model, tokenizer, val_rows)
+
+
+def run_worker(name: str, args) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        result_path = fh.name
+    cmd = [sys.executable, __file__, "--worker", name, "--result", result_path, "--steps", str(args.steps),
+           "--batch", str(args.batch), "--rows", str(args.rows)] + (["--afina-compile"] if args.afina_compile else [])
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    result = json.loads(Path(result_path).read_text())
+    result["end_to_end_s"] = time.perf_counter() - start
+    return result
+
+
+def summarize(result: dict, params: float, peak_flops: float) -> dict:
+    steps = result["steps"]
+    warm = max(1, len(steps) // 4)  # steady state: after the first quarter of the steps
+    (_, tok0, t0), (_, tok1, t1) = steps[warm - 1], steps[-1]
+    steady = (tok1 - tok0) / (t1 - t0)
+    return {
+        "steady_tok_s": steady,
+        "tokens": tok1,
+        "end_to_end_tok_s": tok1 / result["end_to_end_s"],
+        "end_to_end_s": result["end_to_end_s"],
+        "peak_rss_mb": result["peak_rss_mb"],
+        "val_loss": result["val_loss"],
+        "mfu": 6 * params * steady / peak_flops,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=4, help="packed 512-token rows per optimizer step")
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--afina-compile", action="store_true")
+    parser.add_argument("--worker", choices=["afina", "trl"])
+    parser.add_argument("--result")
+    args = parser.parse_args()
+    train_rows, val_rows = chats(args.rows)
+    if args.worker:
+        out: dict = {}
+        (worker_afina if args.worker == "afina" else worker_trl)(args, train_rows, val_rows, out)
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        Path(args.result).write_text(json.dumps(out))
+        return
+
+    peak = bf16_matmul_flops()
+    params = 134.5e6  # SmolLM2-135M (tied embeddings counted once)
+    results = {name: summarize(run_worker(name, args), params, peak) for name in ("trl", "afina")}
+    trl, ours = results["trl"], results["afina"]
+    print(f"\nbf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s; {args.steps} steps x {args.batch} packed rows of 512")
+    print(f"{'':28}{'TRL SFTTrainer':>16}{'afina':>12}{'afina/TRL':>11}")
+    rows = [
+        ("steady tokens/s", "steady_tok_s", "{:.0f}"),
+        ("end-to-end tokens/s", "end_to_end_tok_s", "{:.0f}"),
+        ("end-to-end seconds", "end_to_end_s", "{:.0f}"),
+        ("peak resident memory (MB)", "peak_rss_mb", "{:.0f}"),
+        ("validation loss", "val_loss", "{:.4f}"),
+        ("MFU (bf16)", "mfu", "{:.1%}"),
+    ]
+    for label, key, fmt in rows:
+        print(f"{label:28}{fmt.format(trl[key]):>16}{fmt.format(ours[key]):>12}{ours[key] / trl[key]:>10.2f}x")
+    print(f"tokens trained: TRL {trl['tokens']}, afina {ours['tokens']}")
+
+
+if __name__ == "__main__":
+    main()
