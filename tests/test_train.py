@@ -229,3 +229,12 @@ def test_compiled_packed_training_matches_eager(tiny_recipe):
     compiled = tiny_recipe("training.packing=true", "training.pack_length=128", "training.batch_size=1", "training.max_steps=3",
                            "training.tensorboard=false", "training.plots=false", "training.compile=true")
     assert train(compiled, progress=False)["final_train_loss"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_recipe):
+    plain = tiny_recipe("training.max_steps=2", "training.tensorboard=false", "training.plots=false")
+    prepare(plain)
+    expected = train(plain, progress=False)["final_train_loss"]
+    checkpointed = tiny_recipe("training.max_steps=2", "training.tensorboard=false", "training.plots=false",
+                               "training.gradient_checkpointing=true")
+    assert train(checkpointed, progress=False)["final_train_loss"] == pytest.approx(expected, rel=1e-5)
