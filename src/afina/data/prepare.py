@@ -134,7 +134,7 @@ def generic_reason(reason: str) -> str:
     """A reason with its particulars (numbers, quoted values, file:line) folded, to group rejects."""
     reason = re.sub(r"'[^']*'", "'…'", reason)
     reason = re.sub(r"\S+:\d+\b", "FILE:LINE", reason)
-    return re.sub(r"\d+(\.\d+)?", "N", reason)
+    return re.sub(r"(?<![=\w])\d+(\.\d+)?", "N", reason)  # a recipe value (max_length=512) stays
 
 
 def data_sources(recipe: Recipe) -> list[tuple[str, Path, str | None]]:
@@ -226,7 +226,9 @@ def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
 
                 # near duplicates within the same input
                 if data.dedup.near:
-                    index = near.setdefault(origin, NearDuplicateIndex(data.dedup.threshold, data.dedup.num_perm, data.dedup.shingle))
+                    if origin not in near:
+                        near[origin] = NearDuplicateIndex(data.dedup.threshold, data.dedup.num_perm, data.dedup.shingle)
+                    index = near[origin]
                     minhash = index.signature(text)
                     match = index.find(minhash)
                     if match is not None:
@@ -320,8 +322,10 @@ def find_leaks(kept: list[KeptRow], split_of: list[str], near: dict[str, NearDup
             exact[split].setdefault(kept[i].key, i)
             if near is not None:
                 signatures = near[kept[i].origin].signatures
-                index = indexes.setdefault(split, NearDuplicateIndex(threshold, next(iter(near.values())).num_perm,
-                                                                     next(iter(near.values())).shingle))
+                if split not in indexes:
+                    model = near[kept[i].origin]
+                    indexes[split] = NearDuplicateIndex(threshold, model.num_perm, model.shingle)
+                index = indexes[split]
                 index.add(str(i), index.minhash_from(signatures[str(i)]))
     leaks: dict[int, str] = {}
     for i, split in enumerate(split_of):

@@ -8,7 +8,7 @@ Canonical rows (written to data/{train,validation,test}.jsonl, each with "id" an
     tagging                                  -> {"tokens": [str], "tags": [str]}    (BIO/IOBES tags)
 
 Extras afina understands are kept: `must_include` (key strings a correct answer contains, used by
-evaluation), `group` (the data.group_by value: rows sharing it never straddle splits; without
+evaluation), `question` (qa with a context: the question alone), `group` (the data.group_by value: rows sharing it never straddle splits; without
 data.group_by a `group` field is kept as it is) and, for qa, `references` (all answers).
 """
 
@@ -163,6 +163,8 @@ def _messages_for(row: dict[str, Any], schema: str, fields: dict[str, str]) -> t
         completion = answers[0]
         prompt = question if context is None or not str(context).strip() else f"{_text(context, context_name)}\n\nQuestion: {question}"
         extras["references"] = answers
+        if context is not None and str(context).strip():  # kept apart: dedup compares the question, not the passage
+            extras["question"] = question
     messages = _check_messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
     return messages, extras
 
@@ -211,6 +213,8 @@ def to_canonical(row: dict[str, Any], schema: str, fields: dict[str, str], syste
 
 def content_text(row: dict[str, Any]) -> str:
     """The text of a canonical row that deduplication and leak checks compare."""
+    if "question" in row:  # qa over a passage: many questions share a passage, the question tells them apart
+        return f"{row['question']}\n{row['messages'][-1]['content']}"
     if "messages" in row:  # system prompts are shared by design; they would make every row look alike
         return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"] if m["role"] != "system")
     if "tokens" in row:
