@@ -141,14 +141,17 @@ def _utf8_reason(raw: bytes) -> str:
 
 
 def iter_jsonl(path: Path) -> Iterator[Item]:
-    """One JSON object per line; blank lines are skipped."""
+    """One JSON object per line; blank lines are skipped (a file of blank lines is empty)."""
+    seen_any = False
     for number, text, raw in _decoded_lines(path):
         if text is None:
+            seen_any = True
             yield Reject(str(path), number, _utf8_reason(raw), raw.decode("utf-8", "replace"))
             continue
         text = text.strip()
         if not text:
             continue
+        seen_any = True
         try:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -158,6 +161,8 @@ def iter_jsonl(path: Path) -> Iterator[Item]:
             yield Reject(str(path), number, f"a row must be a JSON object, got {_json_type(row)}", text)
             continue
         yield Record(str(path), number, row)
+    if not seen_any:
+        yield Reject(str(path), 0, "the file is empty")
 
 
 def _json_type(value: Any) -> str:
@@ -287,7 +292,7 @@ def iter_csv(path: Path, delimiter: str = ",") -> Iterator[Item]:
 
     reader = csv.reader(text_lines(), delimiter=delimiter)
     header: list[str] | None = None
-    last_line = 0
+    last_line = rows = 0
     while True:
         try:
             values = next(reader)
@@ -310,6 +315,7 @@ def iter_csv(path: Path, delimiter: str = ",") -> Iterator[Item]:
                 raise DataError(f"{path}:{start}: the header names a column twice ({', '.join(dupes)}); rename it")
             continue
         raw = delimiter.join(values)
+        rows += 1
         if bad:
             yield Reject(str(path), start, _utf8_reason(bad_lines[bad[0]]), raw)
         elif len(values) != len(header):
@@ -318,6 +324,8 @@ def iter_csv(path: Path, delimiter: str = ",") -> Iterator[Item]:
             yield Record(str(path), start, dict(zip(header, values)))
     if header is None:
         yield Reject(str(path), 0, "the file is empty")
+    elif rows == 0:
+        yield Reject(str(path), 0, "the file has a header but no rows")
 
 
 def iter_tsv(path: Path) -> Iterator[Item]:
