@@ -2,7 +2,7 @@
 
     runs/<name>/
       manifest.json   recipe, data and template hashes, library versions, seed, stage times
-      data/           train/validation/test JSONL (canonical rows), rejects.jsonl, report.json
+      data/           train/validation/test JSONL (canonical rows), rejects.jsonl, report.json, report.html
       adapter/        the trained LoRA adapter (peft layout)   | model/ for full fine-tuning
       metrics.jsonl   one line per logged training step
       eval/           predictions.jsonl, metrics.json
