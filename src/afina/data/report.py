@@ -32,9 +32,13 @@ def plot_steps(report: dict[str, Any]) -> str:
     names = [s["step"] for s in steps]
     ax.barh(names, [s["kept"] for s in steps], color="#4c72b0", label="kept")
     ax.barh(names, [s["rejected"] for s in steps], left=[s["kept"] for s in steps], color="#c44e52", label="rejected")
+    for y, step in enumerate(steps):  # small reject counts are invisible as bars: print them
+        if step["rejected"]:
+            ax.text(step["rows_in"], y, f" -{step['rejected']}", va="center", fontsize=8, color="#c44e52")
     ax.invert_yaxis()
     ax.set_xlabel("rows")
-    ax.legend(loc="lower right")
+    ax.set_xlim(0, steps[0]["rows_in"] * 1.12 + 1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Rows through each step")
     return _png(fig)
 
