@@ -76,7 +76,7 @@ def test_prepare_rejects_bad_rows_with_line_and_reason(tiny_recipe, tmp_path):
     assert "last message must be the assistant" in reasons[5]
     assert "role must be one of" in reasons[7]
     assert "must be a non-empty list" in reasons[9]
-    assert "exact duplicate of line 1" in reasons[len(good) + 5]
+    assert reasons[len(good) + 5].startswith(f"exact duplicate of {source}:1")
     assert "JSON object" in reasons[len(good) + 6]
     assert "more than data.max_length=128" in reasons[len(good) + 7]
     assert "invalid UTF-8" in reasons[len(good) + 8]
@@ -132,7 +132,7 @@ def test_unknown_schema_is_explained(tiny_recipe):
 
 def test_empty_and_missing_files(tiny_recipe, tmp_path):
     recipe = tiny_recipe(rows=[])
-    with pytest.raises(DataError, match="no rows"):
+    with pytest.raises(DataError, match="no usable rows.*the file is empty"):
         prepare(recipe)
     with pytest.raises(DataError, match="not found"):
         prepare(tiny_recipe(f"data.path={tmp_path / 'absent.jsonl'}"))

@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     stages = {
         "prepare": ("load, check, format and split the data into the run directory",
-                    "Read the recipe's data file, reject bad rows (data/rejects.jsonl, with reasons), "
-                    "split train/validation/test and write data/report.json."),
+                    "Read the recipe's data (JSONL, JSON, CSV/TSV, Parquet, text, a folder, a saved HF dataset), "
+                    "clean and deduplicate it, reject bad rows (data/rejects.jsonl, with file, line and reason), "
+                    "split train/validation/test without leaks and write data/report.json and data/report.html."),
         "train": ("fine-tune the model on the prepared train split",
                   "Train with the recipe's method (LoRA or full); writes adapter/ or model/ and metrics.jsonl."),
         "eval": ("compare the base and the tuned model on the test split",
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=description)
         _add_recipe_args(p)
         if name == "prepare":
-            p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of rejecting it")
+            p.add_argument("--strict", action="store_true",
+                           help="stop at the first malformed row (or a single-class label column) instead of rejecting it")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints")
 

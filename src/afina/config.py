@@ -21,7 +21,7 @@ class RecipeError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 class ModelConfig(_Section):
@@ -38,18 +38,63 @@ class SplitConfig(_Section):
     test: float = Field(0.2, ge=0.0, le=1.0)
 
 
+SchemaName = Literal["auto", "chat", "prompt_completion", "instruction", "qa", "text", "classification", "tagging"]
+
+
+class CleanConfig(_Section):
+    unicode: Literal["NFC", "NFKC", "none"] = Field(
+        "NFC", description="Unicode normalisation; NFKC also folds compatibility forms (ligatures, full-width).")
+    strip_control: bool = Field(True, description="Drop control and zero-width characters (tabs and newlines stay).")
+    whitespace: bool = Field(True, description="CRLF to LF, collapse runs of spaces, at most one blank line, trim.")
+    strip_html: bool = Field(False, description="Remove HTML tags and decode entities (&amp; -> &).")
+    min_tokens: int = Field(1, ge=0, description="Rows with fewer tokens than this are rejected.")
+
+
+class DedupConfig(_Section):
+    exact: bool = Field(True, description="Drop rows whose normalised text (case and spacing folded) was seen before.")
+    near: bool = Field(True, description="Drop near duplicates (MinHash LSH on word shingles).")
+    threshold: float = Field(0.8, gt=0.0, lt=1.0, description="Jaccard similarity above which rows are near duplicates.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: more exact, slower).")
+    shingle: int = Field(3, ge=1, le=16, description="Words per shingle.")
+
+
+class PiiConfig(_Section):
+    redact: bool = Field(False, description="Replace e-mails, phone numbers, card numbers (Luhn-checked) and IPs.")
+    kinds: list[Literal["email", "phone", "card", "ip"]] = Field(default_factory=lambda: ["email", "phone", "card", "ip"])
+
+
 class DataConfig(_Section):
-    path: str | None = Field(None, description="A data file (JSONL). Relative paths resolve from the recipe's folder.")
+    path: str | None = Field(
+        None,
+        description="The data: a JSONL/JSON/CSV/TSV/Parquet/text file, a folder of them, or a Hugging Face dataset "
+        "saved with save_to_disk. Relative paths resolve from the recipe's folder.",
+    )
+    validation_path: str | None = Field(None, description="Validation rows from their own file (not split off data.path).")
+    test_path: str | None = Field(None, description="Test rows from their own file (not split off data.path).")
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "hf"] = Field(
+        "auto", description="File format; auto: from the file name (folders: each file by its own name).")
+    text_unit: Literal["paragraph", "file", "line"] = Field(
+        "paragraph", description="Plain text: one row per paragraph (blank-line separated), per file, or per line.")
+    schema_: SchemaName = Field(
+        "auto", alias="schema",
+        description="The data's shape; auto: guessed from the fields (and reported).")
     fields: dict[str, str] = Field(
         default_factory=dict,
-        description="Map canonical fields to the file's own names, e.g. {prompt: question, completion: answer}.",
+        description="Map canonical fields to the file's own names, e.g. {prompt: question, completion: answer, "
+        "label: intent, group: doc_id}.",
     )
     system_prompt: str | None = Field(None, description="Added as the system turn where a row has none.")
     split: SplitConfig = Field(default_factory=SplitConfig)
+    group_by: str | None = Field(
+        None, description="A field whose value ties rows together (a document, a user): rows sharing it stay in one split.")
+    stratify: bool = Field(True, description="Classification: keep each label's share equal across splits.")
     max_length: int = Field(512, ge=16, le=1_048_576, description="Longest tokenized example; longer ones are rejected.")
     train_on: Literal["assistant", "all"] = Field(
         "assistant", description="Which tokens carry loss: the assistant turns only, or every token."
     )
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
 
 
 class MethodConfig(_Section):
@@ -132,7 +177,7 @@ class Recipe(_Section):
         return path if path.is_absolute() else (self._base_dir / path)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
 
 def _describe_allowed(model_cls: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
@@ -145,7 +190,7 @@ def _describe_allowed(model_cls: type[BaseModel] | None, loc: tuple[Any, ...]) -
         cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     if cls is None:
         return ""
-    keys = list(cls.model_fields)
+    keys = [info.alias or key for key, info in cls.model_fields.items()]
     close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return f" Allowed keys here: {', '.join(keys)}.{hint}"

@@ -2,7 +2,7 @@
 
     runs/<name>/
       manifest.json   recipe, data and template hashes, library versions, seed, stage times
-      data/           train/validation/test JSONL (canonical rows), rejects.jsonl, report.json
+      data/           train/validation/test JSONL (canonical rows), rejects.jsonl, report.json, report.html
       adapter/        the trained LoRA adapter (peft layout)   | model/ for full fine-tuning
       metrics.jsonl   one line per logged training step
       eval/           predictions.jsonl, metrics.json
@@ -45,6 +45,29 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+class JsonlWriter:
+    """Append rows to a JSONL file written atomically: the file appears whole on close(), or not at all."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        self._fh = os.fdopen(fd, "w", encoding="utf-8")
+        self.count = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self._fh.close()
+        os.replace(self._tmp, self.path)
+
+    def discard(self) -> None:
+        self._fh.close()
+        Path(self._tmp).unlink(missing_ok=True)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -61,3 +61,11 @@ def encode_chat(tokenizer, messages: list[dict[str, str]], train_on: str = "assi
             if any(s <= start < e for s, e in spans):
                 labels[index] = input_ids[index]
     return {"input_ids": input_ids, "labels": labels}
+
+
+def count_tokens(tokenizer, row: dict[str, Any], train_on: str = "assistant") -> int:
+    """Tokens a canonical row takes when trained on: the rendered chat, or the text (tags: the words)."""
+    if "messages" in row:
+        return len(encode_chat(tokenizer, row["messages"], train_on)["input_ids"])
+    text = " ".join(row["tokens"]) if "tokens" in row else row["text"]
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,29 +1,48 @@
-"""`afina prepare`: user file -> canonical, tokenizable, split rows in the run directory."""
+"""`afina prepare`: user data -> clean, deduplicated, canonical, split rows in the run directory.
+
+Rows stream through load -> map -> clean -> length -> exact dedup -> near dedup one at a time; the
+kept rows wait in a temporary spool file while only small facts about each (hash, signature, label,
+group, length) stay in memory. Then the rows are split, rows of train (and validation) that leak
+into a later split are removed, the splits are written, and the report accounts for every row:
+
+    rows in = rows in the splits + rows in rejects.jsonl
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
-from collections import Counter
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from afina.config import Recipe, RecipeError
-from afina.data.format import TemplateError, chat_template_hash, encode_chat
-from afina.data.load import DataError, Reject, iter_jsonl
-from afina.data.schema import RowError, guess_schema, to_canonical
-from afina.rundir import RunDir, file_sha256, write_json_atomic, write_jsonl
+from afina.data.clean import TextCleaner, is_empty
+from afina.data.dedup import NearDuplicateIndex, exact_key
+from afina.data.format import TemplateError, chat_template_hash, count_tokens
+from afina.data.load import DataError, Record, Reject, hf_split_names, iter_source
+from afina.data.schema import RowError, content_text, guess_schema, to_canonical
+from afina.rundir import JsonlWriter, RunDir, file_sha256, write_json_atomic
 
 SPLITS = ("train", "validation", "test")
+STEPS = ("load", "map", "clean", "length", "exact_dedup", "near_dedup", "leak")
+STRICT_STEPS = ("load", "map", "clean")  # malformed input; the later steps filter well-formed rows
+HF_SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation", "test": "test"}
+EXAMPLES_PER_REASON = 3
 
 
 def split_counts(n: int, ratios: dict[str, float]) -> dict[str, int]:
     """Rows per split: proportional, rounding so that the counts add up to n."""
-    total = sum(ratios.values())
+    total = sum(ratios.get(name, 0.0) for name in SPLITS)
     if total <= 0:
         raise RecipeError("data.split: the ratios must not all be 0")
-    exact = {name: n * ratios[name] / total for name in SPLITS}
+    exact = {name: n * ratios.get(name, 0.0) / total for name in SPLITS}
     counts = {name: int(exact[name]) for name in SPLITS}
     for name in sorted(SPLITS, key=lambda s: exact[s] - counts[s], reverse=True)[: n - sum(counts.values())]:
         counts[name] += 1
@@ -31,105 +50,253 @@ def split_counts(n: int, ratios: dict[str, float]) -> dict[str, int]:
 
 
 def split_rows(rows: list[dict[str, Any]], ratios: dict[str, float], seed: int) -> dict[str, list[dict[str, Any]]]:
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    counts = split_counts(len(rows), ratios)
-    out, start = {}, 0
-    for name in SPLITS:
-        out[name] = [rows[i] for i in sorted(order[start : start + counts[name]])]
-        start += counts[name]
+    """A seeded random split of a list of rows by ratios (rows keep their order within a split)."""
+    assignment = assign_splits([None] * len(rows), [None] * len(rows), ratios, seed, stratify=False)
+    return {name: [row for row, split in zip(rows, assignment) if split == name] for name in SPLITS}
+
+
+def assign_splits(labels: list[str | None], groups: list[str | None], ratios: dict[str, float], seed: int,
+                  stratify: bool = True) -> list[str]:
+    """The split of each row: seeded; rows sharing a group stay together; else each label split by ratio."""
+    rng = random.Random(seed)
+    n = len(labels)
+    out = [""] * n
+    if any(g is not None for g in groups):
+        units: dict[Any, list[int]] = defaultdict(list)
+        for i, group in enumerate(groups):
+            units[("group", group) if group is not None else ("row", i)].append(i)
+        order = list(units.values())
+        rng.shuffle(order)
+        targets = split_counts(n, ratios)
+        filled = Counter()
+        for unit in order:  # each whole group goes where the most rows are still missing
+            name = max(SPLITS, key=lambda s: (targets[s] - filled[s], targets[s]))
+            for i in unit:
+                out[i] = name
+            filled[name] += len(unit)
+        return out
+    strata: dict[Any, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        strata[label if stratify else None].append(i)
+    for key in sorted(strata, key=str):
+        members = strata[key]
+        rng.shuffle(members)
+        start = 0
+        for name, count in split_counts(len(members), ratios).items():
+            for i in members[start : start + count]:
+                out[i] = name
+            start += count
     return out
 
 
-def _dedup_key(messages: list[dict[str, str]]) -> str:
-    return json.dumps([(m["role"], " ".join(m["content"].split()).casefold()) for m in messages])
+@dataclass
+class KeptRow:
+    """What stays in memory of a kept row; the row itself waits in the spool file."""
+
+    origin: str  # "pool" (to be split by ratios) or the split a given file fills
+    where: str  # file:line, for messages
+    key: bytes
+    tokens: int
+    label: str | None
+    group: str | None
+
+
+class Ledger:
+    """Counts rows in and rejects by step and reason; writes data/rejects.jsonl as rejects come."""
+
+    def __init__(self, path: Path, strict: bool):
+        self.strict = strict
+        self.writer = JsonlWriter(path)
+        self.rows_in = 0
+        self.by_step: dict[str, Counter[str]] = {step: Counter() for step in STEPS}
+        self.examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.first: Reject | None = None
+
+    def reject(self, item: Reject, step: str, raw: Any = None) -> None:
+        item.step = step
+        if raw is not None and not item.raw:
+            item.raw = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)
+        if self.strict and step in STRICT_STEPS:
+            raise DataError(item.message() + " (stopped by --strict; without it the row is rejected and preparation goes on)")
+        reason = generic_reason(item.reason)
+        self.by_step[step][reason] += 1
+        if len(self.examples[f"{step}: {reason}"]) < EXAMPLES_PER_REASON:
+            self.examples[f"{step}: {reason}"].append(item.to_dict())
+        self.first = self.first or item
+        self.writer.write(item.to_dict())
+
+    @property
+    def rejected(self) -> int:
+        return sum(sum(c.values()) for c in self.by_step.values())
+
+
+def generic_reason(reason: str) -> str:
+    """A reason with its particulars (numbers, quoted values, file:line) folded, to group rejects."""
+    reason = re.sub(r"'[^']*'", "'…'", reason)
+    reason = re.sub(r"\S+:\d+\b", "FILE:LINE", reason)
+    return re.sub(r"(?<![=\w])\d+(\.\d+)?", "N", reason)  # a recipe value (max_length=512) stays
+
+
+def data_sources(recipe: Recipe) -> list[tuple[str, Path, str | None]]:
+    """(origin, path, HF split) for every input: the pool to split, and files that fill a split themselves."""
+    data = recipe.data
+    if not data.path:
+        raise RecipeError("data.path is not set: name a data file or folder in the recipe or as data.path=FILE")
+    path = recipe.resolve_path(data.path)
+    given = {"validation": data.validation_path, "test": data.test_path}
+    sources: list[tuple[str, Path, str | None]] = []
+    split_names = hf_split_names(path) if path.is_dir() and data.format in ("auto", "hf") else None
+    if split_names:  # a saved DatasetDict: its train/validation/test splits are given splits
+        for name in split_names:
+            origin = HF_SPLIT_NAMES.get(name)
+            if origin is None or (origin != "train" and given.get(origin)):
+                continue
+            sources.append(("pool" if origin == "train" else origin, path, name))
+        if not any(origin == "pool" for origin, _, _ in sources):
+            sources.insert(0, ("pool", path, split_names[0]))
+    else:
+        sources.append(("pool", path, None))
+    sources += [(origin, recipe.resolve_path(p), None) for origin, p in given.items() if p]
+    return sources
 
 
 def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
-    """Read the recipe's data file, keep the usable rows, split them, and write the report."""
+    """Read the recipe's data, keep the usable rows, split them, and write the rows and the report."""
     from afina.models import load_tokenizer
+    from afina.data.report import write_html_report
 
-    if not recipe.data.path:
-        raise RecipeError("data.path is not set: name a JSONL file in the recipe or as data.path=FILE")
-    source = recipe.resolve_path(recipe.data.path)
+    data = recipe.data
+    sources = data_sources(recipe)
     run = RunDir(recipe.run_dir)
+    run.data.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(recipe.model.name)
-    fields = recipe.data.fields
+    cleaner = TextCleaner(data.clean, data.pii)
+    ledger = Ledger(run.data / "rejects.jsonl", strict)
+    spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=run.data, prefix=".kept-")
+    kept: list[KeptRow] = []
+    first_of: dict[str, dict[bytes, int]] = defaultdict(dict)  # origin -> exact key -> kept index
+    near: dict[str, NearDuplicateIndex] = {}
+    schema, mapping = None, ""
 
-    kept: list[dict[str, Any]] = []
-    rejects: list[Reject] = []
-    seen: dict[str, int] = {}
-    schema = None
-    rows_in = 0
-    token_lengths = []
+    try:
+        for origin, path, hf_split in sources:
+            for item in iter_source(path, data.format, data.text_unit, hf_split):
+                ledger.rows_in += 1
+                if isinstance(item, Reject):
+                    ledger.reject(item, "load")
+                    continue
+                record: Record = item
+                where = f"{record.file}:{record.line}"
 
-    def reject(line: int, reason: str, raw: Any) -> None:
-        item = Reject(str(source), line, reason, raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False))
-        if strict:
-            raise DataError(f"{source}:{line}: {reason}")
-        rejects.append(item)
+                # map: the user's fields onto a canonical row
+                try:
+                    if schema is None:
+                        schema, mapping = guess_schema(record.row, data.fields, data.schema_)
+                    row = to_canonical(record.row, schema, data.fields, data.system_prompt, data.group_by)
+                except RowError as exc:
+                    ledger.reject(Reject(record.file, record.line, str(exc)), "map", record.row)
+                    continue
 
-    for line, row in iter_jsonl(source):
-        rows_in += 1
-        if isinstance(row, Reject):
-            reject(line, row.reason, row.raw)
-            continue
-        try:
-            if schema is None:
-                schema = guess_schema(row, fields)
-            canonical = to_canonical(row, schema, fields, recipe.data.system_prompt)
-            encoded = encode_chat(tokenizer, canonical["messages"], recipe.data.train_on)
-        except RowError as exc:
-            reject(line, str(exc), row)
-            continue
-        except TemplateError as exc:
-            raise DataError(f"{source}:{line}: {exc}") from None
-        n_tokens = len(encoded["input_ids"])
-        if n_tokens > recipe.data.max_length:
-            reject(line, f"{n_tokens} tokens, more than data.max_length={recipe.data.max_length}", row)
-            continue
-        key = _dedup_key(canonical["messages"])
-        if key in seen:
-            reject(line, f"exact duplicate of line {seen[key]}", row)
-            continue
-        seen[key] = line
-        canonical["id"] = str(row.get("id", f"{source.name}:{line}"))
-        canonical["source_line"] = line
-        kept.append(canonical)
-        token_lengths.append(n_tokens)
+                # clean: normalise text, redact PII; empty rows go
+                row = cleaner.clean_row(row)
+                empty = is_empty(row)
+                if empty:
+                    ledger.reject(Reject(record.file, record.line, empty), "clean", record.row)
+                    continue
 
-    if rows_in == 0:
-        raise DataError(f"{source}: the file has no rows")
-    if not kept:
-        first = rejects[0]
-        raise DataError(f"{source}: no usable rows; all {rows_in} were rejected (first, line {first.line}: {first.reason})")
+                # length, with the model's tokenizer and chat template
+                try:
+                    n_tokens = count_tokens(tokenizer, row, data.train_on)
+                except TemplateError as exc:
+                    raise DataError(f"{where}: {exc}") from None
+                if n_tokens > data.max_length or n_tokens < data.clean.min_tokens:
+                    bound = (f"more than data.max_length={data.max_length}" if n_tokens > data.max_length
+                             else f"fewer than data.clean.min_tokens={data.clean.min_tokens}")
+                    ledger.reject(Reject(record.file, record.line, f"{n_tokens} tokens, {bound}"), "length", record.row)
+                    continue
 
-    splits = split_rows(kept, recipe.data.split.model_dump(), recipe.seed)
-    for name, rows in splits.items():
-        write_jsonl(run.split_path(name), rows)
-    write_jsonl(run.data / "rejects.jsonl", [r.to_dict() for r in rejects])
+                # exact duplicates within the same input (across inputs they are leaks, removed later)
+                text = content_text(row)
+                key = exact_key(text)
+                seen = first_of[origin].get(key) if data.dedup.exact else None
+                if seen is not None:
+                    ledger.reject(Reject(record.file, record.line, _duplicate_reason("exact duplicate", kept[seen], row)),
+                                  "exact_dedup", record.row)
+                    continue
 
-    report = {
-        "source": str(source),
-        "schema": schema,
-        "schema_guessed": not fields,
-        "rows_in": rows_in,
-        "kept": len(kept),
-        "rejected": len(rejects),
-        "rejected_by_reason": dict(Counter(re.sub(r"\d+", "N", r.reason) for r in rejects)),
-        "splits": {name: len(rows) for name, rows in splits.items()},
-        "tokens": {
-            "total": sum(token_lengths),
-            "min": min(token_lengths),
-            "mean": round(sum(token_lengths) / len(token_lengths), 1),
-            "max": max(token_lengths),
-        },
-    }
+                # near duplicates within the same input
+                if data.dedup.near:
+                    if origin not in near:
+                        near[origin] = NearDuplicateIndex(data.dedup.threshold, data.dedup.num_perm, data.dedup.shingle)
+                    index = near[origin]
+                    minhash = index.signature(text)
+                    match = index.find(minhash)
+                    if match is not None:
+                        first = kept[int(match[0])]
+                        ledger.reject(Reject(record.file, record.line,
+                                             _duplicate_reason(f"near duplicate (similarity {match[1]:.2f})", first, row)),
+                                      "near_dedup", record.row)
+                        continue
+                    index.add(str(len(kept)), minhash)
+
+                first_of[origin].setdefault(key, len(kept))
+                user_id = record.row.get("id")
+                row = {"id": str(user_id) if user_id is not None else where, **row, "source": where}
+                kept.append(KeptRow(origin, where, key, n_tokens, row.get("label"), row["group"] if data.group_by else None))
+                spool.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+        if ledger.rows_in == 0:
+            raise DataError(f"{sources[0][1]}: no rows to read")
+        if not kept:
+            first = ledger.first
+            raise DataError(f"{sources[0][1]}: no usable rows; all {ledger.rows_in} were rejected "
+                            f"(first, {first.file}:{first.line}: {first.reason})")
+
+        # split: the pool by seeded ratios (grouped or stratified); given files fill their own split
+        given = {k.origin for k in kept if k.origin != "pool"}
+        ratios = {name: (0.0 if name in given else getattr(data.split, name)) for name in SPLITS}
+        pool = [i for i, k in enumerate(kept) if k.origin == "pool"]
+        is_classification = schema == "classification"
+        pool_splits = assign_splits([kept[i].label for i in pool], [kept[i].group for i in pool], ratios, recipe.seed,
+                                    stratify=data.stratify and is_classification) if pool else []
+        split_of = [k.origin for k in kept]
+        for i, name in zip(pool, pool_splits):
+            split_of[i] = name
+
+        # leaks: a train (or validation) row equal or near to a row of a later split is removed from it
+        leaks = find_leaks(kept, split_of, near if data.dedup.near else None, data.dedup.threshold)
+        for i, reason in leaks.items():
+            file, _, line = kept[i].where.rpartition(":")
+            ledger.reject(Reject(file, int(line), reason), "leak")
+            split_of[i] = ""
+
+        # write the splits from the spool, in input order
+        writers = {name: JsonlWriter(run.split_path(name)) for name in SPLITS}
+        spool.seek(0)
+        for i, line in enumerate(spool):
+            if split_of[i]:
+                writers[split_of[i]].write(json.loads(line))
+        for writer in writers.values():
+            writer.close()
+        ledger.writer.close()
+    except BaseException:
+        ledger.writer.discard()
+        raise
+    finally:
+        spool.close()
+
+    warnings = check_splits(kept, split_of, schema, ratios)
+    if strict and warnings:
+        raise DataError(f"{sources[0][1]}: {warnings[0]} (stopped by --strict)")
+    report = build_report(recipe, sources, schema, mapping, ledger, kept, split_of, cleaner, warnings, leaks)
     write_json_atomic(run.data / "report.json", report)
+    write_html_report(run.data / "report.html", report)
     run.update_manifest(
         data={
-            "source": str(source),
-            "source_sha256": file_sha256(source),
+            "source": str(sources[0][1]),
+            "source_sha256": source_fingerprint(sources[0][1]),
+            "inputs": {f"{origin}:{path}" + (f"[{split}]" if split else ""): source_fingerprint(path) for origin, path, split in sources},
+            "schema": schema,
             "splits_sha256": {name: file_sha256(run.split_path(name)) for name in SPLITS},
             "chat_template_sha256": chat_template_hash(tokenizer),
         }
@@ -137,15 +304,160 @@ def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
     return report
 
 
+def _duplicate_reason(kind: str, first: KeptRow, row: dict[str, Any]) -> str:
+    reason = f"{kind} of {first.where}"
+    if first.label is not None and row.get("label") != first.label:
+        reason += f" (which has label '{first.label}', this row '{row.get('label')}')"
+    return reason
+
+
+def find_leaks(kept: list[KeptRow], split_of: list[str], near: dict[str, NearDuplicateIndex] | None,
+               threshold: float) -> dict[int, str]:
+    """Rows of train (vs validation and test) and of validation (vs test) that duplicate a later split."""
+    later = {"train": ("test", "validation"), "validation": ("test",)}
+    exact: dict[str, dict[bytes, int]] = {"validation": {}, "test": {}}
+    indexes: dict[str, NearDuplicateIndex] = {}
+    for i, split in enumerate(split_of):
+        if split in exact:
+            exact[split].setdefault(kept[i].key, i)
+            if near is not None:
+                signatures = near[kept[i].origin].signatures
+                if split not in indexes:
+                    model = near[kept[i].origin]
+                    indexes[split] = NearDuplicateIndex(threshold, model.num_perm, model.shingle)
+                index = indexes[split]
+                index.add(str(i), index.minhash_from(signatures[str(i)]))
+    leaks: dict[int, str] = {}
+    for i, split in enumerate(split_of):
+        for other in later.get(split, ()):
+            j = exact[other].get(kept[i].key)
+            if j is not None:
+                leaks[i] = f"leak: exact duplicate of {other} row {kept[j].where}; removed from {split}"
+                break
+            if near is not None and other in indexes:
+                match = indexes[other].find(indexes[other].minhash_from(near[kept[i].origin].signatures[str(i)]))
+                if match is not None:
+                    j = int(match[0])
+                    leaks[i] = f"leak: near duplicate (similarity {match[1]:.2f}) of {other} row {kept[j].where}; removed from {split}"
+                    break
+    return leaks
+
+
+def check_splits(kept: list[KeptRow], split_of: list[str], schema: str | None, ratios: dict[str, float]) -> list[str]:
+    """Problems of the data as a whole (not of one row): a single class, empty splits, unseen labels."""
+    warnings = []
+    labels = {name: Counter(k.label for k, s in zip(kept, split_of) if s == name) for name in SPLITS}
+    if schema == "classification":
+        classes = set().union(*labels.values())
+        if len(classes) == 1:
+            warnings.append(f"every kept row has the label '{next(iter(classes))}'; a classifier needs two classes or more")
+        for name in ("validation", "test"):
+            unseen = sorted(set(labels[name]) - set(labels["train"]), key=str)
+            if unseen:
+                warnings.append(f"{name} has label(s) that train lacks: {', '.join(map(str, unseen[:10]))}")
+    counts = Counter(split_of)
+    for name in SPLITS:
+        if counts[name] == 0 and (ratios.get(name, 0) > 0 or any(k.origin == name for k in kept)):
+            warnings.append(f"the {name} split is empty; give more data or change data.split")
+    return warnings
+
+
+def source_fingerprint(path: Path) -> str:
+    """sha256 of a file, or of the sorted (name, sha256) list of a folder's files."""
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{file.relative_to(path)}\0{file_sha256(file)}\n".encode())
+    return h.hexdigest()
+
+
+def build_report(recipe: Recipe, sources, schema, mapping, ledger: Ledger, kept: list[KeptRow], split_of: list[str],
+                 cleaner: TextCleaner, warnings: list[str], leaks: dict[int, str]) -> dict[str, Any]:
+    data = recipe.data
+    steps, rows = [], ledger.rows_in
+    for step in STEPS:
+        rejected = sum(ledger.by_step[step].values())
+        steps.append({"step": step, "rows_in": rows, "kept": rows - rejected, "rejected": rejected,
+                      "rejected_by_reason": dict(ledger.by_step[step].most_common())})
+        rows -= rejected
+    split_sizes = {name: split_of.count(name) for name in SPLITS}
+    lengths = {name: [k.tokens for k, s in zip(kept, split_of) if s == name] for name in SPLITS}
+    all_lengths = [n for name in SPLITS for n in lengths[name]]
+    edges = np.histogram_bin_edges(all_lengths, bins=min(30, max(1, len(set(all_lengths))))) if all_lengths else np.array([0, 1])
+    report = {
+        "source": str(sources[0][1]),
+        "inputs": [{"origin": o, "path": str(p), **({"hf_split": s} if s else {})} for o, p, s in sources],
+        "schema": schema,
+        "schema_guessed": data.schema_ == "auto",
+        "field_mapping": mapping,
+        "rows_in": ledger.rows_in,
+        "kept": sum(split_sizes.values()),
+        "rejected": ledger.rejected,
+        "rejected_by_reason": {f"{step}: {reason}": n for step in STEPS for reason, n in ledger.by_step[step].most_common()},
+        "steps": steps,
+        "splits": split_sizes,
+        "split_method": _split_method(kept, schema, data.stratify),
+        "cleaning": {"rows_changed": dict(cleaner.rows_changed), "pii_redacted": dict(cleaner.redacted),
+                     "pii_redaction": data.pii.redact},
+        "dedup": {"exact": steps[4]["rejected"], "near": steps[5]["rejected"], "near_threshold": data.dedup.threshold,
+                  "leaks_removed": len(leaks)},
+        "tokens": _token_stats(all_lengths),
+        "tokens_per_split": {name: _token_stats(lengths[name]) for name in SPLITS},
+        "token_histogram": {"edges": [round(float(e), 1) for e in edges],
+                            "counts": {name: np.histogram(lengths[name], bins=edges)[0].tolist() for name in SPLITS}},
+        "truncation": {"max_length": data.max_length,
+                       "rows_over_max_length": sum(n for reason, n in ledger.by_step["length"].items() if "max_length" in reason),
+                       "action": "rejected, never cut silently: raise data.max_length to keep them"},
+        "labels": ({name: dict(Counter(k.label for k, s in zip(kept, split_of) if s == name).most_common()) for name in SPLITS}
+                   if schema == "classification" else None),
+        "warnings": warnings,
+        "reject_examples": dict(ledger.examples),
+    }
+    if schema == "tagging":
+        report["labels"] = None
+    return report
+
+
+def _split_method(kept: list[KeptRow], schema: str | None, stratify: bool) -> str:
+    given = sorted({k.origin for k in kept} - {"pool"})
+    method = "seeded ratios"
+    if any(k.group is not None for k in kept if k.origin == "pool"):
+        method += ", group-aware (rows sharing a group stay in one split)"
+    elif schema == "classification" and stratify:
+        method += ", stratified by label"
+    if given:
+        method += f"; {', '.join(given)} from given file(s)"
+    return method
+
+
+def _token_stats(lengths: list[int]) -> dict[str, Any]:
+    if not lengths:
+        return {"total": 0, "min": 0, "mean": 0, "max": 0}
+    return {"total": int(sum(lengths)), "min": int(min(lengths)), "mean": round(sum(lengths) / len(lengths), 1),
+            "p95": int(np.percentile(lengths, 95)), "max": int(max(lengths))}
+
+
 def format_report(report: dict[str, Any]) -> str:
+    """The short summary printed at the end of `afina prepare`."""
     lines = [
-        f"data: {report['source']} (schema: {report['schema']}{', guessed' if report['schema_guessed'] else ''})",
+        f"data: {report['source']} (schema: {report['schema']}"
+        f"{', guessed' if report['schema_guessed'] else ''}: {report['field_mapping']})",
         f"rows: {report['rows_in']} in, {report['kept']} kept, {report['rejected']} rejected",
     ]
-    for reason, count in report["rejected_by_reason"].items():
-        lines.append(f"  rejected {count}: {reason}")
-    s = report["splits"]
-    t = report["tokens"]
-    lines.append(f"splits: train {s['train']}, validation {s['validation']}, test {s['test']}")
+    for step in report["steps"]:
+        if step["rejected"]:
+            lines.append(f"  {step['step']:<11} -{step['rejected']}")
+            for reason, count in list(step["rejected_by_reason"].items())[:4]:
+                lines.append(f"      {count:>6}  {reason}")
+    c = report["cleaning"]
+    if c["rows_changed"]:
+        lines.append("cleaned: " + ", ".join(f"{op} {n} rows" for op, n in c["rows_changed"].items()))
+    if c["pii_redacted"]:
+        lines.append("PII redacted: " + ", ".join(f"{kind} {n}" for kind, n in c["pii_redacted"].items()))
+    s, t = report["splits"], report["tokens"]
+    lines.append(f"splits: train {s['train']}, validation {s['validation']}, test {s['test']} ({report['split_method']})")
     lines.append(f"tokens per example: min {t['min']}, mean {t['mean']}, max {t['max']} ({t['total']} in all)")
+    for warning in report["warnings"]:
+        lines.append(f"warning: {warning}")
     return "\n".join(lines)

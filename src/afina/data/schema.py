@@ -1,55 +1,111 @@
-"""Map a user's row onto the canonical chat row.
+"""Map a user's row onto one of the canonical row shapes.
 
-Canonical row: {"id": str, "messages": [{"role", "content"}, ...], ...extras}
-where extras that afina understands are kept: `must_include` (key strings a correct answer
-contains, used by evaluation) and `group`.
+Canonical rows (written to data/{train,validation,test}.jsonl, each with "id" and "source"):
+
+    chat, prompt_completion, instruction, qa -> {"messages": [{"role", "content"}, ...]}
+    text                                     -> {"text": str}                       (domain adaptation)
+    classification                           -> {"text": str, "label": str}
+    tagging                                  -> {"tokens": [str], "tags": [str]}    (BIO/IOBES tags)
+
+Extras afina understands are kept: `must_include` (key strings a correct answer contains, used by
+evaluation), `question` (qa with a context: the question alone), `group` (the data.group_by value: rows sharing it never straddle splits; without
+data.group_by a `group` field is kept as it is) and, for qa, `references` (all answers).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
-KEPT_EXTRAS = ("must_include", "group")
+CHAT_SCHEMAS = ("chat", "prompt_completion", "instruction", "qa")
 
-# Each schema: the canonical fields it needs, and the user-side names guessed for them.
+# Each schema: the canonical fields it needs, and the user-side names guessed for them, in the order
+# they are tried. A row's schema is the first whose needed fields are all present.
 SCHEMAS: dict[str, dict[str, tuple[str, ...]]] = {
     "chat": {"messages": ("messages", "conversations")},
     "prompt_completion": {"prompt": ("prompt",), "completion": ("completion",)},
     "instruction": {"instruction": ("instruction",), "output": ("output", "response")},
+    "qa": {"question": ("question",), "answer": ("answers", "answer")},
+    "tagging": {"tokens": ("tokens", "words"), "tags": ("tags", "ner_tags", "bio_tags")},
+    "classification": {"text": ("text", "sentence"), "label": ("label", "intent", "category", "class", "sentiment")},
+    "text": {"text": ("text", "content", "document")},
 }
-OPTIONAL_FIELDS = {"instruction": {"input": ("input", "context")}}
+OPTIONAL_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "instruction": {"input": ("input", "context")},
+    "qa": {"context": ("context", "passage")},
+}
+TAG_PATTERN = re.compile(r"^(O|[BIES]-\S+)$")
 
 
 class RowError(ValueError):
     """Why one row cannot be used (it goes to the rejects file)."""
 
 
-def guess_schema(row: dict[str, Any], fields: dict[str, str]) -> str:
-    """Pick the schema whose fields the row has, counting the recipe's field mapping."""
-    for schema, needed in SCHEMAS.items():
-        if all(fields.get(canon) in row or any(n in row for n in names) for canon, names in needed.items()):
-            return schema
-    wanted = "; ".join(f"{s}: {' + '.join(n)}" for s, n in SCHEMAS.items())
+def _present(row: dict[str, Any], canon: str, names: tuple[str, ...], fields: dict[str, str]) -> str | None:
+    """The row's name for a canonical field, or None."""
+    candidates = (fields[canon],) if canon in fields else names
+    return next((name for name in candidates if name in row), None)
+
+
+def guess_schema(row: dict[str, Any], fields: dict[str, str], schema: str = "auto") -> tuple[str, str]:
+    """(schema, how each canonical field maps) for a row; the recipe's mapping and schema win over guesses.
+
+    >>> guess_schema({"text": "hi", "intent": "greet"}, {})
+    ('classification', 'text=text, label=intent')
+    """
+    candidates = SCHEMAS if schema == "auto" else {schema: SCHEMAS[schema]}
+    for name, needed in candidates.items():
+        found = {canon: _present(row, canon, names, fields) for canon, names in needed.items()}
+        if all(found.values()):
+            optional = {canon: _present(row, canon, names, fields) for canon, names in OPTIONAL_FIELDS.get(name, {}).items()}
+            mapping = ", ".join(f"{canon}={user}" for canon, user in {**found, **optional}.items() if user)
+            return name, mapping
+    if schema != "auto":
+        needed = SCHEMAS[schema]
+        missing = [fields.get(c, " or ".join(n)) for c, n in needed.items() if not _present(row, c, n, fields)]
+        raise RowError(f"schema '{schema}' needs field(s) {', '.join(missing)}; the row has {sorted(row)}; "
+                       f"map your names with data.fields (e.g. data.fields.{next(iter(needed))}=your_name)")
+    wanted = "; ".join(f"{s}: {' + '.join('|'.join(n) for n in f.values())}" for s, f in SCHEMAS.items())
     raise RowError(
         f"cannot tell the schema from fields {sorted(row)}; expected one of ({wanted}), "
-        "or map your field names with data.fields (e.g. data.fields.prompt=question)"
+        "or set data.schema and map your field names with data.fields (e.g. data.fields.prompt=question)"
     )
 
 
-def _field(row: dict[str, Any], canon: str, names: tuple[str, ...], fields: dict[str, str], required: bool = True) -> Any:
-    candidates = (fields[canon],) if canon in fields else names
-    for name in candidates:
-        if name in row:
-            return row[name]
-    if required:
-        raise RowError(f"missing field '{candidates[0]}'")
-    return None
+def _field(row: dict[str, Any], schema: str, canon: str, fields: dict[str, str], required: bool = True) -> tuple[Any, str]:
+    names = SCHEMAS[schema].get(canon) or OPTIONAL_FIELDS.get(schema, {}).get(canon, ())
+    name = _present(row, canon, names, fields)
+    if name is None:
+        if required:
+            raise RowError(f"missing field '{fields.get(canon, names[0])}'")
+        return None, canon
+    return row[name], name
 
 
 def _text(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise RowError(f"field '{name}' must be a string, got {type(value).__name__}")
+        raise RowError(f"field '{name}' must be a string, got {_type_name(value)}")
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _string_list(value: Any, name: str) -> list[str]:
+    if isinstance(value, str) and value.lstrip().startswith("["):  # a list stored as JSON text (CSV, TSV)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RowError(f"field '{name}' holds text that is not a JSON list") from None
+    if not isinstance(value, list) or not value:
+        raise RowError(f"field '{name}' must be a non-empty list of strings, got {_type_name(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            hint = " (integer tag ids: map them to names such as B-PER first)" if isinstance(item, int) else ""
+            raise RowError(f"{name}[{i}] must be a string, got {_type_name(item)}{hint}")
     return value
 
 
@@ -77,31 +133,90 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def to_canonical(row: dict[str, Any], schema: str, fields: dict[str, str], system_prompt: str | None) -> dict[str, Any]:
-    """Map one row of a known schema onto the canonical chat row, or raise RowError."""
+def _label(value: Any, name: str) -> str:
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    if not isinstance(value, str):
+        raise RowError(f"field '{name}' must be a string or an integer label, got {_type_name(value)}")
+    if not value.strip():
+        raise RowError(f"field '{name}' is empty")
+    return value.strip()
+
+
+def _messages_for(row: dict[str, Any], schema: str, fields: dict[str, str]) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    extras: dict[str, Any] = {}
     if schema == "chat":
-        messages = _check_messages(_field(row, "messages", SCHEMAS["chat"]["messages"], fields))
-    elif schema == "prompt_completion":
-        prompt = _text(_field(row, "prompt", ("prompt",), fields), fields.get("prompt", "prompt"))
-        completion = _text(_field(row, "completion", ("completion",), fields), fields.get("completion", "completion"))
-        messages = _check_messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+        return _check_messages(_field(row, schema, "messages", fields)[0]), extras
+    if schema == "prompt_completion":
+        prompt = _text(*_field(row, schema, "prompt", fields))
+        completion = _text(*_field(row, schema, "completion", fields))
     elif schema == "instruction":
-        names = SCHEMAS["instruction"]
-        instruction = _text(_field(row, "instruction", names["instruction"], fields), "instruction")
-        extra = _field(row, "input", OPTIONAL_FIELDS["instruction"]["input"], fields, required=False) or ""
-        output = _text(_field(row, "output", names["output"], fields), "output")
-        prompt = instruction if not str(extra).strip() else f"{instruction}\n\n{_text(extra, 'input')}"
-        messages = _check_messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": output}])
-    else:  # pragma: no cover - schema names come from SCHEMAS
-        raise RowError(f"unknown schema {schema!r}")
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    canonical: dict[str, Any] = {"messages": messages}
-    for key in KEPT_EXTRAS:
-        if key in row:
-            canonical[key] = row[key]
+        instruction = _text(*_field(row, schema, "instruction", fields))
+        extra, extra_name = _field(row, schema, "input", fields, required=False)
+        completion = _text(*_field(row, schema, "output", fields))
+        prompt = instruction if extra is None or not str(extra).strip() else f"{instruction}\n\n{_text(extra, extra_name)}"
+    else:  # qa: the answer is the first of a list of references, or a single string
+        question = _text(*_field(row, schema, "question", fields))
+        context, context_name = _field(row, schema, "context", fields, required=False)
+        answers, answer_name = _field(row, schema, "answer", fields)
+        answers = [answers] if isinstance(answers, str) else _string_list(answers, answer_name)
+        completion = answers[0]
+        prompt = question if context is None or not str(context).strip() else f"{_text(context, context_name)}\n\nQuestion: {question}"
+        extras["references"] = answers
+        if context is not None and str(context).strip():  # kept apart: dedup compares the question, not the passage
+            extras["question"] = question
+    messages = _check_messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+    return messages, extras
+
+
+def to_canonical(row: dict[str, Any], schema: str, fields: dict[str, str], system_prompt: str | None,
+                 group_by: str | None = None) -> dict[str, Any]:
+    """Map one row of a known schema onto its canonical row, or raise RowError."""
+    canonical: dict[str, Any]
+    if schema in CHAT_SCHEMAS:
+        messages, canonical = _messages_for(row, schema, fields)
+        if system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        canonical = {"messages": messages, **canonical}
+    elif schema == "text":
+        canonical = {"text": _text(*_field(row, schema, "text", fields))}
+    elif schema == "classification":
+        canonical = {"text": _text(*_field(row, schema, "text", fields)), "label": _label(*_field(row, schema, "label", fields))}
+    elif schema == "tagging":
+        tokens = _string_list(*_field(row, schema, "tokens", fields))
+        tags = _string_list(*_field(row, schema, "tags", fields))
+        if len(tokens) != len(tags):
+            raise RowError(f"{len(tokens)} tokens but {len(tags)} tags; each token needs one tag")
+        bad = next((i for i, tag in enumerate(tags) if not TAG_PATTERN.match(tag)), None)
+        if bad is not None:
+            raise RowError(f"tags[{bad}] = {tags[bad]!r} is not a BIO tag (O, B-TYPE, I-TYPE)")
+        canonical = {"tokens": tokens, "tags": tags}
+    else:
+        raise RowError(f"unknown schema {schema!r}; known: {', '.join(SCHEMAS)}")
+    if "must_include" in row:
+        canonical["must_include"] = row["must_include"]
+    if group_by is not None:
+        group = row.get(group_by)
+        if group is None:
+            raise RowError(f"missing field '{group_by}' (data.group_by: the key that keeps related rows in one split)")
+        if isinstance(group, (dict, list)):
+            raise RowError(f"field '{group_by}' (data.group_by) must be a string or number, got {_type_name(group)}")
+        canonical["group"] = str(group)
+    elif "group" in row:
+        canonical["group"] = row["group"]
     if "must_include" in canonical:
         keys = canonical["must_include"]
         if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() for k in keys):
             raise RowError("field 'must_include' must be a list of non-empty strings")
     return canonical
+
+
+def content_text(row: dict[str, Any]) -> str:
+    """The text of a canonical row that deduplication and leak checks compare."""
+    if "question" in row:  # qa over a passage: many questions share a passage, the question tells them apart
+        return f"{row['question']}\n{row['messages'][-1]['content']}"
+    if "messages" in row:  # system prompts are shared by design; they would make every row look alike
+        return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"] if m["role"] != "system")
+    if "tokens" in row:
+        return " ".join(row["tokens"])
+    return row["text"]
