@@ -2,7 +2,8 @@
 
 Canonical row: {"id": str, "messages": [{"role", "content"}, ...], ...extras}
 where extras that afina understands are kept: `must_include` (key strings a correct answer
-contains, used by evaluation) and `group`.
+contains, used by evaluation), `group`, `tests` (Python assert lines a generated program must
+pass, for pass@1), `test_setup` (code run before them) and `references` (more reference answers).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
-KEPT_EXTRAS = ("must_include", "group")
+KEPT_EXTRAS = ("must_include", "group", "tests", "test_setup", "references")
 
 # Each schema: the canonical fields it needs, and the user-side names guessed for them.
 SCHEMAS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -104,4 +105,9 @@ def to_canonical(row: dict[str, Any], schema: str, fields: dict[str, str], syste
         keys = canonical["must_include"]
         if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() for k in keys):
             raise RowError("field 'must_include' must be a list of non-empty strings")
+    for key in ("tests", "references"):
+        if key in canonical and not (isinstance(canonical[key], list) and all(isinstance(t, str) for t in canonical[key])):
+            raise RowError(f"field '{key}' must be a list of strings")
+    if "test_setup" in canonical and not isinstance(canonical["test_setup"], str):
+        raise RowError("field 'test_setup' must be a string")
     return canonical
