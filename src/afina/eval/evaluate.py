@@ -172,8 +172,8 @@ def score_system(rows, answers: list[str], loss: float | None, metrics: list[str
         result = classification_scores(answers, [r[0] for r in references])
         scores["accuracy"], scores["macro_f1"] = result["accuracy"], result["macro_f1"]
         scores["confusion"] = result["confusion"]
-        for i, row in enumerate(rows):
-            per_example[i]["correct"] = answers[i].strip().casefold() == references[i][0].strip().casefold()
+        for i, label in enumerate(result["predicted"]):
+            per_example[i]["predicted_label"], per_example[i]["correct"] = label, label == references[i][0]
     if "pass@1" in metrics:
         from afina.eval.sandbox import extract_code, program_for_task, run_program
 

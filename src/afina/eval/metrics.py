@@ -122,4 +122,5 @@ def classification_scores(predictions: list[str], references: list[str]) -> dict
         "accuracy": 100.0 * accuracy_score(references, predicted),
         "macro_f1": 100.0 * f1_score(references, predicted, labels=labels, average="macro", zero_division=0),
         "confusion": {"labels": shown, "matrix": confusion_matrix(references, predicted, labels=shown).tolist()},
+        "predicted": predicted,
     }
