@@ -119,3 +119,19 @@ def test_code_task_scores_pass_at_1_in_the_sandbox(tiny_recipe):
     assert all(0 <= s["pass@1"] <= 100 for s in report["systems"].values())
     predictions = read_jsonl(RunDir(recipe.run_dir).eval / "predictions.jsonl")
     assert all(p["sandbox"] in {"passed", "failed", "timeout", "memory", "error"} for p in predictions)
+
+
+def test_classification_reports_a_confusion_matrix(tiny_recipe):
+    words = ["great", "awful", "lovely", "terrible", "superb", "horrid", "fine", "bad", "nice", "poor"]
+    rows = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"Sentiment of: it was {w} {i}"},
+                                          {"role": "assistant", "content": "positive" if i % 2 == 0 else "negative"}]}
+            for i, w in enumerate(words * 2)]
+    recipe = tiny_recipe("eval.systems=[base]", "eval.metrics=[classification]", "eval.forgetting.enabled=false",
+                         "data.split.test=0.3", rows=rows)
+    prepare(recipe)
+    report = evaluate(recipe, progress=False)
+    scores = report["systems"]["base"]
+    assert 0 <= scores["accuracy"] <= 100 and 0 <= scores["macro_f1"] <= 100
+    matrix = scores["confusion"]["matrix"]
+    assert sum(map(sum, matrix)) == report["test_examples"]
+    assert "Confusion matrices" in (RunDir(recipe.run_dir).eval / "report.html").read_text()
