@@ -1,7 +1,6 @@
 """`afina eval` with every system, metrics by task, the forgetting probe and the HTML report."""
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
