@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=16, help="test examples scored per system")
     parser.add_argument("--steps", type=int, default=20, help="LoRA optimizer steps")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides applied last (e.g. eval.max_new_tokens=48)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,7 @@ def main() -> None:
             f"name=bench-{task}", f"output_dir={out / 'runs'}", f"data.path={data.resolve()}",
             "data.split.train=0.75", "data.split.validation=0.05", "data.split.test=0.2",
             f"training.max_steps={args.steps}", "training.batch_size=4", "training.learning_rate=5e-4", "training.log_every=2",
-            f"eval.max_examples={args.test}", "eval.batch_size=8", "eval.price_per_hour=1.0", "eval.forgetting.max_questions=40", *overrides])
+            f"eval.max_examples={args.test}", "eval.batch_size=8", "eval.price_per_hour=1.0", "eval.forgetting.max_questions=40", *overrides, *args.set])
         start = time.perf_counter()
         from afina.rundir import RunDir
         run = RunDir(recipe.run_dir)
