@@ -358,8 +358,8 @@ def recommend(report: dict[str, Any]) -> list[str]:
         if "tuned" in systems and {"base_fewshot", "base_rag"} & set(systems):
             prompting = max((s for s in ("base_fewshot", "base_rag") if s in systems), key=lambda s: systems[s][metric] * (-1 if lower else 1))
             delta = (systems["tuned"][metric] - systems[prompting][metric]) * (-1 if lower else 1)
-            verdict = "beats" if delta > 0 else "does not beat"
-            lines.append(f"Fine-tuning {verdict} the best prompting-only system ({prompting}) by {abs(delta):.2f} points.")
+            verdict = "beats" if delta > 0 else "trails"
+            lines.append(f"Fine-tuning (tuned) {verdict} the best prompting-only system ({prompting}) by {abs(delta):.2f} on {METRIC_LABELS[metric]}.")
     cheapest = min(efficiency, key=lambda s: efficiency[s]["wall_s"])
     lines.append(
         f"Cheapest to serve: {cheapest} ({efficiency[cheapest]['latency_p50_s']:.3f} s p50 latency per batch, "
