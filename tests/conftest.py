@@ -88,6 +88,7 @@ def tiny_recipe(tmp_path, tiny_model_dir):
                 "training.learning_rate=0.01",
                 "training.precision=fp32",
                 "eval.max_new_tokens=8",
+                "eval.forgetting.max_questions=10",  # the probe's scoring is tested; 40 questions only add time
                 *overrides,
             ],
         )

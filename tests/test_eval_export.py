@@ -19,7 +19,7 @@ def test_fact_metrics_read_like_a_person_would():
 
 
 def test_eval_compares_base_and_tuned_on_the_test_split(tiny_recipe):
-    recipe = tiny_recipe("training.max_steps=10")
+    recipe = tiny_recipe("training.max_steps=10", "eval.systems=[base,tuned]")
     prepare(recipe)
     train(recipe, progress=False)
     report = evaluate(recipe, progress=False)

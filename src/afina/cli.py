@@ -36,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "split train/validation/test without leaks and write data/report.json and data/report.html."),
         "train": ("fine-tune the model on the prepared train split",
                   "Train with the recipe's method (LoRA or full); writes adapter/ or model/ and metrics.jsonl."),
-        "eval": ("compare the base and the tuned model on the test split",
-                 "Generate answers on the held-out test split with each system; "
-                 "writes eval/metrics.json and eval/predictions.jsonl."),
+        "eval": ("compare base, few-shot, RAG and tuned on the test split, with cost and forgetting",
+                 "Generate answers on the held-out test split with each system (eval.systems: base, base_fewshot, "
+                 "base_rag, tuned, tuned_rag), score them by task, probe forgetting and measure cost; "
+                 "writes eval/metrics.json, eval/predictions.jsonl and eval/report.html."),
         "export": ("write the adapter and a merged Hugging Face model, verified",
                    "Export the trained weights (export/adapter, export/merged) and check that each export "
                    "reproduces the trained model."),

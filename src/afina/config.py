@@ -142,11 +142,68 @@ class TrainingConfig(_Section):
     plots: bool = Field(True, description="Write <run>/plots/training.png (loss and learning rate).")
 
 
+SystemName = Literal["base", "base_fewshot", "base_rag", "tuned", "tuned_rag"]
+MetricName = Literal["facts", "rouge", "bleu", "chrf", "exact_match", "token_f1", "classification", "pass@1", "perplexity"]
+ALL_SYSTEMS: tuple[str, ...] = ("base", "base_fewshot", "base_rag", "tuned", "tuned_rag")
+
+
+class FewShotConfig(_Section):
+    k: int = Field(3, ge=1, le=64, description="Examples from the train split put in the prompt before the question.")
+    selection: Literal["random", "similar"] = Field(
+        "similar", description="random: a seeded random draw; similar: the nearest train rows by MiniLM embedding."
+    )
+
+
+class RagConfig(_Section):
+    corpus: str | None = Field(
+        None,
+        description="A JSONL passage file (one passage per line, field `text`, optional `title`); "
+        "none: the train split itself (question and answer of each row) is the index.",
+    )
+    retriever: Literal["bm25", "dense", "hybrid"] = Field(
+        "hybrid", description="bm25 (bm25s), dense (MiniLM cosine) or hybrid (reciprocal rank fusion of both)."
+    )
+    top_k: int = Field(3, ge=1, le=50, description="Passages put in the prompt.")
+    max_passage_chars: int = Field(1500, ge=50, description="Longer passages are cut to this many characters in the prompt.")
+
+
+class ForgettingConfig(_Section):
+    enabled: bool = True
+    probe: str | None = Field(
+        None,
+        description="A multiple-choice JSONL file (question, choices [str], answer = 0-based index), e.g. ARC; "
+        "none: afina's own 40-question general-knowledge probe.",
+    )
+    max_questions: int | None = Field(None, ge=1, description="Score at most this many probe questions.")
+    threshold: float = Field(5.0, ge=0.0, le=100.0, description="Flag forgetting when accuracy drops by more than this many points.")
+
+
+class SandboxConfig(_Section):
+    time_limit_s: float = Field(10.0, gt=0, le=600, description="Wall-clock limit per program (CPU limit is the same).")
+    memory_mb: int = Field(512, ge=64, le=65536, description="Address-space limit per program.")
+
+
 class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, le=8192)
     batch_size: int = Field(16, ge=1, le=4096)
     max_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many test rows.")
-    systems: list[Literal["base", "tuned"]] = Field(default_factory=lambda: ["base", "tuned"])
+    systems: list[SystemName] = Field(
+        default_factory=lambda: list(ALL_SYSTEMS),
+        description="base (zero-shot), base_fewshot (k train examples in the prompt), base_rag (retrieved passages "
+        "in the prompt), tuned, tuned_rag.",
+    )
+    metrics: list[MetricName] | Literal["auto"] = Field(
+        "auto",
+        description="auto: facts (rows with must_include), rouge, exact_match, token_f1, perplexity, and pass@1 where "
+        "rows carry tests. Or pick by task: classification; rouge (summaries); bleu, chrf (translation); "
+        "exact_match, token_f1 (QA); pass@1 (code, rows need `tests`); perplexity.",
+    )
+    few_shot: FewShotConfig = Field(default_factory=FewShotConfig)
+    rag: RagConfig = Field(default_factory=RagConfig)
+    forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    price_per_hour: float = Field(0.0, ge=0.0, description="Price of the machine per hour (any currency), for cost per 1,000 requests.")
+    report: bool = Field(True, description="Write eval/report.html.")
 
 
 class ExportConfig(_Section):

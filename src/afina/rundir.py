@@ -5,7 +5,7 @@
       data/           train/validation/test JSONL (canonical rows), rejects.jsonl, report.json, report.html
       adapter/        the trained LoRA adapter (peft layout)   | model/ for full fine-tuning
       metrics.jsonl   one line per logged training step
-      eval/           predictions.jsonl, metrics.json
+      eval/           predictions.jsonl, metrics.json, report.html
       export/         merged Hugging Face model, copied adapter
 """
 

@@ -9,7 +9,8 @@ Canonical rows (written to data/{train,validation,test}.jsonl, each with "id" an
 
 Extras afina understands are kept: `must_include` (key strings a correct answer contains, used by
 evaluation), `question` (qa with a context: the question alone), `group` (the data.group_by value: rows sharing it never straddle splits; without
-data.group_by a `group` field is kept as it is) and, for qa, `references` (all answers).
+data.group_by a `group` field is kept as it is), `references` (all reference answers; for qa, all answers),
+`tests` (Python assert lines a generated program must pass, for pass@1) and `test_setup` (code run before them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 ROLES = ("system", "user", "assistant")
 CHAT_SCHEMAS = ("chat", "prompt_completion", "instruction", "qa")
+EVAL_EXTRAS = ("tests", "test_setup", "references")  # kept for evaluation when a row has them
 
 # Each schema: the canonical fields it needs, and the user-side names guessed for them, in the order
 # they are tried. A row's schema is the first whose needed fields are all present.
@@ -195,6 +197,9 @@ def to_canonical(row: dict[str, Any], schema: str, fields: dict[str, str], syste
         raise RowError(f"unknown schema {schema!r}; known: {', '.join(SCHEMAS)}")
     if "must_include" in row:
         canonical["must_include"] = row["must_include"]
+    for key in EVAL_EXTRAS:
+        if key in row and key not in canonical:
+            canonical[key] = row[key]
     if group_by is not None:
         group = row.get(group_by)
         if group is None:
@@ -208,6 +213,11 @@ def to_canonical(row: dict[str, Any], schema: str, fields: dict[str, str], syste
         keys = canonical["must_include"]
         if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() for k in keys):
             raise RowError("field 'must_include' must be a list of non-empty strings")
+    for key in ("tests", "references"):
+        if key in canonical and not (isinstance(canonical[key], list) and all(isinstance(t, str) for t in canonical[key])):
+            raise RowError(f"field '{key}' must be a list of strings")
+    if "test_setup" in canonical and not isinstance(canonical["test_setup"], str):
+        raise RowError("field 'test_setup' must be a string")
     return canonical
 
 

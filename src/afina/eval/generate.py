@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 import torch
 from tqdm.auto import tqdm
 
@@ -9,21 +12,40 @@ from afina.data.format import render_prompt
 from afina.device import progress_interval
 
 
-@torch.no_grad()
+@dataclass
+class Generation:
+    """Answers with what they cost: each example's latency (its batch's wall time) and new tokens."""
+
+    answers: list[str]
+    latency_s: list[float] = field(default_factory=list)
+    new_tokens: list[int] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
 def generate_answers(
     model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int, autocast, desc: str = "generate", progress: bool = True
 ) -> list[str]:
     """Greedy answers for conversations that end where the assistant should speak."""
+    return generate_timed(model, tokenizer, conversations, max_new_tokens, batch_size, autocast, desc, progress).answers
+
+
+@torch.no_grad()
+def generate_timed(
+    model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int, autocast, desc: str = "generate", progress: bool = True
+) -> Generation:
+    """Greedy, batched, KV-cached generation, timed per batch."""
     prompts = [render_prompt(tokenizer, messages) for messages in conversations]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    answers: list[str] = [""] * len(prompts)
+    result = Generation([""] * len(prompts), [0.0] * len(prompts), [0] * len(prompts))
     pad_id = tokenizer.pad_token_id
+    started = time.perf_counter()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, mininterval=progress_interval()):
         idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=model.device)
         mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx], device=model.device)
+        batch_start = time.perf_counter()
         with autocast():
             out = model.generate(
                 input_ids=ids,
@@ -32,7 +54,15 @@ def generate_answers(
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=pad_id,
+                use_cache=True,
             )
+        batch_time = time.perf_counter() - batch_start
         for row, i in enumerate(idx):
-            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
-    return answers
+            new = out[row, width:].tolist()
+            # Tokens up to and including the first end-of-sequence; the rest is batch padding.
+            ends = [k for k, t in enumerate(new) if t == tokenizer.eos_token_id]
+            result.new_tokens[i] = ends[0] + 1 if ends else len(new)
+            result.answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            result.latency_s[i] = batch_time
+    result.wall_s = time.perf_counter() - started
+    return result

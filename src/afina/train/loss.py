@@ -104,3 +104,23 @@ def mean_label_loss(model, encoded: list[dict[str, list[int]]], pad_id: int, bat
         total += float(loss_sum)
         count += n
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def label_logprobs(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast) -> list[float]:
+    """Per example, the summed log-probability of its labelled tokens (multiple-choice scoring)."""
+    scores: list[float] = []
+    decoder, head = _causal_lm_parts(model)
+    for start in range(0, len(encoded), batch_size):
+        batch = pad_batch(encoded[start : start + batch_size], pad_id)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        with autocast():
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        selected = targets != IGNORE_INDEX
+        logits = head(hidden[:, :-1][selected]).float()
+        token_logprob = -F.cross_entropy(logits, targets[selected], reduction="none")
+        rows = selected.nonzero()[:, 0]  # which example each selected position belongs to
+        sums = torch.zeros(len(targets), device=token_logprob.device).index_add_(0, rows, token_logprob)
+        scores += sums.tolist()
+    return scores

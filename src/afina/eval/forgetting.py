@@ -1,0 +1,80 @@
+"""Forgetting probe: did fine-tuning cost general knowledge?
+
+Each multiple-choice question is scored by the log-likelihood of every choice as the assistant's
+answer to the question; the model's pick is the most likely choice (the usual cloze scoring, no
+letters to parse). Base and tuned answer the same questions, so the accuracy drop is the forgetting.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from afina.data.format import encode_chat
+from afina.train.loss import label_logprobs
+
+
+def default_probe_path() -> Path:
+    return Path(str(resources.files("afina") / "eval" / "data" / "forgetting_probe.jsonl"))
+
+
+def load_probe(path: Path, max_questions: int | None = None) -> list[dict[str, Any]]:
+    """Read a probe file: one {question, choices: [str], answer: 0-based index} per line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: forgetting probe file not found (eval.forgetting.probe)")
+    questions = []
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            choices, answer = row.get("choices"), row.get("answer")
+            if not isinstance(row.get("question"), str) or not row["question"].strip():
+                raise ValueError(f"{where}: field 'question' must be a non-empty string")
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+                raise ValueError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
+            if not isinstance(answer, int) or not 0 <= answer < len(choices):
+                raise ValueError(f"{where}: field 'answer' must be a 0-based index into 'choices' (0..{len(choices) - 1})")
+            questions.append({"id": str(row.get("id", line_no)), "question": row["question"], "choices": choices, "answer": answer})
+            if max_questions and len(questions) >= max_questions:
+                break
+    if not questions:
+        raise ValueError(f"{path}: the forgetting probe has no questions")
+    return questions
+
+
+def probe_accuracy(model, tokenizer, questions: list[dict[str, Any]], batch_size: int, autocast) -> dict[str, Any]:
+    """Accuracy (%) and each question's pick, choosing the choice of highest log-likelihood."""
+    encoded, owners = [], []
+    for qi, q in enumerate(questions):
+        for choice in q["choices"]:
+            messages = [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": choice}]
+            encoded.append(encode_chat(tokenizer, messages, "assistant"))
+            owners.append(qi)
+    scores = label_logprobs(model, encoded, tokenizer.pad_token_id, batch_size, autocast)
+    picks: list[int] = []
+    position = 0
+    for q in questions:
+        n = len(q["choices"])
+        mine = scores[position : position + n]
+        picks.append(max(range(n), key=mine.__getitem__))
+        position += n
+    correct = [p == q["answer"] for p, q in zip(picks, questions)]
+    return {"accuracy": 100.0 * sum(correct) / len(questions), "picks": picks, "correct": correct}
+
+
+def forgetting_verdict(base_accuracy: float, tuned_accuracy: float, threshold: float) -> dict[str, Any]:
+    drop = base_accuracy - tuned_accuracy
+    return {
+        "base_accuracy": round(base_accuracy, 2),
+        "tuned_accuracy": round(tuned_accuracy, 2),
+        "drop": round(drop, 2),
+        "threshold": threshold,
+        "flagged": drop > threshold,
+    }

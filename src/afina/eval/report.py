@@ -1,0 +1,179 @@
+"""eval/report.html: one self-contained page (plots embedded as base64 PNGs) a person reads in a minute."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any
+
+from afina.rundir import RunDir, read_jsonl, write_text_atomic
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}.best{font-weight:bold;background:#e6f4ea}
+.flag{color:#b00020;font-weight:bold}img{max-width:100%}pre{white-space:pre-wrap;margin:0}
+td.text{text-align:left;max-width:420px;font-size:90%}
+"""
+# Marks the page once every plot has decoded, so a headless browser can check they render.
+CHECK_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.querySelectorAll('img.plot'));
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute('data-plots-total', String(imgs.length));
+  document.body.setAttribute('data-plots-rendered', String(ok));
+});
+"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img class="plot" alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def metric_bars(report: dict[str, Any]) -> str:
+    from afina.eval.evaluate import METRIC_LABELS
+
+    systems = list(report["systems"])
+    metrics = [m for m in METRIC_LABELS if all(isinstance(report["systems"][s].get(m), (int, float)) for s in systems)]
+    parts = []
+    for metric in metrics:
+        fig, ax = _figure(max(3.5, 1.1 * len(systems)), 2.6)
+        values = [report["systems"][s][metric] for s in systems]
+        ax.bar(systems, values, color="#4c72b0")
+        ax.set_title(METRIC_LABELS[metric])
+        ax.tick_params(axis="x", labelrotation=20)
+        parts.append(_png(fig))
+    fig, ax = _figure(max(3.5, 1.1 * len(systems)), 2.6)
+    ax.bar(systems, [report["efficiency"][s]["generated_tokens_per_s"] for s in systems], color="#dd8452")
+    ax.set_title("generated tokens/s")
+    ax.tick_params(axis="x", labelrotation=20)
+    parts.append(_png(fig))
+    return "".join(parts)
+
+
+def confusion_plots(report: dict[str, Any]) -> str:
+    parts = []
+    for system, scores in report["systems"].items():
+        confusion = scores.get("confusion")
+        if not confusion:
+            continue
+        labels, matrix = confusion["labels"], confusion["matrix"]
+        size = min(12, 2 + 0.45 * len(labels))
+        fig, ax = _figure(size, size)
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("reference")
+        ax.set_title(f"confusion matrix: {system}")
+        if len(labels) <= 12:
+            for r, row in enumerate(matrix):
+                for c, value in enumerate(row):
+                    ax.text(c, r, str(value), ha="center", va="center", fontsize=8)
+        parts.append(_png(fig))
+    return "".join(parts)
+
+
+def training_curves(run: RunDir) -> str:
+    if not run.metrics.is_file():
+        return "<p>No training metrics (metrics.jsonl) in this run.</p>"
+    records = read_jsonl(run.metrics)
+    if not records:
+        return "<p>metrics.jsonl is empty.</p>"
+    fig, ax = _figure(6, 3)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+    validated = [r for r in records if r.get("val_loss") is not None]
+    if validated:
+        ax.plot([r["step"] for r in validated], [r["val_loss"] for r in validated], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.set_title("training curves")
+    return _png(fig)
+
+
+def worst_examples(predictions: list[dict[str, Any]], report: dict[str, Any], limit: int = 8) -> str:
+    """The tuned system's worst answers by the per-example score that fits the task."""
+    systems = list(report["systems"])
+    system = "tuned" if "tuned" in systems else systems[-1]
+    rows = [p for p in predictions if p["system"] == system]
+    key = next((k for k in ("passed", "correct", "token_f1", "chrf") if rows and k in rows[0]), None)
+    if key is None:
+        return "<p>No per-example score for this task.</p>"
+    rows = sorted(rows, key=lambda p: float(p[key]))[:limit]
+    cells = "".join(
+        f"<tr><td>{html.escape(str(p['id']))}</td><td>{float(p[key]):.2f}</td>"
+        + "".join(f'<td class="text"><pre>{html.escape(str(p[f])[:600])}</pre></td>' for f in ("question", "reference", "prediction"))
+        + "</tr>"
+        for p in rows
+    )
+    return (f"<p>System <b>{system}</b>, lowest <b>{key}</b> first.</p><table><tr><th>id</th><th>{key}</th>"
+            f"<th>question</th><th>reference</th><th>prediction</th></tr>{cells}</table>")
+
+
+def systems_table(report: dict[str, Any]) -> str:
+    from afina.eval.evaluate import LOWER_IS_BETTER, METRIC_LABELS
+
+    systems = list(report["systems"])
+    metrics = [m for m in METRIC_LABELS if all(isinstance(report["systems"][s].get(m), (int, float)) for s in systems)]
+    head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(s)}</th>" for s in systems) + "</tr>"
+    body = ""
+    for metric in metrics:
+        values = [report["systems"][s][metric] for s in systems]
+        best = min(values) if metric in LOWER_IS_BETTER else max(values)
+        body += f"<tr><td>{METRIC_LABELS[metric]}</td>" + "".join(
+            f'<td class="{"best" if v == best else ""}">{v:.2f}</td>' for v in values) + "</tr>"
+    efficiency_rows = (("latency_p50_s", "latency p50 (s, per batch)"), ("latency_p95_s", "latency p95 (s, per batch)"),
+                       ("generated_tokens_per_s", "generated tokens/s"), ("peak_memory_mb", "peak memory (MiB)"),
+                       ("cost_per_1k_requests", "cost per 1,000 requests"))
+    for key, label in efficiency_rows:
+        body += f"<tr><td>{label}</td>" + "".join(f"<td>{report['efficiency'][s][key]:.4g}</td>" for s in systems) + "</tr>"
+    return f"<table>{head}{body}</table>"
+
+
+def write_report(run: RunDir, report: dict[str, Any], predictions: list[dict[str, Any]], recipe) -> None:
+    forgetting = report.get("forgetting")
+    if forgetting:
+        flag = '<span class="flag">FLAGGED</span>' if forgetting["flagged"] else "within threshold"
+        forgetting_html = (f"<p>{forgetting['questions']} questions from {html.escape(forgetting['probe'])}: base "
+                           f"{forgetting['base_accuracy']:.1f}% &rarr; tuned {forgetting['tuned_accuracy']:.1f}% "
+                           f"(drop {forgetting['drop']:.1f} points, threshold {forgetting['threshold']}): {flag}.</p>")
+    else:
+        forgetting_html = "<p>Not run (eval.forgetting.enabled is false or there is no tuned model).</p>"
+    training = report.get("training") or {}
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>afina eval: {html.escape(recipe.name)}</title>
+<style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>
+<h1>afina eval: {html.escape(recipe.name)}</h1>
+<p>Model {html.escape(recipe.model.name)}, method {recipe.method.type}; test split: {report['test_examples']} examples;
+metrics: {html.escape(', '.join(report['metrics']))}.</p>
+<h2>Recommendation</h2><ul>{''.join(f'<li>{html.escape(line)}</li>' for line in report['recommendation'])}</ul>
+<h2>Systems &times; metrics</h2>{systems_table(report)}
+<p>Training: {training.get('wall_time_s')} s wall time, {training.get('steps')} steps, cost {training.get('cost')} at
+price {recipe.eval.price_per_hour}/hour. Latency is each batch's wall time (batch size {recipe.eval.batch_size}); peak memory is
+the process's peak so far on CPU, the system's own peak on CUDA.</p>
+<h2>Charts</h2>{metric_bars(report)}
+{('<h2>Confusion matrices</h2>' + confusion_plots(report)) if any(s.get('confusion') for s in report['systems'].values()) else ''}
+<h2>Training curves</h2>{training_curves(run)}
+<h2>Forgetting probe</h2>{forgetting_html}
+<h2>Worst examples</h2>{worst_examples(predictions, report)}
+<h2>Raw numbers</h2><details><summary>metrics.json</summary><pre>{html.escape(json.dumps(report, indent=1)[:20000])}</pre></details>
+</body></html>
+"""
+    write_text_atomic(run.eval / "report.html", page)
