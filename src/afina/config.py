@@ -84,7 +84,17 @@ class EvalConfig(_Section):
 
 
 class ExportConfig(_Section):
-    formats: list[Literal["adapter", "merged"]] = Field(default_factory=lambda: ["adapter", "merged"])
+    formats: list[Literal["adapter", "merged", "gguf", "ollama"]] = Field(
+        default_factory=lambda: ["adapter", "merged", "gguf", "ollama"],
+        description="adapter (peft), merged (plain transformers folder), gguf (llama.cpp; llama architecture), "
+        "ollama (a Modelfile next to the GGUF file).",
+    )
+    gguf_types: list[Literal["f16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"], min_length=1)
+    gguf_logit_tolerance: dict[Literal["f16", "q8_0"], float] = Field(
+        default_factory=lambda: {"f16": 0.1, "q8_0": 0.5},
+        description="Largest absolute difference allowed between the trained model's and the reloaded GGUF "
+        "file's last-position logits (greedy text must match as well).",
+    )
 
 
 class Recipe(_Section):
