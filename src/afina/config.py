@@ -90,11 +90,11 @@ class ExportConfig(_Section):
         "ollama (a Modelfile next to the GGUF file).",
     )
     gguf_types: list[Literal["f16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"], min_length=1)
-    gguf_logit_tolerance: dict[Literal["f16", "q8_0"], float] = Field(
-        default_factory=lambda: {"f16": 0.1, "q8_0": 0.5},
-        description="Largest absolute difference allowed between the trained model's and the reloaded GGUF "
-        "file's last-position logits (greedy text must match as well).",
+    gguf_tolerance_f16: float = Field(
+        0.1, gt=0, description="Largest absolute difference allowed between the trained model's and the reloaded "
+        "f16 GGUF file's last-position logits; greedy text must match, or differ only at near-ties within it.",
     )
+    gguf_tolerance_q8_0: float = Field(0.5, gt=0, description="The same for the q8_0 GGUF file.")
 
 
 class Recipe(_Section):
