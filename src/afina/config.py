@@ -97,6 +97,29 @@ class ExportConfig(_Section):
     gguf_tolerance_q8_0: float = Field(0.5, gt=0, description="The same for the q8_0 GGUF file.")
 
 
+class ServeConfig(_Section):
+    """`afina serve` settings: a `serve:` recipe section, or flags of the same names."""
+
+    host: str = Field("127.0.0.1", description="Address to bind; 127.0.0.1 serves this machine only.")
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(
+        None, description="Require `Authorization: Bearer <key>` on /v1/* (also read from $AFINA_API_KEY)."
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="More LoRA adapters over the same base, served by name: {name: run directory or adapter folder}.",
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Longer prompts get 400 (default: the model's context).")
+    max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for; more gets 400.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    max_queue: int = Field(256, ge=1, description="Requests waiting for the model beyond this get 429 (retry later).")
+    log_dir: str | None = Field(
+        None, description="Write requests.jsonl and feedback.jsonl here (needed for POST /v1/feedback)."
+    )
+    redact_pii: bool = Field(False, description="Mask e-mail addresses, phone and card numbers, IPs in the request log.")
+
+
 class Recipe(_Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The run's name.")
     output_dir: str = Field("runs", description="Runs are written to <output_dir>/<name>/.")
@@ -108,6 +131,7 @@ class Recipe(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     # Where the recipe file lives; relative data paths resolve from here. Not part of the schema.
     _base_dir: Path = Path(".")
