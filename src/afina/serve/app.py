@@ -317,7 +317,7 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
         messages = [m.model_dump() for m in request.messages]
         ids = encode(render_prompt(tok, messages), max_new)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        fields = {"messages": messages}
+        fields = {"messages": messages, "stream": request.stream}
         if request.stream:
             def wrap(piece, finish):
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -334,7 +334,7 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
         name, max_new = resolve(request)
         ids = encode(request.prompt, max_new)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        fields = {"prompt": request.prompt}
+        fields = {"prompt": request.prompt, "stream": request.stream}
         if request.stream:
             def wrap(piece, finish):
                 return {"id": rid, "object": "text_completion", "created": created, "model": name,
