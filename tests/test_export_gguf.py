@@ -69,10 +69,21 @@ def test_modelfile_has_chatml_template_and_stop_tokens(exported, tokenizer):
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 def test_llama_cpp_runs_the_gguf_file_like_transformers(exported, tokenizer):
     import llama_cpp
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
 
     _, results = exported
-    llm = llama_cpp.Llama(model_path=results["gguf_f16"]["path"], n_ctx=256, verbose=False, logits_all=False)
+    path = results["gguf_f16"]["path"]
+    llm = llama_cpp.Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does code 2 mean?"}], tokenize=False,
                                            add_generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids  # same tokenizer inside the file
+    llm.eval(ids)
+    cpp_logits = np.array(llm.scores[len(ids) - 1])
+    folder, name = path.rsplit("/", 1)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_logits = model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+    assert np.abs(cpp_logits - hf_logits).max() <= results["gguf_f16"]["logit_tolerance"]
