@@ -208,3 +208,21 @@ def test_redaction_masks_contact_details():
     text = redact("write to j.doe+x@mail.example.org, call +44 20 7946 0958, card 4111 1111 1111 1111, host 10.0.0.12")
     assert text == "write to [EMAIL], call [PHONE], card [CARD], host [IP]"
     assert redact("order 47 arrived in 3 days") == "order 47 arrived in 3 days"
+
+
+def test_serve_settings_come_from_the_runs_recipe_then_flags(tmp_path):
+    from afina.cli import build_parser, serve_settings
+    from afina.config import RecipeError
+
+    run = tmp_path / "runs" / "bot"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"recipe": {"serve": {"port": 9000, "max_tokens": 50,
+                                                                       "adapters": {"a": "x"}}}}))
+    args = build_parser().parse_args(["serve", str(run), "--max-tokens", "20", "--adapter", "b=y", "--redact-pii"])
+    settings = serve_settings(args)
+    assert (settings.host, settings.port, settings.max_tokens) == ("127.0.0.1", 9000, 20)
+    assert settings.adapters == {"a": "x", "b": "y"} and settings.redact_pii
+    with pytest.raises(RecipeError, match="NAME=PATH"):
+        serve_settings(build_parser().parse_args(["serve", str(run), "--adapter", "nopath"]))
+    with pytest.raises(RecipeError, match="max_queue"):
+        serve_settings(build_parser().parse_args(["serve", str(run), "--max-queue", "0"]))
