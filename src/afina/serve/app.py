@@ -113,6 +113,27 @@ class BodyLimit:
         return await self.app(scope, replayed, send)
 
 
+class FifoLock:
+    """A lock granted in arrival order, so no queued request waits behind later ones (threading.Lock is unfair)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self):
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
 class Metrics:
     """Prometheus metrics in a registry of this app's own (several apps may live in one process)."""
 
@@ -144,7 +165,7 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
     max_prompt = min(settings.max_prompt_tokens or served.max_context, served.max_context)
     tok = served.tokenizer
     metrics = Metrics()
-    model_lock = threading.Lock()  # one generation at a time
+    model_lock = FifoLock()  # one generation at a time, in arrival order
     queue_lock = threading.Lock()
     waiting = [0]
 
