@@ -18,6 +18,7 @@ import torch
 from afina.config import Recipe
 from afina.data.format import render_prompt
 from afina.device import pick_device
+from afina.export.gguf_file import ExportError
 from afina.rundir import RunDir, read_jsonl
 
 LOGIT_TOLERANCE_FP32 = 1e-3
@@ -90,13 +91,19 @@ def export(recipe: Recipe) -> dict[str, Any]:
         results["merged"] = _export_merged(merged, run, device, tokenizer, prompts, expected)
     gguf_paths: dict[str, Path] = {}
     if "gguf" in formats:
-        base_dir = Path(resolve_model(recipe.model.name)) if recipe.model.name else None
+        base_dir = Path(resolve_model(recipe.model.name))
         for outtype in recipe.export.gguf_types:
             key = f"gguf_{outtype}"
-            results[key] = _export_gguf(merged, tokenizer, run, outtype, recipe, base_dir, prompts, expected)
-            gguf_paths[outtype] = Path(results[key]["path"])
+            try:
+                results[key] = _export_gguf(merged, tokenizer, run, outtype, recipe, base_dir, prompts, expected)
+                gguf_paths[outtype] = Path(results[key]["path"])
+            except ExportError as exc:  # an architecture or tokenizer GGUF export does not cover: say so, go on
+                results[key] = {"skipped": str(exc)}
     if "ollama" in formats:
-        results["ollama"] = _export_ollama(run, tokenizer, gguf_paths)
+        try:
+            results["ollama"] = _export_ollama(run, tokenizer, gguf_paths)
+        except ExportError as exc:
+            results["ollama"] = {"skipped": str(exc)}
     run.update_manifest(export=results)
     failed = {k: v for k, v in results.items() if v.get("ok") is False}
     if failed:

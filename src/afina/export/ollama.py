@@ -39,6 +39,8 @@ def _render(tokenizer, messages, generation_prompt: bool) -> str:
 
 def template_pieces(tokenizer) -> TemplatePieces:
     """Cut the chat template into per-role pieces, or raise ExportError if it is not of that shape."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ExportError("the tokenizer has no chat template; an Ollama Modelfile needs one to build its TEMPLATE")
     s = _SENTINEL
     turns = [{"role": "system", "content": s["system"]}, {"role": "user", "content": s["user"]},
              {"role": "assistant", "content": s["assistant"]}, {"role": "user", "content": s["user2"]}]
