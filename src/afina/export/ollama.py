@@ -115,7 +115,5 @@ def write_modelfile(path: Path, gguf_path: Path, tokenizer) -> dict:
          {"role": "user", "content": "c {{ not a template }}"}],
     ]
     same = all(pieces.render(c) == _render(tokenizer, c, True) for c in conversations)
-    if not same:
-        raise ExportError(f"{path}: the Modelfile template does not reproduce the chat template")
     return {"path": str(path), "stop": stops, "template_matches_chat_template": same,
             "conversations_checked": len(conversations), "ok": same}
