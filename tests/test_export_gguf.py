@@ -43,7 +43,7 @@ def test_gguf_file_carries_tokenizer_template_and_quantized_weights(exported, to
     _, results = exported
     reader = GGUFReader(results["gguf_q8_0"]["path"])
     fields = reader.fields
-    assert fields["general.architecture"].contents() == "llama"
+    assert fields["general.architecture"].contents() == "llama" and fields["general.name"].contents() == "tiny"
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert len(fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
     assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id

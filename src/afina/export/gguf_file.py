@@ -87,7 +87,8 @@ def _add_tokenizer(writer, tokenizer, tokenizer_dir: Path, base_model_dir: Path 
     special.add_to_gguf(writer, quiet=True)
 
 
-def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, outtype: GgufType, base_model_dir: Path | None = None) -> Path:
+def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, outtype: GgufType, base_model_dir: Path | None = None,
+               name: str | None = None) -> Path:
     """Write `model` (a plain, merged transformers Llama model) to `path`; return the path."""
     import gguf
 
@@ -108,7 +109,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, outtype: GgufT
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
-    writer.add_name(str(getattr(config, "name_or_path", "") or "afina-export").split("/")[-1])
+    writer.add_name(name or str(getattr(config, "name_or_path", "") or "afina-export").split("/")[-1])
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(n_layers)

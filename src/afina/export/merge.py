@@ -143,7 +143,7 @@ def _export_gguf(merged, tokenizer, run, outtype, recipe, base_dir, prompts, exp
     target = run.export / "gguf" / f"{recipe.name}-{outtype}.gguf"
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer.save_pretrained(tok_dir)
-        write_gguf(merged, tokenizer, Path(tok_dir), target, outtype, base_dir)
+        write_gguf(merged, tokenizer, Path(tok_dir), target, outtype, base_dir, name=recipe.name)
     gguf_tokenizer = AutoTokenizer.from_pretrained(str(target.parent), gguf_file=target.name)
     reloaded = AutoModelForCausalLM.from_pretrained(str(target.parent), gguf_file=target.name, dtype=torch.float32).eval()
     tolerance = getattr(recipe.export, f"gguf_tolerance_{outtype}")
