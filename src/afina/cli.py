@@ -209,13 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     from afina.config import RecipeError
     from afina.data.load import DataError
     from afina.models import ModelError
-    from afina.serve.models import ServeError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         COMMANDS[args.command](args)
-    except (RecipeError, DataError, ModelError, ServeError, FileNotFoundError) as exc:
+    except (RecipeError, DataError, ModelError, FileNotFoundError) as exc:
         print(f"afina {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-class ServeError(ValueError):
+from afina.models.loader import ModelError
+
+
+class ServeError(ModelError):
     """A target or adapter that cannot be served; the message says what and what to do."""
 
 
