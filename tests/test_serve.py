@@ -226,3 +226,29 @@ def test_serve_settings_come_from_the_runs_recipe_then_flags(tmp_path):
         serve_settings(build_parser().parse_args(["serve", str(run), "--adapter", "nopath"]))
     with pytest.raises(RecipeError, match="max_queue"):
         serve_settings(build_parser().parse_args(["serve", str(run), "--max-queue", "0"]))
+
+
+def test_a_padded_batch_answers_as_each_request_alone(served, tokenizer):
+    import contextlib
+    import dataclasses
+
+    import torch
+
+    from afina.serve.batching import Job, Scheduler
+
+    fp32 = dataclasses.replace(served, autocast=contextlib.nullcontext)  # exact comparison: no bf16 rounding
+    scheduler = Scheduler(fp32, max_batch=4)
+    prompts = ["Hi", "How long is the warranty on the kettle?", "Descale it how", "One more question about tea"]
+
+    def job(text, n):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        return Job("kettle", dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id), True)
+
+    jobs = [job(text, n) for text, n in zip(prompts, [3, 6, 5, 6])]
+    with fp32.use("kettle") as model, torch.no_grad():
+        batched = scheduler.run_batch(model, jobs)
+        alone = [scheduler.run_batch(model, [j])[0] for j in jobs]
+    for b, a, j in zip(batched, alone, jobs):
+        assert b.tolist() == a.tolist()
+        assert b.shape[1] <= j.kwargs["input_ids"].shape[1] + j.kwargs["max_new_tokens"]

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 1 MiB)")
     p.add_argument("--max-queue", type=int, help="requests that may wait for the model; more get 429 (default 256)")
+    p.add_argument("--max-batch", type=int, help="greedy requests waiting together run as one batch of up to this many (default 8)")
     p.add_argument("--log-dir", help="log requests and feedback as JSONL here (for `afina data from-logs`)")
     p.add_argument("--redact-pii", action="store_true", default=None,
                    help="mask e-mails, phone and card numbers and IP addresses in the request log")
@@ -165,7 +166,7 @@ def serve_settings(args):
             raise RecipeError(f"--adapter {item!r}: use NAME=PATH (a run directory or adapter folder)")
         adapters[name] = path
     values["adapters"] = adapters
-    for key in ("host", "port", "api_key", "max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue",
+    for key in ("host", "port", "api_key", "max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue", "max_batch",
                 "log_dir", "redact_pii"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)

@@ -114,6 +114,8 @@ class ServeConfig(_Section):
     max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for; more gets 400.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     max_queue: int = Field(256, ge=1, description="Requests waiting for the model beyond this get 429 (retry later).")
+    max_batch: int = Field(8, ge=1, le=256, description="Greedy requests for one model that wait together run as one "
+                           "batch of up to this many (1: one at a time).")
     log_dir: str | None = Field(
         None, description="Write requests.jsonl and feedback.jsonl here (needed for POST /v1/feedback)."
     )

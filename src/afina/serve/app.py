@@ -5,8 +5,9 @@
     /v1/feedback                            a rating and a corrected answer for a response id
     /health, /metrics (Prometheus), /       (the chat page)
 
-One generation runs at a time (a lock around the model): requests queue for it in arrival order,
-up to `max_queue` waiting, beyond which they get 429. Every refusal is a 4xx with a JSON body in
+One worker runs the model: requests queue for it in arrival order, up to `max_queue` waiting
+(beyond which they get 429), and greedy requests for the same model that wait together run as one
+batch (serve/batching.py). Every refusal is a 4xx with a JSON body in
 OpenAI's shape ({"error": {"message", "type", "code"}}); the server keeps serving after each.
 """
 
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from afina.config import ServeConfig
 from afina.data.format import render_prompt
+from afina.serve.batching import Scheduler
 from afina.serve.logs import RequestLog
 from afina.serve.models import ServedModels, load_served
 
@@ -113,27 +115,6 @@ class BodyLimit:
         return await self.app(scope, replayed, send)
 
 
-class FifoLock:
-    """A lock granted in arrival order, so no queued request waits behind later ones (threading.Lock is unfair)."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
-
-    def __enter__(self):
-        with self._cond:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._cond.wait_for(lambda: self._serving == ticket)
-        return self
-
-    def __exit__(self, *exc):
-        with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
-
-
 class Metrics:
     """Prometheus metrics in a registry of this app's own (several apps may live in one process)."""
 
@@ -149,6 +130,8 @@ class Metrics:
                                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.tokens = Counter("afina_tokens", "Tokens processed", ["model", "kind"], registry=self.registry)
         self.queue = Gauge("afina_queue_depth", "Requests waiting for or holding the model", registry=self.registry)
+        self.batch = Histogram("afina_batch_size", "Requests per generate() call", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64))
 
 
 def create_app(served: ServedModels, settings: ServeConfig | None = None, log: RequestLog | None = None):
@@ -165,7 +148,8 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
     max_prompt = min(settings.max_prompt_tokens or served.max_context, served.max_context)
     tok = served.tokenizer
     metrics = Metrics()
-    model_lock = FifoLock()  # one generation at a time, in arrival order
+    scheduler = Scheduler(served, settings.max_batch, observe=lambda name, seconds, size: (
+        metrics.generation.labels(name).observe(seconds), metrics.batch.observe(size)))
     queue_lock = threading.Lock()
     waiting = [0]
 
@@ -249,17 +233,10 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
             kwargs.update(temperature=request.temperature, top_p=request.top_p)
         return kwargs
 
-    def run_model(name: str, kwargs: dict[str, Any]) -> torch.Tensor:
-        """Generate under the model lock with `name`'s adapter; the caller has been admitted to the queue."""
+    def run_model(name: str, kwargs: dict[str, Any], batchable: bool) -> torch.Tensor:
+        """Queue for the model with `name`'s adapter; the caller has been admitted to the queue."""
         try:
-            with model_lock:
-                start = time.perf_counter()
-                with served.use(name) as model, torch.no_grad(), served.autocast():
-                    kwargs["input_ids"] = kwargs["input_ids"].to(model.device)
-                    kwargs["attention_mask"] = kwargs["attention_mask"].to(model.device)
-                    out = model.generate(**kwargs)
-                metrics.generation.labels(name).observe(time.perf_counter() - start)
-                return out
+            return scheduler.generate(name, kwargs, batchable)
         finally:
             leave()
 
@@ -273,7 +250,7 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
 
     def answer(rid, endpoint, name, request_fields, ids, max_new, request, started) -> tuple[str, str, dict[str, int]]:
         admit()
-        out = run_model(name, gen_kwargs(ids, max_new, request))
+        out = run_model(name, gen_kwargs(ids, max_new, request), batchable=request.temperature == 0)
         new = out[0, ids.shape[1]:].cpu()
         finish = "stop" if len(new) and int(new[-1]) == tok.eos_token_id else "length"
         text = tok.decode(new, skip_special_tokens=True)
@@ -286,7 +263,7 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
 
         def work():
             try:
-                outcome["out"] = run_model(name, {**gen_kwargs(ids, max_new, request), "streamer": streamer})
+                outcome["out"] = run_model(name, {**gen_kwargs(ids, max_new, request), "streamer": streamer}, False)
             except Exception as exc:  # reported to the client as an error event, never a hung stream
                 outcome["error"] = exc
                 streamer.end()
