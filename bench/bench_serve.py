@@ -4,11 +4,11 @@ Both sides answer the same chat prompts (questions from the bundled quickstart d
 the same number of new tokens, in one run on one machine:
 
 - `generate`: this process loads the model and calls model.generate on each prompt in turn;
-- `serve cN`: `afina serve` runs as a subprocess, N client threads send the prompts over HTTP
-  (non-streaming /v1/chat/completions) until all are answered.
+- `serve c=N b=B`: `afina serve --max-batch B` runs as a subprocess, N client threads send the
+  prompts over HTTP (non-streaming /v1/chat/completions) until all are answered.
 
-The server's answers must equal model.generate's (greedy, same precision), so the two sides do the
-same work. Run under the shared lock:
+Both answer greedily in the same precision, so they do the same work; the script counts answers that
+differ from model.generate's (a padded batch in bf16 may flip a near-tie). Run under the shared lock:
 
     flock /tmp/afina-bench.lock python bench/bench_serve.py [--target runs/quickstart] [--prompts 16]
 """
@@ -58,12 +58,12 @@ def run_generate(target: str, prompts, max_new: int) -> dict:
     return {"wall_s": time.perf_counter() - start, "tokens": tokens, "latencies": latencies, "texts": texts}
 
 
-def start_server(target: str, max_new: int) -> tuple[subprocess.Popen, str]:
+def start_server(target: str, max_new: int, max_batch: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "afina", "serve", target, "--port", str(port),
-                             "--max-tokens", str(max_new)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--max-tokens", str(max_new), "--max-batch", str(max_batch)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         if proc.poll() is not None:
@@ -115,13 +115,17 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; the machine may be shared with other work", flush=True)
 
     baseline = run_generate(args.target, prompts, args.max_new_tokens)
-    proc, base = start_server(args.target, args.max_new_tokens)
-    try:
-        run_clients(base, prompts[:2], args.max_new_tokens, 1)  # warm-up
-        served = {c: run_clients(base, prompts, args.max_new_tokens, c) for c in levels}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    served = {}
+    # The default server (batching up to 8) at every level; then one request at a time at the highest.
+    for max_batch, clients in [(8, levels), (1, levels[-1:])]:
+        proc, base = start_server(args.target, args.max_new_tokens, max_batch)
+        try:
+            run_clients(base, prompts[:2], args.max_new_tokens, 1)  # warm-up
+            for c in clients:
+                served[(c, max_batch)] = run_clients(base, prompts, args.max_new_tokens, c)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
     baseline_again = run_generate(args.target, prompts, args.max_new_tokens)  # the load may drift: measure again
 
     mismatches = {c: sum(a.strip() != b.strip() for a, b in zip(r["texts"], baseline["texts"])) for c, r in served.items()}
@@ -129,11 +133,12 @@ def main() -> None:
     print("\n| system           | tokens/s | ratio | mean s  | p50 s   | p95 s   | tokens |")
     print("|------------------|----------|-------|---------|---------|---------|--------|")
     print(row("model.generate", baseline, baseline_tps))
-    for c, result in served.items():
-        print(row(f"serve, {c} client{'s' if c > 1 else ''}", result, baseline_tps))
+    for (c, max_batch), result in served.items():
+        print(row(f"serve c={c} b={max_batch}", result, baseline_tps))
     print(row("model.generate ²", baseline_again, baseline_tps))
-    print("\nratio: tokens/s over the first model.generate pass; latency: per request, from send to full answer "
-          "(model.generate: per call). ² measured again after the server runs, to show load drift.")
+    print("\nc: concurrent clients; b: the server's max_batch (8: the default, batching; 1: one request at a time). "
+          "ratio: tokens/s over the first model.generate pass; latency: per request, from send to full answer "
+          "(model.generate: per call). ² measured again after the servers ran, to show load drift.")
     print(f"answers differing from model.generate's (of {len(prompts)}): {mismatches}")
 
 
