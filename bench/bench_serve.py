@@ -44,8 +44,12 @@ def run_generate(target: str, prompts, max_new: int) -> dict:
     served = load_served(target)
     tok = served.tokenizer
     latencies, tokens, texts = [], 0, []
-    start = time.perf_counter()
     with served.use(served.default) as model:
+        warm = tok(render_prompt(tok, prompts[0]), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad(), served.autocast():  # warm-up, as the server gets one
+            model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+        start = time.perf_counter()
         for messages in prompts:
             ids = tok(render_prompt(tok, messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
             t0 = time.perf_counter()
