@@ -21,7 +21,7 @@ def exported(tmp_path_factory, tiny_model_dir):
     data = write_jsonl(tmp / "support.jsonl", support_rows())
     recipe = load_recipe(None, ["name=tiny", f"output_dir={tmp / 'runs'}", f"model.name={tiny_model_dir}",
                                 f"data.path={data}", "training.batch_size=4", "training.max_steps=4",
-                                "training.learning_rate=0.01", "training.precision=fp32"])
+                                "training.learning_rate=0.01", "training.precision=fp32", "export.formats=[gguf,ollama]"])
     prepare(recipe)
     train(recipe, progress=False)
     return recipe, export(recipe)
@@ -37,6 +37,7 @@ def test_gguf_files_reload_in_transformers_and_match(exported):
     assert results["gguf_f16"]["greedy_text_equal"]
     manifest = RunDir(recipe.run_dir).read_manifest()["export"]
     assert manifest["gguf_q8_0"]["ok"] and manifest["gguf_f16"]["ok"] and manifest["ollama"]["ok"]
+    assert set(manifest) == {"gguf_f16", "gguf_q8_0", "ollama"}
 
 
 def test_gguf_file_carries_tokenizer_template_and_quantized_weights(exported, tokenizer):
