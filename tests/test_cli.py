@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["prepare", "train", "eval", "export", "run", "serve", "data", "models", "config", "quickstart"]
+COMMANDS = ["prepare", "train", "eval", "export", "run", "serve", "models", "config", "quickstart"]
 
 
 def afina(*args, cwd=None):

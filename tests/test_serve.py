@@ -252,3 +252,8 @@ def test_a_padded_batch_answers_as_each_request_alone(served, tokenizer):
     for b, a, j in zip(batched, alone, jobs):
         assert b.tolist() == a.tolist()
         assert b.shape[1] <= j.kwargs["input_ids"].shape[1] + j.kwargs["max_new_tokens"]
+
+
+def test_data_from_logs_says_what_is_missing(tmp_path, capsys):
+    assert main(["data", "from-logs", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out.jsonl")]) == 2
+    assert "requests.jsonl not found" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
