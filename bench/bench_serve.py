@@ -119,6 +119,11 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; the machine may be shared with other work", flush=True)
 
     baseline = run_generate(args.target, prompts, args.max_new_tokens)
+    baseline_tps = baseline["tokens"] / baseline["wall_s"]
+    # Rows are printed as they are measured, so a run cut short still reports what it has.
+    print("\n| system           | tokens/s | ratio | mean s  | p50 s   | p95 s   | tokens |")
+    print("|------------------|----------|-------|---------|---------|---------|--------|")
+    print(row("model.generate", baseline, baseline_tps), flush=True)
     served = {}
     # The default server (batching up to 8) at every level; then one request at a time at the highest.
     for max_batch, clients in [(8, levels), (1, levels[-1:])]:
@@ -127,24 +132,19 @@ def main() -> None:
             run_clients(base, prompts[:2], args.max_new_tokens, 1)  # warm-up
             for c in clients:
                 served[(c, max_batch)] = run_clients(base, prompts, args.max_new_tokens, c)
+                print(row(f"serve c={c} b={max_batch}", served[(c, max_batch)], baseline_tps), flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     baseline_again = run_generate(args.target, prompts, args.max_new_tokens)  # the load may drift: measure again
-
-    mismatches = {c: sum(a.strip() != b.strip() for a, b in zip(r["texts"], baseline["texts"])) for c, r in served.items()}
-    baseline_tps = baseline["tokens"] / baseline["wall_s"]
-    print("\n| system           | tokens/s | ratio | mean s  | p50 s   | p95 s   | tokens |")
-    print("|------------------|----------|-------|---------|---------|---------|--------|")
-    print(row("model.generate", baseline, baseline_tps))
-    for (c, max_batch), result in served.items():
-        print(row(f"serve c={c} b={max_batch}", result, baseline_tps))
     print(row("model.generate ²", baseline_again, baseline_tps))
+
+    mismatches = {f"c={c} b={b}": sum(x.strip() != y.strip() for x, y in zip(r["texts"], baseline["texts"]))
+                  for (c, b), r in served.items()}
     print("\nc: concurrent clients; b: the server's max_batch (8: the default, batching; 1: one request at a time). "
           "ratio: tokens/s over the first model.generate pass; latency: per request, from send to full answer "
           "(model.generate: per call). ² measured again after the servers ran, to show load drift.")
     print(f"answers differing from model.generate's (of {len(prompts)}): {mismatches}")
-
 
 if __name__ == "__main__":
     main()
