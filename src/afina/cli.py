@@ -64,11 +64,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="stop at the first bad data row")
 
     p = sub.add_parser("serve", help="serve a run or a model over an OpenAI-compatible HTTP API",
-                       description="Serve /v1/chat/completions, /v1/completions and /v1/models for a run directory "
-                       "(its adapter over the base model) or any model spec.")
+                       description="Serve /v1/chat/completions, /v1/completions, /v1/models, /v1/feedback, /health, "
+                       "/metrics and a chat page at / for a run directory (its adapter over the base model) or any "
+                       "model spec. Settings come from the run's `serve:` recipe section; flags override them.")
     p.add_argument("target", help="a run directory (runs/NAME) or a model spec (see `afina models`)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="also serve this LoRA adapter (a run directory or adapter folder) over the same base; repeatable")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or set $AFINA_API_KEY)")
+    p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask for (default 1024)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-queue", type=int, help="requests that may wait for the model; more get 429 (default 256)")
+    p.add_argument("--max-batch", type=int, help="greedy requests waiting together run as one batch of up to this many (default 8)")
+    p.add_argument("--log-dir", help="log requests and feedback as JSONL here (for `afina data from-logs`)")
+    p.add_argument("--redact-pii", action="store_true", default=None,
+                   help="mask e-mails, phone and card numbers and IP addresses in the request log")
+
+    p = sub.add_parser("data", help="data tools: build a training file from served conversations",
+                       description="Data tools outside a recipe.")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = dsub.add_parser("from-logs", help="turn the server's request log and feedback into a training file",
+                        description="Read LOG_DIR/requests.jsonl and feedback.jsonl (written by `afina serve --log-dir`) "
+                        "and write chat JSONL for `afina prepare`: corrected answers, and answers rated at least "
+                        "--min-rating.")
+    p.add_argument("log_dir", help="the folder given to `afina serve --log-dir`")
+    p.add_argument("-o", "--output", required=True, help="the training file to write (JSONL)")
+    p.add_argument("--min-rating", type=int, default=1, help="keep the model's own answer when rated at least this (default 1)")
+    p.add_argument("--include-unrated", action="store_true", help="also keep answers nobody rated")
 
     sub.add_parser("models", help="list the models afina can use offline",
                    description="List packaged models; any local HF folder, .gguf file or hub name works too.")
@@ -148,10 +172,46 @@ def cmd_quickstart(args) -> None:
           f"(predictions: {recipe.run_dir}/eval/predictions.jsonl)")
 
 
+def serve_settings(args):
+    """The run's `serve:` section (if the target is a run directory), then the flags given."""
+    from pathlib import Path
+
+    from afina.config import RecipeError, ServeConfig
+    from afina.rundir import RunDir
+
+    manifest = RunDir(args.target).read_manifest() if Path(args.target).is_dir() else {}
+    values = dict((manifest.get("recipe") or {}).get("serve") or {})
+    adapters = dict(values.get("adapters") or {})
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RecipeError(f"--adapter {item!r}: use NAME=PATH (a run directory or adapter folder)")
+        adapters[name] = path
+    values["adapters"] = adapters
+    for key in ("host", "port", "api_key", "max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue", "max_batch",
+                "log_dir", "redact_pii"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    try:
+        return ServeConfig.model_validate(values)
+    except ValueError as exc:
+        raise RecipeError(f"afina serve settings: {exc}") from None
+
+
 def cmd_serve(args) -> None:
     from afina.serve.app import serve
 
-    serve(args.target, host=args.host, port=args.port)
+    serve(args.target, serve_settings(args))
+
+
+def cmd_data(args) -> None:
+    from afina.data.from_logs import from_logs
+
+    counts = from_logs(args.log_dir, args.output, args.min_rating, args.include_unrated)
+    left_out = {k[len("left_out_"):]: v for k, v in counts.items() if k.startswith("left_out_") and v}
+    print(f"wrote {counts['written']} training rows to {args.output} from {counts['requests']} logged requests "
+          f"({counts['corrected']} corrected, {counts['rated_good']} rated good, {counts['unrated_kept']} unrated)"
+          + (f"; left out: {', '.join(f'{v} {k}' for k, v in left_out.items())}" if left_out else ""))
 
 
 COMMANDS = {
@@ -162,6 +222,7 @@ COMMANDS = {
     "estimate": cmd_estimate,
     "run": cmd_run,
     "serve": cmd_serve,
+    "data": cmd_data,
     "models": cmd_models,
     "config": cmd_config_show,
     "quickstart": cmd_quickstart,

@@ -207,7 +207,42 @@ class EvalConfig(_Section):
 
 
 class ExportConfig(_Section):
-    formats: list[Literal["adapter", "merged"]] = Field(default_factory=lambda: ["adapter", "merged"])
+    formats: list[Literal["adapter", "merged", "gguf", "ollama"]] = Field(
+        default_factory=lambda: ["adapter", "merged", "gguf", "ollama"],
+        description="adapter (peft), merged (plain transformers folder), gguf (llama.cpp; llama architecture), "
+        "ollama (a Modelfile next to the GGUF file).",
+    )
+    gguf_types: list[Literal["f16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"], min_length=1)
+    gguf_tolerance_f16: float = Field(
+        0.1, gt=0, description="Largest absolute difference allowed between the trained model's and the reloaded "
+        "f16 GGUF file's last-position logits; greedy text must match, or differ only at near-ties within it.",
+    )
+    gguf_tolerance_q8_0: float = Field(0.5, gt=0, description="The same for the q8_0 GGUF file.")
+
+
+class ServeConfig(_Section):
+    """`afina serve` settings: a `serve:` recipe section, or flags of the same names."""
+
+    host: str = Field("127.0.0.1", description="Address to bind; 127.0.0.1 serves this machine only.")
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(
+        None, description="Require `Authorization: Bearer <key>` on /v1/* (also read from $AFINA_API_KEY)."
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="More LoRA adapters over the same base, served by name: {name: run directory or adapter folder}.",
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Longer prompts get 400 (default: the model's context).")
+    max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for; more gets 400.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    max_queue: int = Field(256, ge=1, description="Requests waiting for the model beyond this get 429 (retry later).")
+    max_batch: int = Field(8, ge=1, le=256, description="Greedy requests for one model that wait together run as one "
+                           "batch of up to this many (1: one at a time).")
+    log_dir: str | None = Field(
+        None, description="Write requests.jsonl and feedback.jsonl here (needed for POST /v1/feedback)."
+    )
+    redact_pii: bool = Field(False, description="Mask e-mail addresses, phone and card numbers, IPs in the request log.")
 
 
 class Recipe(_Section):
@@ -221,6 +256,7 @@ class Recipe(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     # Where the recipe file lives; relative data paths resolve from here. Not part of the schema.
     _base_dir: Path = Path(".")

@@ -54,8 +54,12 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
             for fmt, info in result.items():
                 if "skipped" in info:
                     echo(f"{fmt}: skipped ({info['skipped']})")
+                elif "max_logit_diff" in info:
+                    echo(f"{fmt}: {info['path']} (verified: max logit diff {info['max_logit_diff']:.2e}, "
+                         f"greedy text equal: {info['greedy_text_equal']})")
                 else:
-                    echo(f"{fmt}: {info['path']} (verified: max logit diff {info['max_logit_diff']:.2e}, greedy text equal: {info['greedy_text_equal']})")
+                    echo(f"{fmt}: {info['path']} (verified: template reproduces the chat template: "
+                         f"{info['template_matches_chat_template']}; stop {', '.join(info['stop'])})")
         else:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     return result

@@ -1,0 +1,113 @@
+"""What `afina serve` serves: one base model in memory, with any number of LoRA adapters over it.
+
+Each adapter is served under its own name (a run's name by default), the base under its model
+name; a request's `model` field picks one. Switching adapters in peft is cheap (no weights move),
+so one process serves them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from afina.models.loader import ModelError
+
+
+class ServeError(ModelError):
+    """A target or adapter that cannot be served; the message says what and what to do."""
+
+
+@dataclass
+class ServedModels:
+    model: Any  # the base model, or a PeftModel holding one peft adapter per served fine-tune
+    tokenizer: Any
+    autocast: Any
+    max_context: int
+    base_name: str
+    default: str
+    adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft adapter name
+
+    @property
+    def names(self) -> list[str]:
+        """The served names, the default first."""
+        return [self.default] + [n for n in [*self.adapters, self.base_name] if n != self.default]
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[Any]:
+        """The model with `name`'s adapter active (or none, for the base). Hold the generation lock."""
+        if name in self.adapters:
+            self.model.set_adapter(self.adapters[name])
+            yield self.model
+        elif self.adapters:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.model
+
+
+def _adapter_dir(path: Path) -> Path:
+    """A run directory's adapter/ (or export/adapter), or an adapter folder itself."""
+    for candidate in (path / "adapter", path / "export" / "adapter", path):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ServeError(f"{path}: no LoRA adapter here (looked for adapter_config.json in adapter/, export/adapter/ and the folder)")
+
+
+def _run_base_model(run_root: Path) -> str | None:
+    manifest = run_root / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text(encoding="utf-8"))["recipe"]["model"]["name"]
+    return None
+
+
+def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedModels:
+    """Load a run directory (its adapter over its base, or its full model) or a model spec, plus adapters."""
+    from afina.device import autocast_factory, pick_device, resolve_precision
+    from afina.models import load_model, load_tokenizer
+
+    adapters = dict(adapters or {})
+    device = pick_device()
+    autocast = autocast_factory(resolve_precision("auto", device), device)
+    root = Path(target)
+    base_spec = _run_base_model(root) if root.is_dir() else None
+    own: dict[str, Path] = {}
+    if base_spec is not None:  # a run directory
+        if (root / "model" / "config.json").is_file() and not (root / "adapter").is_dir():
+            if adapters:
+                raise ServeError(f"{root}: a fully fine-tuned run has no base to put adapters over; serve its base model instead")
+            model = load_model(str(root / "model"), "float32").to(device)
+            return ServedModels(model.eval(), load_tokenizer(base_spec), autocast, _context(model), root.name, root.name)
+        own[root.resolve().name] = _adapter_dir(root)
+    else:
+        base_spec = target
+    for name, path in adapters.items():
+        path_ = Path(path)
+        run_base = _run_base_model(path_)
+        if run_base is not None and run_base != base_spec:
+            raise ServeError(f"adapter '{name}' ({path}) was trained on '{run_base}', not on '{base_spec}'")
+        own[name] = _adapter_dir(path_)
+
+    base = load_model(base_spec, "float32")
+    base_name = Path(base_spec).name if "/" in base_spec or Path(base_spec).exists() else base_spec
+    if not own:
+        return ServedModels(base.to(device).eval(), load_tokenizer(base_spec), autocast, _context(base), base_name, base_name)
+    from peft import PeftModel
+
+    peft_names = {name: f"adapter{i}" for i, name in enumerate(own)}
+    model = None
+    for name, path in own.items():
+        if model is None:
+            model = PeftModel.from_pretrained(base, str(path), adapter_name=peft_names[name])
+        else:
+            model.load_adapter(str(path), adapter_name=peft_names[name])
+    default = next(iter(own))
+    return ServedModels(model.to(device).eval(), load_tokenizer(base_spec), autocast, _context(base), base_name,
+                        default, peft_names)
+
+
+def _context(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 2048))
