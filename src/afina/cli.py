@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # bitsandbytes (imported by peft) warns at import that an optional CPU kernel package is
+        # missing; its slower built-in path works, so the warning is only noise for a user.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         COMMANDS[args.command](args)
     except (RecipeError, DataError, ModelError, FileNotFoundError) as exc:
