@@ -178,7 +178,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
             last_loss = step_loss
             elapsed = loop["train_time"] + time.perf_counter() - started
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{loop['tokens'] / elapsed:.0f}", mem=f"{peak_memory_mb(device):.0f}MB")
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{loop['tokens'] / elapsed:.0f}", mem=f"{peak_memory_mb(device):.0f}MB", refresh=False)
 
             val_loss = validation_loss() if (step % eval_every == 0 or step == total_steps) else None
             if val_loss is not None:
