@@ -12,11 +12,10 @@ The output is chat-format JSONL (`{"messages": [...]}`, raw completions as one u
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from afina.data.load import DataError
+from afina.data.load import DataError, iter_json_objects
 from afina.rundir import write_jsonl
 
 
@@ -24,17 +23,10 @@ def _read_log(path: Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     if not path.is_file():
         return rows
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or delete that line") from None
-            if not isinstance(row, dict) or "id" not in row:
-                raise DataError(f"{path}:{number}: a log line must be an object with an 'id'")
-            rows.append((number, row))
+    for number, row in iter_json_objects(path):
+        if "id" not in row:
+            raise DataError(f"{path}:{number}: a log line must be an object with an 'id'")
+        rows.append((number, row))
     return rows
 
 

@@ -140,6 +140,22 @@ def _utf8_reason(raw: bytes) -> str:
     return "invalid UTF-8"
 
 
+def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for a JSONL file that afina itself reads whole and trusts line by line
+    (a RAG corpus, a probe, a request log): a malformed line is an error naming it, not a reject."""
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or delete that line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            yield number, row
+
+
 def iter_jsonl(path: Path) -> Iterator[Item]:
     """One JSON object per line; blank lines are skipped (a file of blank lines is empty)."""
     seen_any = False

@@ -7,12 +7,12 @@ letters to parse). Base and tuned answer the same questions, so the accuracy dro
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from afina.data.format import encode_chat
+from afina.data.load import iter_json_objects
 from afina.train.loss import label_logprobs
 
 
@@ -25,25 +25,18 @@ def load_probe(path: Path, max_questions: int | None = None) -> list[dict[str, A
     if not path.is_file():
         raise FileNotFoundError(f"{path}: forgetting probe file not found (eval.forgetting.probe)")
     questions = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            choices, answer = row.get("choices"), row.get("answer")
-            if not isinstance(row.get("question"), str) or not row["question"].strip():
-                raise ValueError(f"{where}: field 'question' must be a non-empty string")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
-                raise ValueError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
-            if not isinstance(answer, int) or not 0 <= answer < len(choices):
-                raise ValueError(f"{where}: field 'answer' must be a 0-based index into 'choices' (0..{len(choices) - 1})")
-            questions.append({"id": str(row.get("id", line_no)), "question": row["question"], "choices": choices, "answer": answer})
-            if max_questions and len(questions) >= max_questions:
-                break
+    for line_no, row in iter_json_objects(path):
+        where = f"{path}:{line_no}"
+        choices, answer = row.get("choices"), row.get("answer")
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise ValueError(f"{where}: field 'question' must be a non-empty string")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise ValueError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
+        if not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise ValueError(f"{where}: field 'answer' must be a 0-based index into 'choices' (0..{len(choices) - 1})")
+        questions.append({"id": str(row.get("id", line_no)), "question": row["question"], "choices": choices, "answer": answer})
+        if max_questions and len(questions) >= max_questions:
+            break
     if not questions:
         raise ValueError(f"{path}: the forgetting probe has no questions")
     return questions

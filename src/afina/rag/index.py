@@ -12,10 +12,11 @@ scales need no calibration).
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from afina.data.load import iter_json_objects
 
 RRF_K = 60  # the usual reciprocal-rank-fusion constant
 
@@ -32,17 +33,10 @@ def load_passages(path: Path) -> list[Passage]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: RAG corpus not found (eval.rag.corpus)")
     passages = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise ValueError(f"{path}:{line_no}: each passage needs a non-empty string field 'text'")
-            passages.append(Passage(str(row.get("id", line_no)), row["text"], str(row.get("title", "") or "")))
+    for line_no, row in iter_json_objects(path):
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise ValueError(f"{path}:{line_no}: each passage needs a non-empty string field 'text'")
+        passages.append(Passage(str(row.get("id", line_no)), row["text"], str(row.get("title", "") or "")))
     if not passages:
         raise ValueError(f"{path}: the RAG corpus has no passages")
     return passages
