@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
 
     p = sub.add_parser("run", help="run prepare, train, eval and export in order",
-                       description="Run every stage of a recipe in order.")
+                       description="Run every stage of a recipe in order. A recipe with `stages:` runs them one after "
+                       "another (sequential fine-tuning), each from the previous stage's weights, and prints the "
+                       "stage x task table (<run>/sequential.json).")
     _add_recipe_args(p)
     p.add_argument("--strict", action="store_true", help="stop at the first bad data row")
 
@@ -152,7 +154,13 @@ def cmd_run(args) -> None:
     from afina.config import load_recipe
     from afina.pipeline import run_all
 
-    result = run_all(load_recipe(args.recipe, args.overrides), strict=args.strict)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.stages:
+        from afina.sequential import run_sequential
+
+        result = run_sequential(recipe, strict=args.strict)
+    else:
+        result = run_all(recipe, strict=args.strict)
     print(f"done in {result['wall_time_s']} s")
 
 

@@ -245,6 +245,22 @@ class ServeConfig(_Section):
     redact_pii: bool = Field(False, description="Mask e-mail addresses, phone and card numbers, IPs in the request log.")
 
 
+class StageConfig(BaseModel):
+    """One stage of a sequential run: its name, replay share, and the recipe sections it sets.
+
+    `data` and `task` are the stage's own; `training`, `method` and `eval` are merged key by key
+    over the top-level recipe's. The stage's other keys are checked when its recipe is built.
+    """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The stage's name (its folder).")
+    replay: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Share of this stage's train split drawn from earlier stages' train splits (0: none).",
+    )
+
+
 class Recipe(_Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The run's name.")
     output_dir: str = Field("runs", description="Runs are written to <output_dir>/<name>/.")
@@ -257,6 +273,11 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    stages: list[StageConfig] = Field(
+        default_factory=list,
+        description="Sequential fine-tuning: stages run in order, each starting from the previous stage's weights "
+        "and evaluated with the test sets of every stage so far.",
+    )
 
     # Where the recipe file lives; relative data paths resolve from here. Not part of the schema.
     _base_dir: Path = Path(".")

@@ -1,0 +1,113 @@
+"""Sequential fine-tuning: stage recipes, replay, weights carried from stage to stage, the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from afina.config import RecipeError, load_recipe
+from afina.rundir import RunDir, read_jsonl
+from afina.sequential import format_sequential_table, merged_dir, run_sequential, stage_recipes
+from conftest import support_rows, write_jsonl
+
+
+def two_stage_recipe(tmp_path, tiny_model_dir, replay: float = 0.0, extra: list[str] | None = None):
+    first = write_jsonl(tmp_path / "first.jsonl", support_rows(n_facts=4, per_fact=5))
+    second_rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Translate colour number {i} to French."},
+                {"role": "assistant", "content": ["rouge", "bleu", "vert", "jaune", "noir"][i % 5] + f" {i}"},
+            ]
+        }
+        for i in range(20)
+    ]
+    second = write_jsonl(tmp_path / "second.jsonl", second_rows)
+    return load_recipe(
+        None,
+        [
+            "name=seq",
+            f"output_dir={tmp_path / 'runs'}",
+            f"model.name={tiny_model_dir}",
+            "training.batch_size=4",
+            "training.max_steps=3",
+            "training.learning_rate=0.01",
+            "training.precision=fp32",
+            "training.tensorboard=false",
+            "training.plots=false",
+            f"stages=[{{name: support, data: {{path: '{first}'}}}}, "
+            f"{{name: colours, replay: {replay}, data: {{path: '{second}'}}, training: {{max_steps: 2}}}}]",
+            *(extra or []),
+        ],
+    )
+
+
+def test_stage_recipes_chain_models_and_merge_sections(tmp_path, tiny_model_dir):
+    recipe = two_stage_recipe(tmp_path, tiny_model_dir)
+    first, second = stage_recipes(recipe)
+    assert first.model.name == str(tiny_model_dir)
+    assert second.model.name == str(merged_dir(first))  # stage 2 starts from stage 1's weights
+    assert first.training.max_steps == 3 and second.training.max_steps == 2  # the stage's own value wins
+    assert second.training.learning_rate == 0.01  # the rest comes from the top level
+    assert first.run_dir == recipe.run_dir / "stages" / "01-support"
+    assert second.data.path.endswith("second.jsonl")
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ("[{name: a, data: {path: x.jsonl}}, {name: a, data: {path: y.jsonl}}]", "unique"),
+        ("[{name: a}]", "needs its own `data:`"),
+        ("[{name: a, data: {path: x.jsonl}, model: {name: other}}]", "cannot set `model`"),
+        ("[{name: a, data: {path: x.jsonl}, trainig: {epochs: 1}}]", "stages[0] (a)"),
+    ],
+)
+def test_bad_stages_are_clear_errors(tmp_path, stages, message):
+    recipe = load_recipe(None, [f"output_dir={tmp_path}", f"stages={stages}"])
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        stage_recipes(recipe)
+
+
+def test_replay_rejects_a_share_of_one(tmp_path):
+    with pytest.raises(RecipeError, match="replay"):
+        load_recipe(None, ["stages=[{name: a, replay: 1.0, data: {path: x.jsonl}}]"])
+
+
+def test_sequential_run_with_replay(tmp_path, tiny_model_dir):
+    recipe = two_stage_recipe(tmp_path, tiny_model_dir, replay=0.25)
+    result = run_sequential(recipe, echo=lambda _line: None)
+    first, second = stage_recipes(recipe)
+
+    # The table: the base row scores every task, then each stage row the tasks so far.
+    assert [row["after"] for row in result["table"]] == ["base", "support", "colours"]
+    assert list(result["table"][0]["scores"]) == ["support", "colours"]
+    assert list(result["table"][1]["scores"]) == ["support"]
+    assert list(result["table"][2]["scores"]) == ["support", "colours"]
+    for row in result["table"]:
+        for score in row["scores"].values():
+            assert score["metric"] == "test_loss" and score["value"] > 0
+
+    # Training lowers the first task's loss (lr 0.01 on a tiny random model).
+    assert result["table"][1]["scores"]["support"]["value"] < result["table"][0]["scores"]["support"]["value"]
+
+    # Replay: earlier rows make up a quarter of stage 2's train split, marked with their source.
+    train_rows = read_jsonl(RunDir(second.run_dir).split_path("train"))
+    replayed = [r for r in train_rows if r.get("replay_from") == first.name]
+    own = len(train_rows) - len(replayed)
+    assert len(replayed) == round(0.25 * own / 0.75) == result["replay"]["colours"][first.name]
+    first_train = {json.dumps(r["messages"]) for r in read_jsonl(RunDir(first.run_dir).split_path("train"))}
+    assert all(json.dumps(r["messages"]) in first_train for r in replayed)
+
+    # Stage 2 trained from stage 1's merged weights: its merged weights differ from both.
+    w1 = load_file(str(merged_dir(first) / "model.safetensors"))
+    w2 = load_file(str(merged_dir(second) / "model.safetensors"))
+    key = next(k for k in w1 if "q_proj" in k)
+    assert not (w1[key] == w2[key]).all()
+
+    saved = json.loads((recipe.run_dir / "sequential.json").read_text())
+    assert saved["table"] == result["table"]
+    table = format_sequential_table(result)
+    assert table.splitlines()[0] == "| after \\ task | support | colours |"
+    assert len(table.splitlines()) == 5
