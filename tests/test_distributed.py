@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from afina.config import load_recipe
 from afina.data.prepare import prepare
@@ -14,20 +16,24 @@ from afina.train.loop import train
 from conftest import support_rows, write_jsonl
 
 
-def recipe_text(tmp_path, tiny_model_dir, name, grad_accum):
+def recipe_text(tmp_path, tiny_model_dir, name, grad_accum, strategy="ddp", method="lora"):
     return (
         f"name: {name}\noutput_dir: {tmp_path / 'runs'}\nmodel:\n  name: {tiny_model_dir}\ndata:\n  path: rows.jsonl\n"
+        f"method:\n  type: {method}\n"
         f"training:\n  max_steps: 6\n  batch_size: 2\n  grad_accum: {grad_accum}\n  learning_rate: 0.003\n"
-        "  precision: fp32\n  log_every: 1\n  tensorboard: false\n  plots: false\n"
+        f"  precision: fp32\n  log_every: 1\n  tensorboard: false\n  plots: false\n  distributed: {strategy}\n"
+        "  max_grad_norm: 0.5\n"
     )
 
 
-def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("strategy, method", [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full")])
+def test_two_processes_match_one_process(tmp_path, tiny_model_dir, strategy, method):
+    """DDP and FSDP (sharded layers; full fine-tuning also has whole embeddings) equal one process."""
     write_jsonl(tmp_path / "rows.jsonl", support_rows(8, 4))
     single = tmp_path / "single.yaml"
-    single.write_text(recipe_text(tmp_path, tiny_model_dir, "single", grad_accum=2))
+    single.write_text(recipe_text(tmp_path, tiny_model_dir, "single", 2, strategy, method))
     double = tmp_path / "double.yaml"
-    double.write_text(recipe_text(tmp_path, tiny_model_dir, "double", grad_accum=1))
+    double.write_text(recipe_text(tmp_path, tiny_model_dir, "double", 1, strategy, method))
     one = load_recipe(single)
     prepare(one)
     train(one, progress=False)
@@ -39,10 +45,20 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert RunDir(two.run_dir).read_manifest()["train"]["processes"] == 2
+    summary = RunDir(two.run_dir).read_manifest()["train"]
+    assert summary["processes"] == 2 and summary["distributed"] == strategy
 
     def curve(recipe):
         return [json.loads(l)["loss"] for l in RunDir(recipe.run_dir).metrics.read_text().splitlines()]
 
     assert len(curve(two)) == 6
     assert curve(two) == pytest.approx(curve(one), rel=1e-5)
+
+    # The saved result (gathered from the shards under FSDP) equals the single process's.
+    out = "adapter" if method == "lora" else "model"
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    saved_one = load_file(str(RunDir(one.run_dir).root / out / name))
+    saved_two = load_file(str(RunDir(two.run_dir).root / out / name))
+    assert saved_one.keys() == saved_two.keys()
+    for key in saved_one:
+        torch.testing.assert_close(saved_two[key], saved_one[key], rtol=1e-4, atol=1e-5)

@@ -137,6 +137,10 @@ class TrainingConfig(_Section):
     packing: bool = Field(False, description="Pack short examples into rows of pack_length tokens, padding-free.")
     pack_length: int | None = Field(None, ge=16, description="Tokens per packed row (default: data.max_length).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: ddp keeps a whole model in every process; fsdp shards each decoder layer's "
+        "weights, gradients and optimizer state across the processes (PyTorch FSDP2).",
+    )
     compile: bool = Field(False, description="torch.compile the model (slow start, faster steps).")
     tensorboard: bool = Field(True, description="Write TensorBoard event files to <run>/tensorboard.")
     plots: bool = Field(True, description="Write <run>/plots/training.png (loss and learning rate).")

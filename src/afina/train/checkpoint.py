@@ -18,22 +18,59 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 PREFIX = "step-"
 
 
+def _is_sharded(tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def is_sharded_model(model) -> bool:
+    return any(_is_sharded(p) for p in model.parameters())
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """The trainable weights as whole CPU tensors. With FSDP every process must call this (it gathers)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            whole = p.detach().full_tensor() if _is_sharded(p) else p.detach()
+            out[name] = whole.cpu().contiguous()
+    return out
 
 
 def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors into the model; FSDP-sharded parameters take their own shard of each."""
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in tensors]
     if missing:
         raise ValueError(f"the checkpoint does not match this model/method: {len(missing)} trainable tensors missing, e.g. {missing[0]}")
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            param = params[name]
+            if _is_sharded(param):
+                value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+            param.copy_(value)
+
+
+def optimizer_state(model, optimizer) -> dict[str, Any]:
+    """The optimizer's state; with FSDP gathered whole (keyed by parameter name) on every process."""
+    if is_sharded_model(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model, optimizer, state: dict[str, Any]) -> None:
+    if is_sharded_model(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
 
 
 def _write_atomic_dir(target: Path, write) -> Path:
@@ -51,15 +88,28 @@ def _write_atomic_dir(target: Path, write) -> Path:
     return target
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, rng: random.Random, extra: dict[str, Any], keep: int) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest `keep` of them."""
+def save_checkpoint(
+    folder: Path, step: int, model, optimizer, scheduler, rng: random.Random, extra: dict[str, Any], keep: int,
+    write_files: bool = True,
+) -> Path:
+    """Write checkpoints/step-N atomically and keep only the newest `keep` of them.
+
+    In a distributed run every process calls this (FSDP gathers the shards); only the process
+    with write_files=True writes.
+    """
+    path = folder / f"{PREFIX}{step:08d}"
+    if not write_files and not is_sharded_model(model):
+        return path
+    tensors, optim = trainable_state(model), optimizer_state(model, optimizer)  # gathers under FSDP
+    if not write_files:
+        return path
 
     def write(tmp: Path) -> None:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(tensors, str(tmp / "trainable.safetensors"))
         torch.save(
             {
                 "step": step,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optim,
                 "scheduler": scheduler.state_dict(),
                 "python_rng": rng.getstate(),
                 "torch_rng": torch.get_rng_state(),
@@ -68,17 +118,22 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, rng: r
             tmp / "state.pt",
         )
 
-    path = _write_atomic_dir(folder / f"{PREFIX}{step:08d}", write)
+    _write_atomic_dir(path, write)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def save_weights(target: Path, model, info: dict[str, Any]) -> Path:
-    """The trainable weights alone (the best checkpoint), atomically."""
+def save_weights(target: Path, model, info: dict[str, Any], write_files: bool = True) -> Path:
+    """The trainable weights alone (the best checkpoint), atomically; every process calls it under FSDP."""
+    if not write_files and not is_sharded_model(model):
+        return target
+    tensors = trainable_state(model)
+    if not write_files:
+        return target
 
     def write(tmp: Path) -> None:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(tensors, str(tmp / "trainable.safetensors"))
         torch.save(info, tmp / "info.pt")
 
     return _write_atomic_dir(target, write)
@@ -95,7 +150,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rng: random.Random)
     """Restore weights, optimizer, scheduler and random state; return the saved state dict."""
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
     state = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng.setstate(state["python_rng"])
     torch.set_rng_state(state["torch_rng"])

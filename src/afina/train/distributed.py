@@ -4,6 +4,12 @@ Every process holds the whole data and draws the same batch order; a global step
 micro-batches are dealt out by rank. Each process divides its loss by the label tokens of the
 whole global step, so summing the gradients across processes gives exactly the gradient of
 one process that ran all those micro-batches with gradient accumulation.
+
+With `training.distributed: fsdp` each decoder layer is sharded with PyTorch's FSDP2
+(`fully_shard`): its weights, gradients and optimizer state are split across the processes and
+gathered only while the layer runs. Its gradients are reduce-scattered summed (not averaged), so
+the same loss normalisation holds; parameters outside the layers (embeddings, output layer) stay
+whole on every process and are summed as in DDP.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def is_main_process() -> bool:
@@ -24,29 +31,68 @@ def is_main_process() -> bool:
 class Distributed:
     rank: int = 0
     world_size: int = 1
+    strategy: str = "ddp"
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp" and self.world_size > 1
+
     @classmethod
-    def from_env(cls) -> Distributed:
+    def from_env(cls, strategy: str = "ddp") -> Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
-            return cls()
+            return cls(strategy=strategy)
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend=backend)
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), strategy)
+
+    def shard(self, model) -> None:
+        """FSDP: shard every decoder layer in place (a no-op for DDP or a single process)."""
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for layer in base.get_decoder().layers:
+            fully_shard(layer)
+            # Sum, as DDP does here (the loss is already normalised), with a plain SUM that gloo has too.
+            layer.set_gradient_divide_factor(1.0)
+            layer.set_force_sum_reduction_for_comms(True)
 
     def sum_gradients(self, params: list[torch.Tensor]) -> None:
         if self.world_size == 1:
             return
         for p in params:
-            if p.grad is not None:
+            if p.grad is not None and not isinstance(p.grad, DTensor):  # FSDP already reduced its shards
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float | None) -> float:
+        """Global gradient L2 norm over whole and sharded gradients; scale them down to max_norm."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.sharded:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
+        device = grads[0].device if grads else torch.device("cpu")
+        sharded = torch.zeros((), device=device)
+        whole = torch.zeros((), device=device)
+        for g in grads:
+            if isinstance(g, DTensor):
+                sharded += g.to_local().float().pow(2).sum()
+            else:
+                whole += g.float().pow(2).sum()
+        dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
+        norm = float(torch.sqrt(sharded + whole))
+        if max_norm is not None:  # the same rule as torch.nn.utils.clip_grad_norm_
+            scale = min(max_norm / (norm + 1e-6), 1.0)
+            for g in grads:
+                g.mul_(scale)
+        return norm
 
     def sum_scalar(self, value: float) -> float:
         if self.world_size == 1:

@@ -23,7 +23,14 @@ from afina.data.format import encode_chat
 from afina.device import autocast_factory, peak_memory_mb, pick_device, progress_interval, resolve_precision
 from afina.rundir import RunDir, read_jsonl
 from afina.train.batches import collate, epoch_batches
-from afina.train.checkpoint import list_checkpoints, load_checkpoint, load_trainable_state, save_checkpoint, save_weights
+from afina.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    save_weights,
+    trainable_state,
+)
 from afina.train.distributed import Distributed
 from afina.train.loss import accumulate_gradients, count_label_tokens, mean_label_loss
 from afina.train.methods import apply_method, load_for_method
@@ -76,7 +83,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     run = RunDir(recipe.run_dir)
     cfg = recipe.training
     seed_everything(recipe.seed)
-    ddp = Distributed.from_env()
+    ddp = Distributed.from_env(cfg.distributed)
     device = pick_device()
     if device.type == "cuda" and ddp.world_size > 1:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -93,6 +100,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
 
     # Master weights stay fp32; matmuls run in bf16 under autocast (faster on this CPU than a bf16 copy).
     model = apply_method(load_for_method(recipe.model.name, recipe.method, device), recipe.method)
+    ddp.shard(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
@@ -132,8 +140,9 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
         loop["val_before"] = validation_loss()
 
     def save(step: int) -> None:
-        if ddp.is_main:  # every process holds the same weights; one writes them
-            save_checkpoint(checkpoints, step, model, optimizer, scheduler, rng, {"loop": loop}, cfg.keep_checkpoints)
+        # Every process holds the same weights (FSDP: gathers its shards for this); one writes them.
+        save_checkpoint(checkpoints, step, model, optimizer, scheduler, rng, {"loop": loop}, cfg.keep_checkpoints,
+                        write_files=ddp.is_main)
 
     if ddp.is_main:
         monitor = TrainingMonitor(run.root, run.metrics, loop["step"] if resume else None, cfg.tensorboard, cfg.plots)
@@ -160,7 +169,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
             step_loss, _ = accumulate_gradients(model, local, autocast, denominator=count_label_tokens(group))
             step_loss = ddp.sum_scalar(step_loss)
             ddp.sum_gradients(trainable)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
+            grad_norm = ddp.clip_grad_norm(trainable, cfg.max_grad_norm)
             if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
                 kept = list_checkpoints(checkpoints)
                 raise FloatingPointError(
@@ -185,8 +194,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
                 loop["val_last"] = val_loss
                 if loop["best_val"] is None or val_loss < loop["best_val"]:
                     loop["best_val"], loop["best_step"], loop["bad_evals"] = val_loss, step, 0
-                    if ddp.is_main:
-                        save_weights(checkpoints / "best", model, {"step": step, "val_loss": val_loss})
+                    save_weights(checkpoints / "best", model, {"step": step, "val_loss": val_loss}, write_files=ddp.is_main)
                 else:
                     loop["bad_evals"] += 1
             if step % cfg.log_every == 0 or val_loss is not None or step == total_steps:
@@ -246,9 +254,16 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "output": str(out_dir),
         "processes": ddp.world_size,
+        "distributed": ddp.strategy if ddp.world_size > 1 else None,
     }
+    to_save = model
+    if ddp.sharded:  # gather the shards (every process) into a plain copy that peft/transformers can save
+        whole = trainable_state(model)
+        if ddp.is_main:
+            to_save = apply_method(load_for_method(recipe.model.name, recipe.method, torch.device("cpu")), recipe.method)
+            load_trainable_state(to_save, whole)
     if ddp.is_main:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        to_save.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         run.update_manifest(train=summary)
     ddp.close()
