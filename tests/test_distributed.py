@@ -62,3 +62,14 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, strategy, met
     assert saved_one.keys() == saved_two.keys()
     for key in saved_one:
         torch.testing.assert_close(saved_two[key], saved_one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_an_fsdp_checkpoint_is_not_loaded_into_an_unsharded_run():
+    from afina.train.checkpoint import load_optimizer_state
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    fsdp_style = {"state": {"weight": {"step": torch.tensor(1.0)}}, "param_groups": optimizer.state_dict()["param_groups"]}
+    with pytest.raises(ValueError, match="written by an FSDP run"):
+        load_optimizer_state(model, optimizer, fsdp_style)
+    load_optimizer_state(model, optimizer, optimizer.state_dict())  # its own kind loads

@@ -65,6 +65,11 @@ def optimizer_state(model, optimizer) -> dict[str, Any]:
 
 
 def load_optimizer_state(model, optimizer, state: dict[str, Any]) -> None:
+    # FSDP checkpoints key the optimizer state by parameter name, the others by position.
+    written_by_fsdp = any(isinstance(key, str) for key in state.get("state", {}))
+    if written_by_fsdp != is_sharded_model(model):
+        how = "an FSDP run (training.distributed=fsdp under torchrun)" if written_by_fsdp else "a run without FSDP"
+        raise ValueError(f"this checkpoint was written by {how}; resume it the same way")
     if is_sharded_model(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
