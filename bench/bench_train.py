@@ -9,8 +9,11 @@ validation loss on the same held-out rows.
     python bench/bench_train.py                       # both, default budget
     python bench/bench_train.py --steps 40 --batch 4  # a bigger budget
     python bench/bench_train.py --afina-compile       # afina with torch.compile
+    python bench/bench_train.py --steps 60 --batch 16 # on a GPU (used when one is visible)
 
-Needs `pip install trl` (the peer; not a dependency of afina) and ../shared/data.
+Needs `pip install trl` (the peer; not a dependency of afina) and ../shared/data (or --data).
+On a GPU both run bf16 on it; peak memory is then the GPU's (torch.cuda.max_memory_allocated)
+and MFU is against a bf16 matrix product measured on that GPU.
 """
 
 from __future__ import annotations
@@ -30,9 +33,15 @@ DATA = ROOT.parent / "shared" / "data" / "instruct_dolly_open_qa.jsonl"
 VAL_ROWS = 100
 
 
-def chats(n_train: int) -> tuple[list[dict], list[dict]]:
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def chats(n_train: int, data: Path = DATA) -> tuple[list[dict], list[dict]]:
     # Answers short enough for one 512-token row (about 4 characters a token), for both systems.
-    rows = [r for r in map(json.loads, DATA.open()) if len(r["instruction"]) + len(r["response"]) < 1800][: n_train + VAL_ROWS]
+    rows = [r for r in map(json.loads, data.open()) if len(r["instruction"]) + len(r["response"]) < 1800][: n_train + VAL_ROWS]
     conv = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]} for r in rows]
     return conv[:n_train], conv[n_train:]
 
@@ -40,15 +49,20 @@ def chats(n_train: int) -> tuple[list[dict], list[dict]]:
 def bf16_matmul_flops(seconds: float = 3.0) -> float:
     import torch
 
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    device = "cuda" if on_gpu() else "cpu"
+    size = 8192 if device == "cuda" else 2048
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
+    sync()
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         n += 1
-    return 2 * 2048**3 * n / (time.perf_counter() - start)
+    sync()
+    return 2 * size**3 * n / (time.perf_counter() - start)
 
 
 def validation_loss(model, tokenizer, val) -> float:
@@ -60,7 +74,7 @@ def validation_loss(model, tokenizer, val) -> float:
 
     model.eval()
     encoded = [e for e in encode_split(tokenizer, val, "assistant") if len(e["input_ids"]) <= 512]
-    return mean_label_loss(model, encoded, tokenizer.pad_token_id, 8, autocast_factory("bf16", torch.device("cpu")))
+    return mean_label_loss(model, encoded, tokenizer.pad_token_id, 8, autocast_factory("bf16", model.device))
 
 
 def worker_afina(args, train_rows, val_rows, out: dict) -> None:
@@ -108,7 +122,7 @@ def worker_trl(args, train_rows, val_rows, out: dict) -> None:
     tmp = tempfile.mkdtemp(prefix="bench-trl-")
     config = SFTConfig(
         output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, bf16=True, use_cpu=True,
+        learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, bf16=True, use_cpu=not on_gpu(),
         packing=True, max_length=512, completion_only_loss=True, logging_steps=1, save_strategy="no",
         report_to=[], dataloader_num_workers=0, seed=42,
     )
@@ -135,7 +149,7 @@ def run_worker(name: str, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result_path = fh.name
     cmd = [sys.executable, __file__, "--worker", name, "--result", result_path, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--rows", str(args.rows)] + (["--afina-compile"] if args.afina_compile else [])
+           "--batch", str(args.batch), "--rows", str(args.rows), "--data", str(args.data)] + (["--afina-compile"] if args.afina_compile else [])
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     result = json.loads(Path(result_path).read_text())
@@ -154,6 +168,7 @@ def summarize(result: dict, params: float, peak_flops: float) -> dict:
         "end_to_end_tok_s": tok1 / result["end_to_end_s"],
         "end_to_end_s": result["end_to_end_s"],
         "peak_rss_mb": result["peak_rss_mb"],
+        "peak_gpu_mb": result.get("peak_gpu_mb", 0.0),
         "val_loss": result["val_loss"],
         "mfu": 6 * params * steady / peak_flops,
     }
@@ -167,12 +182,17 @@ def main() -> None:
     parser.add_argument("--afina-compile", action="store_true")
     parser.add_argument("--worker", choices=["afina", "trl"])
     parser.add_argument("--result")
+    parser.add_argument("--data", type=Path, default=DATA, help="Dolly open_qa JSONL (default: ../shared/data)")
     args = parser.parse_args()
-    train_rows, val_rows = chats(args.rows)
+    train_rows, val_rows = chats(args.rows, args.data)
     if args.worker:
         out: dict = {}
         (worker_afina if args.worker == "afina" else worker_trl)(args, train_rows, val_rows, out)
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if on_gpu():
+            import torch
+
+            out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         Path(args.result).write_text(json.dumps(out))
         return
 
@@ -180,13 +200,16 @@ def main() -> None:
     params = 134.5e6  # SmolLM2-135M (tied embeddings counted once)
     results = {name: summarize(run_worker(name, args), params, peak) for name in ("trl", "afina")}
     trl, ours = results["trl"], results["afina"]
-    print(f"\nbf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s; {args.steps} steps x {args.batch} packed rows of 512")
+    where = "GPU " + __import__("torch").cuda.get_device_name() if on_gpu() else "CPU"
+    print(f"\n{where}: bf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s; "
+          f"{args.steps} steps x {args.batch} packed rows of 512")
     print(f"{'':28}{'TRL SFTTrainer':>16}{'afina':>12}{'afina/TRL':>11}")
     rows = [
         ("steady tokens/s", "steady_tok_s", "{:.0f}"),
         ("end-to-end tokens/s", "end_to_end_tok_s", "{:.0f}"),
         ("end-to-end seconds", "end_to_end_s", "{:.0f}"),
         ("peak resident memory (MB)", "peak_rss_mb", "{:.0f}"),
+        *([("peak GPU memory (MB)", "peak_gpu_mb", "{:.0f}")] if on_gpu() else []),
         ("validation loss", "val_loss", "{:.4f}"),
         ("MFU (bf16)", "mfu", "{:.1%}"),
     ]
