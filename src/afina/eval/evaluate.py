@@ -52,12 +52,15 @@ METRIC_LABELS = {
     "rougeL": "ROUGE-L F1",
     "bleu": "BLEU",
     "chrf": "chrF",
+    "entity_f1": "entity F1 (%)",
+    "entity_precision": "entity precision (%)",
+    "entity_recall": "entity recall (%)",
     "answer_loss": "answer loss (nats/token)",
     "answer_perplexity": "answer perplexity",
 }
 LOWER_IS_BETTER = {"answer_loss", "answer_perplexity"}
 # The metric that decides "best system" and "worst examples", first one present wins.
-PRIMARY_METRICS = ("pass@1", "accuracy", "fact_accuracy", "token_f1", "rougeL", "chrf", "bleu", "exact_match", "answer_loss")
+PRIMARY_METRICS = ("pass@1", "entity_f1", "accuracy", "fact_accuracy", "token_f1", "rougeL", "chrf", "bleu", "exact_match", "answer_loss")
 TUNED_SYSTEMS = ("tuned", "tuned_rag")
 
 
@@ -391,8 +394,28 @@ def format_table(report: dict[str, Any]) -> str:
     for m in metrics:
         lines.append(f"{METRIC_LABELS[m].ljust(width)}  " + "  ".join(f"{report['systems'][s][m]:{col}.2f}" for s in systems))
     if report.get("efficiency"):
-        for key, label in (("latency_p50_s", "latency p50 (s/batch)"), ("generated_tokens_per_s", "generated tokens/s")):
+        for key, label in (("latency_p50_s", "latency p50 (s/batch)"), ("generated_tokens_per_s", "generated tokens/s"),
+                           ("examples_per_s", "examples/s")):
+            if not all(key in report["efficiency"][s] for s in systems):
+                continue
             lines.append(f"{label.ljust(width)}  " + "  ".join(f"{report['efficiency'][s][key]:{col}.2f}" for s in systems))
+    for s in systems:  # classification: per-class recall, entities: per-type F1 (the tuned system)
+        per_class = report["systems"][s].get("per_class") if s == "tuned" else None
+        if per_class:
+            lines.append("per class (tuned): precision / recall / support")
+            for label, c in list(per_class.items())[:30]:
+                fmt = lambda v: "  n/a" if v is None else f"{v:5.1f}"  # noqa: E731
+                lines.append(f"  {label[:width - 2].ljust(width - 2)}  {fmt(c['precision'])} / {fmt(c['recall'])} / {c['support']}")
+            if len(per_class) > 30:
+                lines.append(f"  ... {len(per_class) - 30} more classes in eval/metrics.json")
+        per_type = report["systems"][s].get("per_type") if s == "tuned" else None
+        if per_type:
+            lines.append("per entity type (tuned): precision / recall / F1 / support")
+            for name, c in per_type.items():
+                lines.append(f"  {name.ljust(width - 2)}  {c['precision']:5.1f} / {c['recall']:5.1f} / {c['f1']:5.1f} / {c['support']}")
+    if report.get("skipped_unseen_labels"):
+        lines.append(f"warning: {report['skipped_unseen_labels']} test rows with labels training never saw were left out "
+                     "(eval/rejects.jsonl)")
     if report.get("forgetting"):
         f = report["forgetting"]
         lines.append(f"forgetting probe: {f['base_accuracy']:.1f}% -> {f['tuned_accuracy']:.1f}% ({f['questions']} questions)" + (" FLAGGED" if f["flagged"] else ""))

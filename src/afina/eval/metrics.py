@@ -124,3 +124,64 @@ def classification_scores(predictions: list[str], references: list[str]) -> dict
         "confusion": {"labels": shown, "matrix": confusion_matrix(references, predicted, labels=shown).tolist()},
         "predicted": predicted,
     }
+
+
+def label_metrics(references: list[str], predicted: list[str], labels: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (scikit-learn), in %.
+
+    Predictions come from the label set, so none falls outside it. Macro-F1 averages over the
+    classes that occur in the references or the predictions. A class's precision is None when it
+    was never predicted and its recall None when it has no reference rows: undefined, not 0.
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    present = [label for label in labels if label in set(references) | set(predicted)]
+    precision, recall, f1, support = precision_recall_fscore_support(
+        references, predicted, labels=present, zero_division=0)
+    predicted_count = {label: predicted.count(label) for label in present}
+    per_class = {
+        label: {
+            "precision": round(100.0 * float(p), 2) if predicted_count[label] else None,
+            "recall": round(100.0 * float(r), 2) if s else None,
+            "f1": round(100.0 * float(f), 2),
+            "support": int(s),
+        }
+        for label, p, r, f, s in zip(present, precision, recall, f1, support)
+    }
+    return {
+        "accuracy": 100.0 * accuracy_score(references, predicted),
+        "macro_f1": 100.0 * f1_score(references, predicted, labels=present, average="macro", zero_division=0),
+        "per_class": per_class,
+        "confusion": {"labels": labels, "matrix": confusion_matrix(references, predicted, labels=labels).tolist()},
+    }
+
+
+def tag_scheme(tags: list[list[str]]) -> str:
+    """IOBES when any tag is E- or S-, else IOB2."""
+    return "IOBES" if any(t[:2] in ("E-", "S-") for row in tags for t in row) else "IOB2"
+
+
+def entity_metrics(references: list[list[str]], predicted: list[list[str]]) -> dict:
+    """Entity-level precision, recall and F1 (seqeval; an entity counts when type and span both match),
+    micro over all entities and per entity type, in %."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+    scheme = tag_scheme(references)
+    options: dict = {}
+    if scheme == "IOBES":
+        from seqeval.scheme import IOBES
+
+        options = {"mode": "strict", "scheme": IOBES}
+    report = classification_report(references, predicted, output_dict=True, zero_division=0, **options)
+    per_type = {
+        name: {"precision": round(100.0 * v["precision"], 2), "recall": round(100.0 * v["recall"], 2),
+               "f1": round(100.0 * v["f1-score"], 2), "support": int(v["support"])}
+        for name, v in report.items() if not name.endswith(" avg")
+    }
+    return {
+        "entity_f1": 100.0 * f1_score(references, predicted, zero_division=0, **options),
+        "entity_precision": 100.0 * precision_score(references, predicted, zero_division=0, **options),
+        "entity_recall": 100.0 * recall_score(references, predicted, zero_division=0, **options),
+        "per_type": per_type,
+        "scheme": scheme,
+    }

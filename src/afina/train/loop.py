@@ -32,8 +32,7 @@ from afina.train.checkpoint import (
     trainable_state,
 )
 from afina.train.distributed import Distributed
-from afina.train.loss import accumulate_gradients, count_label_tokens, mean_label_loss
-from afina.train.methods import apply_method, load_for_method
+from afina.train.loss import accumulate_gradients, count_label_tokens, label_token_loss, mean_label_loss
 from afina.train.monitor import TrainingMonitor
 
 
@@ -78,7 +77,8 @@ def stop_requests():
 
 
 def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    from afina.models import load_tokenizer
+    from afina.config import RecipeError
+    from afina.tasks import training_task
 
     run = RunDir(recipe.run_dir)
     cfg = recipe.training
@@ -90,23 +90,31 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     precision = resolve_precision(cfg.precision, device)
     autocast = autocast_factory(precision, device)
 
-    tokenizer = load_tokenizer(recipe.model.name)
     train_rows = read_jsonl(run.require(run.split_path("train"), "prepare"))
     val_rows = read_jsonl(run.require(run.split_path("validation"), "prepare"))
     if not train_rows:
         raise ValueError(f"{run.split_path('train')} has no rows: give more data or a larger data.split.train")
-    train_set = encode_split(tokenizer, train_rows, recipe.data.train_on)
-    val_set = encode_split(tokenizer, val_rows, recipe.data.train_on)
+    # What differs per task type (examples, model, loss); everything below is the same loop for all.
+    task = training_task(recipe, run, train_rows)
+    tokenizer = task.tokenizer
+    train_set = task.encode(train_rows)
+    val_set = task.encode(val_rows)
+    if cfg.packing and not task.supports_packing:
+        raise RecipeError(f"training.packing: task '{recipe.task}' with a head pools or tags per example and cannot "
+                          "pack examples together; set training.packing=false")
 
     # Master weights stay fp32; matmuls run in bf16 under autocast (faster on this CPU than a bf16 copy).
-    model = apply_method(load_for_method(recipe.model.name, recipe.method, device), recipe.method)
+    model = task.build_model(device)
     ddp.shard(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         model.get_decoder().compile()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    groups = task.param_groups(model) if task.param_groups else [{"params": trainable}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    collate_fn = task.collate or collate
+    loss_fn, count_fn = task.loss_fn or label_token_loss, task.count_fn or count_label_tokens
 
     pack_length = (cfg.pack_length or recipe.data.max_length) if cfg.packing else None
     batches_per_epoch = len(epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length))
@@ -124,7 +132,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
         if not val_set:
             return None
         model.eval()
-        loss = mean_label_loss(model, val_set, pad_id, cfg.batch_size, autocast)
+        loss = mean_label_loss(model, val_set, pad_id, cfg.batch_size, autocast, loss_fn=loss_fn)
         model.train()
         return loss
 
@@ -164,9 +172,10 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
                 loop["queue"] += epoch_batches(train_set, cfg.batch_size, rng, pack_length)
             step_rows = loop["queue"][:per_step]
             del loop["queue"][:per_step]
-            group = [collate(train_set, rows, pad_id, pack_length) for rows in step_rows]
+            group = [collate_fn(train_set, rows, pad_id, pack_length) for rows in step_rows]
             local = group[ddp.rank :: ddp.world_size]
-            step_loss, _ = accumulate_gradients(model, local, autocast, denominator=count_label_tokens(group))
+            step_loss, _ = accumulate_gradients(model, local, autocast, denominator=count_fn(group), loss_fn=loss_fn,
+                                                count_fn=count_fn)
             step_loss = ddp.sum_scalar(step_loss)
             ddp.sum_gradients(trainable)
             grad_norm = ddp.clip_grad_norm(trainable, cfg.max_grad_norm)
@@ -231,9 +240,11 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
         from safetensors.torch import load_file
 
         load_trainable_state(model, load_file(str(best / "trainable.safetensors")))
-    out_dir = run.adapter if recipe.method.type not in ("full",) else run.model
+    out_dir = task.output_dir
     summary = {
-        "method": recipe.method.type,
+        "task": recipe.task,
+        "method": task.method,
+        **task.extra_summary,
         "steps": loop["step"],
         "epochs": round(loop["step"] / steps_per_epoch, 2),
         "stopped": stop_reason,
@@ -260,11 +271,13 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     if ddp.sharded:  # gather the shards (every process) into a plain copy that peft/transformers can save
         whole = trainable_state(model)
         if ddp.is_main:
-            to_save = apply_method(load_for_method(recipe.model.name, recipe.method, torch.device("cpu")), recipe.method)
+            to_save = task.build_model(torch.device("cpu"))
             load_trainable_state(to_save, whole)
     if ddp.is_main:
         to_save.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
+        if task.on_save:
+            task.on_save(out_dir)
         run.update_manifest(train=summary)
     ddp.close()
     return summary

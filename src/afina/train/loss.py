@@ -71,39 +71,102 @@ def count_label_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> int:
 
 
 def accumulate_gradients(
-    model, micro_batches: list[dict[str, torch.Tensor]], autocast, denominator: int | None = None
+    model, micro_batches: list[dict[str, torch.Tensor]], autocast, denominator: int | None = None,
+    loss_fn=None, count_fn=None,
 ) -> tuple[float, int]:
-    """Backward over the micro-batches of one optimizer step; return (loss, label tokens).
+    """Backward over the micro-batches of one optimizer step; return (loss, label count).
 
-    The loss is normalised by the label tokens of all micro-batches of the step together (pass
+    The loss is normalised by the labels of all micro-batches of the step together (pass
     `denominator` when the step spans several processes), so the gradient equals that of one big
     batch, however the examples are split (averaging per micro-batch instead weighs tokens
-    unequally when micro-batches hold different token counts).
+    unequally when micro-batches hold different token counts). `loss_fn(model, **batch)` returns
+    (loss sum, label count) and `count_fn(micro_batches)` counts labels; both default to next-token
+    loss over labelled tokens (the head tasks pass sequence_label_loss or token_label_loss).
     """
-    n_label = count_label_tokens(micro_batches)
+    loss_fn = loss_fn or label_token_loss
+    n_label = (count_fn or count_label_tokens)(micro_batches)
     denominator = max(denominator if denominator is not None else n_label, 1)
     total = 0.0
     for batch in micro_batches:
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with autocast():
-            loss_sum, _ = label_token_loss(model, **batch)
+            loss_sum, _ = loss_fn(model, **batch)
         (loss_sum / denominator).backward()
         total += float(loss_sum.detach())
     return total / denominator, n_label
 
 
 @torch.no_grad()
-def mean_label_loss(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast) -> float:
-    """Mean per-token loss over labelled tokens of a dataset (validation / test loss)."""
+def mean_label_loss(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast,
+                    loss_fn=None) -> float:
+    """Mean loss per label over a dataset (validation / test loss): per token for causal LM
+    targets, per example or per tagged word with a head's loss_fn."""
+    loss_fn = loss_fn or label_token_loss
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         batch = pad_batch(encoded[start : start + batch_size], pad_id)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with autocast():
-            loss_sum, n = label_token_loss(model, **batch)
+            loss_sum, n = loss_fn(model, **batch)
         total += float(loss_sum)
         count += n
     return total / max(count, 1)
+
+
+# ---- heads: one label per sequence (classification) or per word (tagging) ----------------------
+
+
+def sequence_label_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropy of a sequence-classification model's logits against one class id per row.
+
+    `labels` holds the class id at position 0 of each row (pad_batch pads the rest with
+    IGNORE_INDEX). The model pools its own way: an LLM's last non-padding token
+    (AutoModelForSequenceClassification), an encoder's [CLS].
+    """
+    targets = labels[:, 0]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+
+
+def token_label_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropy over tagged positions (the first sub-token of each word), and how many."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    selected = labels != IGNORE_INDEX
+    n = int(selected.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0
+    return F.cross_entropy(logits[selected].float(), labels[selected], reduction="sum"), n
+
+
+def count_sequences(micro_batches: list[dict[str, torch.Tensor]]) -> int:
+    return sum(int(b["labels"].shape[0]) for b in micro_batches)
+
+
+def count_tagged_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> int:
+    return sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+
+
+@torch.no_grad()
+def head_logits(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast) -> list[torch.Tensor]:
+    """A head model's logits per example: [classes] for sequence heads, [tokens, tags] for token heads."""
+    out: list[torch.Tensor] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        batch = pad_batch(chunk, pad_id)
+        with autocast():
+            logits = model(input_ids=batch["input_ids"].to(model.device),
+                           attention_mask=batch["attention_mask"].to(model.device)).logits.float().cpu()
+        for i, example in enumerate(chunk):
+            out.append(logits[i] if logits.dim() == 2 else logits[i, : len(example["input_ids"])])
+    return out
+
+
+def choose_label(label_scores: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Constrained prediction over a label set: the argmax of per-label log-probabilities, and the
+    probabilities renormalised over the label set (sequence scores of different labels compete)."""
+    return int(label_scores.argmax()), torch.softmax(label_scores, dim=-1)
 
 
 @torch.no_grad()

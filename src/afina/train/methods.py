@@ -25,13 +25,18 @@ def load_for_method(spec: str, method: MethodConfig, device):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def apply_method(model, method: MethodConfig):
-    """Wrap the model so that exactly the method's weights train."""
+def apply_method(model, method: MethodConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap the model so that exactly the method's weights train.
+
+    task_type SEQ_CLS / TOKEN_CLS (a model with a new classification head): peft trains the head
+    in full beside the adapter (its modules_to_save) and saves it with the adapter.
+    """
     if method.type == "full":
         model.requires_grad_(True)
-        decoder = model.get_decoder()
-        for layer in list(decoder.layers)[: method.freeze_layers]:
-            layer.requires_grad_(False)
+        if method.freeze_layers:
+            decoder = model.get_decoder()
+            for layer in list(decoder.layers)[: method.freeze_layers]:
+                layer.requires_grad_(False)
         if method.freeze_embeddings:
             model.get_input_embeddings().requires_grad_(False)
         return model
@@ -41,17 +46,17 @@ def apply_method(model, method: MethodConfig):
     if method.type in ("lora", "qlora"):
         config = peft.LoraConfig(
             r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, target_modules=targets,
-            use_rslora=method.rslora, use_dora=method.dora, task_type="CAUSAL_LM",
+            use_rslora=method.rslora, use_dora=method.dora, task_type=task_type,
         )
     elif method.type == "loha":
-        config = peft.LoHaConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type="CAUSAL_LM")
+        config = peft.LoHaConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type)
     elif method.type == "lokr":
-        config = peft.LoKrConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type="CAUSAL_LM")
+        config = peft.LoKrConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type)
     else:  # ia3: learned rescaling vectors; the feed-forward modules are scaled on their input
         ia3_targets = ["k_proj", "v_proj", "down_proj"] if targets == "all-linear" else targets
         config = peft.IA3Config(
             target_modules=ia3_targets,
             feedforward_modules=[t for t in ia3_targets if t in ("down_proj", "up_proj", "gate_proj")],
-            task_type="CAUSAL_LM",
+            task_type=task_type,
         )
     return peft.get_peft_model(model, config)

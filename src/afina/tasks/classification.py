@@ -1,0 +1,322 @@
+"""`task: classification`: one label per text (sentiment, intent, topic), two ways.
+
+generative (classification.mode=generative): each row becomes a chat (instruction + text ->
+    the label as the answer) and trains through the chat loss. Prediction is constrained to the
+    label set: every label's whole token sequence (with the end-of-turn marker) is scored given
+    the prompt, and the most likely label wins; the model cannot answer outside the set.
+head (classification.mode=head): a linear head over the backbone (an LLM's last non-padding
+    token, or an encoder's [CLS]) trained with cross-entropy, LoRA + head or a full encoder.
+
+Metrics: accuracy, macro-F1, per-class precision/recall, the confusion matrix (scikit-learn),
+in eval/metrics.json, eval/predictions.jsonl and eval/report.html.
+
+    from afina.tasks import classification
+    report = classification.evaluate(recipe)                       # after prepare + train
+    scored = classification.score_rows(model, tokenizer, rows, labels, recipe, autocast)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+
+from afina.config import Recipe, RecipeError
+from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
+from afina.tasks import TrainingTask
+
+LABELS_FILE = "labels.json"  # <run>/labels.json: the label set training used, in order
+
+
+class LabelError(ValueError):
+    """Labels that would make a metric wrong: unseen in training, or a class without examples."""
+
+
+# ---- the label set ------------------------------------------------------------------------------
+
+
+def label_set(recipe: Recipe, train_rows: list[dict[str, Any]]) -> list[str]:
+    """The recipe's labels, or the train split's labels sorted; every class must have train rows."""
+    counts = Counter(row["label"] for row in train_rows)
+    declared = recipe.classification.labels
+    if declared is None:
+        labels = sorted(counts)
+    else:
+        if len(set(declared)) != len(declared):
+            raise RecipeError("classification.labels lists a label twice")
+        labels = list(declared)
+        empty = [label for label in labels if counts[label] == 0]
+        if empty:
+            raise LabelError(f"classification.labels: class(es) {', '.join(map(repr, empty))} have no rows in the train "
+                             "split (an empty class cannot be learned); add rows for them or remove them from the list")
+        unknown = sorted(set(counts) - set(labels))
+        if unknown:
+            raise LabelError(f"the train split has label(s) {', '.join(map(repr, unknown[:10]))} that classification.labels "
+                             "does not list; add them to the list or remove those rows")
+    if len(labels) < 2:
+        raise LabelError(f"the train split has {len(labels)} label(s) ({', '.join(labels)}); a classifier needs two or more")
+    return labels
+
+
+def read_labels(run: RunDir) -> list[str]:
+    path = run.require(run.root / LABELS_FILE, "train")
+    return json.loads(path.read_text(encoding="utf-8"))["labels"]
+
+
+def check_test_labels(rows: list[dict[str, Any]], labels: list[str], policy: str, run: RunDir, split: str = "test"):
+    """Rows whose label training never saw: an error, or (policy skip) left out and listed in eval/rejects.jsonl.
+
+    A model can never predict such a label, so counting those rows as plain mistakes would
+    hide that the data, not the model, is at fault.
+    """
+    known = set(labels)
+    unseen = [row for row in rows if row["label"] not in known]
+    if not unseen:
+        return rows, []
+    names = sorted({row["label"] for row in unseen})
+    message = (f"{len(unseen)} {split} row(s) have label(s) training never saw: {', '.join(map(repr, names[:10]))} "
+               f"(first: {unseen[0].get('source', unseen[0].get('id'))})")
+    if policy == "error":
+        raise LabelError(message + "; add train rows with these labels, remove the rows, or set "
+                         "classification.unseen_test_labels=skip to leave them out of the metrics")
+    rejects = [{"id": row.get("id"), "source": row.get("source"), "label": row["label"],
+                "reason": f"label {row['label']!r} never seen in training; left out of the metrics"} for row in unseen]
+    return [row for row in rows if row["label"] in known], rejects
+
+
+# ---- generative labels --------------------------------------------------------------------------
+
+
+def prompt_messages(text: str, labels: list[str], recipe: Recipe) -> list[dict[str, str]]:
+    """The chat a generative classifier sees: the instruction (with the labels listed when few) and the text."""
+    cfg = recipe.classification
+    listed = ", ".join(labels) if len(labels) <= cfg.list_labels_up_to else f"one of the {len(labels)} labels"
+    content = f"{cfg.instruction.replace('{labels}', listed)}\n\nText: {text}"
+    system = [{"role": "system", "content": recipe.data.system_prompt}] if recipe.data.system_prompt else []
+    return system + [{"role": "user", "content": content}]
+
+
+def score_rows(model, tokenizer, rows: list[dict[str, Any]], labels: list[str], recipe: Recipe, autocast,
+               batch_size: int = 16) -> list[dict[str, Any]]:
+    """Constrained generative prediction: for each row (with `text`), the log-probability of each label's
+    full token sequence as the answer, the argmax label and its probability within the label set.
+
+    Scoring is batched over (row, label) pairs with the loss module's label_logprobs.
+    """
+    from afina.data.format import encode_chat
+    from afina.train.loss import choose_label, label_logprobs
+
+    out = []
+    rows_per_batch = max(1, batch_size // len(labels)) if batch_size >= len(labels) else 1
+    for start in range(0, len(rows), rows_per_batch):
+        chunk = rows[start : start + rows_per_batch]
+        encoded = [encode_chat(tokenizer, prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": label}])
+                   for row in chunk for label in labels]
+        scores = torch.tensor(label_logprobs(model, encoded, tokenizer.pad_token_id, batch_size, autocast)).view(len(chunk), len(labels))
+        for row_scores in scores:
+            best, probs = choose_label(row_scores)
+            out.append({"predicted_label": labels[best], "label_probability": round(float(probs[best]), 4),
+                        "label_logprobs": {label: round(float(s), 4) for label, s in zip(labels, row_scores)}})
+    return out
+
+
+# ---- head ---------------------------------------------------------------------------------------
+
+
+def encode_for_head(tokenizer, rows: list[dict[str, Any]], labels: list[str]) -> list[dict[str, list[int]]]:
+    """Token ids of each text; the class id sits at position 0 of `labels` (the rest are ignored)."""
+    from afina.data.format import IGNORE_INDEX
+
+    index = {label: i for i, label in enumerate(labels)}
+    examples = []
+    for row in rows:
+        ids = tokenizer(row["text"])["input_ids"]
+        target = index.get(row.get("label"), IGNORE_INDEX)
+        examples.append({"input_ids": ids, "labels": [target] + [IGNORE_INDEX] * (len(ids) - 1)})
+    return examples
+
+
+def head_predict(model, tokenizer, rows: list[dict[str, Any]], labels: list[str], autocast,
+                 batch_size: int = 16) -> list[dict[str, Any]]:
+    from afina.train.loss import head_logits
+
+    encoded = encode_for_head(tokenizer, [{"text": row["text"]} for row in rows], labels)
+    out = []
+    for logits in head_logits(model, encoded, tokenizer.pad_token_id, batch_size, autocast):
+        probs = torch.softmax(logits, dim=-1)
+        best = int(probs.argmax())
+        out.append({"predicted_label": labels[best], "label_probability": round(float(probs[best]), 4)})
+    return out
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+def training_task(recipe: Recipe, run: RunDir, train_rows: list[dict[str, Any]]) -> TrainingTask:
+    bad = next((row for row in train_rows if "label" not in row or "text" not in row), None)
+    if bad is not None:
+        raise RecipeError(f"task: classification needs rows with text and label; {bad.get('source', bad.get('id'))} "
+                          f"has fields {sorted(bad)} (set data.schema=classification and map data.fields)")
+    labels = label_set(recipe, train_rows)
+    cfg = recipe.classification
+
+    def save_labels(folder):
+        for path in (run.root / LABELS_FILE, folder / LABELS_FILE):
+            write_json_atomic(path, {"task": "classification", "mode": cfg.mode, "labels": labels})
+
+    if cfg.mode == "generative":
+        from afina.tasks.chat import chat_task
+
+        def messages_of(row):
+            return prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": row["label"]}]
+
+        task = chat_task(recipe, run, messages_of=messages_of)
+        task.on_save = save_labels
+        task.extra_summary = {"mode": "generative", "labels": len(labels)}
+        return task
+
+    from afina.tasks.heads import head_training_task
+    from afina.train.loss import count_sequences, sequence_label_loss
+
+    task = head_training_task(recipe, run, "sequence", labels, cfg.backbone, cfg.encoder, cfg.head_learning_rate,
+                              encode=lambda tokenizer, rows: encode_for_head(tokenizer, rows, labels),
+                              loss_fn=sequence_label_loss, count_fn=count_sequences)
+    write_head_info = task.on_save
+
+    def on_save(folder):
+        write_head_info(folder)
+        save_labels(folder)
+
+    task.on_save = on_save
+    task.extra_summary = {**task.extra_summary, "mode": "head"}
+    return task
+
+
+# ---- prediction and evaluation ------------------------------------------------------------------
+
+
+def load_classifier(recipe: Recipe, run: RunDir, device):
+    """(model, tokenizer, labels) of the trained run; generative: the LoRA model (adapter switchable)."""
+    if recipe.classification.mode == "head":
+        from afina.tasks.heads import load_trained_head
+
+        return load_trained_head(recipe, run, device)
+    from afina.eval.evaluate import load_tuned
+    from afina.models import load_tokenizer
+
+    return load_tuned(recipe, run, device), load_tokenizer(recipe.model.name), read_labels(run)
+
+
+def predict_batches(model, tokenizer, rows, labels, recipe: Recipe, autocast, batch_size: int):
+    """Predictions for rows (each with `text`), batch by batch, and each batch's wall time."""
+    predictions, latencies = [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        began = time.perf_counter()
+        if recipe.classification.mode == "head":
+            predictions += head_predict(model, tokenizer, chunk, labels, autocast, batch_size)
+        else:
+            predictions += score_rows(model, tokenizer, chunk, labels, recipe, autocast, batch_size)
+        latencies.append(time.perf_counter() - began)
+    return predictions, latencies
+
+
+def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
+    """Score the trained classifier (and, generative, the base model zero-shot) on the test split."""
+    import contextlib
+
+    import numpy as np
+
+    from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
+    from afina.eval.evaluate import recommend, training_cost
+    from afina.eval.metrics import label_metrics
+
+    run = RunDir(recipe.run_dir)
+    cfg = recipe.eval
+    device = pick_device()
+    autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
+    rows = read_jsonl(run.require(run.split_path("test"), "prepare"))
+    if cfg.max_examples:
+        rows = rows[: cfg.max_examples]
+    model, tokenizer, labels = load_classifier(recipe, run, device)
+    rows, rejects = check_test_labels(rows, labels, recipe.classification.unseen_test_labels, run)
+    if not rows:
+        raise ValueError(f"{run.split_path('test')} has no rows to score: set data.split.test above 0 or give data.test_path")
+
+    # The base model zero-shot is a fair baseline only for generative labels (a new head starts random).
+    systems = ["tuned"]
+    if recipe.classification.mode == "generative" and "base" in cfg.systems and hasattr(model, "disable_adapter"):
+        systems = ["base", "tuned"]
+    results, efficiency, predictions = {}, {}, []
+    references = [row["label"] for row in rows]
+    for system in systems:
+        context = model.disable_adapter if system == "base" else contextlib.nullcontext
+        began = time.perf_counter()
+        with context():
+            predicted, latencies = predict_batches(model, tokenizer, rows, labels, recipe, autocast, cfg.batch_size)
+        wall = time.perf_counter() - began
+        scores = label_metrics(references, [p["predicted_label"] for p in predicted], labels)
+        results[system] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()}
+        efficiency[system] = {
+            "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
+            "latency_p95_s": round(float(np.percentile(latencies, 95)), 4),
+            "examples_per_s": round(len(rows) / max(wall, 1e-9), 2),
+            "wall_s": round(wall, 3),
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
+            "cost_per_1k_requests": round(cfg.price_per_hour * wall / len(rows) * 1000 / 3600, 6),
+        }
+        for row, pred in zip(rows, predicted):
+            predictions.append({"id": row["id"], "system": system, "question": row["text"], "reference": row["label"],
+                                "prediction": pred["predicted_label"], "correct": pred["predicted_label"] == row["label"],
+                                "label_probability": pred["label_probability"]})
+
+    report: dict[str, Any] = {
+        "task": "classification",
+        "mode": recipe.classification.mode,
+        "backbone": recipe.classification.backbone if recipe.classification.mode == "head" else "llm",
+        "labels": labels,
+        "test_examples": len(rows),
+        "skipped_unseen_labels": len(rejects),
+        "metrics": ["classification"],
+        "systems": results,
+        "efficiency": efficiency,
+        "forgetting": None,
+        "training": training_cost(run, cfg.price_per_hour),
+    }
+    report["recommendation"] = recommend(report)
+    write_eval_outputs(run, recipe, report, predictions, rejects)
+    return report
+
+
+def write_eval_outputs(run: RunDir, recipe: Recipe, report, predictions, rejects) -> None:
+    write_jsonl(run.eval / "predictions.jsonl", predictions)
+    write_jsonl(run.eval / "rejects.jsonl", rejects)
+    write_json_atomic(run.eval / "metrics.json", report)
+    if recipe.eval.report:
+        from afina.eval.report import write_report
+
+        write_report(run, report, predictions, recipe)
+    run.update_manifest(eval=report)
+
+
+def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | None = None) -> list[dict[str, Any]]:
+    """`afina predict`: each row (its text field as data.fields maps it) with predicted_label and label_probability."""
+    from afina.data.schema import SCHEMAS, _present
+    from afina.device import autocast_factory, pick_device, resolve_precision
+
+    run = RunDir(recipe.run_dir)
+    device = pick_device()
+    autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
+    texts = []
+    for i, row in enumerate(rows):
+        name = _present(row, "text", SCHEMAS["classification"]["text"], recipe.data.fields)
+        if name is None or not isinstance(row[name], str):
+            raise ValueError(f"row {i + 1}: no text field ({recipe.data.fields.get('text', 'text or sentence')}); "
+                             f"it has {sorted(row)}; map yours with data.fields.text=NAME")
+        texts.append({"text": row[name]})
+    model, tokenizer, labels = load_classifier(recipe, run, device)
+    predicted, _ = predict_batches(model, tokenizer, texts, labels, recipe, autocast, batch_size or recipe.eval.batch_size)
+    return [{**row, **{k: v for k, v in pred.items() if k != "label_logprobs"}} for row, pred in zip(rows, predicted)]

@@ -1,0 +1,131 @@
+"""Classification (generative labels with constrained prediction, and a head) on the tiny Llama."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from afina.config import load_recipe
+from afina.data.format import encode_chat
+from afina.data.prepare import prepare
+from afina.device import autocast_factory
+from afina.models import load_model
+from afina.rundir import RunDir, read_jsonl
+from afina.tasks import classification
+from afina.train.loop import train
+
+from conftest import write_jsonl
+
+FP32 = autocast_factory("fp32", torch.device("cpu"))
+
+
+def sentiment_rows(n=60, seed=0):
+    """Synthetic two-class data whose label is told by one word in the middle of the text."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = ("good", "bad")[i % 2]
+        word = rng.choice(("great", "fine", "lovely") if label == "good" else ("awful", "poor", "grim"))
+        rows.append({"text": f"the film was {word} said reviewer {i}", "label": label})
+    return rows
+
+
+def make_recipe(tmp_path, model_dir, *overrides, rows=None):
+    data = write_jsonl(tmp_path / "reviews.jsonl", rows if rows is not None else sentiment_rows())
+    return load_recipe(None, [
+        "name=cls", f"output_dir={tmp_path / 'runs'}", f"model.name={model_dir}", f"data.path={data}",
+        "task=classification", "data.dedup.near=false", "training.batch_size=8", "training.max_steps=8",
+        "training.learning_rate=0.01", "training.precision=fp32", "training.tensorboard=false", "training.plots=false",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def generative_run(tmp_path_factory, tiny_model_dir):
+    recipe = make_recipe(tmp_path_factory.mktemp("gen"), tiny_model_dir, "classification.mode=generative")
+    prepare(recipe)
+    summary = train(recipe, progress=False)
+    return recipe, summary, classification.evaluate(recipe, progress=False)
+
+
+def test_generative_classification_trains_and_reports_label_metrics(generative_run):
+    recipe, summary, report = generative_run
+    run = RunDir(recipe.run_dir)
+    assert summary["task"] == "classification" and summary["mode"] == "generative" and summary["labels"] == 2
+    assert json.loads((run.root / "labels.json").read_text())["labels"] == ["bad", "good"]
+    assert json.loads((run.adapter / "labels.json").read_text())["labels"] == ["bad", "good"]
+    assert list(report["systems"]) == ["base", "tuned"]
+    test_rows = read_jsonl(run.split_path("test"))
+    predictions = read_jsonl(run.eval / "predictions.jsonl")
+    for system, scores in report["systems"].items():
+        mine = [p for p in predictions if p["system"] == system]
+        assert len(mine) == len(test_rows) == report["test_examples"]
+        # Decoding is constrained: every prediction is a label, never free text.
+        assert {p["prediction"] for p in mine} <= {"bad", "good"}
+        assert scores["accuracy"] == pytest.approx(100.0 * sum(p["correct"] for p in mine) / len(mine), abs=1e-3)
+        matrix = scores["confusion"]["matrix"]
+        assert scores["confusion"]["labels"] == ["bad", "good"]
+        assert sum(map(sum, matrix)) == len(mine)
+        assert sum(matrix[0]) == sum(r["label"] == "bad" for r in test_rows)  # rows are references
+        assert set(scores["per_class"]) <= {"bad", "good"} and "macro_f1" in scores
+    saved = json.loads((run.eval / "metrics.json").read_text())
+    assert saved["systems"]["tuned"]["accuracy"] == report["systems"]["tuned"]["accuracy"]
+    page = (run.eval / "report.html").read_text()
+    assert "Confusion matrices" in page and "Per class" in page
+
+
+def test_label_scores_are_the_label_sequence_log_probability(tiny_model_dir, tokenizer):
+    """score_rows' number for a label is log P(label tokens + end of turn | prompt), computed directly."""
+    recipe = load_recipe(None, ["task=classification"])
+    model = load_model(str(tiny_model_dir))
+    rows = [{"text": "the film was lovely"}, {"text": "a grim and poor film overall"}]
+    labels = ["bad", "good", "not sure"]
+    scored = classification.score_rows(model, tokenizer, rows, labels, recipe, FP32, batch_size=4)
+    for row, result in zip(rows, scored):
+        for label in labels:
+            example = encode_chat(tokenizer, classification.prompt_messages(row["text"], labels, recipe)
+                                  + [{"role": "assistant", "content": label}])
+            ids = torch.tensor([example["input_ids"]])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            targets = torch.tensor(example["input_ids"][1:])
+            mask = torch.tensor(example["labels"][1:]) != -100
+            expected = float(logprobs[torch.arange(len(targets)), targets][mask].sum())
+            assert result["label_logprobs"][label] == pytest.approx(expected, abs=1e-3)
+        assert result["predicted_label"] == max(labels, key=result["label_logprobs"].get)
+        assert 0 < result["label_probability"] <= 1
+
+
+def test_test_label_never_seen_in_training_is_an_error_or_skipped_with_reason(generative_run):
+    recipe, _, _ = generative_run
+    run = RunDir(recipe.run_dir)
+    test_path = run.split_path("test")
+    original = test_path.read_text()
+    rows = read_jsonl(test_path)
+    rows[0]["label"] = "meh"
+    write_jsonl(test_path, rows)
+    try:
+        with pytest.raises(classification.LabelError, match=r"1 test row\(s\) have label\(s\) training never saw: 'meh'"):
+            classification.evaluate(recipe, progress=False)
+        recipe.classification.unseen_test_labels = "skip"
+        recipe.eval.systems = ["tuned"]
+        report = classification.evaluate(recipe, progress=False)
+        assert report["test_examples"] == len(rows) - 1 and report["skipped_unseen_labels"] == 1
+        (reject,) = read_jsonl(run.eval / "rejects.jsonl")
+        assert reject["label"] == "meh" and "never seen in training" in reject["reason"]
+    finally:
+        test_path.write_text(original)
+
+
+def test_empty_or_single_class_is_an_error(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, "classification.labels=[bad, good, neutral]")
+    prepare(recipe)
+    with pytest.raises(classification.LabelError, match="'neutral' have no rows in the train split"):
+        train(recipe, progress=False)
+    rows = [dict(r, label="good") for r in sentiment_rows(20)]
+    (tmp_path / "one").mkdir()
+    recipe = make_recipe(tmp_path / "one", tiny_model_dir, rows=rows)
+    prepare(recipe)
+    with pytest.raises(classification.LabelError, match="a classifier needs two or more"):
+        train(recipe, progress=False)
