@@ -111,3 +111,46 @@ def test_sequential_run_with_replay(tmp_path, tiny_model_dir):
     table = format_sequential_table(result)
     assert table.splitlines()[0] == "| after \\ task | support | colours |"
     assert len(table.splitlines()) == 5
+
+
+def classification_stages_recipe(tmp_path, tiny_model_dir, replay: float):
+    mood = [{"text": f"review {i}: {'great fun' if i % 2 else 'dull mess'}", "label": "positive" if i % 2 else "negative"}
+            for i in range(24)]
+    topic = [{"text": f"note {i}: {'the match ended two all' if i % 2 else 'add salt to the soup'}",
+              "label": "sports" if i % 2 else "food"} for i in range(24)]
+    first = write_jsonl(tmp_path / "mood.jsonl", mood)
+    second = write_jsonl(tmp_path / "topic.jsonl", topic)
+    return load_recipe(
+        None,
+        [
+            "name=seqcls", f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}", "task=classification",
+            "training.batch_size=4", "training.max_steps=2", "training.precision=fp32",
+            "training.tensorboard=false", "training.plots=false",
+            f"stages=[{{name: mood, task: classification, data: {{path: '{first}'}}}}, "
+            f"{{name: topic, task: classification, replay: {replay}, data: {{path: '{second}'}}}}]",
+        ],
+    )
+
+
+def test_sequential_generative_classification_with_replay(tmp_path, tiny_model_dir):
+    recipe = classification_stages_recipe(tmp_path, tiny_model_dir, replay=0.2)
+    result = run_sequential(recipe, echo=lambda _line: None)
+    first, second = stage_recipes(recipe)
+    last = result["table"][-1]["scores"]
+    assert set(last) == {"mood", "topic"}
+    for score in last.values():
+        assert score["metric"] == "accuracy" and 0.0 <= score["value"] <= 100.0 and score["examples"] > 0
+    # Replayed mood rows arrive in the topic stage as finished chats answering with a mood label.
+    replayed = [r for r in read_jsonl(RunDir(second.run_dir).split_path("train")) if "replay_from" in r]
+    assert replayed and all(r["messages"][-1]["content"] in {"positive", "negative"} for r in replayed)
+    assert all("negative, positive" in r["messages"][-2]["content"] for r in replayed)
+
+
+def test_a_head_task_cannot_be_a_stage(tmp_path, tiny_model_dir):
+    recipe = classification_stages_recipe(tmp_path, tiny_model_dir, replay=0.0)
+    data = recipe.to_dict()
+    data["stages"][1]["classification"] = {"mode": "head"}
+    from afina.config import build_recipe
+
+    with pytest.raises(RecipeError, match="cannot be a stage"):
+        stage_recipes(build_recipe(data, "test", tmp_path))

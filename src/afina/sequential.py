@@ -66,9 +66,25 @@ def stage_recipes(recipe: Recipe) -> list[Recipe]:
         if previous is not None:
             data["model"] = {**top["model"], "name": str(merged_dir(previous))}
         stage_recipe = build_recipe(data, f"stages[{index}] ({stage.name})", recipe._base_dir)
+        check_stage_task(stage_recipe, f"stages[{index}] ({stage.name})")
         recipes.append(stage_recipe)
         previous = stage_recipe
     return recipes
+
+
+def _task_module(stage_recipe: Recipe):
+    import importlib
+
+    return importlib.import_module(f"afina.tasks.{stage_recipe.task}")
+
+
+def check_stage_task(stage_recipe: Recipe, where: str) -> None:
+    """Stages hand one causal LM from stage to stage, so every stage must train and score that LM."""
+    if stage_recipe.task == "tagging" or (stage_recipe.task == "classification" and stage_recipe.classification.mode != "generative"):
+        raise RecipeError(
+            f"{where}: sequential stages carry one language model from stage to stage; a task with its own head "
+            "(tagging, classification.mode=head) cannot be a stage. Use classification.mode=generative"
+        )
 
 
 def merged_dir(stage_recipe: Recipe) -> Path:
@@ -79,9 +95,7 @@ def task_train_rows(stage_recipe: Recipe, rows: list[dict[str, Any]]) -> list[di
     """Rows of a stage's train split as self-contained chat rows, to replay inside another stage."""
     if stage_recipe.task == "chat":
         return rows
-    from afina.tasks import task_module
-
-    return task_module(stage_recipe.task).as_chat_rows(stage_recipe, rows)
+    return _task_module(stage_recipe).as_chat_rows(stage_recipe, rows)
 
 
 def add_replay(stage_recipe: Recipe, earlier: list[Recipe], share: float, seed: int) -> dict[str, int]:
@@ -131,9 +145,7 @@ def consolidate(stage_recipe: Recipe) -> Path:
 def score_stage_task(stage_recipe: Recipe, model_spec: str) -> dict[str, Any]:
     """The model's score on one stage's test split, by that stage's task."""
     if stage_recipe.task != "chat":
-        from afina.tasks import task_module
-
-        return task_module(stage_recipe.task).score_model(stage_recipe, model_spec)
+        return _task_module(stage_recipe).score_model(stage_recipe, model_spec)
     from afina.device import autocast_factory, pick_device, resolve_precision
     from afina.models import load_model, load_tokenizer
     from afina.train.loop import encode_split

@@ -156,6 +156,11 @@ def head_predict(model, tokenizer, rows: list[dict[str, Any]], labels: list[str]
 
 
 def training_task(recipe: Recipe, run: RunDir, train_rows: list[dict[str, Any]]) -> TrainingTask:
+    # Rows replayed from earlier stages of a sequential run arrive as finished chats (generative only).
+    replayed = [row for row in train_rows if "messages" in row and "replay_from" in row]
+    if replayed and recipe.classification.mode != "generative":
+        raise RecipeError("replay of earlier stages needs classification.mode=generative (a head has no chat turns)")
+    train_rows = [row for row in train_rows if not ("messages" in row and "replay_from" in row)]
     bad = next((row for row in train_rows if "label" not in row or "text" not in row), None)
     if bad is not None:
         raise RecipeError(f"task: classification needs rows with text and label; {bad.get('source', bad.get('id'))} "
@@ -171,6 +176,8 @@ def training_task(recipe: Recipe, run: RunDir, train_rows: list[dict[str, Any]])
         from afina.tasks.chat import chat_task
 
         def messages_of(row):
+            if "messages" in row:  # replayed from an earlier stage, already in its own task's form
+                return row["messages"]
             return prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": row["label"]}]
 
         task = chat_task(recipe, run, messages_of=messages_of)
@@ -320,3 +327,37 @@ def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | N
     model, tokenizer, labels = load_classifier(recipe, run, device)
     predicted, _ = predict_batches(model, tokenizer, texts, labels, recipe, autocast, batch_size or recipe.eval.batch_size)
     return [{**row, **{k: v for k, v in pred.items() if k != "label_logprobs"}} for row, pred in zip(rows, predicted)]
+
+
+# ---- sequential stages --------------------------------------------------------------------------
+
+
+def as_chat_rows(recipe: Recipe, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Train rows of this (generative) classification stage as finished chats, to replay in a later stage."""
+    if recipe.classification.mode != "generative":
+        raise RecipeError("replay from a classification stage needs classification.mode=generative")
+    labels = label_set(recipe, read_jsonl(RunDir(recipe.run_dir).split_path("train")))
+    return [{"id": row.get("id"), "messages": prompt_messages(row["text"], labels, recipe)
+             + [{"role": "assistant", "content": row["label"]}]} for row in rows]
+
+
+def score_model(recipe: Recipe, model_spec: str) -> dict[str, Any]:
+    """Accuracy of a plain causal LM (a stage's merged weights) on this stage's test split, labels constrained."""
+    from afina.device import autocast_factory, pick_device, resolve_precision
+    from afina.eval.metrics import label_metrics
+    from afina.models import load_model, load_tokenizer
+
+    if recipe.classification.mode != "generative":
+        raise RecipeError("sequential stages score classification with classification.mode=generative")
+    run = RunDir(recipe.run_dir)
+    labels = label_set(recipe, [r for r in read_jsonl(run.split_path("train")) if "replay_from" not in r])
+    rows = read_jsonl(run.split_path("test"))[: recipe.eval.max_examples]
+    rows, _ = check_test_labels(rows, labels, recipe.classification.unseen_test_labels, run)
+    device = pick_device()
+    autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
+    model = load_model(model_spec, "float32").to(device).eval()
+    with torch.no_grad():
+        predicted = score_rows(model, load_tokenizer(model_spec), rows, labels, recipe, autocast, recipe.eval.batch_size)
+    scores = label_metrics([r["label"] for r in rows], [p["predicted_label"] for p in predicted], labels)
+    return {"metric": "accuracy", "value": round(scores["accuracy"], 2), "macro_f1": round(scores["macro_f1"], 2),
+            "lower_is_better": False, "examples": len(rows)}
