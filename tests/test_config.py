@@ -65,3 +65,16 @@ def test_recipe_must_be_a_mapping(tmp_path):
 def test_relative_data_path_resolves_from_recipe_folder(tmp_path):
     recipe = load_recipe(write(tmp_path, "data:\n  path: rows.jsonl\n"))
     assert recipe.resolve_path(recipe.data.path) == tmp_path / "rows.jsonl"
+
+
+def test_overrides_reach_list_items():
+    from afina.config import RecipeError, apply_overrides
+
+    data = {"stages": [{"name": "a"}, {"name": "b", "training": {"epochs": 1}}]}
+    apply_overrides(data, ["stages.1.replay=0.2", "stages.1.training.epochs=2", "training.epochs=3"])
+    assert data["stages"][1] == {"name": "b", "training": {"epochs": 2}, "replay": 0.2}
+    assert data["training"] == {"epochs": 3}
+    with pytest.raises(RecipeError, match="item number"):
+        apply_overrides(data, ["stages.5.replay=0.1"])
+    with pytest.raises(RecipeError, match="is a value"):
+        apply_overrides(data, ["stages.0.name.first=x"])

@@ -87,6 +87,19 @@ def check_stage_task(stage_recipe: Recipe, where: str) -> None:
         )
 
 
+def test_rows(stage_recipe: Recipe) -> list[dict[str, Any]]:
+    """The stage's test split, or a seeded random sample of eval.max_examples rows of it.
+
+    A sample, not the first rows: a given test file may be sorted (Banking77's is, by intent).
+    """
+    rows = read_jsonl(RunDir(stage_recipe.run_dir).split_path("test"))
+    n = stage_recipe.eval.max_examples
+    if n is None or n >= len(rows):
+        return rows
+    keep = sorted(random.Random(stage_recipe.seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
 def merged_dir(stage_recipe: Recipe) -> Path:
     return stage_recipe.run_dir / "merged"
 
@@ -154,7 +167,7 @@ def score_stage_task(stage_recipe: Recipe, model_spec: str) -> dict[str, Any]:
     device = pick_device()
     autocast = autocast_factory(resolve_precision(stage_recipe.training.precision, device), device)
     tokenizer = load_tokenizer(model_spec)
-    rows = read_jsonl(RunDir(stage_recipe.run_dir).split_path("test"))[: stage_recipe.eval.max_examples]
+    rows = test_rows(stage_recipe)
     model = load_model(model_spec, "float32").to(device).eval()
     import torch
 

@@ -346,13 +346,13 @@ def score_model(recipe: Recipe, model_spec: str) -> dict[str, Any]:
     from afina.device import autocast_factory, pick_device, resolve_precision
     from afina.eval.metrics import label_metrics
     from afina.models import load_model, load_tokenizer
+    from afina.sequential import test_rows
 
     if recipe.classification.mode != "generative":
         raise RecipeError("sequential stages score classification with classification.mode=generative")
     run = RunDir(recipe.run_dir)
     labels = label_set(recipe, [r for r in read_jsonl(run.split_path("train")) if "replay_from" not in r])
-    rows = read_jsonl(run.split_path("test"))[: recipe.eval.max_examples]
-    rows, _ = check_test_labels(rows, labels, recipe.classification.unseen_test_labels, run)
+    rows, _ = check_test_labels(test_rows(recipe), labels, recipe.classification.unseen_test_labels, run)
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     model = load_model(model_spec, "float32").to(device).eval()
