@@ -22,7 +22,8 @@ from afina.config import Recipe
 from afina.data.format import encode_chat
 from afina.device import autocast_factory, peak_memory_mb, pick_device, progress_interval, resolve_precision
 from afina.rundir import RunDir, read_jsonl
-from afina.train.batches import collate, epoch_batches
+from afina.models.rope import recipe_rope_settings, save_rope_settings
+from afina.train.batches import collate, epoch_batches, pack_settings
 from afina.train.checkpoint import list_checkpoints, load_checkpoint, load_trainable_state, save_checkpoint, save_weights
 from afina.train.distributed import Distributed
 from afina.train.loss import accumulate_gradients, count_label_tokens, mean_label_loss
@@ -40,7 +41,14 @@ def seed_everything(seed: int) -> None:
 
 
 def encode_split(tokenizer, rows: list[dict[str, Any]], train_on: str) -> list[dict[str, list[int]]]:
-    return [encode_chat(tokenizer, row["messages"], train_on) for row in rows]
+    """Chats (loss where train_on says), or plain text rows (loss on every token, then end-of-sequence)."""
+    return [encode_chat(tokenizer, row["messages"], train_on) if "messages" in row else encode_text(tokenizer, row["text"])
+            for row in rows]
+
+
+def encode_text(tokenizer, text: str) -> dict[str, list[int]]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "labels": list(ids)}
 
 
 def make_scheduler(optimizer, recipe: Recipe, total_steps: int):
@@ -92,7 +100,8 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     val_set = encode_split(tokenizer, val_rows, recipe.data.train_on)
 
     # Master weights stay fp32; matmuls run in bf16 under autocast (faster on this CPU than a bf16 copy).
-    model = apply_method(load_for_method(recipe.model.name, recipe.method, device), recipe.method)
+    rope = recipe_rope_settings(recipe)  # context extension: scaled rotary positions, saved with the result
+    model = apply_method(load_for_method(recipe.model.name, recipe.method, device, rope), recipe.method)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
@@ -100,7 +109,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
-    pack_length = (cfg.pack_length or recipe.data.max_length) if cfg.packing else None
+    pack_length, continuous = pack_settings(recipe)
     batches_per_epoch = len(epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length))
     per_step = cfg.grad_accum * ddp.world_size  # micro-batches in one global optimizer step
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / per_step))
@@ -155,7 +164,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
                 loop["queue"] += epoch_batches(train_set, cfg.batch_size, rng, pack_length)
             step_rows = loop["queue"][:per_step]
             del loop["queue"][:per_step]
-            group = [collate(train_set, rows, pad_id, pack_length) for rows in step_rows]
+            group = [collate(train_set, rows, pad_id, pack_length, continuous) for rows in step_rows]
             local = group[ddp.rank :: ddp.world_size]
             step_loss, _ = accumulate_gradients(model, local, autocast, denominator=count_label_tokens(group))
             step_loss = ddp.sum_scalar(step_loss)
@@ -246,10 +255,12 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "output": str(out_dir),
         "processes": ddp.world_size,
+        **({"rope_scaling": rope, "pack_length": pack_length} if rope else {}),
     }
     if ddp.is_main:
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
+        save_rope_settings(out_dir, rope)
         run.update_manifest(train=summary)
     ddp.close()
     return summary
