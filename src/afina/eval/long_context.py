@@ -151,3 +151,175 @@ def perplexity_by_position(model, tokenizer, texts: list[str], length: int, buck
             for (lo, hi), s, n in zip(buckets, sums, counts)
         ],
     }
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+SYSTEM_LABELS = {"base": "base (no scaling)", "base_scaled": "base + rope scaling, not fine-tuned",
+                 "tuned": "extended (rope scaling + fine-tuning)"}
+
+
+def default_lengths(original: int) -> list[int]:
+    return [original, 2 * original, 4 * original]
+
+
+def held_out_texts(recipe, run) -> list[str]:
+    """Long text for perplexity: context.eval.text, else the test split's rows (text, or chat turns joined)."""
+    from afina.eval.haystack import file_paragraphs
+    from afina.rundir import read_jsonl
+
+    cfg = recipe.context.eval
+    if cfg.text:
+        return file_paragraphs(recipe.resolve_path(cfg.text))
+    rows = read_jsonl(run.require(run.split_path("test"), "prepare"))
+    return [row["text"] if "text" in row else "\n".join(m["content"] for m in row["messages"]) for row in rows]
+
+
+def _load_system(system: str, recipe, run, rope, device):
+    from afina.eval.evaluate import load_tuned
+    from afina.models import load_model
+
+    if system == "base":
+        return load_model(recipe.model.name, "float32").to(device)
+    if system == "base_scaled":
+        return load_model(recipe.model.name, "float32", rope=rope).to(device)
+    return load_tuned(recipe, run, device)
+
+
+def evaluate_long_context(recipe, echo=print) -> dict[str, Any]:
+    """Passkey accuracy by length x depth and perplexity by position for each system; writes
+    eval/long_context.json and eval/long_context.html (heat map) and returns the results."""
+    import gc
+
+    from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
+    from afina.models import load_tokenizer
+    from afina.models.rope import read_rope_settings, recipe_rope_settings
+    from afina.rundir import RunDir, write_json_atomic
+
+    run = RunDir(recipe.run_dir)
+    cfg = recipe.context.eval
+    device = pick_device()
+    autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
+    tokenizer = load_tokenizer(recipe.model.name)
+    # The settings the model was trained with (saved beside the adapter), else what the recipe asks.
+    rope = (read_rope_settings(run.adapter) if run.adapter.is_dir() else None) or recipe_rope_settings(recipe)
+    if rope is None:
+        raise ValueError("the long-context evaluation needs context.rope_scaling (linear, dynamic or yarn) in the recipe")
+    original = rope["original_length"]
+    lengths = sorted(cfg.lengths or default_lengths(original))
+    haystack_path = recipe.resolve_path(cfg.haystack) if cfg.haystack else None
+    texts = held_out_texts(recipe, run) if cfg.perplexity else []
+    buckets = position_buckets(original, lengths[-1])
+    result: dict[str, Any] = {"rope_scaling": rope, "original_window": original, "lengths": lengths, "depths": cfg.depths,
+                              "haystack": None, "systems": {}}
+    for system in cfg.systems:
+        if system == "tuned" and not (run.adapter.is_dir() or run.model.is_dir()):
+            echo("  long-context: no trained model yet (run `afina train`); skipping 'tuned'")
+            continue
+        echo(f"long-context eval: {SYSTEM_LABELS[system]}")
+        started = time.perf_counter()
+        model = _load_system(system, recipe, run, rope, device).eval()
+        haystack = Haystack(tokenizer, haystack_path, seed=recipe.seed)  # the same haystacks and keys for every system
+        result["haystack"] = haystack.provenance
+        entry: dict[str, Any] = {"passkey": passkey_grid(model, tokenizer, lengths, cfg.depths, cfg.trials, autocast,
+                                                         haystack, recipe.seed, echo)}
+        if cfg.perplexity:
+            entry["perplexity"] = perplexity_by_position(model, tokenizer, texts, lengths[-1], buckets, cfg.max_sequences,
+                                                         autocast)
+        entry["wall_time_s"] = round(time.perf_counter() - started, 1)
+        entry["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+        result["systems"][system] = entry
+        del model
+        gc.collect()
+    write_json_atomic(run.eval / "long_context.json", result)
+    write_long_context_page(run, result, recipe.name)
+    return result
+
+
+def format_long_context(result: dict[str, Any]) -> str:
+    """A text table: passkey accuracy by length (mean over depths) and perplexity by bucket, per system."""
+    lengths = result["lengths"]
+    original = result["original_window"]
+    head = f"{'system':<40}" + "".join(f"{f'{n} ({n / original:g}x)':>14}" for n in lengths)
+    lines = ["passkey retrieval accuracy (%) by length, mean over depths:", head]
+    for system, entry in result["systems"].items():
+        by_length = entry["passkey"]["accuracy_by_length"]
+        lines.append(f"{SYSTEM_LABELS[system]:<40}" + "".join(f"{by_length[str(n)]:>14.1f}" for n in lengths))
+    if any("perplexity" in e for e in result["systems"].values()):
+        lines.append("perplexity by token position:")
+        for system, entry in result["systems"].items():
+            if "perplexity" in entry:
+                cells = ", ".join(f"{b['from']}-{b['to']}: {b['perplexity']:.2f}" for b in entry["perplexity"]["buckets"])
+                lines.append(f"  {SYSTEM_LABELS[system]:<38} {cells}")
+    return "\n".join(lines)
+
+
+def heatmap_html(result: dict[str, Any]) -> str:
+    """Accuracy by length (columns) x depth (rows), one panel per system, as an embedded PNG."""
+    from afina.eval.report import _png
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(result["systems"])
+    if not systems:
+        return "<p>No system evaluated.</p>"
+    lengths, depths, original = result["lengths"], result["depths"], result["original_window"]
+    fig, axes = plt.subplots(1, len(systems), figsize=(3.6 * len(systems) + 0.8, 0.5 * len(depths) + 2.2), squeeze=False)
+    for ax, system in zip(axes[0], systems):
+        cells = {(c["length"], c["depth"]): c["accuracy"] for c in result["systems"][system]["passkey"]["cells"]}
+        grid = [[cells[(n, d)] for n in lengths] for d in depths]
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                ax.text(j, i, f"{grid[i][j]:.0f}", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(lengths)), [f"{n}\n{n / original:g}x" for n in lengths], fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        ax.set_title(SYSTEM_LABELS[system], fontsize=9)
+        ax.set_xlabel("length (tokens, x original window)", fontsize=8)
+    axes[0][0].set_ylabel("key depth", fontsize=8)
+    fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy (%)", shrink=0.8)
+    return _png(fig)
+
+
+def long_context_section(result: dict[str, Any]) -> str:
+    """The report section: settings, heat map, tables."""
+    import html
+
+    rope = result["rope_scaling"]
+    rows = ""
+    for system, entry in result["systems"].items():
+        by_length = entry["passkey"]["accuracy_by_length"]
+        rows += f"<tr><td>{html.escape(SYSTEM_LABELS[system])}</td>" + "".join(
+            f"<td>{by_length[str(n)]:.1f}</td>" for n in result["lengths"]) + "</tr>"
+    head = "<tr><th>system</th>" + "".join(f"<th>{n} ({n / result['original_window']:g}x)</th>" for n in result["lengths"]) + "</tr>"
+    ppl = ""
+    for system, entry in result["systems"].items():
+        if "perplexity" in entry:
+            ppl += f"<tr><td>{html.escape(SYSTEM_LABELS[system])}</td>" + "".join(
+                f"<td>{b['perplexity']:.2f}</td>" for b in entry["perplexity"]["buckets"]) + "</tr>"
+    first = next((e["perplexity"] for e in result["systems"].values() if "perplexity" in e), None)
+    ppl_table = ""
+    if first:
+        ppl_head = "<tr><th>system</th>" + "".join(f"<th>tokens {b['from']}-{b['to']}</th>" for b in first["buckets"]) + "</tr>"
+        ppl_table = (f"<h3>Perplexity by token position</h3><p>{first['sequences']} held-out sequences of "
+                     f"{first['sequence_length']} tokens.</p><table>{ppl_head}{ppl}</table>")
+    return (f"<p>Rope scaling {html.escape(rope['rope_type'])} x{rope['factor']:g}: original window "
+            f"{rope['original_length']} &rarr; {rope['target_length']} tokens. Haystack: {html.escape(str(result['haystack']))}. "
+            "A key counts as retrieved when greedy decoding writes it.</p>"
+            f"{heatmap_html(result)}<h3>Passkey accuracy (%) by length, mean over depths</h3><table>{head}{rows}</table>"
+            f"{ppl_table}")
+
+
+def write_long_context_page(run, result: dict[str, Any], name: str) -> None:
+    import html
+
+    from afina.eval.report import CHECK_SCRIPT, STYLE
+    from afina.rundir import write_text_atomic
+
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>afina long-context eval: '
+            f"{html.escape(name)}</title><style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>"
+            f"<h1>Long-context evaluation: {html.escape(name)}</h1>{long_context_section(result)}</body></html>\n")
+    write_text_atomic(run.eval / "long_context.html", page)
