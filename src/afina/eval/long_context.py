@@ -107,7 +107,7 @@ def passkey_grid(model, tokenizer, lengths: list[int], depths: list[float], tria
 
 def position_buckets(original: int, longest: int) -> list[tuple[int, int]]:
     """[0, W), [W, 2W), [2W, 4W), ... up to the longest length: the extension's natural buckets."""
-    edges = [0, original]
+    edges = [0, min(original, longest)]
     while edges[-1] < longest:
         edges.append(min(edges[-1] * 2, longest))
     return list(zip(edges[:-1], edges[1:]))
