@@ -257,6 +257,7 @@ class LongContextEvalConfig(_Section):
     haystack: str | None = Field(
         None, description="Prose to hide the key in: a .txt file (paragraphs) or JSONL with a `text` field; "
         "none: generated filler prose (afina.eval.haystack).")
+    haystack_field: str = Field("text", description="The JSONL field that holds the haystack prose.")
     perplexity: bool = Field(True, description="Also measure perplexity by position bucket on long held-out text.")
     text: str | None = Field(None, description="Held-out long text for perplexity (.txt or JSONL `text`); none: the test split.")
     max_sequences: int = Field(4, ge=1, description="Sequences of the longest length scored for perplexity.")

@@ -61,8 +61,8 @@ def generated_sentences(count: int, seed: int) -> list[str]:
     return sentences
 
 
-def file_paragraphs(path: Path) -> list[str]:
-    """Paragraphs of real prose from a .txt file (blank-line separated) or a JSONL file's `text` fields."""
+def file_paragraphs(path: Path, field: str = "text") -> list[str]:
+    """Paragraphs of real prose from a .txt file (blank-line separated) or a JSONL file's `field` values."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: haystack text file not found (context.eval.haystack)")
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -74,9 +74,9 @@ def file_paragraphs(path: Path) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}:{number}: a haystack JSONL row needs a string field `text`")
-            paragraphs.append(row["text"].strip())
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise ValueError(f"{path}:{number}: the JSONL row needs a string field `{field}`")
+            paragraphs.append(row[field].strip())
     else:
         paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
     paragraphs = [p for p in paragraphs if p]
@@ -92,12 +92,12 @@ class Haystack:
     than it), so different trials see different text.
     """
 
-    def __init__(self, tokenizer, path: Path | None = None, seed: int = 0):
+    def __init__(self, tokenizer, path: Path | None = None, seed: int = 0, field: str = "text"):
         self.tokenizer = tokenizer
         self.rng = random.Random(seed)
-        pieces = file_paragraphs(path) if path is not None else generated_sentences(4000, seed)
+        pieces = file_paragraphs(path, field) if path is not None else generated_sentences(4000, seed)
         self.pieces = [(p, len(tokenizer(" " + p, add_special_tokens=False)["input_ids"])) for p in pieces]
-        self.provenance = str(path) if path is not None else "generated filler (afina.eval.haystack, seeded grammar)"
+        self.provenance = f"{path} (field {field})" if path is not None else "generated filler (afina.eval.haystack, seeded grammar)"
 
     def take(self, tokens: int) -> list[str]:
         """Pieces of prose totalling at least `tokens` tokens (callers trim to the exact length)."""

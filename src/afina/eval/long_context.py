@@ -56,8 +56,10 @@ def passkey_case(tokenizer, haystack: Haystack, length: int, depth: float, rng: 
     question, answer = encode(QUESTION), encode(f" {key}")
     filler_tokens = length - len(prefix) - len(needle) - len(question) - len(answer)
     if filler_tokens < 0:
-        raise ValueError(f"passkey length {length} is too short for the instruction, needle and question "
-                         f"({length - filler_tokens} tokens at least)")
+        from afina.config import RecipeError
+
+        raise RecipeError(f"context.eval.lengths: passkey length {length} is too short for the instruction, needle "
+                          f"and question ({length - filler_tokens} tokens at least); give longer lengths")
     filler: list[int] = []
     for piece in haystack.take(filler_tokens):
         filler += encode(" " + piece)
@@ -140,8 +142,9 @@ def perplexity_by_position(model, tokenizer, texts: list[str], length: int, buck
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
         for b, (lo, hi) in enumerate(buckets):
             lo_pred = max(lo, 1) - 1  # position p-1 predicts token p
-            losses = F.cross_entropy(head(hidden[lo_pred : hi - 1]).float(), ids[0, lo_pred + 1 : hi], reduction="sum")
-            sums[b] += float(losses)
+            for start in range(lo_pred, hi - 1, 2048):  # the logits of 2,048 positions at a time
+                end = min(start + 2048, hi - 1)
+                sums[b] += float(F.cross_entropy(head(hidden[start:end]).float(), ids[0, start + 1 : end + 1], reduction="sum"))
             counts[b] += hi - 1 - lo_pred
     return {
         "sequence_length": length,
@@ -219,7 +222,7 @@ def evaluate_long_context(recipe, echo=print) -> dict[str, Any]:
         echo(f"long-context eval: {SYSTEM_LABELS[system]}")
         started = time.perf_counter()
         model = _load_system(system, recipe, run, rope, device).eval()
-        haystack = Haystack(tokenizer, haystack_path, seed=recipe.seed)  # the same haystacks and keys for every system
+        haystack = Haystack(tokenizer, haystack_path, seed=recipe.seed, field=cfg.haystack_field)  # the same haystacks and keys for every system
         result["haystack"] = haystack.provenance
         entry: dict[str, Any] = {"passkey": passkey_grid(model, tokenizer, lengths, cfg.depths, cfg.trials, autocast,
                                                          haystack, recipe.seed, echo)}
