@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Real context extension on one GPU (H100/H200), about 3-6 minutes:
-#   SmolLM2-135M-Instruct, window 8,192 -> 16,384 tokens (YaRN x2), a 60-step LoRA fine-tune on
+#   SmolLM2-135M-Instruct, window 8,192 -> 16,384 tokens (YaRN x2), a 100-step LoRA fine-tune on
 #   16,384-token rows (continuous packing, gradient checkpointing, chunked loss), then passkey
 #   retrieval at 8k / 16k / 32k tokens x 3 depths x 4 keys and perplexity by position, for the base,
 #   the base with scaling only, and the extended model.
@@ -12,22 +12,24 @@
 set -euo pipefail
 OUT="${OUT:-runs/gpu-context-out}"
 PY="${PYTHON:-python}"
-STEPS="${STEPS:-60}"
+STEPS="${STEPS:-100}"
+DEVICE="${DEVICE:-cuda}"   # DEVICE=cpu only to try this script's plumbing on a CPU with tiny sizes
 mkdir -p "$OUT"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/afina-gpu-context.XXXX")"
 exec > >(tee "$OUT/bench.log") 2>&1
 
 echo "[$(date -u +%T)] checks"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader || true
-"$PY" - <<'PY'
-import sys, time
+DEVICE="$DEVICE" "$PY" - <<'PY'
+import os, sys, time
 t = time.time()
 import torch
-if not torch.cuda.is_available():
+if os.environ["DEVICE"] == "cuda" and not torch.cuda.is_available():
     sys.exit(f"no usable GPU: torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees none; "
              "install a CUDA build of torch in this environment")
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0),
-      "bf16", torch.cuda.is_bf16_supported())
+if torch.cuda.is_available():
+    print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0),
+          "bf16", torch.cuda.is_bf16_supported())
 import afina, transformers, peft
 from afina.models.loader import DEFAULT_MODEL, PACKAGED_MODELS, resolve_model
 if PACKAGED_MODELS[DEFAULT_MODEL].locate() is None:
@@ -41,7 +43,7 @@ echo "[$(date -u +%T)] extension run (work dir $WORK)"
 MIXED=""
 [ -f ../shared/data/qa_xquad_en_passages.jsonl ] && MIXED="--mixed-data"
 timeout 480 "$PY" bench/bench_context.py --window 0 --factor 2 --scaling yarn --steps "$STEPS" --trials 4 \
-  --lr 5e-4 --device cuda --out "$WORK" $MIXED --set training.eval_every=30 training.log_every=5 "$@"
+  --lr 5e-4 --device "$DEVICE" --out "$WORK" $MIXED --set training.eval_every=30 training.log_every=5 "$@"
 
 cp "$WORK/results.json" "$OUT/"
 for f in run/eval/long_context.json run/eval/long_context.html run/manifest.json run/metrics.jsonl; do
