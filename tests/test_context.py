@@ -213,3 +213,16 @@ def test_serve_loads_the_run_with_its_extended_window(extended_run):
     served = load_served(recipe.model.name, {"ctx": str(recipe.run_dir / "adapter")})
     assert served.max_context == 1024
     assert served.model.get_base_model().config.rope_parameters["rope_type"] == "yarn"
+
+
+def test_afina_estimate_models_the_longer_rows(extended_run):
+    from afina.train.estimate import estimate, format_estimate
+
+    recipe, _, _ = extended_run
+    longer = recipe.model_copy(deep=True)
+    longer.training.pack_length = 2048
+    short_result, long_result = estimate(recipe, measure_steps=1), estimate(longer, measure_steps=1)
+    assert short_result["sequence_length"] == 1024 and long_result["sequence_length"] == 2048
+    assert long_result["memory_bytes"]["activations"] > short_result["memory_bytes"]["activations"]
+    assert long_result["attention_flops_share"] > short_result["attention_flops_share"]
+    assert "rope scaling yarn x2 (512 -> 1024 tokens)" in format_estimate(short_result)

@@ -96,12 +96,16 @@ def collate_continuous(
     like pretraining sequences instead of restarting positions per example. Every token keeps its
     label; the padding tail (after the last document) has none.
     """
-    out_ids, out_labels = [], []
+    rows = []
     for pack in packs:
         ids, labels = [], []
         for i in pack:
             ids += examples[i]["input_ids"]
             labels += examples[i]["labels"]
+        rows.append((ids, labels))
+    width = max([len(ids) for ids, _ in rows] + [width])  # an example longer than the row gets a row of its own
+    out_ids, out_labels = [], []
+    for ids, labels in rows:
         fill = width - len(ids)
         out_ids.append(ids + [pad_id] * fill)
         out_labels.append(labels + [IGNORE_INDEX] * fill)
