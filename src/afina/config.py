@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class RecipeError(ValueError):
@@ -313,6 +313,50 @@ class TaggingConfig(_Section):
         "error", description="A test row with an entity type training never saw: error, or skip (eval/rejects.jsonl).")
 
 
+class LongContextEvalConfig(_Section):
+    """Passkey retrieval by length x depth and perplexity by position, for base and extended models."""
+
+    enabled: bool = Field(True, description="Run the long-context evaluation in `afina eval` when context.rope_scaling is set.")
+    lengths: list[int] | None = Field(
+        None, description="Passkey test lengths in tokens (default: 1x, 2x and 4x the original window, capped at the target).")
+    depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9],
+                                description="Where the key sits in the haystack: 0 = start, 1 = end.")
+    trials: int = Field(4, ge=1, le=1000, description="Random keys per length x depth cell.")
+    haystack: str | None = Field(
+        None, description="Prose to hide the key in: a .txt file (paragraphs) or JSONL with a `text` field; "
+        "none: generated filler prose (afina.eval.haystack).")
+    haystack_field: str = Field("text", description="The JSONL field that holds the haystack prose.")
+    perplexity: bool = Field(True, description="Also measure perplexity by position bucket on long held-out text.")
+    text: str | None = Field(None, description="Held-out long text for perplexity (.txt or JSONL `text`); none: the test split.")
+    max_sequences: int = Field(4, ge=1, description="Sequences of the longest length scored for perplexity.")
+    systems: list[Literal["base", "base_scaled", "tuned"]] = Field(
+        default_factory=lambda: ["base", "base_scaled", "tuned"],
+        description="base (the model as it came), base_scaled (base with the recipe's rope scaling, no fine-tuning), "
+        "tuned (the fine-tuned model with its rope scaling).")
+
+
+class ContextConfig(_Section):
+    """Context-window extension: RoPE scaling applied at load, saved with the trained model."""
+
+    rope_scaling: Literal["none", "linear", "dynamic", "yarn"] = Field(
+        "none", description="linear (position interpolation), dynamic (NTK, rescales with the input length), "
+        "yarn (NTK-by-parts with attention temperature); none: the model's own positions.")
+    factor: float | None = Field(None, ge=1.0, le=1024.0, description="Window multiplier (or give target_length).")
+    target_length: int | None = Field(None, ge=16, description="The extended window in tokens (or give factor).")
+    original_length: int | None = Field(
+        None, ge=16, description="The window to extend from (default: the model's max_position_embeddings).")
+    continuous_positions: bool = Field(
+        True, description="Packed training rows keep positions 0..L-1 across documents (long-range positions are "
+        "what extension trains); false: positions restart per example.")
+    eval: LongContextEvalConfig = Field(default_factory=LongContextEvalConfig)
+
+    @model_validator(mode="after")
+    def _factor_or_target(self) -> "ContextConfig":
+        if self.rope_scaling != "none" and (self.factor is None) == (self.target_length is None):
+            raise ValueError("context.rope_scaling needs exactly one of context.factor or context.target_length")
+        return self
+
+
 class Recipe(_Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The run's name.")
     output_dir: str = Field("runs", description="Runs are written to <output_dir>/<name>/.")
@@ -336,6 +380,7 @@ class Recipe(_Section):
 
     classification: ClassificationConfig = Field(default_factory=ClassificationConfig)
     tagging: TaggingConfig = Field(default_factory=TaggingConfig)
+    context: ContextConfig = Field(default_factory=ContextConfig)
 
     # Where the recipe file lives; relative data paths resolve from here. Not part of the schema.
     _base_dir: Path = Path(".")

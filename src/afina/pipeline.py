@@ -48,8 +48,18 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
                 f"saved to {result['output']}"
             )
         elif stage == "eval":
-            result = evaluate_task(recipe)
-            echo(format_table(result))
+            result = {}
+            if recipe.context.rope_scaling != "none" and recipe.context.eval.enabled:
+                from afina.eval.long_context import evaluate_long_context, format_long_context
+
+                # First, so that eval/report.html (written by evaluate) includes it.
+                long_context = evaluate_long_context(recipe, echo)
+                echo(format_long_context(long_context))
+            if recipe.eval.systems:
+                result = evaluate_task(recipe)
+                echo(format_table(result))
+            if recipe.context.rope_scaling != "none" and recipe.context.eval.enabled:
+                result["long_context"] = long_context
         elif stage == "export":
             result = export(recipe)
             for fmt, info in result.items():

@@ -72,8 +72,11 @@ def load_tuned(recipe: Recipe, run: RunDir, device):
         return load_model(str(run.require(run.model, "train")), "float32").to(device)
     from peft import PeftModel
 
-    base = load_model(recipe.model.name, "float32")
-    return PeftModel.from_pretrained(base, str(run.require(run.adapter, "train"))).to(device).eval()
+    from afina.models.rope import read_rope_settings
+
+    adapter = run.require(run.adapter, "train")
+    base = load_model(recipe.model.name, "float32", rope=read_rope_settings(adapter))  # the positions it was trained with
+    return PeftModel.from_pretrained(base, str(adapter)).to(device).eval()
 
 
 def resolve_metrics(requested: list[str] | str, rows: list[dict[str, Any]]) -> list[str]:

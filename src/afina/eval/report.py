@@ -167,6 +167,16 @@ def per_class_tables(report: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def long_context_html(run: RunDir) -> str:
+    """The long-context section (passkey heat map, perplexity by position) when that evaluation ran."""
+    path = run.eval / "long_context.json"
+    if not path.is_file():
+        return ""
+    from afina.eval.long_context import long_context_section
+
+    return "<h2>Long context</h2>" + long_context_section(json.loads(path.read_text(encoding="utf-8")))
+
+
 def write_report(run: RunDir, report: dict[str, Any], predictions: list[dict[str, Any]], recipe) -> None:
     forgetting = report.get("forgetting")
     if forgetting:
@@ -193,6 +203,7 @@ the process's peak so far on CPU, the system's own peak on CUDA.</p>
 {('<h2>Confusion matrices</h2>' + confusion_plots(report)) if any(s.get('confusion') for s in report['systems'].values()) else ''}
 <h2>Training curves</h2>{training_curves(run)}
 <h2>Forgetting probe</h2>{forgetting_html}
+{long_context_html(run)}
 <h2>Worst examples</h2>{worst_examples(predictions, report)}
 <h2>Raw numbers</h2><details><summary>metrics.json</summary><pre>{html.escape(json.dumps(report, indent=1)[:20000])}</pre></details>
 </body></html>

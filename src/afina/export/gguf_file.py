@@ -36,10 +36,62 @@ def _rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     if theta is None:
         theta = params.get("rope_theta", 10000.0)
-    rope_type = params.get("rope_type") or (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
-    if rope_type not in (None, "default"):
-        raise ExportError(f"GGUF export: rope scaling '{rope_type}' is not supported yet; export the merged HF folder instead")
     return float(theta)
+
+
+def rope_settings_of(config) -> dict | None:
+    """The rope scaling a transformers config carries, as afina.models.rope settings (None: plain rotary)."""
+    from afina.models.rope import context_length
+
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type") or (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
+    if rope_type in (None, "default"):
+        return None
+    if rope_type not in ("linear", "dynamic", "yarn"):
+        raise ExportError(f"GGUF export: rope scaling '{rope_type}' is not supported; export the merged HF folder instead")
+    factor = float(params["factor"])
+    target = context_length(config)
+    original = params.get("original_max_position_embeddings") or (
+        config.max_position_embeddings if rope_type == "dynamic" else round(target / factor))
+    return {"rope_type": rope_type, "factor": factor, "original_length": int(original), "target_length": int(target),
+            "rope_theta": _rope_theta(config)}
+
+
+def _add_rope_scaling(writer, settings: dict | None) -> None:
+    """llama.cpp's keys: {arch}.rope.scaling.type / .factor / .original_context_length / .finetuned."""
+    import gguf
+
+    from afina.models.rope import RopeError, gguf_rope_metadata
+
+    try:
+        meta = gguf_rope_metadata(settings)
+    except RopeError as exc:
+        raise ExportError(str(exc)) from None
+    if not meta:
+        return
+    writer.add_rope_scaling_type(gguf.RopeScalingType(meta["type"]))
+    writer.add_rope_scaling_factor(meta["factor"])
+    writer.add_rope_scaling_orig_ctx_len(meta["original_context_length"])
+    writer.add_rope_scaling_finetuned(True)
+
+
+def read_gguf_rope_settings(path: Path) -> dict | None:
+    """The rope scaling written in a GGUF file's metadata, as afina.models.rope settings (None: none)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    arch = fields["general.architecture"].contents()
+
+    def value(key: str):
+        field = fields.get(f"{arch}.{key}")
+        return field.contents() if field is not None else None
+
+    rope_type = value("rope.scaling.type")
+    if rope_type in (None, "none"):
+        return None
+    return {"rope_type": rope_type, "factor": float(value("rope.scaling.factor")),
+            "original_length": int(value("rope.scaling.original_context_length")),
+            "target_length": int(value("context_length")), "rope_theta": float(value("rope.freq_base"))}
 
 
 def _source_gguf_pre(model_dir: Path) -> str:
@@ -110,7 +162,9 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, outtype: GgufT
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_name(name or str(getattr(config, "name_or_path", "") or "afina-export").split("/")[-1])
-    writer.add_context_length(config.max_position_embeddings)
+    rope = rope_settings_of(config)
+    # The extended window where rope scaling is set (llama.cpp sizes its default context from this).
+    writer.add_context_length(rope["target_length"] if rope else config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(n_layers)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -118,6 +172,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, outtype: GgufT
     writer.add_head_count_kv(n_kv)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(_rope_theta(config))
+    _add_rope_scaling(writer, rope)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)

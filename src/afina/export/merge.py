@@ -77,7 +77,8 @@ def export(recipe: Recipe) -> dict[str, Any]:
     device = pick_device()
     tokenizer = load_tokenizer(recipe.model.name)
     rows = read_jsonl(run.require(run.split_path("test"), "prepare"))[:3] or read_jsonl(run.split_path("train"))[:3]
-    prompts = [render_prompt(tokenizer, row["messages"][:-1]) for row in rows]
+    # Chat rows: the prompt as served; text rows (domain text, context extension): the text's opening.
+    prompts = [render_prompt(tokenizer, row["messages"][:-1]) if "messages" in row else row["text"][:400] for row in rows]
 
     tuned = load_tuned(recipe, run, device)
     expected = _fingerprint(tuned, tokenizer, prompts)
@@ -120,7 +121,10 @@ def _export_adapter(recipe, run, device, tokenizer, prompts, expected) -> dict[s
         return {"skipped": "full fine-tuning has no adapter; use the merged export"}
     target = run.export / "adapter"
     shutil.copytree(run.adapter, target, dirs_exist_ok=True)
-    reloaded = PeftModel.from_pretrained(load_model(recipe.model.name, "float32"), str(target)).to(device).eval()
+    from afina.models.rope import read_rope_settings
+
+    base = load_model(recipe.model.name, "float32", rope=read_rope_settings(target))
+    reloaded = PeftModel.from_pretrained(base, str(target)).to(device).eval()
     return {"path": str(target), **_compare(expected, _fingerprint(reloaded, tokenizer, prompts), LOGIT_TOLERANCE_FP32)}
 
 
@@ -136,7 +140,7 @@ def _export_merged(merged, run, device, tokenizer, prompts, expected) -> dict[st
 
 def _export_gguf(merged, tokenizer, run, outtype, recipe, base_dir, prompts, expected) -> dict[str, Any]:
     """Write the GGUF file, then load it back with transformers (weights and tokenizer from the file)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from afina.export.gguf_file import write_gguf
 
@@ -145,7 +149,15 @@ def _export_gguf(merged, tokenizer, run, outtype, recipe, base_dir, prompts, exp
         tokenizer.save_pretrained(tok_dir)
         write_gguf(merged, tokenizer, Path(tok_dir), target, outtype, base_dir, name=recipe.name)
     gguf_tokenizer = AutoTokenizer.from_pretrained(str(target.parent), gguf_file=target.name)
-    reloaded = AutoModelForCausalLM.from_pretrained(str(target.parent), gguf_file=target.name, dtype=torch.float32).eval()
+    from afina.export.gguf_file import read_gguf_rope_settings
+    from afina.models.rope import apply_rope_settings
+
+    # transformers' GGUF reader ignores the rope-scaling keys: apply what the file says, so that the
+    # check below verifies the keys written (a wrong or missing key shows as a logit mismatch).
+    config = AutoConfig.from_pretrained(str(target.parent), gguf_file=target.name)
+    config = apply_rope_settings(config, read_gguf_rope_settings(target))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(target.parent), gguf_file=target.name, config=config,
+                                                    dtype=torch.float32).eval()
     tolerance = getattr(recipe.export, f"gguf_tolerance_{outtype}")
     check = _compare(expected, _fingerprint(reloaded, gguf_tokenizer, prompts), tolerance)
     check["chat_template_equal"] = gguf_tokenizer.chat_template == tokenizer.chat_template

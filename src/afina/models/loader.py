@@ -204,12 +204,20 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def load_model(spec: str, dtype: str = "float32", **kwargs):
-    """Load a causal LM in the given dtype (a torch dtype name); kwargs go to from_pretrained."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def load_model(spec: str, dtype: str = "float32", rope: dict | None = None, **kwargs):
+    """Load a causal LM in the given dtype (a torch dtype name); kwargs go to from_pretrained.
 
-    model = _from_pretrained(AutoModelForCausalLM, resolve_model(spec), dtype=getattr(torch, dtype), **kwargs)
+    `rope`: rope-scaling settings (afina.models.rope) applied to the config before the model is built.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_model(spec)
+    if rope:
+        from afina.models.rope import apply_rope_settings
+
+        kwargs["config"] = apply_rope_settings(_from_pretrained(AutoConfig, source), rope)
+    model = _from_pretrained(AutoModelForCausalLM, source, dtype=getattr(torch, dtype), **kwargs)
     model.eval()
     return model
 

@@ -91,7 +91,13 @@ def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedMo
             raise ServeError(f"adapter '{name}' ({path}) was trained on '{run_base}', not on '{base_spec}'")
         own[name] = _adapter_dir(path_)
 
-    base = load_model(base_spec, "float32")
+    from afina.models.rope import read_rope_settings
+
+    ropes = {name: read_rope_settings(path) for name, path in own.items()}
+    if len({json.dumps(r, sort_keys=True) for r in ropes.values()}) > 1:
+        raise ServeError("the adapters were trained with different rope scaling (afina_rope.json): they cannot share "
+                         f"one base model; serve them separately ({', '.join(f'{n}: {r}' for n, r in ropes.items())})")
+    base = load_model(base_spec, "float32", rope=next(iter(ropes.values()), None))
     base_name = Path(base_spec).name if "/" in base_spec or Path(base_spec).exists() else base_spec
     if not own:
         return ServedModels(base.to(device).eval(), load_tokenizer(base_spec), autocast, _context(base), base_name, base_name)
@@ -110,4 +116,6 @@ def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedMo
 
 
 def _context(model) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 2048))
+    from afina.models.rope import context_length
+
+    return context_length(model.config)

@@ -10,6 +10,7 @@ from afina.tasks import TrainingTask
 def chat_task(recipe: Recipe, run: RunDir, messages_of=None) -> TrainingTask:
     """Chat rows, or any rows that `messages_of(row)` turns into a chat (generative classification)."""
     from afina.models import load_tokenizer
+    from afina.models.rope import recipe_rope_settings
     from afina.train.loop import encode_split
     from afina.train.methods import apply_method, load_for_method
 
@@ -23,7 +24,9 @@ def chat_task(recipe: Recipe, run: RunDir, messages_of=None) -> TrainingTask:
     return TrainingTask(
         tokenizer=tokenizer,
         encode=encode,
-        build_model=lambda device: apply_method(load_for_method(recipe.model.name, recipe.method, device), recipe.method),
+        build_model=lambda device: apply_method(
+            load_for_method(recipe.model.name, recipe.method, device, recipe_rope_settings(recipe)), recipe.method
+        ),
         output_dir=run.model if recipe.method.type == "full" else run.adapter,
         method=recipe.method.type,
     )

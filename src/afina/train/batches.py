@@ -87,6 +87,35 @@ def collate_packed(
     }
 
 
+def collate_continuous(
+    examples: list[dict[str, list[int]]], packs: list[list[int]], pad_id: int, width: int
+) -> dict[str, torch.Tensor]:
+    """Rows of concatenated documents with positions 0..width-1 running across them (plain causal attention).
+
+    For context extension: the long positions are what the model must learn, so rows are filled
+    like pretraining sequences instead of restarting positions per example. Every token keeps its
+    label; the padding tail (after the last document) has none.
+    """
+    rows = []
+    for pack in packs:
+        ids, labels = [], []
+        for i in pack:
+            ids += examples[i]["input_ids"]
+            labels += examples[i]["labels"]
+        rows.append((ids, labels))
+    width = max([len(ids) for ids, _ in rows] + [width])  # an example longer than the row gets a row of its own
+    out_ids, out_labels = [], []
+    for ids, labels in rows:
+        fill = width - len(ids)
+        out_ids.append(ids + [pad_id] * fill)
+        out_labels.append(labels + [IGNORE_INDEX] * fill)
+    return {
+        "input_ids": torch.tensor(out_ids, dtype=torch.long),
+        "position_ids": torch.arange(width).repeat(len(packs), 1),
+        "labels": torch.tensor(out_labels, dtype=torch.long),
+    }
+
+
 def epoch_batches(
     examples: list[dict[str, list[int]]], batch_size: int, rng: random.Random, pack_length: int | None
 ) -> list[list[list[int]]]:
@@ -111,9 +140,29 @@ def epoch_batches(
 
 
 def collate(
-    examples: list[dict[str, list[int]]], rows: list[list[int]], pad_id: int, pack_length: int | None
+    examples: list[dict[str, list[int]]], rows: list[list[int]], pad_id: int, pack_length: int | None,
+    continuous: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """A micro-batch: packed rows of pack_length tokens, or padded single examples."""
+    """A micro-batch: packed rows of pack_length tokens (positions restarting per example, or
+    `continuous` across the row), or padded single examples."""
+    if pack_length and continuous:
+        return collate_continuous(examples, rows, pad_id, pack_length)
     if pack_length:
         return collate_packed(examples, rows, pad_id, width=pack_length)
     return pad_batch([examples[row[0]] for row in rows], pad_id)
+
+
+def pack_settings(recipe) -> tuple[int | None, bool]:
+    """(tokens per packed row or None when not packing, whether positions run across the row).
+
+    With rope scaling the rows default to the extended window and positions run continuously:
+    training at the target length is what teaches the model its new positions.
+    """
+    cfg, context = recipe.training, recipe.context
+    if not cfg.packing:
+        return None, False
+    extending = context.rope_scaling != "none"
+    default = recipe.data.max_length
+    if extending and context.target_length:
+        default = context.target_length
+    return cfg.pack_length or default, extending and context.continuous_positions

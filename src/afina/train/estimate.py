@@ -17,7 +17,8 @@ import torch
 from afina.config import Recipe
 from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
 from afina.rundir import RunDir, read_jsonl
-from afina.train.batches import collate, epoch_batches
+from afina.models.rope import recipe_rope_settings
+from afina.train.batches import collate, epoch_batches, pack_settings
 from afina.train.loss import LOSS_CHUNK_TOKENS, accumulate_gradients
 
 GIB = 2**30
@@ -33,14 +34,34 @@ def available_memory_bytes(device: torch.device) -> int:
     return 0
 
 
-def activation_bytes(config, tokens: int, label_tokens: int, checkpointing: bool) -> int:
+def activation_bytes(config, tokens: int, label_tokens: int, checkpointing: bool, rows: int = 1,
+                     attention: str = "sdpa") -> int:
     """A coarse model of what the backward pass keeps per micro-batch (bf16 autocast keeps
-    fp32 and bf16 copies of most inputs): per token and layer ~ hidden*24 + intermediate*10 bytes."""
+    fp32 and bf16 copies of most inputs): per token and layer ~ hidden*24 + intermediate*10 bytes.
+
+    Long sequences: with eager attention the score matrices (rows x heads x seq^2, fp32 scores and
+    probabilities) are kept per layer and grow with the square of the length; fused (sdpa/flash)
+    attention keeps only per-token statistics, so memory stays linear in the length.
+    """
     hidden, inter, layers = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size), config.num_hidden_layers
     per_layer = tokens * (hidden * 24 + inter * 10)
+    if attention == "eager":
+        seq = tokens // max(rows, 1)
+        per_layer += rows * config.num_attention_heads * seq * seq * 4 * 2
     body = tokens * hidden * 4 * layers + per_layer if checkpointing else per_layer * layers
     logits = min(label_tokens, LOSS_CHUNK_TOKENS) * config.vocab_size * 4 * 2
     return int(body + logits)
+
+
+def attention_flops_share(config, seq: int) -> float:
+    """The share of a forward pass's matrix FLOPs spent in attention scores (QK^T and AV) at this length:
+    per token 4*seq*hidden per layer against ~2*params for the weights; it grows linearly with seq."""
+    hidden, inter, layers = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size), config.num_hidden_layers
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    weights = 2 * layers * (2 * hidden * hidden + 2 * hidden * kv * head_dim + 3 * hidden * inter)
+    attention = layers * 4 * seq * hidden / 2  # causal: half the score matrix on average
+    return attention / (weights + attention)
 
 
 def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = None) -> dict[str, Any]:
@@ -54,13 +75,14 @@ def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = Non
     precision = resolve_precision(cfg.precision, device)
     tokenizer = load_tokenizer(recipe.model.name)
     train_set = encode_split(tokenizer, read_jsonl(run.require(run.split_path("train"), "prepare")), recipe.data.train_on)
-    pack_length = (cfg.pack_length or recipe.data.max_length) if cfg.packing else None
+    pack_length, continuous = pack_settings(recipe)
     batches = epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length)
     steps_per_epoch = max(1, math.ceil(len(batches) / cfg.grad_accum))
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     tokens_per_epoch = sum(len(e["input_ids"]) for e in train_set)
 
-    model = apply_method(load_for_method(recipe.model.name, recipe.method, device), recipe.method)
+    rope = recipe_rope_settings(recipe)
+    model = apply_method(load_for_method(recipe.model.name, recipe.method, device, rope), recipe.method)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = list(model.parameters())
@@ -68,14 +90,16 @@ def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = Non
     n_trainable = sum(p.numel() for p in trainable)
     weights = sum(p.numel() * p.element_size() for p in params)
     largest = max(batches, key=lambda rows: sum(len(train_set[i]["input_ids"]) for row in rows for i in row))
-    largest_batch = collate(train_set, largest, tokenizer.pad_token_id, pack_length)
+    largest_batch = collate(train_set, largest, tokenizer.pad_token_id, pack_length, continuous)
     tokens_mb = largest_batch["input_ids"].numel()
     labels_mb = int((largest_batch["labels"] != -100).sum())
     memory = {
         "weights": weights,
         "gradients": n_trainable * 4,
         "optimizer": n_trainable * 8,  # AdamW: two fp32 moments
-        "activations": activation_bytes(model.config, tokens_mb, labels_mb, cfg.gradient_checkpointing),
+        "activations": activation_bytes(model.config, tokens_mb, labels_mb, cfg.gradient_checkpointing,
+                                        rows=largest_batch["input_ids"].shape[0],
+                                        attention=getattr(model.config, "_attn_implementation", None) or "sdpa"),
     }
     memory["total"] = sum(memory.values())
     available = available_memory_bytes(device) if available is None else available
@@ -90,6 +114,9 @@ def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = Non
         "memory_bytes": memory,
         "available_bytes": available,
         "fits": fits,
+        "sequence_length": largest_batch["input_ids"].shape[1],
+        "attention_flops_share": round(attention_flops_share(model.config, largest_batch["input_ids"].shape[1]), 3),
+        **({"rope_scaling": rope} if rope else {}),
         "precision": precision,
         "device": str(device),
     }
@@ -107,7 +134,7 @@ def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = Non
     durations, tokens = [], 0
     for index in range(measure_steps + 1):
         rows_group = batches[(index * cfg.grad_accum) % len(batches) :][: cfg.grad_accum] or batches[: cfg.grad_accum]
-        group = [collate(train_set, rows, tokenizer.pad_token_id, pack_length) for rows in rows_group]
+        group = [collate(train_set, rows, tokenizer.pad_token_id, pack_length, continuous) for rows in rows_group]
         start = time.perf_counter()
         accumulate_gradients(model, group, autocast)
         optimizer.step()
@@ -134,6 +161,11 @@ def format_estimate(result: dict[str, Any]) -> str:
         f"{result['steps_per_epoch']} steps per epoch, {result['total_steps']} steps in the run",
         "memory (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items() if k != "total")
         + f"; total {mem['total'] / GIB:.2f} GiB of {result['available_bytes'] / GIB:.1f} GiB available",
+        f"sequences: up to {result['sequence_length']} tokens per row; attention is "
+        f"{100 * result['attention_flops_share']:.0f}% of the forward FLOPs at that length"
+        + (f"; rope scaling {result['rope_scaling']['rope_type']} x{result['rope_scaling']['factor']:g} "
+           f"({result['rope_scaling']['original_length']} -> {result['rope_scaling']['target_length']} tokens)"
+           if result.get("rope_scaling") else ""),
     ]
     if "warning" in result:
         lines.append(f"WARNING: {result['warning']}")

@@ -22,7 +22,8 @@ from afina.config import Recipe
 from afina.data.format import encode_chat
 from afina.device import autocast_factory, peak_memory_mb, pick_device, progress_interval, resolve_precision
 from afina.rundir import RunDir, read_jsonl
-from afina.train.batches import collate, epoch_batches
+from afina.models.rope import recipe_rope_settings, save_rope_settings
+from afina.train.batches import collate, epoch_batches, pack_settings
 from afina.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -46,7 +47,14 @@ def seed_everything(seed: int) -> None:
 
 
 def encode_split(tokenizer, rows: list[dict[str, Any]], train_on: str) -> list[dict[str, list[int]]]:
-    return [encode_chat(tokenizer, row["messages"], train_on) for row in rows]
+    """Chats (loss where train_on says), or plain text rows (loss on every token, then end-of-sequence)."""
+    return [encode_chat(tokenizer, row["messages"], train_on) if "messages" in row else encode_text(tokenizer, row["text"])
+            for row in rows]
+
+
+def encode_text(tokenizer, text: str) -> dict[str, list[int]]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "labels": list(ids)}
 
 
 def make_scheduler(optimizer, recipe: Recipe, total_steps: int):
@@ -104,7 +112,8 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
                           "pack examples together; set training.packing=false")
 
     # Master weights stay fp32; matmuls run in bf16 under autocast (faster on this CPU than a bf16 copy).
-    model = task.build_model(device)
+    rope = recipe_rope_settings(recipe)  # context extension: scaled rotary positions, saved with the result
+    model = task.build_model(device)  # the task applies `rope` too
     ddp.shard(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -113,10 +122,10 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = task.param_groups(model) if task.param_groups else [{"params": trainable}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    collate_fn = task.collate or collate
+    collate_fn = task.collate or (lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous))
     loss_fn, count_fn = task.loss_fn or label_token_loss, task.count_fn or count_label_tokens
 
-    pack_length = (cfg.pack_length or recipe.data.max_length) if cfg.packing else None
+    pack_length, continuous = pack_settings(recipe)
     batches_per_epoch = len(epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length))
     per_step = cfg.grad_accum * ddp.world_size  # micro-batches in one global optimizer step
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / per_step))
@@ -266,6 +275,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
         "output": str(out_dir),
         "processes": ddp.world_size,
         "distributed": ddp.strategy if ddp.world_size > 1 else None,
+        **({"rope_scaling": rope, "pack_length": pack_length} if rope else {}),
     }
     to_save = model
     if ddp.sharded:  # gather the shards (every process) into a plain copy that peft/transformers can save
@@ -278,6 +288,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
         tokenizer.save_pretrained(out_dir)
         if task.on_save:
             task.on_save(out_dir)
+        save_rope_settings(out_dir, rope)
         run.update_manifest(train=summary)
     ddp.close()
     return summary

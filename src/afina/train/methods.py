@@ -5,12 +5,12 @@ from __future__ import annotations
 from afina.config import MethodConfig
 
 
-def load_for_method(spec: str, method: MethodConfig, device):
-    """The base model as the method needs it: fp32 weights, or 4-bit NF4 for QLoRA."""
+def load_for_method(spec: str, method: MethodConfig, device, rope: dict | None = None):
+    """The base model as the method needs it: fp32 weights, or 4-bit NF4 for QLoRA; `rope`: rope scaling."""
     from afina.models import load_model
 
     if method.type != "qlora":
-        return load_model(spec, "float32").to(device)
+        return load_model(spec, "float32", rope=rope).to(device)
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
@@ -21,7 +21,7 @@ def load_for_method(spec: str, method: MethodConfig, device):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    model = load_model(spec, "float32", quantization_config=quantization, device_map={"": str(device)})
+    model = load_model(spec, "float32", rope=rope, quantization_config=quantization, device_map={"": str(device)})
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
