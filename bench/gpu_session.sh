@@ -35,11 +35,11 @@ for phase in "$@"; do
     echo "== $phase $(date +%T)"
     case $phase in
         tests) timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_train.py -k "not qlora and not compiled" 2>&1 | tail -15 ;;
-        bench) timeout 200 python3 bench/bench_train.py --steps 60 --batch 16 2>&1 | grep -v "Loading weights\|it/s\]" | tail -20 ;;
+        bench) timeout 170 python3 bench/bench_train.py --steps 60 --batch 16 2>&1 | grep -v "Loading weights\|it/s\]" | tail -20 ;;
         qlora) timeout 180 python3 -m afina quickstart method.type=qlora training.max_steps=40 eval.systems=[tuned] \
                  eval.forgetting.enabled=false "export.formats=[adapter]" output_dir=/tmp/runs 2>&1 \
                  | grep -v "Loading weights\|it/s\]" | tail -25 ;;
-        context) [ -f bench/gpu_context_extension.sh ] && OUT=$OUT/context timeout 420 bash bench/gpu_context_extension.sh 2>&1 | tail -40 ;;
+        context) [ -f bench/gpu_context_extension.sh ] && OUT=$OUT/context STEPS=${STEPS:-40} timeout 390 bash bench/gpu_context_extension.sh 2>&1 | tail -40 ;;
     esac
 done
 echo "== done $(date +%T)"
