@@ -114,7 +114,10 @@ def _source_gguf_pre(model_dir: Path) -> str:
 def _add_tokenizer(writer, tokenizer, tokenizer_dir: Path, base_model_dir: Path | None) -> None:
     import gguf
 
-    backend = json.loads(tokenizer.backend_tokenizer.to_str()) if getattr(tokenizer, "is_fast", False) else None
+    # The Rust tokenizer's own description; `is_fast` is not set by every transformers 5.x release
+    # (5.17 left it False for this backend), so ask for the backend itself.
+    rust = getattr(tokenizer, "backend_tokenizer", None)
+    backend = json.loads(rust.to_str()) if rust is not None else None
     if backend is None or backend["model"]["type"] != "BPE" or backend["model"].get("byte_fallback"):
         raise ExportError(
             "GGUF export supports byte-level BPE tokenizers (GPT-2 style, as in SmolLM2, Llama 3, Qwen2); "
