@@ -43,20 +43,22 @@ def apply_method(model, method: MethodConfig, task_type: str = "CAUSAL_LM"):
     import peft
 
     targets = method.target_modules
+    # A new head trains in full (peft's modules_to_save); all-linear must not also put an adapter on it.
+    exclude = {"exclude_modules": ["score", "classifier"]} if task_type != "CAUSAL_LM" else {}
     if method.type in ("lora", "qlora"):
         config = peft.LoraConfig(
             r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, target_modules=targets,
-            use_rslora=method.rslora, use_dora=method.dora, task_type=task_type,
+            use_rslora=method.rslora, use_dora=method.dora, task_type=task_type, **exclude,
         )
     elif method.type == "loha":
-        config = peft.LoHaConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type)
+        config = peft.LoHaConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type, **exclude)
     elif method.type == "lokr":
-        config = peft.LoKrConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type)
+        config = peft.LoKrConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type, **exclude)
     else:  # ia3: learned rescaling vectors; the feed-forward modules are scaled on their input
         ia3_targets = ["k_proj", "v_proj", "down_proj"] if targets == "all-linear" else targets
         config = peft.IA3Config(
             target_modules=ia3_targets,
             feedforward_modules=[t for t in ia3_targets if t in ("down_proj", "up_proj", "gate_proj")],
-            task_type=task_type,
+            task_type=task_type, **exclude,
         )
     return peft.get_peft_model(model, config)
