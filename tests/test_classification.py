@@ -163,3 +163,13 @@ def test_head_classifier_learns_and_predict_writes_rows_with_labels(tmp_path, ti
     assert [d["predicted_label"] for d in direct] == [p["predicted_label"] for p in predicted]
     (tmp_path / "bad.jsonl").write_text('{"title": "no text here"}\n')
     assert main(["predict", *args[:-4], "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x.jsonl")]) == 2
+
+
+def test_last_layers_puts_adapters_on_the_top_layers_only(tiny_model_dir):
+    from afina.config import MethodConfig
+    from afina.train.methods import apply_method
+
+    model = apply_method(load_model(str(tiny_model_dir)), MethodConfig(last_layers=1))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(".layers.1." in n for n in trained)
+    assert {n.split(".")[-2] for n in trained} == {"default"} and any("down_proj" in n for n in trained)
