@@ -129,3 +129,47 @@ def test_empty_or_single_class_is_an_error(tmp_path, tiny_model_dir):
     prepare(recipe)
     with pytest.raises(classification.LabelError, match="a classifier needs two or more"):
         train(recipe, progress=False)
+
+
+def test_head_classifier_learns_and_predict_writes_rows_with_labels(tmp_path, tiny_model_dir):
+    from afina.cli import main
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, "classification.mode=head", "training.max_steps=24",
+                         "classification.head_learning_rate=0.02", "eval.report=false")
+    prepare(recipe)
+    summary = train(recipe, progress=False)
+    run = RunDir(recipe.run_dir)
+    assert summary["mode"] == "head" and summary["backbone"] == "llm" and summary["method"] == "lora"
+    # LoRA + the head train; the head is saved with the adapter (peft modules_to_save).
+    assert json.loads((run.adapter / "head.json").read_text())["labels"] == ["bad", "good"]
+    report = classification.evaluate(recipe, progress=False)
+    assert list(report["systems"]) == ["tuned"]
+    assert report["systems"]["tuned"]["accuracy"] >= 75.0  # one sentiment word decides the label; chance is 50
+
+    rows = [{"id": 1, "text": "the film was lovely said reviewer 999"}, {"id": 2, "sentence": "the film was grim said reviewer 998"}]
+    source = write_jsonl(tmp_path / "new.jsonl", rows)
+    out = tmp_path / "predicted.jsonl"
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text("{}\n")
+    args = [str(recipe_file), "name=cls", f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}",
+            "task=classification", "classification.mode=head", "--input", str(source), "--output", str(out)]
+    assert main(["predict", *args]) == 0
+    predicted = read_jsonl(out)
+    assert [{k: p[k] for k in r} for p, r in zip(predicted, rows)] == rows  # the input rows, untouched
+    assert all(p["predicted_label"] in ("bad", "good") and 0.5 <= p["label_probability"] <= 1 for p in predicted)
+    # The same texts through evaluation's path give the same labels.
+    model, tokenizer, labels = classification.load_classifier(recipe, run, torch.device("cpu"))
+    direct = classification.head_predict(model, tokenizer, [{"text": r.get("text", r.get("sentence"))} for r in rows], labels, FP32)
+    assert [d["predicted_label"] for d in direct] == [p["predicted_label"] for p in predicted]
+    (tmp_path / "bad.jsonl").write_text('{"title": "no text here"}\n')
+    assert main(["predict", *args[:-4], "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x.jsonl")]) == 2
+
+
+def test_last_layers_puts_adapters_on_the_top_layers_only(tiny_model_dir):
+    from afina.config import MethodConfig
+    from afina.train.methods import apply_method
+
+    model = apply_method(load_model(str(tiny_model_dir)), MethodConfig(last_layers=1))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(".layers.1." in n for n in trained)
+    assert {n.split(".")[-2] for n in trained} == {"default"} and any("down_proj" in n for n in trained)

@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "and time a few real steps to predict the run's duration. Needs `afina prepare` first.")
     _add_recipe_args(p)
 
+    p = sub.add_parser("predict", help="predict labels (classification) or entity tags (tagging) for a file",
+                       description="Read rows from --input (JSONL, CSV, ...: a text field for classification, a word "
+                       "list or text for tagging), predict with the recipe's trained run, and write the same rows "
+                       "with prediction fields to --output (JSONL): predicted_label and label_probability, or "
+                       "predicted_tags and entities.")
+    _add_recipe_args(p)
+    p.add_argument("--input", "-i", required=True, help="the rows to predict")
+    p.add_argument("--output", "-o", required=True, help="where to write the rows with predictions (JSONL)")
+    p.add_argument("--batch-size", type=int, help="rows per batch (default: eval.batch_size)")
+
     p = sub.add_parser("run", help="run prepare, train, eval and export in order",
                        description="Run every stage of a recipe in order. A recipe with `stages:` runs them one after "
                        "another (sequential fine-tuning), each from the previous stage's weights, and prints the "
@@ -150,6 +160,16 @@ def cmd_estimate(args) -> None:
     print(format_estimate(estimate(load_recipe(args.recipe, args.overrides))))
 
 
+def cmd_predict(args) -> None:
+    from pathlib import Path
+
+    from afina.config import load_recipe
+    from afina.tasks import predict_file
+
+    result = predict_file(load_recipe(args.recipe, args.overrides), Path(args.input), Path(args.output), args.batch_size)
+    print(f"predicted {result['rows']} rows -> {result['output']}")
+
+
 def cmd_run(args) -> None:
     from afina.config import load_recipe
     from afina.pipeline import run_all
@@ -228,6 +248,7 @@ COMMANDS = {
     "eval": cmd_stage,
     "export": cmd_stage,
     "estimate": cmd_estimate,
+    "predict": cmd_predict,
     "run": cmd_run,
     "serve": cmd_serve,
     "data": cmd_data,
@@ -241,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     from afina.config import RecipeError
     from afina.data.load import DataError
     from afina.models import ModelError
+    from afina.tasks.classification import LabelError
+    from afina.tasks.tagging import TagError
     from afina.train.loop import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
@@ -251,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         COMMANDS[args.command](args)
-    except (RecipeError, DataError, ModelError, FileNotFoundError) as exc:
+    except (RecipeError, DataError, ModelError, FileNotFoundError, LabelError, TagError) as exc:
         print(f"afina {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:

@@ -109,6 +109,9 @@ class MethodConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    last_layers: int | None = Field(
+        None, ge=1, description="Adapter methods: put adapters on the last N decoder layers only; the backward pass "
+        "then stops there (faster, less memory).")
     freeze_layers: int = Field(0, ge=0, description="Full fine-tuning: keep the first N decoder layers frozen.")
     freeze_embeddings: bool = Field(False, description="Full fine-tuning: keep the token embeddings frozen.")
 

@@ -25,7 +25,7 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
     """Run one stage, record its wall time in the manifest, and print its summary."""
     from afina.data.prepare import format_report, prepare
     from afina.eval.evaluate import format_table
-    from afina.tasks import evaluate_task
+    from afina.tasks import evaluate_task, exports_weights
     from afina.export.merge import export
     from afina.train.loop import train
 
@@ -60,6 +60,10 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
                 echo(format_table(result))
             if recipe.context.rope_scaling != "none" and recipe.context.eval.enabled:
                 result["long_context"] = long_context
+        elif stage == "export" and not exports_weights(recipe):
+            result = {"skipped": f"task {recipe.task} with a head: the trained head is in {run.root}/adapter or model "
+                      "(head.json names its backbone and labels); use `afina predict`"}
+            echo(f"export: skipped ({result['skipped']})")
         elif stage == "export":
             result = export(recipe)
             for fmt, info in result.items():

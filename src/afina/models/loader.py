@@ -242,11 +242,25 @@ def load_head_model(source: str, head: str, labels: list[str], pad_token_id: int
     import torch
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+    from transformers.utils import logging as hf_logging
+
     loader = AutoModelForSequenceClassification if head == "sequence" else AutoModelForTokenClassification
-    model = _from_pretrained(
+    # transformers reports the new head as "newly initialized" weights: expected here, so not shown.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = _load_head(loader, source, dtype, labels, pad_token_id)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.eval()
+    return model
+
+
+def _load_head(loader, source: str, dtype: str, labels: list[str], pad_token_id: int | None):
+    import torch
+
+    return _from_pretrained(
         loader, source, dtype=getattr(torch, dtype), num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
         **({"pad_token_id": pad_token_id} if pad_token_id is not None else {}),
     )
-    model.eval()
-    return model

@@ -59,6 +59,12 @@ def training_task(recipe: Recipe, run: RunDir, train_rows: list[dict[str, Any]])
     return chat_task(recipe, run)
 
 
+def exports_weights(recipe: Recipe) -> bool:
+    """Whether `afina export` applies: chat models (and generative classifiers) export to merged/GGUF/Ollama;
+    a head model's result is its adapter/ or model/ folder (with head.json) as training wrote it."""
+    return recipe.task == "chat" or (recipe.task == "classification" and recipe.classification.mode == "generative")
+
+
 def evaluate_task(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """`afina eval` for the recipe's task type."""
     if recipe.task == "classification":
@@ -85,7 +91,33 @@ PREDICTORS: dict[str, str] = {
 def predictor_for(task: str) -> Callable[..., list[dict[str, Any]]]:
     import importlib
 
+    from afina.config import RecipeError
+
     if task not in PREDICTORS:
-        raise ValueError(f"afina predict supports task {', '.join(PREDICTORS)}; this recipe's task is '{task}' "
+        raise RecipeError(f"afina predict supports task {', '.join(PREDICTORS)}; this recipe's task is '{task}' "
                          "(chat models answer through `afina serve`)")
     return importlib.import_module(PREDICTORS[task]).predict_rows
+
+
+def predict_file(recipe: Recipe, input_path: Path, output_path: Path, batch_size: int | None = None) -> dict[str, Any]:
+    """`afina predict`: rows of a file in (JSONL, CSV, ... as `afina prepare` reads them), the same rows
+    with prediction fields out as JSONL. A row that cannot be read stops it with file:line."""
+    from afina.data.load import DataError, Reject, iter_source
+    from afina.rundir import write_jsonl
+
+    predict_rows = predictor_for(recipe.task)
+    if output_path.resolve() == input_path.resolve():
+        raise DataError(f"{output_path}: the output would overwrite the input file; name another --output")
+    rows = []
+    for item in iter_source(input_path):
+        if isinstance(item, Reject):
+            raise DataError(item.message())
+        rows.append(item.row)
+    if not rows:
+        raise DataError(f"{input_path}: no rows to predict")
+    try:
+        predicted = predict_rows(recipe, rows, batch_size)
+    except ValueError as exc:
+        raise DataError(f"{input_path}: {exc}") from None
+    write_jsonl(output_path, predicted)
+    return {"rows": len(predicted), "output": str(output_path)}

@@ -65,24 +65,25 @@ def attention_flops_share(config, seq: int) -> float:
 
 
 def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = None) -> dict[str, Any]:
-    from afina.models import load_tokenizer
-    from afina.train.loop import encode_split
-    from afina.train.methods import apply_method, load_for_method
+    from afina.tasks import training_task
 
     run = RunDir(recipe.run_dir)
     cfg = recipe.training
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
-    tokenizer = load_tokenizer(recipe.model.name)
-    train_set = encode_split(tokenizer, read_jsonl(run.require(run.split_path("train"), "prepare")), recipe.data.train_on)
+    train_rows = read_jsonl(run.require(run.split_path("train"), "prepare"))
+    task = training_task(recipe, run, train_rows)  # the task type's examples, model and loss, as training uses them
+    tokenizer = task.tokenizer
+    train_set = task.encode(train_rows)
     pack_length, continuous = pack_settings(recipe)
+    collate_fn = task.collate or (lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous))
     batches = epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length)
     steps_per_epoch = max(1, math.ceil(len(batches) / cfg.grad_accum))
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     tokens_per_epoch = sum(len(e["input_ids"]) for e in train_set)
 
     rope = recipe_rope_settings(recipe)
-    model = apply_method(load_for_method(recipe.model.name, recipe.method, device, rope), recipe.method)
+    model = task.build_model(device)  # the chat task applies the same rope scaling
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = list(model.parameters())
@@ -90,7 +91,7 @@ def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = Non
     n_trainable = sum(p.numel() for p in trainable)
     weights = sum(p.numel() * p.element_size() for p in params)
     largest = max(batches, key=lambda rows: sum(len(train_set[i]["input_ids"]) for row in rows for i in row))
-    largest_batch = collate(train_set, largest, tokenizer.pad_token_id, pack_length, continuous)
+    largest_batch = collate_fn(train_set, largest, tokenizer.pad_token_id, pack_length)
     tokens_mb = largest_batch["input_ids"].numel()
     labels_mb = int((largest_batch["labels"] != -100).sum())
     memory = {
@@ -134,9 +135,9 @@ def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = Non
     durations, tokens = [], 0
     for index in range(measure_steps + 1):
         rows_group = batches[(index * cfg.grad_accum) % len(batches) :][: cfg.grad_accum] or batches[: cfg.grad_accum]
-        group = [collate(train_set, rows, tokenizer.pad_token_id, pack_length, continuous) for rows in rows_group]
+        group = [collate_fn(train_set, rows, tokenizer.pad_token_id, pack_length) for rows in rows_group]
         start = time.perf_counter()
-        accumulate_gradients(model, group, autocast)
+        accumulate_gradients(model, group, autocast, loss_fn=task.loss_fn, count_fn=task.count_fn)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if index:

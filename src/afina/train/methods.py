@@ -43,20 +43,30 @@ def apply_method(model, method: MethodConfig, task_type: str = "CAUSAL_LM"):
     import peft
 
     targets = method.target_modules
+    # A new head trains in full (peft's modules_to_save); all-linear must not also put an adapter on it.
+    options: dict = {"exclude_modules": ["score", "classifier"]} if task_type != "CAUSAL_LM" else {}
+    if method.last_layers:
+        n_layers = model.config.num_hidden_layers
+        options["layers_to_transform"] = list(range(max(0, n_layers - method.last_layers), n_layers))
+        if targets == "all-linear":  # peft needs module names with layers_to_transform: the layers' linear ones
+            import torch
+
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and ".layers." in name})
     if method.type in ("lora", "qlora"):
         config = peft.LoraConfig(
             r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, target_modules=targets,
-            use_rslora=method.rslora, use_dora=method.dora, task_type=task_type,
+            use_rslora=method.rslora, use_dora=method.dora, task_type=task_type, **options,
         )
     elif method.type == "loha":
-        config = peft.LoHaConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type)
+        config = peft.LoHaConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type, **options)
     elif method.type == "lokr":
-        config = peft.LoKrConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type)
+        config = peft.LoKrConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type, **options)
     else:  # ia3: learned rescaling vectors; the feed-forward modules are scaled on their input
         ia3_targets = ["k_proj", "v_proj", "down_proj"] if targets == "all-linear" else targets
         config = peft.IA3Config(
             target_modules=ia3_targets,
             feedforward_modules=[t for t in ia3_targets if t in ("down_proj", "up_proj", "gate_proj")],
-            task_type=task_type,
+            task_type=task_type, **options,
         )
     return peft.get_peft_model(model, config)
