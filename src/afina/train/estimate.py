@@ -53,7 +53,7 @@ def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = Non
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
     tokenizer = load_tokenizer(recipe.model.name)
-    train_set = encode_split(tokenizer, read_jsonl(run.require(run.split_path("train"), "prepare")), recipe.data.train_on)
+    train_set = encode_split(tokenizer, read_jsonl(run.require(run.split_path("train"), "prepare")), recipe.data.train_on, recipe)
     pack_length = (cfg.pack_length or recipe.data.max_length) if cfg.packing else None
     batches = epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length)
     steps_per_epoch = max(1, math.ceil(len(batches) / cfg.grad_accum))

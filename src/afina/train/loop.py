@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from afina.config import Recipe
-from afina.data.format import encode_chat
+from afina.data.format import encode_chat, encode_text_chunks
 from afina.device import autocast_factory, peak_memory_mb, pick_device, progress_interval, resolve_precision
 from afina.rundir import RunDir, read_jsonl
 from afina.train.batches import collate, epoch_batches
@@ -39,7 +39,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def encode_split(tokenizer, rows: list[dict[str, Any]], train_on: str) -> list[dict[str, list[int]]]:
+def encode_split(tokenizer, rows: list[dict[str, Any]], train_on: str, recipe: Recipe | None = None) -> list[dict[str, list[int]]]:
+    """Chat rows: one example each. `task: domain` (text rows): each document cut into chunks of tokens."""
+    if recipe is not None and recipe.task == "domain":
+        length, domain = recipe.chunk_length(), recipe.domain
+        return [chunk for row in rows for chunk in encode_text_chunks(tokenizer, row["text"], length, domain.overlap, domain.add_eos)]
     return [encode_chat(tokenizer, row["messages"], train_on) for row in rows]
 
 
@@ -88,8 +92,8 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     val_rows = read_jsonl(run.require(run.split_path("validation"), "prepare"))
     if not train_rows:
         raise ValueError(f"{run.split_path('train')} has no rows: give more data or a larger data.split.train")
-    train_set = encode_split(tokenizer, train_rows, recipe.data.train_on)
-    val_set = encode_split(tokenizer, val_rows, recipe.data.train_on)
+    train_set = encode_split(tokenizer, train_rows, recipe.data.train_on, recipe)
+    val_set = encode_split(tokenizer, val_rows, recipe.data.train_on, recipe)
 
     # Master weights stay fp32; matmuls run in bf16 under autocast (faster on this CPU than a bf16 copy).
     model = apply_method(load_for_method(recipe.model.name, recipe.method, device), recipe.method)

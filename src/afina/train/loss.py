@@ -94,7 +94,14 @@ def accumulate_gradients(
 
 @torch.no_grad()
 def mean_label_loss(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast) -> float:
-    """Mean per-token loss over labelled tokens of a dataset (validation / test loss)."""
+    """Mean per-token loss over labelled tokens of a dataset (validation / test loss; perplexity is its exp)."""
+    total, count = label_loss_sum(model, encoded, pad_id, batch_size, autocast)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def label_loss_sum(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast) -> tuple[float, int]:
+    """Summed loss over the labelled tokens of a dataset, and their count (to combine parts token-weighted)."""
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         batch = pad_batch(encoded[start : start + batch_size], pad_id)
@@ -103,7 +110,7 @@ def mean_label_loss(model, encoded: list[dict[str, list[int]]], pad_id: int, bat
             loss_sum, n = label_token_loss(model, **batch)
         total += float(loss_sum)
         count += n
-    return total / max(count, 1)
+    return total, count
 
 
 @torch.no_grad()
