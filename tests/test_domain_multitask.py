@@ -84,7 +84,7 @@ def test_domain_adaptation_end_to_end(tiny_recipe, tmp_path):
     corpus = tmp_path / "manual.txt"
     corpus.write_text(domain_documents(30, 6), encoding="utf-8")
     recipe = tiny_recipe("task=domain", f"data.path={corpus}", "data.max_length=64", "domain.overlap=8",
-                         "data.dedup.near=false", "training.max_steps=12", "training.learning_rate=0.02",
+                         "data.dedup.near=false", "training.max_steps=10", "training.eval_every=10", "training.learning_rate=0.02",
                          "domain.max_eval_chunks=12", "eval.forgetting.enabled=false")
     report = prepare(recipe)
     run = RunDir(recipe.run_dir)
@@ -158,7 +158,7 @@ def test_multitask_prepare_train_eval_per_task(tiny_recipe, tmp_path):
     recipe = tiny_recipe(
         "data.path=null",
         f"data.sources=[{{task: support, path: {support}, weight: 1}}, {{task: sums, path: {sums}, weight: 3}}]",
-        "data.mixture.total=60", "data.dedup.near=false", "eval.systems=[base, tuned]", "eval.forgetting.enabled=false",
+        "data.mixture.total=60", "data.dedup.near=false", "training.eval_every=4", "eval.systems=[base, tuned]", "eval.forgetting.enabled=false",
         "eval.max_examples=3",
     )
     report = prepare(recipe)
@@ -190,3 +190,13 @@ def test_multitask_prepare_train_eval_per_task(tiny_recipe, tmp_path):
     predictions = read_jsonl(run.eval / "predictions.jsonl")
     assert {p["task"] for p in predictions} == {"support", "sums"}
     assert "task sums:" in format_table(result)
+
+
+def test_few_shot_examples_come_from_the_rows_own_task():
+    from afina.eval.evaluate import per_task
+
+    rows = [{"id": "t1", "task": "a"}, {"id": "t2", "task": "b"}, {"id": "t3", "task": "a"}]
+    train_rows = [{"id": "x", "task": "a"}, {"id": "y", "task": "b"}, {"id": "x", "task": "a"}]  # x upsampled
+    made = per_task(rows, train_rows, lambda test, train: [(t["id"], [r["id"] for r in train]) for t in test])
+    assert made == [("t1", ["x"]), ("t2", ["y"]), ("t3", ["x"])]
+    assert per_task([{"id": "t"}], [{"id": "x"}], lambda test, train: [len(train)]) == [1]

@@ -245,6 +245,21 @@ def first_per_task(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any
     return [rows[i] for indices in tasks_of(rows).values() for i in indices[:limit]]
 
 
+def per_task(rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], make) -> list[Any]:
+    """make(test rows, train rows) for each task apart (few-shot examples come from the row's own task)."""
+    groups = tasks_of(rows)
+    if not groups:
+        return make(rows, train_rows)
+    out: list[Any] = [None] * len(rows)
+    for task, indices in groups.items():
+        # An upsampled task repeats train rows in the mixture; each is one example here.
+        own = list({r["id"]: r for r in train_rows if r.get("task") == task}.values())
+        made = make([rows[i] for i in indices], own)
+        for i, item in zip(indices, made):
+            out[i] = item
+    return out
+
+
 def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     from afina.models import load_model, load_tokenizer
 
@@ -274,7 +289,8 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     prompts: dict[str, list[list[dict[str, str]]]] = {"base": zero_shot, "tuned": zero_shot}
     retrieved: list[list[str]] | None = None
     if "base_fewshot" in cfg.systems:
-        prompts["base_fewshot"] = few_shot_prompts(rows, train_rows, cfg.few_shot.k, cfg.few_shot.selection, recipe.seed)
+        prompts["base_fewshot"] = per_task(rows, train_rows, lambda test, train: few_shot_prompts(
+            test, train, cfg.few_shot.k, cfg.few_shot.selection, recipe.seed))
     if {"base_rag", "tuned_rag"} & set(cfg.systems):
         prompts["base_rag"], retrieved = rag_prompts(recipe, rows, train_rows)
         prompts["tuned_rag"] = prompts["base_rag"]
