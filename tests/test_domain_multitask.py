@@ -200,3 +200,11 @@ def test_few_shot_examples_come_from_the_rows_own_task():
     made = per_task(rows, train_rows, lambda test, train: [(t["id"], [r["id"] for r in train]) for t in test])
     assert made == [("t1", ["x"]), ("t2", ["y"]), ("t3", ["x"])]
     assert per_task([{"id": "t"}], [{"id": "x"}], lambda test, train: [len(train)]) == [1]
+
+
+def test_a_dumped_multitask_recipe_loads_again(tiny_recipe, tmp_path):
+    from afina.config import build_recipe
+
+    recipe = tiny_recipe("data.path=null", "data.sources=[{task: a, path: x, weight: 1}, {task: b, path: y, weight: 2}]")
+    again = build_recipe(recipe.to_dict(), "dumped", tmp_path)
+    assert [s.weight for s in again.data.sources] == [1, 2] and again.data.mixture.temperature is None

@@ -86,10 +86,10 @@ class SourceConfig(_Section):
 class MixtureConfig(_Section):
     """How the train splits of several sources are mixed (validation and test splits stay whole, per task)."""
 
-    temperature: float = Field(
-        1.0, gt=0, le=1000,
+    temperature: float | None = Field(
+        None, gt=0, le=1000,
         description="Without weights: task i gets a share proportional to n_i^(1/T) of its train rows n_i; "
-        "1 keeps the natural sizes, larger values move towards equal shares (small tasks upsampled).")
+        "1 (the default) keeps the natural sizes, larger values move towards equal shares (small tasks upsampled).")
     total: int | None = Field(None, ge=1, description="Train examples in the mixture (default: all tasks' train rows).")
 
 
@@ -145,7 +145,7 @@ class DataConfig(_Section):
         if any(weighted) and not all(weighted):
             missing = [s.task for s in self.sources if s.weight is None]
             raise ValueError(f"data.sources: give every source a weight or none (missing for: {', '.join(missing)})")
-        if all(weighted) and "temperature" in self.mixture.model_fields_set:
+        if all(weighted) and self.mixture.temperature is not None:
             raise ValueError("data.sources have weights and data.mixture.temperature is set: choose one way to mix")
         return self
 

@@ -125,9 +125,10 @@ def prepare_tasks(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
     weights = {s.task: s.weight for s in recipe.data.sources} if recipe.data.sources[0].weight is not None else None
     mixing = recipe.data.mixture
     train_by_task = {task: rows["train"] for task, rows in splits.items()}
-    mixed = mix(train_by_task, weights, mixing.temperature, mixing.total, recipe.seed)
+    temperature = mixing.temperature or 1.0
+    mixed = mix(train_by_task, weights, temperature, mixing.total, recipe.seed)
     realised = Counter(row["task"] for row in mixed)
-    shares = mixture_shares({t: len(r) for t, r in train_by_task.items()}, weights, mixing.temperature)
+    shares = mixture_shares({t: len(r) for t, r in train_by_task.items()}, weights, temperature)
 
     write_rows(run.split_path("train"), mixed)
     for name in ("validation", "test"):
@@ -143,9 +144,9 @@ def prepare_tasks(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
                          "report": str(run.root / "tasks" / task / "data" / "report.json")}
                   for task, r in reports.items()},
         "mixture": {
-            "method": "weights" if weights else f"temperature {mixing.temperature} (p_i ∝ n_i^(1/T))",
+            "method": "weights" if weights else f"temperature {temperature} (p_i ∝ n_i^(1/T))",
             "weights": weights,
-            "temperature": None if weights else mixing.temperature,
+            "temperature": None if weights else temperature,
             "train_rows_available": {task: len(rows) for task, rows in train_by_task.items()},
             "shares": {task: round(p, 4) for task, p in shares.items()},
             "train_rows_mixed": {task: realised[task] for task in splits},
