@@ -208,3 +208,16 @@ def test_a_dumped_multitask_recipe_loads_again(tiny_recipe, tmp_path):
     recipe = tiny_recipe("data.path=null", "data.sources=[{task: a, path: x, weight: 1}, {task: b, path: y, weight: 2}]")
     again = build_recipe(recipe.to_dict(), "dumped", tmp_path)
     assert [s.weight for s in again.data.sources] == [1, 2] and again.data.mixture.temperature is None
+
+
+def test_domain_prepare_reads_a_jsonl_text_field_and_keeps_long_documents(tiny_recipe, tmp_path):
+    docs = [{"doc_id": i, "document": domain_documents(1, 30 if i == 0 else 3, seed=i).strip()} for i in range(12)]
+    docs.append({"doc_id": 99, "document": "   "})  # empty after cleaning: rejected with its reason
+    data = write_jsonl(tmp_path / "docs.jsonl", docs)
+    recipe = tiny_recipe("task=domain", f"data.path={data}", "data.fields.text=document", "data.max_length=64",
+                         "data.dedup.near=false")
+    report = prepare(recipe)
+    assert report["schema"] == "text" and report["kept"] == 12 and report["rejected"] == 1
+    assert report["tokens"]["max"] > 64 and report["truncation"]["rows_over_max_length"] == 0
+    rejects = read_jsonl(RunDir(recipe.run_dir).data / "rejects.jsonl")
+    assert rejects[0]["line"] == 13 and rejects[0]["step"] == "clean"
