@@ -175,6 +175,7 @@ def test_multitask_prepare_train_eval_per_task(tiny_recipe, tmp_path):
     assert [r["task"] for r in rejects] == ["sums"] and "sums.jsonl:41" in f"{rejects[0]['file']}:{rejects[0]['line']}"
     text = format_report(report)
     assert "train mixture 45 rows" in text and "mixed by weights" in text
+    assert "tasks/sums/data/report.html" in (run.data / "report.html").read_text()
 
     train(recipe, progress=False)
     result = evaluate(recipe, progress=False)

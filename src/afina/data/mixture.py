@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from afina.config import Recipe, build_recipe
-from afina.rundir import JsonlWriter, RunDir, file_sha256, read_jsonl, write_json_atomic
+from afina.rundir import JsonlWriter, RunDir, file_sha256, read_jsonl, write_json_atomic, write_text_atomic
 
 Row = TypeVar("Row")
 SPLITS = ("train", "validation", "test")
@@ -158,6 +158,7 @@ def prepare_tasks(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
         "warnings": [f"{task}: {w}" for task, r in reports.items() for w in r["warnings"]],
     }
     write_json_atomic(run.data / "report.json", report)
+    write_text_atomic(run.data / "report.html", tasks_report_html(report))
     run.update_manifest(
         data={
             "source": report["source"],
@@ -192,3 +193,29 @@ def format_tasks_report(report: dict[str, Any]) -> str:
     for warning in report["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def tasks_report_html(report: dict[str, Any]) -> str:
+    """data/report.html of a multi-task run: the mixture per task, with a link to each task's own data report."""
+    import html
+
+    m = report["mixture"]
+    header = ["task", "schema", "rows in", "kept", "rejected", "train rows", "share", "train rows mixed", "validation",
+              "test", "data report"]
+    body = ""
+    for task, r in report["tasks"].items():
+        cells = [task, r["schema"], r["rows_in"], r["kept"], r["rejected"], r["splits"]["train"], m["shares"][task],
+                 m["train_rows_mixed"][task], r["splits"]["validation"], r["splits"]["test"]]
+        link = f'<a href="../tasks/{html.escape(task)}/data/report.html">{html.escape(task)}</a>'
+        body += "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + f"<td>{link}</td></tr>"
+    table = "<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + f"</tr>{body}</table>"
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) or "<li>none</li>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>afina data report (multi-task)</title></head><body>
+<h1>Multi-task data</h1>
+<p>{len(report['tasks'])} tasks, train split mixed by {html.escape(m['method'])}: {m['total']} rows. Validation and test
+rows stay whole, per task.</p>
+{table}
+<h2>Warnings</h2><ul>{warnings}</ul>
+</body></html>
+"""
