@@ -13,6 +13,7 @@ from afina.data.mixture import mix, mixture_counts, mixture_shares
 from afina.data.prepare import format_report, prepare
 from afina.eval.domain import default_general_text_path, load_general_text
 from afina.eval.evaluate import evaluate, format_table
+from afina.export.merge import export
 from afina.rundir import RunDir, read_jsonl
 from afina.train.loop import encode_split, train
 from conftest import support_rows, write_jsonl
@@ -85,7 +86,7 @@ def test_domain_adaptation_end_to_end(tiny_recipe, tmp_path):
     corpus.write_text(domain_documents(30, 6), encoding="utf-8")
     recipe = tiny_recipe("task=domain", f"data.path={corpus}", "data.max_length=64", "domain.overlap=8",
                          "data.dedup.near=false", "training.max_steps=10", "training.eval_every=10", "training.learning_rate=0.02",
-                         "domain.max_eval_chunks=12", "eval.forgetting.enabled=false")
+                         "domain.max_eval_chunks=12", "eval.forgetting.enabled=false", "export.formats=[adapter, merged]")
     report = prepare(recipe)
     run = RunDir(recipe.run_dir)
     assert report["schema"] == "text" and report["rejected"] == 0  # long documents are kept and chunked
@@ -111,6 +112,9 @@ def test_domain_adaptation_end_to_end(tiny_recipe, tmp_path):
     assert saved["systems"] == result["systems"] and (run.eval / "report.html").is_file()
     table = format_table(result)
     assert "domain perplexity" in table and "general-text perplexity" in table
+    # Export verifies the reloaded model on the start of held-out documents (raw text, no chat template).
+    exported = export(recipe)
+    assert exported["adapter"]["ok"] and exported["merged"]["ok"]
 
 
 # ---- multi-task ---------------------------------------------------------------------------------

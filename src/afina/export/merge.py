@@ -77,7 +77,8 @@ def export(recipe: Recipe) -> dict[str, Any]:
     device = pick_device()
     tokenizer = load_tokenizer(recipe.model.name)
     rows = read_jsonl(run.require(run.split_path("test"), "prepare"))[:3] or read_jsonl(run.split_path("train"))[:3]
-    prompts = [render_prompt(tokenizer, row["messages"][:-1]) for row in rows]
+    # Chat rows: the prompt as served; raw text rows (domain adaptation): the start of a document to continue.
+    prompts = [render_prompt(tokenizer, row["messages"][:-1]) if "messages" in row else row["text"][:200] for row in rows]
 
     tuned = load_tuned(recipe, run, device)
     expected = _fingerprint(tuned, tokenizer, prompts)
