@@ -63,7 +63,42 @@ class PiiConfig(_Section):
     kinds: list[Literal["email", "phone", "card", "ip"]] = Field(default_factory=lambda: ["email", "phone", "card", "ip"])
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class SourceConfig(_Section):
+    """One dataset of a multi-task mixture: its file, its shape, and its task's name and weight."""
+
+    task: str = Field(..., pattern=NAME_PATTERN, description="The task's name; every row keeps it in a `task` field.")
+    path: str = Field(..., description="The data file or folder (relative paths resolve from the recipe's folder).")
+    weight: float | None = Field(None, gt=0, description="Share of the train mixture (relative to the other sources' "
+                                 "weights); leave every weight out to mix by data.mixture.temperature.")
+    validation_path: str | None = None
+    test_path: str | None = None
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "hf"] = "auto"
+    text_unit: Literal["paragraph", "file", "line"] = "paragraph"
+    schema_: SchemaName = Field("auto", alias="schema")
+    fields: dict[str, str] = Field(default_factory=dict, description="This source's field names (as data.fields).")
+    system_prompt: str | None = Field(None, description="This source's system prompt (default: data.system_prompt).")
+    group_by: str | None = Field(None, description="As data.group_by, for this source.")
+
+
+class MixtureConfig(_Section):
+    """How the train splits of several sources are mixed (validation and test splits stay whole, per task)."""
+
+    temperature: float | None = Field(
+        None, gt=0, le=1000,
+        description="Without weights: task i gets a share proportional to n_i^(1/T) of its train rows n_i; "
+        "1 (the default) keeps the natural sizes, larger values move towards equal shares (small tasks upsampled).")
+    total: int | None = Field(None, ge=1, description="Train examples in the mixture (default: all tasks' train rows).")
+
+
 class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(
+        default_factory=list,
+        description="Multi-task: several datasets, each with its task name (and weight); instead of data.path.",
+    )
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
     path: str | None = Field(
         None,
         description="The data: a JSONL/JSON/CSV/TSV/Parquet/text file, a folder of them, or a Hugging Face dataset "
@@ -95,6 +130,40 @@ class DataConfig(_Section):
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
+
+    @model_validator(mode="after")
+    def _sources_are_consistent(self) -> "DataConfig":
+        if not self.sources:
+            return self
+        if self.path or self.validation_path or self.test_path:
+            raise ValueError("give either data.path (one dataset) or data.sources (several tasks), not both")
+        names = [s.task for s in self.sources]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"data.sources: task name(s) {', '.join(repeated)} appear more than once; each task needs its own name")
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            missing = [s.task for s in self.sources if s.weight is None]
+            raise ValueError(f"data.sources: give every source a weight or none (missing for: {', '.join(missing)})")
+        if all(weighted) and self.mixture.temperature is not None:
+            raise ValueError("data.sources have weights and data.mixture.temperature is set: choose one way to mix")
+        return self
+
+
+class DomainConfig(_Section):
+    """`task: domain`: continued pre-training on raw text, cut into chunks of tokens."""
+
+    chunk_length: int | None = Field(
+        None, ge=16, description="Tokens per chunk (default: training.pack_length, else data.max_length). Longer "
+        "documents are split into several chunks, never rejected.")
+    overlap: int = Field(
+        0, ge=0, description="Tokens each chunk repeats from the end of the previous one, as context only (they "
+        "carry no loss there, so every token is counted once).")
+    add_eos: bool = Field(True, description="End every document with the end-of-text token, so the model learns where documents end.")
+    general_text: str | None = Field(
+        None, description="A JSONL (field `text`) or plain-text file of general text whose perplexity shows what "
+        "domain training cost; none: afina's own general-English sample.")
+    max_eval_chunks: int | None = Field(None, ge=1, description="Score at most this many chunks of each text (test and general).")
 
 
 class MethodConfig(_Section):
@@ -361,12 +430,14 @@ class ContextConfig(_Section):
 
 
 class Recipe(_Section):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The run's name.")
+    name: str = Field("run", pattern=NAME_PATTERN, description="The run's name.")
     output_dir: str = Field("runs", description="Runs are written to <output_dir>/<name>/.")
     seed: int = Field(42, ge=0)
-    task: Literal["chat", "classification", "tagging"] = Field(
-        "chat", description="The task type: chat (generative fine-tuning), classification (text -> label; see the "
-        "classification section), tagging (words -> BIO tags, named entities; see the tagging section).")
+    task: Literal["chat", "classification", "tagging", "domain"] = Field(
+        "chat", description="The task type: chat (generative fine-tuning; several tasks via data.sources), "
+        "classification (text -> label; see the classification section), tagging (words -> BIO tags, named entities; "
+        "see the tagging section), domain (continued pre-training on raw text: documents chunked and packed, loss on "
+        "every token).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -384,6 +455,28 @@ class Recipe(_Section):
     classification: ClassificationConfig = Field(default_factory=ClassificationConfig)
     tagging: TaggingConfig = Field(default_factory=TaggingConfig)
     context: ContextConfig = Field(default_factory=ContextConfig)
+    domain: DomainConfig = Field(default_factory=DomainConfig)
+
+    @model_validator(mode="after")
+    def _task_settings(self) -> "Recipe":
+        if self.task != "domain":
+            return self
+        if self.data.sources:
+            raise ValueError("task: domain reads one text corpus from data.path; data.sources (multi-task) is for chat tasks")
+        if self.data.schema_ not in ("auto", "text"):
+            raise ValueError(f"task: domain trains on raw text; data.schema must be text or auto, not {self.data.schema_!r}")
+        if "packing" not in self.training.model_fields_set:  # chunks of one length: packing puts the short tails together
+            self.training.packing = True
+        length = self.chunk_length()
+        if self.domain.overlap >= length:
+            raise ValueError(f"domain.overlap ({self.domain.overlap}) must be smaller than the chunk length ({length})")
+        if self.training.packing and self.training.pack_length and length > self.training.pack_length:
+            raise ValueError(f"domain.chunk_length ({length}) is longer than training.pack_length ({self.training.pack_length})")
+        return self
+
+    def chunk_length(self) -> int:
+        """Domain adaptation: tokens per chunk of text."""
+        return self.domain.chunk_length or self.training.pack_length or self.data.max_length
 
     # Where the recipe file lives; relative data paths resolve from here. Not part of the schema.
     _base_dir: Path = Path(".")
@@ -423,6 +516,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         given = item.get("input")
         if item["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{key}'.{_describe_allowed(Recipe, item['loc'])}")
+        elif item["type"] == "value_error":  # a rule across keys: its message names them
+            lines.append(f"  - {key + ': ' if key else ''}{item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  - '{key}': {item['msg']} (given: {given!r})")
     return "\n".join(lines)

@@ -106,7 +106,7 @@ def merged_dir(stage_recipe: Recipe) -> Path:
 
 def task_train_rows(stage_recipe: Recipe, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of a stage's train split as self-contained chat rows, to replay inside another stage."""
-    if stage_recipe.task == "chat":
+    if stage_recipe.task in ("chat", "domain"):
         return rows
     return _task_module(stage_recipe).as_chat_rows(stage_recipe, rows)
 
@@ -157,7 +157,7 @@ def consolidate(stage_recipe: Recipe) -> Path:
 
 def score_stage_task(stage_recipe: Recipe, model_spec: str) -> dict[str, Any]:
     """The model's score on one stage's test split, by that stage's task."""
-    if stage_recipe.task != "chat":
+    if stage_recipe.task not in ("chat", "domain"):  # chat and domain: the loss per token on the test split
         return _task_module(stage_recipe).score_model(stage_recipe, model_spec)
     from afina.device import autocast_factory, pick_device, resolve_precision
     from afina.models import load_model, load_tokenizer
@@ -172,7 +172,7 @@ def score_stage_task(stage_recipe: Recipe, model_spec: str) -> dict[str, Any]:
     import torch
 
     with torch.no_grad():
-        loss = mean_label_loss(model, encode_split(tokenizer, rows, stage_recipe.data.train_on), tokenizer.pad_token_id,
+        loss = mean_label_loss(model, encode_split(tokenizer, rows, stage_recipe.data.train_on, stage_recipe), tokenizer.pad_token_id,
                                stage_recipe.eval.batch_size, autocast)
     return {"metric": "test_loss", "value": round(loss, 4), "lower_is_better": True, "examples": len(rows)}
 

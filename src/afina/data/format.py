@@ -69,3 +69,51 @@ def count_tokens(tokenizer, row: dict[str, Any], train_on: str = "assistant") ->
         return len(encode_chat(tokenizer, row["messages"], train_on)["input_ids"])
     text = " ".join(row["tokens"]) if "tokens" in row else row["text"]
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def text_token_ids(tokenizer, text: str, add_eos: bool = True) -> list[int]:
+    """A document's tokens, ended by the end-of-text token (domain adaptation: documents are learned whole)."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def chunk_starts(n_tokens: int, length: int, overlap: int = 0) -> list[tuple[int, int]]:
+    """(start, first new token) of each chunk of a document of n_tokens, `length` tokens at most per chunk.
+
+    A chunk after the first begins `overlap` tokens before its new tokens: they are context only.
+
+    >>> chunk_starts(10, 4, 1)
+    [(0, 0), (3, 4), (6, 7)]
+    """
+    if length <= overlap:
+        raise ValueError(f"the chunk length ({length}) must be larger than the overlap ({overlap})")
+    chunks, new = [], 0
+    while new < n_tokens:
+        start = max(0, new - overlap)
+        chunks.append((start, new))
+        new = start + length
+    return chunks
+
+
+def count_chunks(n_tokens: int, length: int, overlap: int = 0) -> int:
+    """How many chunks encode_text_chunks makes of a document of n_tokens (eos included)."""
+    return sum(1 for start, _ in chunk_starts(n_tokens, length, overlap) if min(n_tokens - start, length) >= 2)
+
+
+def encode_text_chunks(tokenizer, text: str, length: int, overlap: int = 0, add_eos: bool = True) -> list[dict[str, Any]]:
+    """A document as chunks of at most `length` tokens, each token labelled once (overlap tokens are context).
+
+    Every token is a label (continued pre-training); the first token of a document has nothing before
+    it, so it is never predicted, as in any causal LM loss.
+    """
+    ids = text_token_ids(tokenizer, text, add_eos)
+    chunks = []
+    for start, new in chunk_starts(len(ids), length, overlap):
+        piece = ids[start : start + length]
+        if len(piece) < 2:  # a lone token predicts nothing
+            continue
+        labels = [IGNORE_INDEX] * (new - start) + piece[new - start :]
+        chunks.append({"input_ids": piece, "labels": labels})
+    return chunks

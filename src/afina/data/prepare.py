@@ -165,6 +165,10 @@ def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
     from afina.models import load_tokenizer
     from afina.data.report import write_html_report
 
+    if recipe.data.sources:  # multi-task: each source prepared as its own task, then mixed
+        from afina.data.mixture import prepare_tasks
+
+        return prepare_tasks(recipe, strict)
     data = recipe.data
     sources = data_sources(recipe)
     run = RunDir(recipe.run_dir)
@@ -177,6 +181,7 @@ def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
     first_of: dict[str, dict[bytes, int]] = defaultdict(dict)  # origin -> exact key -> kept index
     near: dict[str, NearDuplicateIndex] = {}
     schema, mapping = None, ""
+    domain = recipe.task == "domain"
 
     try:
         for origin, path, hf_split in sources:
@@ -191,7 +196,7 @@ def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
                 # map: the user's fields onto a canonical row
                 try:
                     if schema is None:
-                        schema, mapping = guess_schema(record.row, data.fields, data.schema_)
+                        schema, mapping = guess_schema(record.row, data.fields, "text" if domain else data.schema_)
                     row = to_canonical(record.row, schema, data.fields, data.system_prompt, data.group_by)
                 except RowError as exc:
                     ledger.reject(Reject(record.file, record.line, str(exc)), "map", record.row)
@@ -209,7 +214,9 @@ def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
                     n_tokens = count_tokens(tokenizer, row, data.train_on)
                 except TemplateError as exc:
                     raise DataError(f"{where}: {exc}") from None
-                if n_tokens > data.max_length or n_tokens < data.clean.min_tokens:
+                # domain adaptation: a long document is cut into chunks when encoded, never rejected
+                too_long = n_tokens > data.max_length and not domain
+                if too_long or n_tokens < data.clean.min_tokens:
                     bound = (f"more than data.max_length={data.max_length}" if n_tokens > data.max_length
                              else f"fewer than data.clean.min_tokens={data.clean.min_tokens}")
                     ledger.reject(Reject(record.file, record.line, f"{n_tokens} tokens, {bound}"), "length", record.row)
@@ -416,7 +423,23 @@ def build_report(recipe: Recipe, sources, schema, mapping, ledger: Ledger, kept:
     }
     if schema == "tagging":
         report["labels"] = None
+    if recipe.task == "domain":
+        report["domain"] = domain_chunks(recipe, kept, split_of)
+        report["truncation"]["action"] = "domain adaptation: long documents are cut into chunks, none rejected for length"
     return report
+
+
+def domain_chunks(recipe: Recipe, kept: list[KeptRow], split_of: list[str]) -> dict[str, Any]:
+    """Domain adaptation: how the documents of each split fall into chunks of tokens."""
+    from afina.data.format import count_chunks
+
+    length, overlap = recipe.chunk_length(), recipe.domain.overlap
+    eos = int(recipe.domain.add_eos)
+    chunks = {name: sum(count_chunks(k.tokens + eos, length, overlap) for k, s in zip(kept, split_of) if s == name)
+              for name in SPLITS}
+    split_docs = sum(1 for k, s in zip(kept, split_of) if s and k.tokens + eos > length)
+    return {"chunk_length": length, "overlap": overlap, "add_eos": recipe.domain.add_eos, "chunks": chunks,
+            "documents_split": split_docs}
 
 
 def _split_method(kept: list[KeptRow], schema: str | None, stratify: bool) -> str:
@@ -440,6 +463,10 @@ def _token_stats(lengths: list[int]) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
     """The short summary printed at the end of `afina prepare`."""
+    if report.get("mixture"):
+        from afina.data.mixture import format_tasks_report
+
+        return format_tasks_report(report)
     lines = [
         f"data: {report['source']} (schema: {report['schema']}"
         f"{', guessed' if report['schema_guessed'] else ''}: {report['field_mapping']})",
@@ -458,6 +485,11 @@ def format_report(report: dict[str, Any]) -> str:
     s, t = report["splits"], report["tokens"]
     lines.append(f"splits: train {s['train']}, validation {s['validation']}, test {s['test']} ({report['split_method']})")
     lines.append(f"tokens per example: min {t['min']}, mean {t['mean']}, max {t['max']} ({t['total']} in all)")
+    if report.get("domain"):
+        d = report["domain"]
+        lines.append(f"chunks of {d['chunk_length']} tokens (overlap {d['overlap']}): train {d['chunks']['train']}, "
+                     f"validation {d['chunks']['validation']}, test {d['chunks']['test']}; "
+                     f"{d['documents_split']} documents longer than a chunk were split")
     for warning in report["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

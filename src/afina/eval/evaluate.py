@@ -37,7 +37,7 @@ from afina.eval.metrics import (
 )
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
 from afina.train.loop import encode_split
-from afina.train.loss import mean_label_loss
+from afina.train.loss import label_loss_sum
 
 METRIC_LABELS = {
     "fact_accuracy": "fact accuracy (%)",
@@ -57,8 +57,12 @@ METRIC_LABELS = {
     "entity_recall": "entity recall (%)",
     "answer_loss": "answer loss (nats/token)",
     "answer_perplexity": "answer perplexity",
+    "domain_loss": "domain loss (nats/token)",
+    "domain_perplexity": "domain perplexity",
+    "general_loss": "general-text loss (nats/token)",
+    "general_perplexity": "general-text perplexity",
 }
-LOWER_IS_BETTER = {"answer_loss", "answer_perplexity"}
+LOWER_IS_BETTER = {"answer_loss", "answer_perplexity", "domain_loss", "domain_perplexity", "general_loss", "general_perplexity"}
 # The metric that decides "best system" and "worst examples", first one present wins.
 PRIMARY_METRICS = ("pass@1", "entity_f1", "accuracy", "fact_accuracy", "token_f1", "rougeL", "chrf", "bleu", "exact_match", "answer_loss")
 TUNED_SYSTEMS = ("tuned", "tuned_rag")
@@ -232,9 +236,43 @@ def primary_metric(systems: dict[str, dict[str, Any]]) -> str | None:
 # ---- the stage --------------------------------------------------------------------------------
 
 
+def tasks_of(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Multi-task test rows: the row indices of each task, in order of first appearance ({} for one task)."""
+    if not any("task" in row for row in rows):
+        return {}
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(str(row.get("task")), []).append(i)
+    return groups
+
+
+def first_per_task(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """eval.max_examples for a multi-task test split: the first `limit` rows of every task."""
+    return [rows[i] for indices in tasks_of(rows).values() for i in indices[:limit]]
+
+
+def per_task(rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], make) -> list[Any]:
+    """make(test rows, train rows) for each task apart (few-shot examples come from the row's own task)."""
+    groups = tasks_of(rows)
+    if not groups:
+        return make(rows, train_rows)
+    out: list[Any] = [None] * len(rows)
+    for task, indices in groups.items():
+        # An upsampled task repeats train rows in the mixture; each is one example here.
+        own = list({r["id"]: r for r in train_rows if r.get("task") == task}.values())
+        made = make([rows[i] for i in indices], own)
+        for i, item in zip(indices, made):
+            out[i] = item
+    return out
+
+
 def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     from afina.models import load_model, load_tokenizer
 
+    if recipe.task == "domain":
+        from afina.eval.domain import evaluate_domain
+
+        return evaluate_domain(recipe, progress)
     run = RunDir(recipe.run_dir)
     cfg = recipe.eval
     device = pick_device()
@@ -242,19 +280,23 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     tokenizer = load_tokenizer(recipe.model.name)
     rows = read_jsonl(run.require(run.split_path("test"), "prepare"))
     if cfg.max_examples:
-        rows = rows[: cfg.max_examples]
+        rows = first_per_task(rows, cfg.max_examples) if tasks_of(rows) else rows[: cfg.max_examples]
     if not rows:
         raise ValueError(f"{run.split_path('test')} has no rows: set data.split.test above 0")
     train_path = run.split_path("train")
     train_rows = read_jsonl(train_path) if train_path.is_file() else []
     metrics = resolve_metrics(cfg.metrics, rows)
+    tasks = tasks_of(rows)
+    task_metrics = {task: resolve_metrics(cfg.metrics, [rows[i] for i in idx]) for task, idx in tasks.items()}
+    by_task: dict[str, dict[str, Any]] = {task: {} for task in tasks}
 
     # The prompts each system sees; base_rag and tuned_rag share their retrieved passages.
     zero_shot = [row["messages"][:-1] for row in rows]
     prompts: dict[str, list[list[dict[str, str]]]] = {"base": zero_shot, "tuned": zero_shot}
     retrieved: list[list[str]] | None = None
     if "base_fewshot" in cfg.systems:
-        prompts["base_fewshot"] = few_shot_prompts(rows, train_rows, cfg.few_shot.k, cfg.few_shot.selection, recipe.seed)
+        prompts["base_fewshot"] = per_task(rows, train_rows, lambda test, train: few_shot_prompts(
+            test, train, cfg.few_shot.k, cfg.few_shot.selection, recipe.seed))
     if {"base_rag", "tuned_rag"} & set(cfg.systems):
         prompts["base_rag"], retrieved = rag_prompts(recipe, rows, train_rows)
         prompts["tuned_rag"] = prompts["base_rag"]
@@ -286,16 +328,24 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
         with context():
             generation = generate_timed(model, tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size, autocast, desc=f"eval {system}", progress=progress)
-            loss = None
+            loss, task_loss = None, {}
             if "perplexity" in metrics:  # the reference answer's loss given this system's own prompt
                 full = [{"messages": conv + [row["messages"][-1]]} for conv, row in zip(conversations, rows)]
-                loss = mean_label_loss(model, encode_split(tokenizer, full, "assistant"), tokenizer.pad_token_id, cfg.batch_size, autocast)
+                sums = {task: label_loss_sum(model, encode_split(tokenizer, [full[i] for i in idx], "assistant"),
+                                             tokenizer.pad_token_id, cfg.batch_size, autocast)
+                        for task, idx in (tasks or {"": range(len(rows))}).items()}
+                loss = sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)
+                task_loss = {task: t / max(n, 1) for task, (t, n) in sums.items()}
         results[system], per_example = score_system(rows, generation.answers, loss, metrics, cfg.sandbox)
+        for task, idx in tasks.items():  # the same answers, scored per task
+            by_task[task][system] = score_system([rows[i] for i in idx], [generation.answers[i] for i in idx],
+                                                 task_loss.get(task), task_metrics[task], cfg.sandbox)[0]
         efficiency[system] = efficiency_of(generation, len(rows), peak_memory_mb(device), cfg.price_per_hour)
         for i, (row, answer) in enumerate(zip(rows, generation.answers)):
             predictions.append(
                 {
                     "id": row["id"],
+                    **({"task": row["task"]} if "task" in row else {}),
                     "system": system,
                     "question": last_user_text(row["messages"][:-1]),
                     "reference": row["messages"][-1]["content"],
@@ -308,6 +358,9 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             )
 
     report: dict[str, Any] = {"test_examples": len(rows), "metrics": metrics, "systems": results, "efficiency": efficiency}
+    if tasks:
+        report["tasks"] = {task: {"test_examples": len(idx), "metrics": task_metrics[task], "systems": by_task[task]}
+                           for task, idx in tasks.items()}
     report["forgetting"] = forgetting_probe(recipe, tuned, model_for, tokenizer, autocast) if cfg.forgetting.enabled and tuned is not None else None
     report["training"] = training_cost(run, cfg.price_per_hour)
     report["recommendation"] = recommend(report)
@@ -394,6 +447,8 @@ def format_table(report: dict[str, Any]) -> str:
     col = max(10, *(len(s) for s in systems))
     head = f"{'metric'.ljust(width)}  " + "  ".join(s.rjust(col) for s in systems)
     lines = [f"test split: {report['test_examples']} examples", head, "-" * len(head)]
+    if not metrics:
+        lines.pop()
     for m in metrics:
         lines.append(f"{METRIC_LABELS[m].ljust(width)}  " + "  ".join(f"{report['systems'][s][m]:{col}.2f}" for s in systems))
     if report.get("efficiency"):
@@ -419,6 +474,12 @@ def format_table(report: dict[str, Any]) -> str:
     if report.get("skipped_unseen_labels"):
         lines.append(f"warning: {report['skipped_unseen_labels']} test rows with labels training never saw were left out "
                      "(eval/rejects.jsonl)")
+    for task, part in (report.get("tasks") or {}).items():
+        lines += ["", f"task {task}: " + format_table({"test_examples": part["test_examples"], "systems": part["systems"]})]
+    if report.get("task") == "domain":
+        t = report["texts"]
+        lines.append(f"domain: {t['domain']['documents']} held-out documents, {t['domain']['tokens']} tokens; "
+                     f"general: {t['general']['tokens']} tokens of {t['general']['source']}; chunks of {t['chunk_length']} tokens")
     if report.get("forgetting"):
         f = report["forgetting"]
         lines.append(f"forgetting probe: {f['base_accuracy']:.1f}% -> {f['tuned_accuracy']:.1f}% ({f['questions']} questions)" + (" FLAGGED" if f["flagged"] else ""))

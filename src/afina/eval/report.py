@@ -59,8 +59,9 @@ def metric_bars(report: dict[str, Any]) -> str:
         ax.set_title(METRIC_LABELS[metric])
         ax.tick_params(axis="x", labelrotation=20)
         parts.append(_png(fig))
-    speed = next((k for k in ("generated_tokens_per_s", "examples_per_s") if all(k in report["efficiency"][s] for s in systems)), None)
-    if speed:
+    speed = next((k for k in ("generated_tokens_per_s", "examples_per_s")
+                  if report.get("efficiency") and all(k in report["efficiency"][s] for s in systems)), None)
+    if speed:  # domain adaptation generates nothing
         fig, ax = _figure(max(3.5, 1.1 * len(systems)), 2.6)
         ax.bar(systems, [report["efficiency"][s][speed] for s in systems], color="#dd8452")
         ax.set_title(speed.replace("_per_s", "/s").replace("_", " "))
@@ -115,10 +116,11 @@ def worst_examples(predictions: list[dict[str, Any]], report: dict[str, Any], li
     systems = list(report["systems"])
     system = "tuned" if "tuned" in systems else systems[-1]
     rows = [p for p in predictions if p["system"] == system]
-    key = next((k for k in ("passed", "correct", "token_f1", "chrf") if rows and k in rows[0]), None)
+    key = next((k for k in ("passed", "correct", "token_f1", "chrf") if any(k in p for p in rows)), None)
     if key is None:
         return "<p>No per-example score for this task.</p>"
-    rows = sorted(rows, key=lambda p: float(p[key]))[:limit]
+    # Mixed data (several tasks; facts on some rows only): rank the rows that have the score.
+    rows = sorted((p for p in rows if key in p), key=lambda p: float(p[key]))[:limit]
     cells = "".join(
         f"<tr><td>{html.escape(str(p['id']))}</td><td>{float(p[key]):.2f}</td>"
         + "".join(f'<td class="text"><pre>{html.escape(str(p[f])[:600])}</pre></td>' for f in ("question", "reference", "prediction"))
@@ -144,7 +146,7 @@ def systems_table(report: dict[str, Any]) -> str:
     efficiency_rows = (("latency_p50_s", "latency p50 (s, per batch)"), ("latency_p95_s", "latency p95 (s, per batch)"),
                        ("generated_tokens_per_s", "generated tokens/s"), ("examples_per_s", "examples/s"),
                        ("peak_memory_mb", "peak memory (MiB)"), ("cost_per_1k_requests", "cost per 1,000 requests"))
-    for key, label in efficiency_rows:
+    for key, label in efficiency_rows if report.get("efficiency") else ():
         if not all(key in report["efficiency"][s] for s in systems):
             continue
         body += f"<tr><td>{label}</td>" + "".join(f"<td>{report['efficiency'][s][key]:.4g}</td>" for s in systems) + "</tr>"
@@ -195,6 +197,8 @@ def write_report(run: RunDir, report: dict[str, Any], predictions: list[dict[str
 metrics: {html.escape(', '.join(report['metrics']))}.</p>
 <h2>Recommendation</h2><ul>{''.join(f'<li>{html.escape(line)}</li>' for line in report['recommendation'])}</ul>
 <h2>Systems &times; metrics</h2>{systems_table(report)}
+{''.join(f'<h3>Task {html.escape(task)} ({part["test_examples"]} examples)</h3>' + systems_table(part)
+         for task, part in (report.get('tasks') or {}).items())}
 <p>Training: {training.get('wall_time_s')} s wall time, {training.get('steps')} steps, cost {training.get('cost')} at
 price {recipe.eval.price_per_hour}/hour. Latency is each batch's wall time (batch size {recipe.eval.batch_size}); peak memory is
 the process's peak so far on CPU, the system's own peak on CUDA.</p>

@@ -19,7 +19,7 @@ def chat_task(recipe: Recipe, run: RunDir, messages_of=None) -> TrainingTask:
     def encode(rows):
         if messages_of is not None:
             rows = [{"messages": messages_of(row)} for row in rows]
-        return encode_split(tokenizer, rows, recipe.data.train_on)
+        return encode_split(tokenizer, rows, recipe.data.train_on, recipe)
 
     return TrainingTask(
         tokenizer=tokenizer,

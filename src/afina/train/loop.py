@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from afina.config import Recipe
-from afina.data.format import encode_chat
+from afina.data.format import encode_chat, encode_text_chunks
 from afina.device import autocast_factory, peak_memory_mb, pick_device, progress_interval, resolve_precision
 from afina.rundir import RunDir, read_jsonl
 from afina.models.rope import recipe_rope_settings, save_rope_settings
@@ -46,8 +46,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def encode_split(tokenizer, rows: list[dict[str, Any]], train_on: str) -> list[dict[str, list[int]]]:
-    """Chats (loss where train_on says), or plain text rows (loss on every token, then end-of-sequence)."""
+def encode_split(tokenizer, rows: list[dict[str, Any]], train_on: str, recipe: Recipe | None = None) -> list[dict[str, list[int]]]:
+    """Chats (loss where train_on says), or plain text rows (loss on every token, then end-of-sequence).
+    `task: domain`: each document cut into chunks of tokens."""
+    if recipe is not None and recipe.task == "domain":
+        length, domain = recipe.chunk_length(), recipe.domain
+        return [chunk for row in rows for chunk in encode_text_chunks(tokenizer, row["text"], length, domain.overlap, domain.add_eos)]
     return [encode_chat(tokenizer, row["messages"], train_on) if "messages" in row else encode_text(tokenizer, row["text"])
             for row in rows]
 

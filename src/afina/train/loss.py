@@ -99,8 +99,16 @@ def accumulate_gradients(
 @torch.no_grad()
 def mean_label_loss(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast,
                     loss_fn=None) -> float:
-    """Mean loss per label over a dataset (validation / test loss): per token for causal LM
-    targets, per example or per tagged word with a head's loss_fn."""
+    """Mean loss per label over a dataset (validation / test loss; perplexity is its exp): per token
+    for causal LM targets, per example or per tagged word with a head's loss_fn."""
+    total, count = label_loss_sum(model, encoded, pad_id, batch_size, autocast, loss_fn)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def label_loss_sum(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast,
+                   loss_fn=None) -> tuple[float, int]:
+    """Summed loss over the labels of a dataset, and their count (to combine parts label-weighted)."""
     loss_fn = loss_fn or label_token_loss
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
@@ -110,7 +118,7 @@ def mean_label_loss(model, encoded: list[dict[str, list[int]]], pad_id: int, bat
             loss_sum, n = loss_fn(model, **batch)
         total += float(loss_sum)
         count += n
-    return total / max(count, 1)
+    return total, count
 
 
 # ---- heads: one label per sequence (classification) or per word (tagging) ----------------------
