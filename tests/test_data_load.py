@@ -176,7 +176,11 @@ def test_jsonl_loader_never_crashes_and_accounts_for_every_line(tmp_path, lines,
             return False
 
     out = list(iter_source(path))
-    content_lines = [line for line in lines if not is_blank(line)]  # the BOM is dropped before line 1
+    # The BOM is dropped before line 1; a first line that itself starts with BOM bytes (and no
+    # file BOM) is indistinguishable from a file BOM, so it loses them too.
+    if lines and not bom and lines[0].startswith(b"\xef\xbb\xbf"):
+        lines = [lines[0][3:], *lines[1:]]
+    content_lines = [line for line in lines if not is_blank(line)]
     assert all(isinstance(item, (Record, Reject)) for item in out)
     if content_lines:
         assert len(out) == len(content_lines)  # one row or one reject per line that is not blank
