@@ -173,3 +173,13 @@ def test_last_layers_puts_adapters_on_the_top_layers_only(tiny_model_dir):
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all(".layers.1." in n for n in trained)
     assert {n.split(".")[-2] for n in trained} == {"default"} and any("down_proj" in n for n in trained)
+
+
+def test_max_minutes_stops_training_and_saves_the_result(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, "classification.mode=head", "training.max_steps=500",
+                         "training.max_minutes=0.0001")
+    prepare(recipe)
+    summary = train(recipe, progress=False)
+    assert summary["steps"] == 1 and summary["stopped"].startswith("time limit")
+    assert summary["best_step"] == 1  # validated before stopping, so the last weights are the result
+    assert (RunDir(recipe.run_dir).adapter / "head.json").is_file()
