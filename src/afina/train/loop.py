@@ -154,6 +154,8 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     with stop_requests() as stop:
         while loop["step"] < total_steps:
             if stop["signal"]:
+                # The training time so far goes into the checkpoint, so a resumed run reports true tokens/s.
+                loop["train_time"], started = loop["train_time"] + time.perf_counter() - started, time.perf_counter()
                 save(loop["step"])
                 raise TrainingInterrupted(
                     f"{stop['signal']} received: checkpoint saved at step {loop['step']}; "
