@@ -192,7 +192,7 @@ def test_sequence_loss_matches_transformers_and_skips_rows_outside_the_label_set
 
     model = load_head_model(str(tiny_model_dir), "sequence", ["bad", "good", "meh"], tokenizer.pad_token_id)
     rows = [{"text": "a lovely film"}, {"text": "grim, and far too long for what it is"}, {"text": "fine"}]
-    examples = classification.encode_for_head(tokenizer, [dict(r, label=l) for r, l in zip(rows, ["good", "bad", "meh"])],
+    examples = classification.encode_for_head(tokenizer, [dict(r, label=label) for r, label in zip(rows, ["good", "bad", "meh"])],
                                               ["bad", "good", "meh"])
     batch = pad_batch(examples, tokenizer.pad_token_id)  # right padding: the head pools the last real token
     loss_sum, n = sequence_label_loss(model, **batch)
