@@ -173,3 +173,34 @@ def test_last_layers_puts_adapters_on_the_top_layers_only(tiny_model_dir):
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all(".layers.1." in n for n in trained)
     assert {n.split(".")[-2] for n in trained} == {"default"} and any("down_proj" in n for n in trained)
+
+
+def test_max_minutes_stops_training_and_saves_the_result(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, "classification.mode=head", "training.max_steps=500",
+                         "training.max_minutes=0.0001")
+    prepare(recipe)
+    summary = train(recipe, progress=False)
+    assert summary["steps"] == 1 and summary["stopped"].startswith("time limit")
+    assert summary["best_step"] == 1  # validated before stopping, so the last weights are the result
+    assert (RunDir(recipe.run_dir).adapter / "head.json").is_file()
+
+
+def test_sequence_loss_matches_transformers_and_skips_rows_outside_the_label_set(tiny_model_dir, tokenizer):
+    from afina.models import load_head_model
+    from afina.train.batches import pad_batch
+    from afina.train.loss import count_sequences, sequence_label_loss
+
+    model = load_head_model(str(tiny_model_dir), "sequence", ["bad", "good", "meh"], tokenizer.pad_token_id)
+    rows = [{"text": "a lovely film"}, {"text": "grim, and far too long for what it is"}, {"text": "fine"}]
+    examples = classification.encode_for_head(tokenizer, [dict(r, label=label) for r, label in zip(rows, ["good", "bad", "meh"])],
+                                              ["bad", "good", "meh"])
+    batch = pad_batch(examples, tokenizer.pad_token_id)  # right padding: the head pools the last real token
+    loss_sum, n = sequence_label_loss(model, **batch)
+    with torch.no_grad():
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"][:, 0]).loss
+    assert n == 3 == count_sequences([batch])
+    assert float(loss_sum.detach()) / n == pytest.approx(float(reference), abs=1e-5)
+    unknown = classification.encode_for_head(tokenizer, [dict(rows[0], label="good"), dict(rows[1], label="other")], ["bad", "good", "meh"])
+    batch = pad_batch(unknown, tokenizer.pad_token_id)
+    loss_sum, n = sequence_label_loss(model, **batch)
+    assert n == 1 == count_sequences([batch])

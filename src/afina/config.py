@@ -200,6 +200,9 @@ class TrainingConfig(_Section):
     )
     log_every: int = Field(5, ge=1, description="Write a metrics line every N optimizer steps.")
     eval_every: int | None = Field(None, ge=1, description="Validate every N steps (default: at the end of each epoch).")
+    max_minutes: float | None = Field(
+        None, gt=0, description="Stop after this many minutes of training (model loading excluded), saving the "
+        "result as at the end of a run (the best validation weights where kept).")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many validations without a lower validation loss."
     )

@@ -239,7 +239,6 @@ def resolve_encoder(spec: str) -> str:
 def load_head_model(source: str, head: str, labels: list[str], pad_token_id: int | None, dtype: str = "float32"):
     """A backbone (resolved source folder) with a new classification head: head='sequence' (one label per text)
     or 'token' (one label per token). The head starts random; the backbone keeps its pretrained weights."""
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     from transformers.utils import logging as hf_logging

@@ -66,7 +66,7 @@ def read_labels(run: RunDir) -> list[str]:
     return json.loads(path.read_text(encoding="utf-8"))["labels"]
 
 
-def check_test_labels(rows: list[dict[str, Any]], labels: list[str], policy: str, run: RunDir, split: str = "test"):
+def check_test_labels(rows: list[dict[str, Any]], labels: list[str], policy: str, split: str = "test"):
     """Rows whose label training never saw: an error, or (policy skip) left out and listed in eval/rejects.jsonl.
 
     A model can never predict such a label, so counting those rows as plain mistakes would
@@ -249,7 +249,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     if cfg.max_examples:
         rows = rows[: cfg.max_examples]
     model, tokenizer, labels = load_classifier(recipe, run, device)
-    rows, rejects = check_test_labels(rows, labels, recipe.classification.unseen_test_labels, run)
+    rows, rejects = check_test_labels(rows, labels, recipe.classification.unseen_test_labels)
     if not rows:
         raise ValueError(f"{run.split_path('test')} has no rows to score: set data.split.test above 0 or give data.test_path")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
 
 from afina.config import Recipe, RecipeError
 from afina.data.format import IGNORE_INDEX

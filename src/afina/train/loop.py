@@ -176,6 +176,8 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     with stop_requests() as stop:
         while loop["step"] < total_steps:
             if stop["signal"]:
+                # The training time so far goes into the checkpoint, so a resumed run reports true tokens/s.
+                loop["train_time"], started = loop["train_time"] + time.perf_counter() - started, time.perf_counter()
                 save(loop["step"])
                 raise TrainingInterrupted(
                     f"{stop['signal']} received: checkpoint saved at step {loop['step']}; "
@@ -211,7 +213,8 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{loop['tokens'] / elapsed:.0f}", mem=f"{peak_memory_mb(device):.0f}MB", refresh=False)
 
-            val_loss = validation_loss() if (step % eval_every == 0 or step == total_steps) else None
+            time_up = bool(cfg.max_minutes) and elapsed >= cfg.max_minutes * 60 and step < total_steps
+            val_loss = validation_loss() if (step % eval_every == 0 or step == total_steps or time_up) else None
             if val_loss is not None:
                 loop["val_last"] = val_loss
                 if loop["best_val"] is None or val_loss < loop["best_val"]:
@@ -238,6 +241,8 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
             patience = cfg.early_stopping_patience
             if patience and loop["bad_evals"] >= patience:
                 stop_reason = f"early stopping: no better validation loss in {patience} validations"
+            if time_up:
+                stop_reason = f"time limit: training.max_minutes={cfg.max_minutes} reached at step {step} of {total_steps}"
             if step % save_every == 0 or step == total_steps or stop_reason != "finished":
                 loop["train_time"], started = elapsed, time.perf_counter()
                 save(step)

@@ -134,7 +134,8 @@ def sequence_label_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     """
     targets = labels[:, 0]
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+    # A row whose label is outside the label set (IGNORE_INDEX) adds nothing and is not counted.
+    return F.cross_entropy(logits, targets, reduction="sum"), int((targets != IGNORE_INDEX).sum())
 
 
 def token_label_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -149,7 +150,7 @@ def token_label_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
 
 
 def count_sequences(micro_batches: list[dict[str, torch.Tensor]]) -> int:
-    return sum(int(b["labels"].shape[0]) for b in micro_batches)
+    return sum(int((b["labels"][:, 0] != IGNORE_INDEX).sum()) for b in micro_batches)
 
 
 def count_tagged_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> int:
