@@ -235,9 +235,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Score the trained classifier (and, generative, the base model zero-shot) on the test split."""
     import contextlib
 
-    import numpy as np
-
-    from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
+    from afina.device import autocast_factory, pick_device, resolve_precision
     from afina.eval.evaluate import recommend, training_cost
     from afina.eval.metrics import label_metrics
 
@@ -267,14 +265,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         wall = time.perf_counter() - began
         scores = label_metrics(references, [p["predicted_label"] for p in predicted], labels)
         results[system] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()}
-        efficiency[system] = {
-            "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
-            "latency_p95_s": round(float(np.percentile(latencies, 95)), 4),
-            "examples_per_s": round(len(rows) / max(wall, 1e-9), 2),
-            "wall_s": round(wall, 3),
-            "peak_memory_mb": round(peak_memory_mb(device), 1),
-            "cost_per_1k_requests": round(cfg.price_per_hour * wall / len(rows) * 1000 / 3600, 6),
-        }
+        efficiency[system] = efficiency_of_batches(latencies, len(rows), wall, device, cfg.price_per_hour)
         for row, pred in zip(rows, predicted):
             predictions.append({"id": row["id"], "system": system, "question": row["text"], "reference": row["label"],
                                 "prediction": pred["predicted_label"], "correct": pred["predicted_label"] == row["label"],
@@ -296,6 +287,22 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     report["recommendation"] = recommend(report)
     write_eval_outputs(run, recipe, report, predictions, rejects)
     return report
+
+
+def efficiency_of_batches(latencies: list[float], n_rows: int, wall: float, device, price_per_hour: float) -> dict[str, float]:
+    """Latency per batch, throughput, memory and cost of scoring n_rows (classification and tagging)."""
+    import numpy as np
+
+    from afina.device import peak_memory_mb
+
+    return {
+        "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
+        "latency_p95_s": round(float(np.percentile(latencies, 95)), 4),
+        "examples_per_s": round(n_rows / max(wall, 1e-9), 2),
+        "wall_s": round(wall, 3),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "cost_per_1k_requests": round(price_per_hour * wall / n_rows * 1000 / 3600, 6),
+    }
 
 
 def write_eval_outputs(run: RunDir, recipe: Recipe, report, predictions, rejects) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-
 from afina.config import Recipe, RecipeError
 from afina.data.format import IGNORE_INDEX
 from afina.rundir import RunDir, read_jsonl
@@ -135,12 +134,11 @@ def predict_tags(model, tokenizer, rows: list[dict[str, Any]], tags: list[str], 
 
 def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Entity-level precision/recall/F1 (overall and per type) of the trained tagger on the test split."""
-    import numpy as np
 
-    from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
+    from afina.device import autocast_factory, pick_device, resolve_precision
     from afina.eval.evaluate import recommend, training_cost
     from afina.eval.metrics import entity_metrics
-    from afina.tasks.classification import write_eval_outputs
+    from afina.tasks.classification import efficiency_of_batches, write_eval_outputs
     from afina.tasks.heads import load_trained_head
 
     run = RunDir(recipe.run_dir)
@@ -176,14 +174,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "skipped_unseen_labels": len(rejects),
         "metrics": ["entities"],
         "systems": {"tuned": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()}},
-        "efficiency": {"tuned": {
-            "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
-            "latency_p95_s": round(float(np.percentile(latencies, 95)), 4),
-            "examples_per_s": round(len(rows) / max(wall, 1e-9), 2),
-            "wall_s": round(wall, 3),
-            "peak_memory_mb": round(peak_memory_mb(device), 1),
-            "cost_per_1k_requests": round(cfg.price_per_hour * wall / len(rows) * 1000 / 3600, 6),
-        }},
+        "efficiency": {"tuned": efficiency_of_batches(latencies, len(rows), wall, device, cfg.price_per_hour)},
         "forgetting": None,
         "training": training_cost(run, cfg.price_per_hour),
     }
