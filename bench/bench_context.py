@@ -104,6 +104,8 @@ def main() -> int:
     parser.add_argument("--stages", default="prepare,train,eval")
     parser.add_argument("--mixed-data", action="store_true",
                         help="train on XQuAD paragraphs + DialogSum dialogues + Dolly answers (more text for long rows)")
+    parser.add_argument("--retrieval", type=float, default=0.0,
+                        help="context.retrieval.fraction: share of training rows that are synthetic retrieval rows")
     parser.add_argument("--set", nargs="*", default=[], help="more recipe overrides")
     args = parser.parse_args()
 
@@ -119,7 +121,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     overrides = [f"output_dir={out}", "name=run", f"training.max_steps={args.steps}", f"training.learning_rate={args.lr}",
                  f"context.rope_scaling={args.scaling}", f"context.factor={args.factor}",
-                 f"context.eval.trials={args.trials}"]
+                 f"context.eval.trials={args.trials}", f"context.retrieval.fraction={args.retrieval}"]
     window = args.window
     if window:
         overrides.append(f"model.name={reduced_window_model(window, out)}")
@@ -147,6 +149,7 @@ def main() -> int:
     manifest = json.loads((run / "manifest.json").read_text())
     long_context = json.loads((run / "eval" / "long_context.json").read_text()) if (run / "eval" / "long_context.json").is_file() else None
     results = {"window": window, "target": target, "scaling": args.scaling, "factor": args.factor, "steps": args.steps,
+               "retrieval_fraction": args.retrieval, "learning_rate": args.lr, "overrides": overrides,
                "stage_wall_time_s": timings, "train": manifest.get("train"), "long_context": long_context,
                "torch": torch.__version__, "device": "cuda" if env.get("CUDA_VISIBLE_DEVICES") != "" and torch.cuda.is_available() else "cpu"}
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -66,8 +66,6 @@ def bf16_matmul_flops(seconds: float = 3.0) -> float:
 
 
 def validation_loss(model, tokenizer, val) -> float:
-    import torch
-
     from afina.device import autocast_factory
     from afina.train.loop import encode_split
     from afina.train.loss import mean_label_loss

@@ -105,6 +105,39 @@ def test_passkey_case_puts_the_key_where_it_says(tokenizer):
         assert case.needle_start - prefix == round(depth * filler)
 
 
+def test_retrieval_rows_hide_facts_and_train_only_the_answer(tokenizer):
+    import re
+
+    from afina.train.retrieval import retrieval_count, retrieval_examples
+
+    texts = ["The river runs past the mill and the old school. " * 3, "Markets open early on Fridays in the square."]
+    rows = retrieval_examples(tokenizer, texts, count=40, row_length=300, min_fraction=0.5, facts=3, seed=7)
+    assert len(rows) == 40 and retrieval_examples(tokenizer, texts, 40, 300, 0.5, 3, seed=7) == rows
+    lengths, fact_counts = set(), set()
+    for row in rows:
+        n = len(row["input_ids"])
+        assert 150 <= n <= 300 and len(row["labels"]) == n
+        lengths.add(n)
+        trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        answer = tokenizer.decode(trained).strip()
+        assert answer.isdigit() and 3 <= len(answer) <= 7
+        assert row["labels"][-len(trained):] == trained  # only the final answer tokens carry labels
+        text = tokenizer.decode(row["input_ids"][: -len(trained)])
+        keys = re.findall(r"\b\d{3,7}\b", text)
+        assert answer in keys  # the asked fact is in the text, among 1..3 facts (the others are distractors)
+        fact_counts.add(len(keys))
+        assert "pass key" not in text  # the passkey test's wording stays unseen in training
+    assert len(lengths) > 10 and fact_counts == {1, 2, 3}
+    examples = [{"input_ids": [1] * 500}] * 4  # 2,000 tokens = 2 packed rows of 1,000
+    assert retrieval_count(0.5, examples, 1000) == 2 and retrieval_count(0.2, examples, None) == 1
+    assert retrieval_count(0.0, examples, 1000) == 0
+
+
+def test_retrieval_rows_need_a_generative_task():
+    with pytest.raises(RecipeError, match="context.retrieval"):
+        load_recipe(None, ["task=classification", "context.retrieval.fraction=0.2"])
+
+
 def test_generated_haystack_is_varied_prose(tokenizer):
     from afina.eval.haystack import generated_sentences
 
@@ -150,7 +183,7 @@ def extended_run(tmp_path_factory, tiny_model_dir):
         "name=ctx", f"output_dir={tmp / 'runs'}", f"model.name={tiny_model_dir}", f"data.path={data}",
         "data.max_length=1024", "data.dedup.near=false", "training.max_steps=2", "training.batch_size=1",
         "training.packing=true", "training.precision=fp32", "training.gradient_checkpointing=true",
-        "context.rope_scaling=yarn", "context.factor=2", "context.eval.lengths=[96,200]", "context.eval.depths=[0.2,0.8]",
+        "context.rope_scaling=yarn", "context.factor=2", "context.retrieval.fraction=0.3", "context.eval.lengths=[96,200]", "context.eval.depths=[0.2,0.8]",
         "context.eval.trials=1", "context.eval.max_sequences=1", "export.formats=[merged,gguf]", "export.gguf_types=[f16]",
     ])
     prepare(recipe)
@@ -162,6 +195,9 @@ def extended_run(tmp_path_factory, tiny_model_dir):
 def test_training_saves_rope_settings_and_trains_at_the_target_length(extended_run):
     recipe, summary, _ = extended_run
     assert summary["pack_length"] == 1024 and summary["rope_scaling"]["target_length"] == 1024
+    # fraction 0.3 of the rows: 3 retrieval rows for every 7 packed rows of text
+    text_rows = summary["train_examples"] - summary["retrieval_rows"]
+    assert summary["retrieval_rows"] >= 1 and text_rows > summary["retrieval_rows"]
     saved = read_rope_settings(recipe.run_dir / "adapter")
     assert saved == summary["rope_scaling"] and saved["rope_type"] == "yarn"
 

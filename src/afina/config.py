@@ -265,7 +265,7 @@ class SandboxConfig(_Section):
 class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, le=8192)
     batch_size: int = Field(16, ge=1, le=4096)
-    max_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many test rows.")
+    max_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many test rows (of every task, for multi-task data): a seeded random sample, the same for every system.")
     systems: list[SystemName] = Field(
         default_factory=lambda: list(ALL_SYSTEMS),
         description="base (zero-shot), base_fewshot (k train examples in the prompt), base_rag (retrieved passages "
@@ -410,6 +410,17 @@ class LongContextEvalConfig(_Section):
         "tuned (the fine-tuned model with its rope scaling).")
 
 
+class RetrievalTrainConfig(_Section):
+    """Synthetic key-retrieval rows mixed into training (afina.train.retrieval): number facts hidden in the
+    training text at random depths, a question at the end, loss on the answer."""
+
+    fraction: float = Field(0.0, ge=0.0, le=0.9, description="Share of training rows that are retrieval rows "
+                            "(packed rows counted as rows); 0: none.")
+    facts: int = Field(3, ge=1, le=16, description="Facts per row, 1 to this many; all but the asked one are distractors.")
+    min_length: float = Field(0.25, gt=0.0, le=1.0, description="Shortest row as a fraction of the row length "
+                              "(the packed row length, else data.max_length); lengths are drawn uniformly up to it.")
+
+
 class ContextConfig(_Section):
     """Context-window extension: RoPE scaling applied at load, saved with the trained model."""
 
@@ -423,6 +434,9 @@ class ContextConfig(_Section):
     continuous_positions: bool = Field(
         True, description="Packed training rows keep positions 0..L-1 across documents (long-range positions are "
         "what extension trains); false: positions restart per example.")
+    retrieval: RetrievalTrainConfig = Field(
+        default_factory=RetrievalTrainConfig, description="Synthetic retrieval rows mixed into training: teaches the "
+        "model to use what it read far back, which long text alone does not teach a small model.")
     eval: LongContextEvalConfig = Field(default_factory=LongContextEvalConfig)
 
     @model_validator(mode="after")
@@ -462,6 +476,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _task_settings(self) -> "Recipe":
+        if self.context.retrieval.fraction > 0 and self.task in ("classification", "tagging"):
+            raise ValueError(f"context.retrieval adds generated question-answer rows; task: {self.task} predicts labels "
+                             "and cannot train on them. Use task: chat or domain, or set context.retrieval.fraction=0")
         if self.task != "domain":
             return self
         if self.data.sources:

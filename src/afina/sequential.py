@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from afina.config import Recipe, RecipeError, build_recipe
+from afina.eval.sample import sample_test_rows
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
 
 # Sections a stage replaces whole (its own data and task); every other section merges key by key.
@@ -93,11 +94,7 @@ def test_rows(stage_recipe: Recipe) -> list[dict[str, Any]]:
     A sample, not the first rows: a given test file may be sorted (Banking77's is, by intent).
     """
     rows = read_jsonl(RunDir(stage_recipe.run_dir).split_path("test"))
-    n = stage_recipe.eval.max_examples
-    if n is None or n >= len(rows):
-        return rows
-    keep = sorted(random.Random(stage_recipe.seed).sample(range(len(rows)), n))
-    return [rows[i] for i in keep]
+    return sample_test_rows(rows, stage_recipe.eval.max_examples, stage_recipe.seed)
 
 
 def merged_dir(stage_recipe: Recipe) -> Path:

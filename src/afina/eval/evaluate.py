@@ -35,6 +35,7 @@ from afina.eval.metrics import (
     token_f1,
     token_f1_one,
 )
+from afina.eval.sample import sample_test_rows
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
 from afina.train.loop import encode_split
 from afina.train.loss import label_loss_sum
@@ -246,11 +247,6 @@ def tasks_of(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
     return groups
 
 
-def first_per_task(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """eval.max_examples for a multi-task test split: the first `limit` rows of every task."""
-    return [rows[i] for indices in tasks_of(rows).values() for i in indices[:limit]]
-
-
 def per_task(rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], make) -> list[Any]:
     """make(test rows, train rows) for each task apart (few-shot examples come from the row's own task)."""
     groups = tasks_of(rows)
@@ -279,8 +275,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     tokenizer = load_tokenizer(recipe.model.name)
     rows = read_jsonl(run.require(run.split_path("test"), "prepare"))
-    if cfg.max_examples:
-        rows = first_per_task(rows, cfg.max_examples) if tasks_of(rows) else rows[: cfg.max_examples]
+    rows = sample_test_rows(rows, cfg.max_examples, recipe.seed)
     if not rows:
         raise ValueError(f"{run.split_path('test')} has no rows: set data.split.test above 0")
     train_path = run.split_path("train")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from afina.config import Recipe, RecipeError
+from afina.eval.sample import sample_test_rows
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
 from afina.tasks import TrainingTask
 
@@ -244,8 +245,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     rows = read_jsonl(run.require(run.split_path("test"), "prepare"))
-    if cfg.max_examples:
-        rows = rows[: cfg.max_examples]
+    rows = sample_test_rows(rows, cfg.max_examples, recipe.seed)
     model, tokenizer, labels = load_classifier(recipe, run, device)
     rows, rejects = check_test_labels(rows, labels, recipe.classification.unseen_test_labels)
     if not rows:

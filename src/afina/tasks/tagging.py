@@ -18,6 +18,7 @@ from typing import Any
 
 from afina.config import Recipe, RecipeError
 from afina.data.format import IGNORE_INDEX
+from afina.eval.sample import sample_test_rows
 from afina.rundir import RunDir, read_jsonl
 from afina.tasks import TrainingTask
 
@@ -146,8 +147,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     rows = read_jsonl(run.require(run.split_path("test"), "prepare"))
-    if cfg.max_examples:
-        rows = rows[: cfg.max_examples]
+    rows = sample_test_rows(rows, cfg.max_examples, recipe.seed)
     model, tokenizer, tags = load_trained_head(recipe, run, device)
     rows, rejects = check_test_tags(rows, tags, recipe.tagging.unseen_test_labels)
     if not rows:

@@ -56,6 +56,19 @@ def encode_split(tokenizer, rows: list[dict[str, Any]], train_on: str, recipe: R
             for row in rows]
 
 
+def add_retrieval_rows(recipe: Recipe, tokenizer, train_rows, train_set, pack_length: int | None) -> int:
+    """context.retrieval: append synthetic key-retrieval rows (afina.train.retrieval) to the encoded
+    training set, in place; returns how many."""
+    cfg = recipe.context.retrieval
+    from afina.train.retrieval import retrieval_count, retrieval_examples, row_texts
+
+    count = retrieval_count(cfg.fraction, train_set, pack_length)
+    if count:
+        train_set += retrieval_examples(tokenizer, row_texts(train_rows), count, pack_length or recipe.data.max_length,
+                                        cfg.min_length, cfg.facts, recipe.seed)
+    return count
+
+
 def encode_text(tokenizer, text: str) -> dict[str, list[int]]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return {"input_ids": ids, "labels": list(ids)}
@@ -111,6 +124,8 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     tokenizer = task.tokenizer
     train_set = task.encode(train_rows)
     val_set = task.encode(val_rows)
+    pack_length, continuous = pack_settings(recipe)
+    retrieval_rows = add_retrieval_rows(recipe, tokenizer, train_rows, train_set, pack_length)
     if cfg.packing and not task.supports_packing:
         raise RecipeError(f"training.packing: task '{recipe.task}' with a head pools or tags per example and cannot "
                           "pack examples together; set training.packing=false")
@@ -129,7 +144,6 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     collate_fn = task.collate or (lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous))
     loss_fn, count_fn = task.loss_fn or label_token_loss, task.count_fn or count_label_tokens
 
-    pack_length, continuous = pack_settings(recipe)
     batches_per_epoch = len(epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length))
     per_step = cfg.grad_accum * ddp.world_size  # micro-batches in one global optimizer step
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / per_step))
@@ -268,6 +282,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
         "stopped": stop_reason,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "train_examples": len(train_set),
+        **({"retrieval_rows": retrieval_rows} if retrieval_rows else {}),
         "packing": bool(pack_length),
         "tokens": loop["tokens"],
         "tokens_per_s": round(loop["tokens"] / max(elapsed, 1e-9), 1),
