@@ -89,6 +89,25 @@ def afina(stage: str, overrides: list[str], env: dict) -> float:
     return round(time.perf_counter() - started, 1)
 
 
+def control_run(args, overrides: list[str], window: int, target: int, env: dict) -> dict:
+    """The same fine-tune without extension: rows of the original window (the rope is left as it is:
+    linear x1), as many tokens per step (batch x factor) and the same retrieval share; passkey at
+    the main run's lengths. Documents longer than the window are rejected by its prepare (it cannot
+    train on them without going past the window), so its text differs a little; perplexity is skipped."""
+    lengths = args.lengths or f"{window},{2 * window},{4 * window}"
+    control = [o for o in overrides if not o.startswith(("name=", "data.max_length=", "training.pack_length=", "context."))]
+    control += ["name=control", "context.rope_scaling=linear", "context.factor=1", f"data.max_length={window}",
+                f"training.pack_length={window}", f"training.batch_size={max(1, round(target / window))}",
+                f"context.retrieval.fraction={args.retrieval}", f"context.eval.trials={args.trials}",
+                f"context.eval.lengths=[{lengths}]", "context.eval.systems=[tuned]", "context.eval.perplexity=false"]
+    log(f"control: the same fine-tune in rows of {window} tokens, no extension")
+    timings = {stage: afina(stage, control, env) for stage in ("prepare", "train", "eval")}
+    run = Path(next(o for o in overrides if o.startswith("output_dir="))[len("output_dir="):]) / "control"
+    result = json.loads((run / "eval" / "long_context.json").read_text())
+    return {"overrides": control, "stage_wall_time_s": timings, "train": json.loads((run / "manifest.json").read_text()).get("train"),
+            "passkey_by_length": result["systems"]["tuned"]["passkey"]["accuracy_by_length"], "long_context": result}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--window", type=int, default=256, help="reduced window to extend from (0: the model's own)")
@@ -106,6 +125,9 @@ def main() -> int:
                         help="train on XQuAD paragraphs + DialogSum dialogues + Dolly answers (more text for long rows)")
     parser.add_argument("--retrieval", type=float, default=0.0,
                         help="context.retrieval.fraction: share of training rows that are synthetic retrieval rows")
+    parser.add_argument("--control", action="store_true",
+                        help="also train a control without extension: the same steps, tokens and retrieval share in rows "
+                        "of the original window (rope unchanged), evaluated at the same lengths")
     parser.add_argument("--set", nargs="*", default=[], help="more recipe overrides")
     args = parser.parse_args()
 
@@ -152,6 +174,8 @@ def main() -> int:
                "retrieval_fraction": args.retrieval, "learning_rate": args.lr, "overrides": overrides,
                "stage_wall_time_s": timings, "train": manifest.get("train"), "long_context": long_context,
                "torch": torch.__version__, "device": "cuda" if env.get("CUDA_VISIBLE_DEVICES") != "" and torch.cuda.is_available() else "cpu"}
+    if args.control and args.window:
+        results["control"] = control_run(args, overrides, window, target, env)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if long_context:
         from afina.eval.long_context import format_long_context
@@ -159,6 +183,9 @@ def main() -> int:
         print(format_long_context(long_context))
         for system, entry in long_context["systems"].items():
             print(f"  {system}: eval wall {entry['wall_time_s']} s, peak memory {entry['peak_memory_mb']:.0f} MiB")
+    if results.get("control"):
+        by_length = results["control"]["passkey_by_length"]
+        print(f"{'control: same training, no extension':<40}" + "".join(f"{by_length[str(n)]:>14.1f}" for n in sorted(map(int, by_length))))
     if manifest.get("train"):
         t = manifest["train"]
         print(f"train: {t['steps']} steps, {t['tokens']} tokens, {t['tokens_per_s']} tok/s, peak {t['peak_memory_mb']:.0f} MiB, "

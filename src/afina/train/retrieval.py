@@ -10,7 +10,7 @@ the field in miniature (long-context instruction data such as LongAlpaca's, synt
 in LongLoRA-style and "needle" training sets).
 
 The wording is deliberately not the passkey test's (afina.eval.long_context): other facts
-("the vault code of Mira"), instructions and questions, one to `facts` facts per row (the others
+("the vault code of Mira", "the entry code"; never "pass key"), instructions and questions, one to `facts` facts per row (the others
 are distractors, so copying the only number in sight does not pay), keys of 3 to 7 digits, and
 the haystack is the training split's own text. The evaluation then measures a skill that
 transfers to an unseen template and unseen prose, not a memorised one.
@@ -28,16 +28,24 @@ from afina.data.format import IGNORE_INDEX
 
 SUBJECTS = ["vault code", "access code", "locker number", "ticket number", "room number", "badge number",
             "order number", "account number", "parcel number", "gate code", "invoice number", "door code",
-            "member number", "case number", "serial number", "booking reference"]
+            "member number", "case number", "serial number", "booking reference", "security code", "PIN",
+            "secret number", "entry code", "lucky number", "reference number"]
 OWNERS = ["Mira", "Tomas", "Aiko", "Dr. Okafor", "the harbour office", "the night shift", "the north warehouse",
           "the library", "Mrs. Lindqvist", "the chess club", "Rafael", "the east wing", "Professor Adeyemi",
           "the bakery on Elm Street", "Jonas", "the ferry company", "Priya", "the archive", "Captain Moreau", "Lena"]
-NEEDLES = [
+NEEDLES = [  # a fact that belongs to someone (rows with distractors of the same kind)
     "The {subject} of {owner} is {key}.",
     "Note that the {subject} of {owner} is {key}; keep it in mind.",
     "For the record, {owner} has {key} as the {subject}.",
     "Please remember: {owner}, {subject} {key}.",
     "It was agreed that the {subject} of {owner} would be {key}.",
+]
+PLAIN_NEEDLES = [  # a fact on its own (distractors are other subjects)
+    "The {subject} is {key}.",
+    "Remember this: the {subject} is {key}.",
+    "Write it down, the {subject} is {key}. Again, {key}.",
+    "{key} is the {subject}, do not forget it.",
+    "Important: the {subject} you will need is {key}.",
 ]
 INSTRUCTIONS = [
     "Some facts are hidden in the long text below. Read all of it; a question about one of them follows.\n",
@@ -49,6 +57,11 @@ QUESTIONS = [
     "\nQuestion: what is the {subject} of {owner}? Answer: the {subject} of {owner} is",
     "\nWhich number is the {subject} of {owner}? It is",
     "\nNow recall the {subject} of {owner}. The {subject} of {owner} is",
+]
+PLAIN_QUESTIONS = [
+    "\nWhat is the {subject}? The {subject} is",
+    "\nQuestion: which number is the {subject}? Answer:",
+    "\nNow, the {subject} mentioned above is",
 ]
 
 
@@ -66,13 +79,19 @@ def retrieval_example(tokenizer, filler_tokens: list[list[int]], length: int, fa
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     count = rng.randint(1, facts)
-    pairs = rng.sample([(s, o) for s in SUBJECTS for o in OWNERS], count)
+    owned = rng.random() < 0.5  # "the vault code of Mira" facts, or plain "the vault code" facts
+    if owned:
+        pairs = rng.sample([(s, o) for s in SUBJECTS for o in OWNERS], count)
+    else:
+        pairs = [(s, None) for s in rng.sample(SUBJECTS, count)]
+    needle_templates, question_templates = (NEEDLES, QUESTIONS) if owned else (PLAIN_NEEDLES, PLAIN_QUESTIONS)
     keys = [_key(rng) for _ in pairs]
-    needles = [encode(" " + rng.choice(NEEDLES).format(subject=s, owner=o, key=k)) for (s, o), k in zip(pairs, keys)]
+    needles = [encode(" " + rng.choice(needle_templates).format(subject=s, owner=o, key=k))
+               for (s, o), k in zip(pairs, keys)]
     asked = rng.randrange(count)
     subject, owner = pairs[asked]
     prefix = encode(rng.choice(INSTRUCTIONS))
-    question = encode(rng.choice(QUESTIONS).format(subject=subject, owner=owner))
+    question = encode(rng.choice(question_templates).format(subject=subject, owner=owner))
     answer = encode(f" {keys[asked]}")
     room = length - len(prefix) - sum(map(len, needles)) - len(question) - len(answer)
     if room < 0:
