@@ -120,7 +120,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/bench-context"))
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="cpu hides any GPU; cuda fails at once when none is usable")
-    parser.add_argument("--stages", default="prepare,train,eval")
+    parser.add_argument("--stages", default="prepare,train,eval", help="none: only the --control run (after a main run)")
     parser.add_argument("--mixed-data", action="store_true",
                         help="train on XQuAD paragraphs + DialogSum dialogues + Dolly answers (more text for long rows)")
     parser.add_argument("--retrieval", type=float, default=0.0,
@@ -165,7 +165,7 @@ def main() -> int:
     overrides += args.set
     log(f"extending window {window} -> {target} with {args.scaling} x{args.factor:g}, {args.steps} steps")
 
-    stages = args.stages.split(",")
+    stages = [] if args.stages == "none" else args.stages.split(",")
     timings = {stage: afina(stage, overrides, env) for stage in stages}
     run = out / "run"
     manifest = json.loads((run / "manifest.json").read_text())

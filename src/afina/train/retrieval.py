@@ -10,7 +10,7 @@ the field in miniature (long-context instruction data such as LongAlpaca's, synt
 in LongLoRA-style and "needle" training sets).
 
 The wording is deliberately not the passkey test's (afina.eval.long_context): other facts
-("the vault code of Mira", "the entry code"; never "pass key"), instructions and questions, one to `facts` facts per row (the others
+("the vault code of Mira", "the entry code", "the license key"; never "pass key"), instructions and questions, one to `facts` facts per row (the others
 are distractors, so copying the only number in sight does not pay), keys of 3 to 7 digits, and
 the haystack is the training split's own text. The evaluation then measures a skill that
 transfers to an unseen template and unseen prose, not a memorised one.
@@ -29,7 +29,8 @@ from afina.data.format import IGNORE_INDEX
 SUBJECTS = ["vault code", "access code", "locker number", "ticket number", "room number", "badge number",
             "order number", "account number", "parcel number", "gate code", "invoice number", "door code",
             "member number", "case number", "serial number", "booking reference", "security code", "PIN",
-            "secret number", "entry code", "lucky number", "reference number"]
+            "secret number", "entry code", "lucky number", "reference number", "license key", "product key",
+            "API key", "access key", "room key number"]
 OWNERS = ["Mira", "Tomas", "Aiko", "Dr. Okafor", "the harbour office", "the night shift", "the north warehouse",
           "the library", "Mrs. Lindqvist", "the chess club", "Rafael", "the east wing", "Professor Adeyemi",
           "the bakery on Elm Street", "Jonas", "the ferry company", "Priya", "the archive", "Captain Moreau", "Lena"]
@@ -51,6 +52,7 @@ INSTRUCTIONS = [
     "Some facts are hidden in the long text below. Read all of it; a question about one of them follows.\n",
     "Read the following document carefully. You will be asked about a number mentioned in it.\n",
     "The text below contains a few numbers that matter among much that does not.\n",
+    "Somewhere in this long text is a detail you will need. Read everything; the question comes at the end.\n",
     "",
 ]
 QUESTIONS = [
