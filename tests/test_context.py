@@ -128,6 +128,10 @@ def test_retrieval_rows_hide_facts_and_train_only_the_answer(tokenizer):
         fact_counts.add(len(set(keys)))
         assert "pass key" not in text  # the passkey test's wording stays unseen in training
     assert len(lengths) > 10 and fact_counts == {1, 2, 3}
+    short = retrieval_examples(tokenizer, texts, count=30, row_length=60, min_fraction=0.5, facts=3, seed=1)
+    assert all(30 <= len(row["input_ids"]) <= 60 for row in short)  # short rows drop distractors to fit
+    with pytest.raises(ValueError, match="cannot hold a fact"):
+        retrieval_examples(tokenizer, texts, count=5, row_length=8, min_fraction=1.0, facts=1, seed=1)
     examples = [{"input_ids": [1] * 500}] * 4  # 2,000 tokens = 2 packed rows of 1,000
     assert retrieval_count(0.5, examples, 1000) == 2 and retrieval_count(0.2, examples, None) == 1
     assert retrieval_count(0.0, examples, 1000) == 0

@@ -95,10 +95,21 @@ def retrieval_example(tokenizer, filler_tokens: list[list[int]], length: int, fa
     prefix = encode(rng.choice(INSTRUCTIONS))
     question = encode(rng.choice(question_templates).format(subject=subject, owner=owner))
     answer = encode(f" {keys[asked]}")
-    room = length - len(prefix) - sum(map(len, needles)) - len(question) - len(answer)
-    if room < 0:
-        raise ValueError(f"a retrieval row of {length} tokens cannot hold its facts and question; "
-                         "raise context.retrieval.min_length or the row length")
+
+    def spare() -> int:
+        return length - len(prefix) - sum(map(len, needles)) - len(question) - len(answer)
+
+    while spare() < 0 and len(needles) > 1:  # a short row: drop distractors, then the instruction
+        drop = next(i for i in range(len(needles)) if i != asked)
+        del needles[drop]
+        if drop < asked:
+            asked -= 1
+    if spare() < 0:
+        prefix = []
+    if spare() < 0:
+        raise ValueError(f"a retrieval row of {length} tokens cannot hold a fact and its question "
+                         f"({length - spare()} tokens); raise context.retrieval.min_length or the row length")
+    room = spare()
     filler: list[int] = []
     while len(filler) < room:
         filler += filler_tokens[rng.randrange(len(filler_tokens))]
