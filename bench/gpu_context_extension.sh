@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Real context extension on one GPU (H100/H200), about 3-6 minutes:
-#   SmolLM2-135M-Instruct, window 8,192 -> 16,384 tokens (YaRN x2), a 100-step LoRA fine-tune on
+#   SmolLM2-135M-Instruct, window 8,192 -> 16,384 tokens (YaRN x2), a 300-step LoRA fine-tune on
 #   16,384-token rows (continuous packing, gradient checkpointing, chunked loss; RETRIEVAL=0.5 of the
 #   rows are synthetic key-retrieval rows, context.retrieval), then passkey
 #   retrieval at 8k / 16k / 32k tokens x 3 depths x 8 keys and perplexity by position, for the base,
@@ -13,7 +13,7 @@
 set -euo pipefail
 OUT="${OUT:-runs/gpu-context-out}"
 PY="${PYTHON:-python}"
-STEPS="${STEPS:-100}"
+STEPS="${STEPS:-300}"
 RETRIEVAL="${RETRIEVAL:-0.5}"
 DEVICE="${DEVICE:-cuda}"   # DEVICE=cpu only to try this script's plumbing on a CPU with tiny sizes
 mkdir -p "$OUT"
