@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from afina.config import Recipe, RecipeError, build_recipe
-from afina.eval.sample import sample_test_rows
+from afina.eval.sample import eval_rows
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
 
 # Sections a stage replaces whole (its own data and task); every other section merges key by key.
@@ -86,15 +86,6 @@ def check_stage_task(stage_recipe: Recipe, where: str) -> None:
             f"{where}: sequential stages carry one language model from stage to stage; a task with its own head "
             "(tagging, classification.mode=head) cannot be a stage. Use classification.mode=generative"
         )
-
-
-def test_rows(stage_recipe: Recipe) -> list[dict[str, Any]]:
-    """The stage's test split, or a seeded random sample of eval.max_examples rows of it.
-
-    A sample, not the first rows: a given test file may be sorted (Banking77's is, by intent).
-    """
-    rows = read_jsonl(RunDir(stage_recipe.run_dir).split_path("test"))
-    return sample_test_rows(rows, stage_recipe.eval.max_examples, stage_recipe.seed)
 
 
 def merged_dir(stage_recipe: Recipe) -> Path:
@@ -164,7 +155,7 @@ def score_stage_task(stage_recipe: Recipe, model_spec: str) -> dict[str, Any]:
     device = pick_device()
     autocast = autocast_factory(resolve_precision(stage_recipe.training.precision, device), device)
     tokenizer = load_tokenizer(model_spec)
-    rows = test_rows(stage_recipe)
+    rows = eval_rows(stage_recipe)
     model = load_model(model_spec, "float32").to(device).eval()
     import torch
 

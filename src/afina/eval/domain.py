@@ -20,8 +20,8 @@ from typing import Any
 from afina.config import Recipe
 from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
 from afina.eval.metrics import perplexity
-from afina.eval.sample import sample_test_rows
-from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
+from afina.eval.sample import eval_rows
+from afina.rundir import RunDir, write_json_atomic, write_jsonl
 from afina.train.loop import encode_split
 from afina.train.loss import mean_label_loss
 
@@ -62,8 +62,7 @@ def evaluate_domain(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     tokenizer = load_tokenizer(recipe.model.name)
-    test_rows = read_jsonl(run.require(run.split_path("test"), "prepare"))
-    test_rows = sample_test_rows(test_rows, cfg.max_examples, recipe.seed)
+    test_rows = eval_rows(recipe)
     if not test_rows:
         raise ValueError(f"{run.split_path('test')} has no rows: set data.split.test above 0 to hold out domain text")
     general_path = recipe.resolve_path(recipe.domain.general_text) if recipe.domain.general_text else default_general_text_path()

@@ -35,7 +35,7 @@ from afina.eval.metrics import (
     token_f1,
     token_f1_one,
 )
-from afina.eval.sample import sample_test_rows
+from afina.eval.sample import eval_rows
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
 from afina.train.loop import encode_split
 from afina.train.loss import label_loss_sum
@@ -274,8 +274,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     tokenizer = load_tokenizer(recipe.model.name)
-    rows = read_jsonl(run.require(run.split_path("test"), "prepare"))
-    rows = sample_test_rows(rows, cfg.max_examples, recipe.seed)
+    rows = eval_rows(recipe)
     if not rows:
         raise ValueError(f"{run.split_path('test')} has no rows: set data.split.test above 0")
     train_path = run.split_path("train")

@@ -6,6 +6,14 @@ import random
 from typing import Any
 
 
+def eval_rows(recipe) -> list[dict[str, Any]]:
+    """The run's prepared test split, or its eval.max_examples sample (see sample_test_rows)."""
+    from afina.rundir import RunDir, read_jsonl
+
+    run = RunDir(recipe.run_dir)
+    return sample_test_rows(read_jsonl(run.require(run.split_path("test"), "prepare")), recipe.eval.max_examples, recipe.seed)
+
+
 def sample_test_rows(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
     """A seeded random sample of `limit` rows (of every task, for a multi-task split), kept in file order.
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from afina.config import Recipe, RecipeError
-from afina.eval.sample import sample_test_rows
+from afina.eval.sample import eval_rows
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
 from afina.tasks import TrainingTask
 
@@ -244,8 +244,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     cfg = recipe.eval
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
-    rows = read_jsonl(run.require(run.split_path("test"), "prepare"))
-    rows = sample_test_rows(rows, cfg.max_examples, recipe.seed)
+    rows = eval_rows(recipe)
     model, tokenizer, labels = load_classifier(recipe, run, device)
     rows, rejects = check_test_labels(rows, labels, recipe.classification.unseen_test_labels)
     if not rows:
@@ -353,13 +352,12 @@ def score_model(recipe: Recipe, model_spec: str) -> dict[str, Any]:
     from afina.device import autocast_factory, pick_device, resolve_precision
     from afina.eval.metrics import label_metrics
     from afina.models import load_model, load_tokenizer
-    from afina.sequential import test_rows
 
     if recipe.classification.mode != "generative":
         raise RecipeError("sequential stages score classification with classification.mode=generative")
     run = RunDir(recipe.run_dir)
     labels = label_set(recipe, [r for r in read_jsonl(run.split_path("train")) if "replay_from" not in r])
-    rows, _ = check_test_labels(test_rows(recipe), labels, recipe.classification.unseen_test_labels, run)
+    rows, _ = check_test_labels(eval_rows(recipe), labels, recipe.classification.unseen_test_labels, run)
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     model = load_model(model_spec, "float32").to(device).eval()

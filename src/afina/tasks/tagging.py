@@ -18,8 +18,8 @@ from typing import Any
 
 from afina.config import Recipe, RecipeError
 from afina.data.format import IGNORE_INDEX
-from afina.eval.sample import sample_test_rows
-from afina.rundir import RunDir, read_jsonl
+from afina.eval.sample import eval_rows
+from afina.rundir import RunDir
 from afina.tasks import TrainingTask
 
 
@@ -146,8 +146,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     cfg = recipe.eval
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
-    rows = read_jsonl(run.require(run.split_path("test"), "prepare"))
-    rows = sample_test_rows(rows, cfg.max_examples, recipe.seed)
+    rows = eval_rows(recipe)
     model, tokenizer, tags = load_trained_head(recipe, run, device)
     rows, rejects = check_test_tags(rows, tags, recipe.tagging.unseen_test_labels)
     if not rows:
