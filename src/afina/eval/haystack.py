@@ -12,7 +12,6 @@ nothing is copied from a corpus.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -66,15 +65,11 @@ def file_paragraphs(path: Path, field: str = "text") -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: haystack text file not found (context.eval.haystack)")
     if path.suffix.lower() in (".jsonl", ".json"):
+        from afina.data.load import iter_json_objects
+
         paragraphs = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+        for number, row in iter_json_objects(path):
+            if not isinstance(row.get(field), str):
                 raise ValueError(f"{path}:{number}: the JSONL row needs a string field `{field}`")
             paragraphs.append(row[field].strip())
     else:
