@@ -67,7 +67,7 @@ def bf16_matmul_flops(seconds: float = 3.0) -> float:
 
 def validation_loss(model, tokenizer, val) -> float:
     from afina.device import autocast_factory
-    from afina.train.loop import encode_split
+    from afina.data.format import encode_split
     from afina.train.loss import mean_label_loss
 
     model.eval()
@@ -78,7 +78,7 @@ def validation_loss(model, tokenizer, val) -> float:
 def worker_afina(args, train_rows, val_rows, out: dict) -> None:
     from afina.config import load_recipe
     from afina.rundir import RunDir, write_jsonl
-    from afina.train.loop import train
+    from afina.pipeline import train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-afina-"))
     recipe = load_recipe(None, [

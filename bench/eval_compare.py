@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 from afina.config import load_recipe
-from afina.data.prepare import prepare
-from afina.eval.evaluate import evaluate, format_table
-from afina.train.loop import train
+from afina.pipeline import prepare
+from afina.eval.summary import format_table
+from afina.pipeline import evaluate
+from afina.pipeline import train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -8,12 +8,12 @@ import torch
 
 from afina.config import load_recipe
 from afina.data.format import encode_chat
-from afina.data.prepare import prepare
+from afina.pipeline import prepare
 from afina.device import autocast_factory
 from afina.models import load_model
 from afina.rundir import RunDir, read_jsonl
 from afina.tasks import classification
-from afina.train.loop import train
+from afina.pipeline import train
 
 from conftest import write_jsonl
 

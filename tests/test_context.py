@@ -173,10 +173,10 @@ def test_continuous_packing_keeps_positions_running(tokenizer):
 @pytest.fixture(scope="module")
 def extended_run(tmp_path_factory, tiny_model_dir):
     """Train the tiny model on long text rows with yarn x2 (continuous packing), then the long-context eval."""
-    from afina.data.prepare import prepare
+    from afina.pipeline import prepare
     from afina.eval.haystack import generated_sentences
     from afina.eval.long_context import evaluate_long_context
-    from afina.train.loop import train
+    from afina.pipeline import train
     from conftest import write_jsonl
 
     tmp = tmp_path_factory.mktemp("context")
@@ -207,11 +207,10 @@ def test_training_saves_rope_settings_and_trains_at_the_target_length(extended_r
 
 
 def test_eval_loads_the_adapter_with_its_rope_scaling(extended_run):
-    from afina.eval.evaluate import load_tuned
-    from afina.rundir import RunDir
+    from afina.models import load_trained
 
     recipe, _, _ = extended_run
-    tuned = load_tuned(recipe, RunDir(recipe.run_dir), torch.device("cpu"))
+    tuned = load_trained(recipe.run_dir, recipe.model.name, torch.device("cpu"))
     assert tuned.get_base_model().config.rope_parameters["rope_type"] == "yarn"
     assert context_length(tuned.get_base_model().config) == 1024
 
@@ -256,7 +255,8 @@ def test_serve_loads_the_run_with_its_extended_window(extended_run):
 
 
 def test_afina_estimate_models_the_longer_rows(extended_run):
-    from afina.train.estimate import estimate, format_estimate
+    from afina.pipeline import estimate
+    from afina.train.estimate import format_estimate
 
     recipe, _, _ = extended_run
     longer = recipe.model_copy(deep=True)

@@ -4,7 +4,8 @@ import pytest
 
 from afina.data.format import IGNORE_INDEX, encode_chat, render_prompt
 from afina.data.load import DataError
-from afina.data.prepare import prepare, split_counts
+from afina.data.prepare import split_counts
+from afina.pipeline import prepare
 from afina.rundir import RunDir, file_sha256, read_jsonl
 
 from conftest import SYSTEM, support_rows, write_jsonl

@@ -13,7 +13,8 @@ from afina.config import load_recipe
 from afina.data.clean import TextCleaner, luhn_valid, strip_html
 from afina.config import CleanConfig, PiiConfig
 from afina.data.load import DataError
-from afina.data.prepare import assign_splits, prepare
+from afina.data.prepare import assign_splits
+from afina.pipeline import prepare
 from afina.rundir import RunDir, file_sha256, read_jsonl
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

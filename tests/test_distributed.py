@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from afina.config import load_recipe
-from afina.data.prepare import prepare
+from afina.pipeline import prepare
 from afina.rundir import RunDir
-from afina.train.loop import train
+from afina.pipeline import train
 
 from conftest import support_rows, write_jsonl
 

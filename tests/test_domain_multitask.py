@@ -10,12 +10,16 @@ import pytest
 from afina.config import RecipeError
 from afina.data.format import IGNORE_INDEX, chunk_starts, count_chunks, encode_text_chunks, text_token_ids
 from afina.data.mixture import mix, mixture_counts, mixture_shares
-from afina.data.prepare import format_report, prepare
+from afina.data.prepare import format_report
+from afina.pipeline import prepare
 from afina.eval.domain import default_general_text_path, load_general_text
-from afina.eval.evaluate import evaluate, format_table
+from afina.eval.summary import format_table
+from afina.pipeline import evaluate
 from afina.export.merge import export
 from afina.rundir import RunDir, read_jsonl
-from afina.train.loop import encode_split, train
+from afina.data.format import encode_split
+from afina.tasks import domain
+from afina.pipeline import train
 from conftest import support_rows, write_jsonl
 
 # ---- chunking -----------------------------------------------------------------------------------
@@ -95,7 +99,7 @@ def test_domain_adaptation_end_to_end(tiny_recipe, tmp_path):
     train_rows = read_jsonl(run.split_path("train"))
     from afina.models import load_tokenizer
 
-    chunks = encode_split(load_tokenizer(recipe.model.name), train_rows, "all", recipe)
+    chunks = encode_split(load_tokenizer(recipe.model.name), train_rows, "all", domain.chunking(recipe))
     assert len(chunks) == report["domain"]["chunks"]["train"] and max(len(c["input_ids"]) for c in chunks) == 64
 
     summary = train(recipe, progress=False)
@@ -198,7 +202,7 @@ def test_multitask_prepare_train_eval_per_task(tiny_recipe, tmp_path):
 
 
 def test_few_shot_examples_come_from_the_rows_own_task():
-    from afina.eval.evaluate import per_task
+    from afina.eval.generative import per_task
 
     rows = [{"id": "t1", "task": "a"}, {"id": "t2", "task": "b"}, {"id": "t3", "task": "a"}]
     train_rows = [{"id": "x", "task": "a"}, {"id": "y", "task": "b"}, {"id": "x", "task": "a"}]  # x upsampled

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from afina.data.prepare import prepare
-from afina.eval.evaluate import evaluate, format_table
+from afina.pipeline import prepare
+from afina.eval.summary import format_table
+from afina.pipeline import evaluate
 from afina.eval.forgetting import default_probe_path, forgetting_verdict, load_probe
 from afina.eval.metrics import bleu, chrf, classification_scores, rouge_scores, token_f1
 from afina.rag import Retriever, load_passages, passages_from_rows
 from afina.rundir import RunDir, read_jsonl
-from afina.train.loop import train
+from afina.pipeline import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -1,12 +1,13 @@
 import json
 
-from afina.data.prepare import prepare
-from afina.eval.evaluate import evaluate, format_table
+from afina.pipeline import prepare
+from afina.eval.summary import format_table
+from afina.pipeline import evaluate
 from afina.eval.metrics import contains_all, exact_match, key_recall, rouge_l
 from afina.export.merge import export
 from afina.models import load_model
 from afina.rundir import RunDir, read_jsonl
-from afina.train.loop import train
+from afina.pipeline import train
 
 
 def test_fact_metrics_read_like_a_person_would():

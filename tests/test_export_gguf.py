@@ -5,11 +5,11 @@ import importlib.util
 import pytest
 from gguf import GGUFReader
 
-from afina.data.prepare import prepare
+from afina.pipeline import prepare
 from afina.export.merge import export
 from afina.export.ollama import template_pieces
 from afina.rundir import RunDir
-from afina.train.loop import train
+from afina.pipeline import train
 
 
 @pytest.fixture(scope="module")

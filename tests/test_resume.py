@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from afina.data.prepare import prepare
+from afina.pipeline import prepare
 from afina.rundir import RunDir
 from afina.train.checkpoint import list_checkpoints
-from afina.train.loop import train
+from afina.pipeline import train
 
 from conftest import support_rows, write_jsonl
 

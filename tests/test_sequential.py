@@ -154,3 +154,17 @@ def test_a_head_task_cannot_be_a_stage(tmp_path, tiny_model_dir):
 
     with pytest.raises(RecipeError, match="cannot be a stage"):
         stage_recipes(build_recipe(data, "test", tmp_path))
+
+
+def test_a_context_extended_stage_hands_on_its_rope_scaling(tmp_path, tiny_model_dir):
+    """Stage 1 extends the window (YaRN x2): its merged weights, which stage 2 starts from and the table scores,
+    keep the scaled positions; stage 2 does not extend again."""
+    recipe = two_stage_recipe(tmp_path, tiny_model_dir, extra=["context.rope_scaling=yarn", "context.factor=2",
+                                                               "context.eval.enabled=false"])
+    first, second = stage_recipes(recipe)
+    assert first.context.rope_scaling == "yarn" and second.context.rope_scaling == "none"
+    run_sequential(recipe, echo=lambda _line: None)
+    for stage in (first, second):
+        config = json.loads((merged_dir(stage) / "config.json").read_text())
+        assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 2.0
+        assert config["max_position_embeddings"] == 1024  # the tiny model's 512, extended

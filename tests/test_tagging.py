@@ -6,11 +6,11 @@ import random
 import pytest
 
 from afina.config import load_recipe
-from afina.data.prepare import prepare
+from afina.pipeline import prepare
 from afina.eval.metrics import entity_metrics
 from afina.rundir import RunDir, read_jsonl
 from afina.tasks import tagging
-from afina.train.loop import train
+from afina.pipeline import train
 
 from conftest import write_jsonl
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from afina.data.format import encode_chat
-from afina.data.prepare import prepare
+from afina.pipeline import prepare
 from afina.device import autocast_factory
 from afina.models import load_model
 from afina.rundir import RunDir, read_jsonl
-from afina.train.loop import train
+from afina.pipeline import train
 from afina.train.batches import pad_batch
 from afina.train.loss import accumulate_gradients, label_token_loss
 
@@ -197,7 +197,8 @@ def test_qlora_trains_lora_over_a_4bit_base(tiny_recipe):
 
 
 def test_estimate_counts_parameters_memory_and_time(tiny_recipe):
-    from afina.train.estimate import estimate, format_estimate
+    from afina.pipeline import estimate
+    from afina.train.estimate import format_estimate
 
     recipe = tiny_recipe("training.max_steps=20")
     prepare(recipe)
@@ -212,7 +213,8 @@ def test_estimate_counts_parameters_memory_and_time(tiny_recipe):
 
 
 def test_estimate_warns_when_the_run_will_not_fit(tiny_recipe):
-    from afina.train.estimate import estimate, format_estimate
+    from afina.pipeline import estimate
+    from afina.train.estimate import format_estimate
 
     recipe = tiny_recipe()
     prepare(recipe)

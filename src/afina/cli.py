@@ -154,7 +154,8 @@ def cmd_stage(args) -> None:
 
 def cmd_estimate(args) -> None:
     from afina.config import load_recipe
-    from afina.train.estimate import estimate, format_estimate
+    from afina.pipeline import estimate
+    from afina.train.estimate import format_estimate
 
     print(format_estimate(estimate(load_recipe(args.recipe, args.overrides))))
 
@@ -184,7 +185,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_quickstart(args) -> None:
-    from afina.eval.evaluate import format_table
+    from afina.eval.summary import format_table
     from afina.pipeline import quickstart_recipe, run_all
 
     start = time.perf_counter()

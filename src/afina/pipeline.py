@@ -1,4 +1,5 @@
-"""The stages in order, each recorded in the run's manifest."""
+"""The stages in order, each recorded in the run's manifest; the task type is looked up here and
+handed to the stage functions (afina.tasks)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from afina.config import Recipe, load_recipe
+from afina.data.prepare import format_report, prepare_data
+from afina.eval.summary import format_table
+from afina.export.merge import export, format_export
 from afina.rundir import RunDir
+from afina.tasks import task_for
+from afina.train import estimate as estimate_module
+from afina.train import loop
+from afina.train.distributed import is_main_process
 
 STAGES = ("prepare", "train", "eval", "export")
 
@@ -21,19 +29,39 @@ def bundled_recipe_path(name: str) -> Path:
     return path
 
 
+def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
+    """`afina prepare`: the recipe's data read, cleaned, deduplicated and split (afina.data.prepare)."""
+    return prepare_data(recipe, strict, task_for(recipe).chunking(recipe))
+
+
+def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """`afina train`: the recipe's task type trained by the one training loop (afina.train.loop)."""
+    run = RunDir(recipe.run_dir)
+    train_rows, val_rows = loop.read_splits(run)
+    task = task_for(recipe).training_task(recipe, run, train_rows)
+    return loop.train(recipe, task, train_rows, val_rows, progress=progress, resume=resume)
+
+
+def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = None) -> dict[str, Any]:
+    """`afina estimate`: parameters, memory and time of the training run, before running it."""
+    run = RunDir(recipe.run_dir)
+    train_rows, _ = loop.read_splits(run)
+    task = task_for(recipe).training_task(recipe, run, train_rows)
+    return estimate_module.estimate(recipe, task, train_rows, measure_steps, available)
+
+
+def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
+    """`afina eval` for the recipe's task type (eval.systems compared, eval/ written)."""
+    return task_for(recipe).evaluate(recipe, progress)
+
+
 def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, **options: Any) -> Any:
     """Run one stage, record its wall time in the manifest, and print its summary."""
-    from afina.data.prepare import format_report, prepare
-    from afina.eval.evaluate import format_table
-    from afina.tasks import evaluate_task, exports_weights
-    from afina.export.merge import export
-    from afina.train.loop import train
-
-    from afina.train.distributed import is_main_process
-
     run = RunDir(recipe.run_dir)
     if not is_main_process():  # the other processes of a distributed run train silently
         return train(recipe, progress=False, resume=options.get("resume", False)) if stage == "train" else None
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     echo(f"== {stage} ({run.root})")
     with run.stage(stage, recipe.to_dict(), recipe.seed):
         if stage == "prepare":
@@ -48,35 +76,32 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
                 f"saved to {result['output']}"
             )
         elif stage == "eval":
-            result = {}
-            if recipe.context.rope_scaling != "none" and recipe.context.eval.enabled:
-                from afina.eval.long_context import evaluate_long_context, format_long_context
-
-                # First, so that eval/report.html (written by evaluate) includes it.
-                long_context = evaluate_long_context(recipe, echo)
-                echo(format_long_context(long_context))
-            if recipe.eval.systems:
-                result = evaluate_task(recipe)
-                echo(format_table(result))
-            if recipe.context.rope_scaling != "none" and recipe.context.eval.enabled:
-                result["long_context"] = long_context
-        elif stage == "export" and not exports_weights(recipe):
+            result = eval_stage(recipe, echo)
+        elif not task_for(recipe).carries_lm(recipe):
             result = {"skipped": f"task {recipe.task} with a head: the trained head is in {run.root}/adapter or model "
                       "(head.json names its backbone and labels); use `afina predict`"}
             echo(f"export: skipped ({result['skipped']})")
-        elif stage == "export":
-            result = export(recipe)
-            for fmt, info in result.items():
-                if "skipped" in info:
-                    echo(f"{fmt}: skipped ({info['skipped']})")
-                elif "max_logit_diff" in info:
-                    echo(f"{fmt}: {info['path']} (verified: max logit diff {info['max_logit_diff']:.2e}, "
-                         f"greedy text equal: {info['greedy_text_equal']})")
-                else:
-                    echo(f"{fmt}: {info['path']} (verified: template reproduces the chat template: "
-                         f"{info['template_matches_chat_template']}; stop {', '.join(info['stop'])})")
         else:
-            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+            result = export(recipe)
+            echo(format_export(result))
+    return result
+
+
+def eval_stage(recipe: Recipe, echo: Callable[[str], None]) -> dict[str, Any]:
+    """The long-context evaluation first (when the context was extended), so that eval/report.html includes it;
+    then the task's own evaluation."""
+    long_context = None
+    if recipe.context.rope_scaling != "none" and recipe.context.eval.enabled:
+        from afina.eval.long_context import evaluate_long_context, format_long_context
+
+        long_context = evaluate_long_context(recipe, echo)
+        echo(format_long_context(long_context))
+    result: dict[str, Any] = {}
+    if recipe.eval.systems:
+        result = evaluate(recipe)
+        echo(format_table(result))
+    if long_context is not None:
+        result["long_context"] = long_context
     return result
 
 

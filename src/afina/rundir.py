@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+SPLITS = ("train", "validation", "test")
 LIBRARIES = ("afina", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pydantic")
 
 

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from afina.config import Recipe, RecipeError, build_recipe
-from afina.eval.sample import eval_rows
+from afina.models import load_tokenizer, load_trained
+from afina.pipeline import run_stage
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
+from afina.tasks import task_for
 
 # Sections a stage replaces whole (its own data and task); every other section merges key by key.
 STAGE_OWN_SECTIONS = ("data", "task", "classification", "tagging", "domain")
@@ -66,6 +68,9 @@ def stage_recipes(recipe: Recipe) -> list[Recipe]:
         data["output_dir"] = str(recipe.run_dir / "stages")
         if previous is not None:
             data["model"] = {**top["model"], "name": str(merged_dir(previous))}
+            if previous.context.rope_scaling != "none" and "context" not in own:
+                # The model this stage starts from already carries the extended positions (in its config).
+                data["context"] = {"rope_scaling": "none"}
         stage_recipe = build_recipe(data, f"stages[{index}] ({stage.name})", recipe._base_dir)
         check_stage_task(stage_recipe, f"stages[{index}] ({stage.name})")
         recipes.append(stage_recipe)
@@ -73,15 +78,9 @@ def stage_recipes(recipe: Recipe) -> list[Recipe]:
     return recipes
 
 
-def _task_module(stage_recipe: Recipe):
-    import importlib
-
-    return importlib.import_module(f"afina.tasks.{stage_recipe.task}")
-
-
 def check_stage_task(stage_recipe: Recipe, where: str) -> None:
     """Stages hand one causal LM from stage to stage, so every stage must train and score that LM."""
-    if stage_recipe.task == "tagging" or (stage_recipe.task == "classification" and stage_recipe.classification.mode != "generative"):
+    if not task_for(stage_recipe).carries_lm(stage_recipe):
         raise RecipeError(
             f"{where}: sequential stages carry one language model from stage to stage; a task with its own head "
             "(tagging, classification.mode=head) cannot be a stage. Use classification.mode=generative"
@@ -94,9 +93,7 @@ def merged_dir(stage_recipe: Recipe) -> Path:
 
 def task_train_rows(stage_recipe: Recipe, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of a stage's train split as self-contained chat rows, to replay inside another stage."""
-    if stage_recipe.task in ("chat", "domain"):
-        return rows
-    return _task_module(stage_recipe).as_chat_rows(stage_recipe, rows)
+    return task_for(stage_recipe).as_chat_rows(stage_recipe, rows)
 
 
 def add_replay(stage_recipe: Recipe, earlier: list[Recipe], share: float, seed: int) -> dict[str, int]:
@@ -126,18 +123,11 @@ def add_replay(stage_recipe: Recipe, earlier: list[Recipe], share: float, seed: 
 
 
 def consolidate(stage_recipe: Recipe) -> Path:
-    """Write the stage's resulting weights as one plain model folder for the next stage to load."""
-    from afina.models import load_model, load_tokenizer
-
+    """Write the stage's resulting weights as one plain model folder for the next stage to load (a LoRA
+    adapter merged into its base, with the rope settings it was trained with in the config)."""
     run = RunDir(stage_recipe.run_dir)
     target = merged_dir(stage_recipe)
-    if stage_recipe.method.type == "full":
-        model = load_model(str(run.require(run.model, "train")), "float32")
-    else:
-        from peft import PeftModel
-
-        base = load_model(stage_recipe.model.name, "float32")
-        model = PeftModel.from_pretrained(base, str(run.require(run.adapter, "train"))).merge_and_unload()
+    model = load_trained(run.root, stage_recipe.model.name, full=stage_recipe.method.type == "full", merge=True)
     model.save_pretrained(target, safe_serialization=True)
     load_tokenizer(stage_recipe.model.name).save_pretrained(target)
     return target
@@ -145,30 +135,11 @@ def consolidate(stage_recipe: Recipe) -> Path:
 
 def score_stage_task(stage_recipe: Recipe, model_spec: str) -> dict[str, Any]:
     """The model's score on one stage's test split, by that stage's task."""
-    if stage_recipe.task not in ("chat", "domain"):  # chat and domain: the loss per token on the test split
-        return _task_module(stage_recipe).score_model(stage_recipe, model_spec)
-    from afina.device import autocast_factory, pick_device, resolve_precision
-    from afina.models import load_model, load_tokenizer
-    from afina.train.loop import encode_split
-    from afina.train.loss import mean_label_loss
-
-    device = pick_device()
-    autocast = autocast_factory(resolve_precision(stage_recipe.training.precision, device), device)
-    tokenizer = load_tokenizer(model_spec)
-    rows = eval_rows(stage_recipe)
-    model = load_model(model_spec, "float32").to(device).eval()
-    import torch
-
-    with torch.no_grad():
-        loss = mean_label_loss(model, encode_split(tokenizer, rows, stage_recipe.data.train_on, stage_recipe), tokenizer.pad_token_id,
-                               stage_recipe.eval.batch_size, autocast)
-    return {"metric": "test_loss", "value": round(loss, 4), "lower_is_better": True, "examples": len(rows)}
+    return task_for(stage_recipe).score_model(stage_recipe, model_spec)
 
 
 def run_sequential(recipe: Recipe, echo: Callable[[str], None] = print, strict: bool = False) -> dict[str, Any]:
     """Prepare every stage, score the starting model on all of them, then train stage after stage."""
-    from afina.pipeline import run_stage
-
     start = time.perf_counter()
     recipes = stage_recipes(recipe)
     for stage_recipe in recipes:

@@ -9,6 +9,7 @@ that training text, so the model is trained on what it will see when served.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 IGNORE_INDEX = -100
@@ -117,3 +118,29 @@ def encode_text_chunks(tokenizer, text: str, length: int, overlap: int = 0, add_
         labels = [IGNORE_INDEX] * (new - start) + piece[new - start :]
         chunks.append({"input_ids": piece, "labels": labels})
     return chunks
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """Documents cut into chunks of `length` tokens (domain adaptation); `overlap` tokens of context each."""
+
+    length: int
+    overlap: int = 0
+    add_eos: bool = True
+
+
+def encode_text(tokenizer, text: str) -> dict[str, list[int]]:
+    """A plain text row: every token is a label, ended by the end-of-text token."""
+    ids = text_token_ids(tokenizer, text)
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def encode_split(tokenizer, rows: list[dict[str, Any]], train_on: str, chunking: Chunking | None = None
+                 ) -> list[dict[str, list[int]]]:
+    """Canonical rows -> examples (`input_ids`, `labels`): chats with loss where `train_on` says, or text
+    rows with loss on every token; with `chunking`, each text row is cut into chunks of tokens."""
+    if chunking is not None:
+        return [chunk for row in rows
+                for chunk in encode_text_chunks(tokenizer, row["text"], chunking.length, chunking.overlap, chunking.add_eos)]
+    return [encode_chat(tokenizer, row["messages"], train_on) if "messages" in row else encode_text(tokenizer, row["text"])
+            for row in rows]

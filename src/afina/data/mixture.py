@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from afina.config import Recipe, build_recipe
-from afina.rundir import JsonlWriter, RunDir, file_sha256, read_jsonl, write_json_atomic, write_text_atomic
+from afina.rundir import SPLITS, JsonlWriter, RunDir, file_sha256, read_jsonl, write_json_atomic, write_text_atomic
 
 Row = TypeVar("Row")
-SPLITS = ("train", "validation", "test")
 
 
 def mixture_shares(sizes: dict[str, int], weights: dict[str, float] | None = None,
@@ -107,17 +107,16 @@ def task_recipe(recipe: Recipe, source) -> Recipe:
     return build_recipe(config, f"data.sources[{source.task}]", recipe._base_dir)
 
 
-def prepare_tasks(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
-    """Prepare each source as its own task, then write the mixed train split and the per-task eval splits."""
-    from afina.data.prepare import prepare
-
+def prepare_tasks(recipe: Recipe, strict: bool, prepare_one: Callable[[Recipe, bool], dict[str, Any]]) -> dict[str, Any]:
+    """Prepare each source as its own task (`prepare_one`: afina.data.prepare.prepare_data), then write the mixed
+    train split and the per-task eval splits."""
     run = RunDir(recipe.run_dir)
     run.data.mkdir(parents=True, exist_ok=True)
     reports: dict[str, dict[str, Any]] = {}
     splits: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for source in recipe.data.sources:
         sub = task_recipe(recipe, source)
-        reports[source.task] = prepare(sub, strict)
+        reports[source.task] = prepare_one(sub, strict)
         sub_run = RunDir(sub.run_dir)
         splits[source.task] = {name: [{**row, "task": source.task} for row in read_jsonl(sub_run.split_path(name))]
                                for name in SPLITS}

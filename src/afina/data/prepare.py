@@ -25,12 +25,14 @@ import numpy as np
 from afina.config import Recipe, RecipeError
 from afina.data.clean import TextCleaner, is_empty
 from afina.data.dedup import NearDuplicateIndex, exact_key
-from afina.data.format import TemplateError, chat_template_hash, count_tokens
+from afina.data.format import Chunking, TemplateError, chat_template_hash, count_chunks, count_tokens
+from afina.data.mixture import format_tasks_report, prepare_tasks
+from afina.data.report import write_html_report
 from afina.data.load import DataError, Record, Reject, hf_split_names, iter_source
 from afina.data.schema import RowError, content_text, guess_schema, to_canonical
-from afina.rundir import JsonlWriter, RunDir, file_sha256, write_json_atomic
+from afina.models import load_tokenizer
+from afina.rundir import SPLITS, JsonlWriter, RunDir, file_sha256, write_json_atomic
 
-SPLITS = ("train", "validation", "test")
 STEPS = ("load", "map", "clean", "length", "exact_dedup", "near_dedup", "leak")
 STRICT_STEPS = ("load", "map", "clean")  # malformed input; the later steps filter well-formed rows
 HF_SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation", "test": "test"}
@@ -47,12 +49,6 @@ def split_counts(n: int, ratios: dict[str, float]) -> dict[str, int]:
     for name in sorted(SPLITS, key=lambda s: exact[s] - counts[s], reverse=True)[: n - sum(counts.values())]:
         counts[name] += 1
     return counts
-
-
-def split_rows(rows: list[dict[str, Any]], ratios: dict[str, float], seed: int) -> dict[str, list[dict[str, Any]]]:
-    """A seeded random split of a list of rows by ratios (rows keep their order within a split)."""
-    assignment = assign_splits([None] * len(rows), [None] * len(rows), ratios, seed, stratify=False)
-    return {name: [row for row, split in zip(rows, assignment) if split == name] for name in SPLITS}
 
 
 def assign_splits(labels: list[str | None], groups: list[str | None], ratios: dict[str, float], seed: int,
@@ -160,15 +156,14 @@ def data_sources(recipe: Recipe) -> list[tuple[str, Path, str | None]]:
     return sources
 
 
-def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
-    """Read the recipe's data, keep the usable rows, split them, and write the rows and the report."""
-    from afina.models import load_tokenizer
-    from afina.data.report import write_html_report
+def prepare_data(recipe: Recipe, strict: bool = False, chunking: Chunking | None = None) -> dict[str, Any]:
+    """Read the recipe's data, keep the usable rows, split them, and write the rows and the report.
 
+    `chunking` (domain adaptation, from the task type): rows are documents of text, cut into chunks when
+    encoded, so none is rejected for length; the report counts the chunks per split.
+    """
     if recipe.data.sources:  # multi-task: each source prepared as its own task, then mixed
-        from afina.data.mixture import prepare_tasks
-
-        return prepare_tasks(recipe, strict)
+        return prepare_tasks(recipe, strict, prepare_one=prepare_data)
     data = recipe.data
     sources = data_sources(recipe)
     run = RunDir(recipe.run_dir)
@@ -181,7 +176,7 @@ def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
     first_of: dict[str, dict[bytes, int]] = defaultdict(dict)  # origin -> exact key -> kept index
     near: dict[str, NearDuplicateIndex] = {}
     schema, mapping = None, ""
-    domain = recipe.task == "domain"
+    domain = chunking is not None
 
     try:
         for origin, path, hf_split in sources:
@@ -295,7 +290,7 @@ def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
     warnings = check_splits(kept, split_of, schema, ratios)
     if strict and warnings:
         raise DataError(f"{sources[0][1]}: {warnings[0]} (stopped by --strict)")
-    report = build_report(recipe, sources, schema, mapping, ledger, kept, split_of, cleaner, warnings, leaks)
+    report = build_report(recipe, sources, schema, mapping, ledger, kept, split_of, cleaner, warnings, leaks, chunking)
     write_json_atomic(run.data / "report.json", report)
     write_html_report(run.data / "report.html", report)
     run.update_manifest(
@@ -380,7 +375,8 @@ def source_fingerprint(path: Path) -> str:
 
 
 def build_report(recipe: Recipe, sources, schema, mapping, ledger: Ledger, kept: list[KeptRow], split_of: list[str],
-                 cleaner: TextCleaner, warnings: list[str], leaks: dict[int, str]) -> dict[str, Any]:
+                 cleaner: TextCleaner, warnings: list[str], leaks: dict[int, str], chunking: Chunking | None = None
+                 ) -> dict[str, Any]:
     data = recipe.data
     steps, rows = [], ledger.rows_in
     for step in STEPS:
@@ -423,22 +419,20 @@ def build_report(recipe: Recipe, sources, schema, mapping, ledger: Ledger, kept:
     }
     if schema == "tagging":
         report["labels"] = None
-    if recipe.task == "domain":
-        report["domain"] = domain_chunks(recipe, kept, split_of)
+    if chunking is not None:
+        report["domain"] = domain_chunks(chunking, kept, split_of)
         report["truncation"]["action"] = "domain adaptation: long documents are cut into chunks, none rejected for length"
     return report
 
 
-def domain_chunks(recipe: Recipe, kept: list[KeptRow], split_of: list[str]) -> dict[str, Any]:
+def domain_chunks(chunking: Chunking, kept: list[KeptRow], split_of: list[str]) -> dict[str, Any]:
     """Domain adaptation: how the documents of each split fall into chunks of tokens."""
-    from afina.data.format import count_chunks
-
-    length, overlap = recipe.chunk_length(), recipe.domain.overlap
-    eos = int(recipe.domain.add_eos)
+    length, overlap = chunking.length, chunking.overlap
+    eos = int(chunking.add_eos)
     chunks = {name: sum(count_chunks(k.tokens + eos, length, overlap) for k, s in zip(kept, split_of) if s == name)
               for name in SPLITS}
     split_docs = sum(1 for k, s in zip(kept, split_of) if s and k.tokens + eos > length)
-    return {"chunk_length": length, "overlap": overlap, "add_eos": recipe.domain.add_eos, "chunks": chunks,
+    return {"chunk_length": length, "overlap": overlap, "add_eos": chunking.add_eos, "chunks": chunks,
             "documents_split": split_docs}
 
 
@@ -464,8 +458,6 @@ def _token_stats(lengths: list[int]) -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
     """The short summary printed at the end of `afina prepare`."""
     if report.get("mixture"):
-        from afina.data.mixture import format_tasks_report
-
         return format_tasks_report(report)
     lines = [
         f"data: {report['source']} (schema: {report['schema']}"

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
+from afina.plots import png_base64
 from afina.rundir import write_text_atomic
 
 SPLIT_COLOURS = {"train": "#4c72b0", "validation": "#dd8452", "test": "#55a868"}
 MAX_LABELS_PLOTTED = 40
-
-
-def _png(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def plot_steps(report: dict[str, Any]) -> str:
@@ -40,7 +30,7 @@ def plot_steps(report: dict[str, Any]) -> str:
     ax.set_xlim(0, steps[0]["rows_in"] * 1.12 + 1)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Rows through each step")
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_token_lengths(report: dict[str, Any]) -> str:
@@ -59,7 +49,7 @@ def plot_token_lengths(report: dict[str, Any]) -> str:
     ax.set_ylabel("rows")
     ax.legend()
     ax.set_title("Token lengths (kept rows)")
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_labels(report: dict[str, Any]) -> str:
@@ -85,7 +75,7 @@ def plot_labels(report: dict[str, Any]) -> str:
     if len(totals) > len(order):
         title += f" (the {len(order)} most frequent of {len(totals)})"
     ax.set_title(title)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

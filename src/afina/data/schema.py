@@ -45,7 +45,7 @@ class RowError(ValueError):
     """Why one row cannot be used (it goes to the rejects file)."""
 
 
-def _present(row: dict[str, Any], canon: str, names: tuple[str, ...], fields: dict[str, str]) -> str | None:
+def field_present(row: dict[str, Any], canon: str, names: tuple[str, ...], fields: dict[str, str]) -> str | None:
     """The row's name for a canonical field, or None."""
     candidates = (fields[canon],) if canon in fields else names
     return next((name for name in candidates if name in row), None)
@@ -59,14 +59,14 @@ def guess_schema(row: dict[str, Any], fields: dict[str, str], schema: str = "aut
     """
     candidates = SCHEMAS if schema == "auto" else {schema: SCHEMAS[schema]}
     for name, needed in candidates.items():
-        found = {canon: _present(row, canon, names, fields) for canon, names in needed.items()}
+        found = {canon: field_present(row, canon, names, fields) for canon, names in needed.items()}
         if all(found.values()):
-            optional = {canon: _present(row, canon, names, fields) for canon, names in OPTIONAL_FIELDS.get(name, {}).items()}
+            optional = {canon: field_present(row, canon, names, fields) for canon, names in OPTIONAL_FIELDS.get(name, {}).items()}
             mapping = ", ".join(f"{canon}={user}" for canon, user in {**found, **optional}.items() if user)
             return name, mapping
     if schema != "auto":
         needed = SCHEMAS[schema]
-        missing = [fields.get(c, " or ".join(n)) for c, n in needed.items() if not _present(row, c, n, fields)]
+        missing = [fields.get(c, " or ".join(n)) for c, n in needed.items() if not field_present(row, c, n, fields)]
         raise RowError(f"schema '{schema}' needs field(s) {', '.join(missing)}; the row has {sorted(row)}; "
                        f"map your names with data.fields (e.g. data.fields.{next(iter(needed))}=your_name)")
     wanted = "; ".join(f"{s}: {' + '.join('|'.join(n) for n in f.values())}" for s, f in SCHEMAS.items())
@@ -78,7 +78,7 @@ def guess_schema(row: dict[str, Any], fields: dict[str, str], schema: str = "aut
 
 def _field(row: dict[str, Any], schema: str, canon: str, fields: dict[str, str], required: bool = True) -> tuple[Any, str]:
     names = SCHEMAS[schema].get(canon) or OPTIONAL_FIELDS.get(schema, {}).get(canon, ())
-    name = _present(row, canon, names, fields)
+    name = field_present(row, canon, names, fields)
     if name is None:
         if required:
             raise RowError(f"missing field '{fields.get(canon, names[0])}'")

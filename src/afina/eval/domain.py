@@ -1,4 +1,5 @@
-"""`afina eval` for `task: domain`: what continued pre-training gained on the domain, and what it cost.
+"""Scoring domain adaptation (`task: domain`, afina/tasks/domain.py): what continued pre-training gained on
+the domain, and what it cost.
 
 Perplexity (exp of the mean next-token loss, every token labelled once) of the base and the tuned
 model on two texts, chunked exactly as in training:
@@ -12,18 +13,12 @@ Lower domain perplexity is the gain; higher general perplexity is the cost. The 
 
 from __future__ import annotations
 
-import contextlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from afina.config import Recipe
-from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
-from afina.eval.metrics import perplexity
-from afina.eval.sample import eval_rows
-from afina.rundir import RunDir, write_json_atomic, write_jsonl
-from afina.train.loop import encode_split
-from afina.train.loss import mean_label_loss
+from afina.data.load import DataError, Reject, iter_source
+
 
 TEXTS = ("domain", "general")
 
@@ -34,8 +29,6 @@ def default_general_text_path() -> Path:
 
 def load_general_text(path: Path) -> list[dict[str, str]]:
     """General text as {"text"} rows: a JSONL file with a `text` field per line, or plain text (one row per paragraph)."""
-    from afina.data.load import DataError, iter_source, Reject
-
     if not path.is_file():
         raise FileNotFoundError(f"{path}: general text file not found (domain.general_text)")
     fmt = "jsonl" if path.suffix in (".jsonl", ".json") else "text"
@@ -50,80 +43,6 @@ def load_general_text(path: Path) -> list[dict[str, str]]:
     if not rows:
         raise DataError(f"{path}: no general text in it")
     return rows
-
-
-def evaluate_domain(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
-    """Domain and general perplexity of base and tuned; writes eval/metrics.json and eval/report.html."""
-    from afina.eval.evaluate import forgetting_probe, load_tuned, training_cost
-    from afina.models import load_model, load_tokenizer
-
-    run = RunDir(recipe.run_dir)
-    cfg = recipe.eval
-    device = pick_device()
-    autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
-    tokenizer = load_tokenizer(recipe.model.name)
-    test_rows = eval_rows(recipe)
-    if not test_rows:
-        raise ValueError(f"{run.split_path('test')} has no rows: set data.split.test above 0 to hold out domain text")
-    general_path = recipe.resolve_path(recipe.domain.general_text) if recipe.domain.general_text else default_general_text_path()
-    chunks = {"domain": encode_split(tokenizer, test_rows, "all", recipe),
-              "general": encode_split(tokenizer, load_general_text(general_path), "all", recipe)}
-    if recipe.domain.max_eval_chunks:
-        chunks = {name: c[: recipe.domain.max_eval_chunks] for name, c in chunks.items()}
-
-    tuned = load_tuned(recipe, run, device)
-    base_model = None
-
-    def model_for(system: str):
-        """LoRA's base is the tuned model with the adapter switched off; a full fine-tune needs the base loaded."""
-        nonlocal base_model
-        if system == "tuned":
-            return tuned, contextlib.nullcontext
-        if hasattr(tuned, "disable_adapter"):
-            return tuned, tuned.disable_adapter
-        if base_model is None:
-            base_model = load_model(recipe.model.name, "float32").to(device)
-        return base_model, contextlib.nullcontext
-
-    systems: dict[str, dict[str, float]] = {}
-    for system in ("base", "tuned"):
-        model, context = model_for(system)
-        scores: dict[str, float] = {}
-        with context():
-            for name in TEXTS:
-                loss = mean_label_loss(model, chunks[name], tokenizer.pad_token_id, cfg.batch_size, autocast)
-                scores[f"{name}_loss"] = round(loss, 4)
-                scores[f"{name}_perplexity"] = round(perplexity(loss), 4)
-        systems[system] = scores
-
-    report: dict[str, Any] = {
-        "task": "domain",
-        "test_examples": len(test_rows),
-        "metrics": ["perplexity"],
-        "texts": {
-            "domain": {"source": str(run.split_path("test")), "documents": len(test_rows), "chunks": len(chunks["domain"]),
-                       "tokens": count_labels(chunks["domain"])},
-            "general": {"source": str(general_path), "chunks": len(chunks["general"]), "tokens": count_labels(chunks["general"])},
-            "chunk_length": recipe.chunk_length(),
-            "overlap": recipe.domain.overlap,
-        },
-        "systems": systems,
-        "change": {name: {"perplexity_ratio": round(systems["tuned"][f"{name}_perplexity"] / systems["base"][f"{name}_perplexity"], 4),
-                          "loss_delta": round(systems["tuned"][f"{name}_loss"] - systems["base"][f"{name}_loss"], 4)}
-                   for name in TEXTS},
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
-    }
-    report["forgetting"] = forgetting_probe(recipe, tuned, model_for, tokenizer, autocast) if cfg.forgetting.enabled else None
-    report["training"] = training_cost(run, cfg.price_per_hour)
-    report["recommendation"] = domain_verdict(report)
-    write_json_atomic(run.eval / "metrics.json", report)
-    write_jsonl(run.eval / "predictions.jsonl", [])  # no generations: domain adaptation is scored by perplexity
-    if cfg.report:
-        from afina.eval.report import write_report
-
-        write_report(run, report, [], recipe)
-    run.update_manifest(eval=report)
-    return report
 
 
 def count_labels(chunks: list[dict[str, list[int]]]) -> int:

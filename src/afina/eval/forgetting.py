@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from afina.config import Recipe
 from afina.data.format import encode_chat
 from afina.data.load import iter_json_objects
 from afina.train.loss import label_logprobs
@@ -71,3 +72,17 @@ def forgetting_verdict(base_accuracy: float, tuned_accuracy: float, threshold: f
         "threshold": threshold,
         "flagged": drop > threshold,
     }
+
+
+def forgetting_probe(recipe: Recipe, models, tokenizer, autocast) -> dict[str, Any]:
+    """The probe for base and tuned (`models`: afina.eval.systems.SystemModels), with the verdict."""
+    cfg = recipe.eval.forgetting
+    path = recipe.resolve_path(cfg.probe) if cfg.probe else default_probe_path()
+    questions = load_probe(path, cfg.max_questions)
+    base_model, base_context = models.get("base")
+    with base_context():
+        base = probe_accuracy(base_model, tokenizer, questions, recipe.eval.batch_size, autocast)
+    tuned_result = probe_accuracy(models.tuned, tokenizer, questions, recipe.eval.batch_size, autocast)
+    verdict = forgetting_verdict(base["accuracy"], tuned_result["accuracy"], cfg.threshold)
+    lost = [q["id"] for q, b, t in zip(questions, base["correct"], tuned_result["correct"]) if b and not t]
+    return {"probe": str(path), "questions": len(questions), **verdict, "lost": lost[:50]}

@@ -22,13 +22,6 @@ class Generation:
     wall_s: float = 0.0
 
 
-def generate_answers(
-    model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int, autocast, desc: str = "generate", progress: bool = True
-) -> list[str]:
-    """Greedy answers for conversations that end where the assistant should speak."""
-    return generate_timed(model, tokenizer, conversations, max_new_tokens, batch_size, autocast, desc, progress).answers
-
-
 @torch.no_grad()
 def generate_timed(
     model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int, autocast, desc: str = "generate", progress: bool = True

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from afina.eval.haystack import Haystack
-from afina.train.loss import _causal_lm_parts
+from afina.train.loss import causal_lm_parts, cross_entropy_sum, hidden_loss_sum
 
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will ask you about it at the end.\n")
@@ -72,7 +71,7 @@ def passkey_case(tokenizer, haystack: Haystack, length: int, depth: float, rng: 
 @torch.no_grad()
 def retrieves_key(model, case: PasskeyCase, autocast) -> tuple[bool, float]:
     """(greedy decoding writes the key, the key's mean log-probability per token)."""
-    decoder, head = _causal_lm_parts(model)
+    decoder, head = causal_lm_parts(model)
     ids = torch.tensor([case.input_ids], device=model.device)
     with autocast():
         hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
@@ -80,7 +79,7 @@ def retrieves_key(model, case: PasskeyCase, autocast) -> tuple[bool, float]:
     n = case.answer_length
     logits = head(hidden[0, -n - 1 : -1]).float()
     targets = ids[0, -n:]
-    logprob = -F.cross_entropy(logits, targets, reduction="mean")
+    logprob = -cross_entropy_sum(logits, targets) / n
     return bool((logits.argmax(-1) == targets).all()), float(logprob)
 
 
@@ -133,7 +132,7 @@ def perplexity_by_position(model, tokenizer, texts: list[str], length: int, buck
     if not sequences:
         raise ValueError(f"the held-out text has {len(stream)} tokens, fewer than one sequence of {length}; "
                          "give longer text (context.eval.text) or shorter lengths")
-    decoder, head = _causal_lm_parts(model)
+    decoder, head = causal_lm_parts(model)
     sums = [0.0] * len(buckets)
     counts = [0] * len(buckets)
     for seq in sequences:
@@ -142,9 +141,7 @@ def perplexity_by_position(model, tokenizer, texts: list[str], length: int, buck
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
         for b, (lo, hi) in enumerate(buckets):
             lo_pred = max(lo, 1) - 1  # position p-1 predicts token p
-            for start in range(lo_pred, hi - 1, 2048):  # the logits of 2,048 positions at a time
-                end = min(start + 2048, hi - 1)
-                sums[b] += float(F.cross_entropy(head(hidden[start:end]).float(), ids[0, start + 1 : end + 1], reduction="sum"))
+            sums[b] += hidden_loss_sum(head, hidden[lo_pred : hi - 1], ids[0, lo_pred + 1 : hi])
             counts[b] += hi - 1 - lo_pred
     return {
         "sequence_length": length,
@@ -179,14 +176,13 @@ def held_out_texts(recipe, run) -> list[str]:
 
 
 def _load_system(system: str, recipe, run, rope, device):
-    from afina.eval.evaluate import load_tuned
-    from afina.models import load_model
+    from afina.models import load_model, load_trained
 
     if system == "base":
         return load_model(recipe.model.name, "float32").to(device)
     if system == "base_scaled":
         return load_model(recipe.model.name, "float32", rope=rope).to(device)
-    return load_tuned(recipe, run, device)
+    return load_trained(run.root, recipe.model.name, device, full=recipe.method.type == "full")
 
 
 def evaluate_long_context(recipe, echo=print) -> dict[str, Any]:
@@ -196,7 +192,8 @@ def evaluate_long_context(recipe, echo=print) -> dict[str, Any]:
 
     from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
     from afina.models import load_tokenizer
-    from afina.models.rope import read_rope_settings, recipe_rope_settings
+    from afina.models import recipe_rope_settings
+    from afina.models.rope import read_rope_settings
     from afina.rundir import RunDir, write_json_atomic
 
     run = RunDir(recipe.run_dir)
@@ -259,7 +256,7 @@ def format_long_context(result: dict[str, Any]) -> str:
 
 def heatmap_html(result: dict[str, Any]) -> str:
     """Accuracy by length (columns) x depth (rows), one panel per system, as an embedded PNG."""
-    from afina.eval.report import _png
+    from afina.plots import img_tag
 
     import matplotlib
 
@@ -284,7 +281,7 @@ def heatmap_html(result: dict[str, Any]) -> str:
         ax.set_xlabel("length (tokens, x original window)", fontsize=8)
     axes[0][0].set_ylabel("key depth", fontsize=8)
     fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy (%)", shrink=0.8)
-    return _png(fig)
+    return img_tag(fig)
 
 
 def long_context_section(result: dict[str, Any]) -> str:
@@ -319,7 +316,7 @@ def long_context_section(result: dict[str, Any]) -> str:
 def write_long_context_page(run, result: dict[str, Any], name: str) -> None:
     import html
 
-    from afina.eval.report import CHECK_SCRIPT, STYLE
+    from afina.eval.html import CHECK_SCRIPT, STYLE
     from afina.rundir import write_text_atomic
 
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>afina long-context eval: '

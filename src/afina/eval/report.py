@@ -2,71 +2,37 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from typing import Any
 
+from afina.eval.long_context import long_context_section
+from afina.eval.html import CHECK_SCRIPT, STYLE
+from afina.eval.summary import LOWER_IS_BETTER, METRIC_LABELS
+from afina.plots import figure, img_tag
 from afina.rundir import RunDir, read_jsonl, write_text_atomic
 
-STYLE = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th:first-child,td:first-child{text-align:left}.best{font-weight:bold;background:#e6f4ea}
-.flag{color:#b00020;font-weight:bold}img{max-width:100%}pre{white-space:pre-wrap;margin:0}
-td.text{text-align:left;max-width:420px;font-size:90%}
-"""
-# Marks the page once every plot has decoded, so a headless browser can check they render.
-CHECK_SCRIPT = """
-window.addEventListener('load', function () {
-  var imgs = Array.prototype.slice.call(document.querySelectorAll('img.plot'));
-  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
-  document.body.setAttribute('data-plots-total', String(imgs.length));
-  document.body.setAttribute('data-plots-rendered', String(ok));
-});
-"""
-
-
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img class="plot" alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
-
-
-def _figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(width, height))
 
 
 def metric_bars(report: dict[str, Any]) -> str:
-    from afina.eval.evaluate import METRIC_LABELS
-
     systems = list(report["systems"])
     metrics = [m for m in METRIC_LABELS if all(isinstance(report["systems"][s].get(m), (int, float)) for s in systems)]
     parts = []
     for metric in metrics:
-        fig, ax = _figure(max(3.5, 1.1 * len(systems)), 2.6)
+        fig, ax = figure(max(3.5, 1.1 * len(systems)), 2.6)
         values = [report["systems"][s][metric] for s in systems]
         ax.bar(systems, values, color="#4c72b0")
         ax.set_title(METRIC_LABELS[metric])
         ax.tick_params(axis="x", labelrotation=20)
-        parts.append(_png(fig))
+        parts.append(img_tag(fig))
     speed = next((k for k in ("generated_tokens_per_s", "examples_per_s")
                   if report.get("efficiency") and all(k in report["efficiency"][s] for s in systems)), None)
     if speed:  # domain adaptation generates nothing
-        fig, ax = _figure(max(3.5, 1.1 * len(systems)), 2.6)
+        fig, ax = figure(max(3.5, 1.1 * len(systems)), 2.6)
         ax.bar(systems, [report["efficiency"][s][speed] for s in systems], color="#dd8452")
         ax.set_title(speed.replace("_per_s", "/s").replace("_", " "))
         ax.tick_params(axis="x", labelrotation=20)
-        parts.append(_png(fig))
+        parts.append(img_tag(fig))
     return "".join(parts)
 
 
@@ -78,7 +44,7 @@ def confusion_plots(report: dict[str, Any]) -> str:
             continue
         labels, matrix = confusion["labels"], confusion["matrix"]
         size = min(12, 2 + 0.45 * len(labels))
-        fig, ax = _figure(size, size)
+        fig, ax = figure(size, size)
         ax.imshow(matrix, cmap="Blues")
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -89,7 +55,7 @@ def confusion_plots(report: dict[str, Any]) -> str:
             for r, row in enumerate(matrix):
                 for c, value in enumerate(row):
                     ax.text(c, r, str(value), ha="center", va="center", fontsize=8)
-        parts.append(_png(fig))
+        parts.append(img_tag(fig))
     return "".join(parts)
 
 
@@ -99,7 +65,7 @@ def training_curves(run: RunDir) -> str:
     records = read_jsonl(run.metrics)
     if not records:
         return "<p>metrics.jsonl is empty.</p>"
-    fig, ax = _figure(6, 3)
+    fig, ax = figure(6, 3)
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
     validated = [r for r in records if r.get("val_loss") is not None]
     if validated:
@@ -108,7 +74,7 @@ def training_curves(run: RunDir) -> str:
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     ax.set_title("training curves")
-    return _png(fig)
+    return img_tag(fig)
 
 
 def worst_examples(predictions: list[dict[str, Any]], report: dict[str, Any], limit: int = 8) -> str:
@@ -132,8 +98,6 @@ def worst_examples(predictions: list[dict[str, Any]], report: dict[str, Any], li
 
 
 def systems_table(report: dict[str, Any]) -> str:
-    from afina.eval.evaluate import LOWER_IS_BETTER, METRIC_LABELS
-
     systems = list(report["systems"])
     metrics = [m for m in METRIC_LABELS if all(isinstance(report["systems"][s].get(m), (int, float)) for s in systems)]
     head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(s)}</th>" for s in systems) + "</tr>"
@@ -174,8 +138,6 @@ def long_context_html(run: RunDir) -> str:
     path = run.eval / "long_context.json"
     if not path.is_file():
         return ""
-    from afina.eval.long_context import long_context_section
-
     return "<h2>Long context</h2>" + long_context_section(json.loads(path.read_text(encoding="utf-8")))
 
 

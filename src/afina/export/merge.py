@@ -69,9 +69,7 @@ def _compare(expected: dict[str, Any], actual: dict[str, Any], tolerance: float)
 
 
 def export(recipe: Recipe) -> dict[str, Any]:
-    from afina.eval.evaluate import load_tuned
-    from afina.models import load_tokenizer
-    from afina.models.loader import resolve_model
+    from afina.models import load_tokenizer, load_trained, resolve_model
 
     run = RunDir(recipe.run_dir)
     device = pick_device()
@@ -80,7 +78,7 @@ def export(recipe: Recipe) -> dict[str, Any]:
     # Chat rows: the prompt as served; text rows (domain text, context extension): the text's opening.
     prompts = [render_prompt(tokenizer, row["messages"][:-1]) if "messages" in row else row["text"][:400] for row in rows]
 
-    tuned = load_tuned(recipe, run, device)
+    tuned = load_trained(run.root, recipe.model.name, device, full=recipe.method.type == "full")
     expected = _fingerprint(tuned, tokenizer, prompts)
     formats = recipe.export.formats
     results: dict[str, Any] = {}
@@ -113,18 +111,13 @@ def export(recipe: Recipe) -> dict[str, Any]:
 
 
 def _export_adapter(recipe, run, device, tokenizer, prompts, expected) -> dict[str, Any]:
-    from peft import PeftModel
-
-    from afina.models import load_model
+    from afina.models import load_adapter_over_base
 
     if recipe.method.type != "lora":
         return {"skipped": "full fine-tuning has no adapter; use the merged export"}
     target = run.export / "adapter"
     shutil.copytree(run.adapter, target, dirs_exist_ok=True)
-    from afina.models.rope import read_rope_settings
-
-    base = load_model(recipe.model.name, "float32", rope=read_rope_settings(target))
-    reloaded = PeftModel.from_pretrained(base, str(target)).to(device).eval()
+    reloaded = load_adapter_over_base(recipe.model.name, target, device)
     return {"path": str(target), **_compare(expected, _fingerprint(reloaded, tokenizer, prompts), LOGIT_TOLERANCE_FP32)}
 
 
@@ -177,3 +170,18 @@ def _export_ollama(run, tokenizer, gguf_paths: dict[str, Path]) -> dict[str, Any
     # The smallest verified file: what Ollama users run.
     gguf_path = gguf_paths.get("q8_0") or next(iter(gguf_paths.values()))
     return write_modelfile(gguf_path.parent / "Modelfile", gguf_path, tokenizer)
+
+
+def format_export(results: dict[str, Any]) -> str:
+    """One line per format: where it went and how it was verified, or why it was skipped."""
+    lines = []
+    for fmt, info in results.items():
+        if "skipped" in info:
+            lines.append(f"{fmt}: skipped ({info['skipped']})")
+        elif "max_logit_diff" in info:
+            lines.append(f"{fmt}: {info['path']} (verified: max logit diff {info['max_logit_diff']:.2e}, "
+                         f"greedy text equal: {info['greedy_text_equal']})")
+        else:
+            lines.append(f"{fmt}: {info['path']} (verified: template reproduces the chat template: "
+                         f"{info['template_matches_chat_template']}; stop {', '.join(info['stop'])})")
+    return "\n".join(lines)

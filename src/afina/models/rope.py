@@ -98,17 +98,6 @@ def read_rope_settings(folder: Path) -> dict[str, Any] | None:
     return settings
 
 
-def recipe_rope_settings(recipe) -> dict[str, Any] | None:
-    """The rope settings a recipe asks for, computed against its base model's config."""
-    if recipe.context.rope_scaling == "none":
-        return None
-    from transformers import AutoConfig
-
-    from afina.models.loader import resolve_model
-
-    return rope_settings(recipe.context, AutoConfig.from_pretrained(resolve_model(recipe.model.name)))
-
-
 def gguf_rope_metadata(settings: dict[str, Any] | None) -> dict[str, Any]:
     """llama.cpp's rope-scaling keys for these settings (see write_gguf); dynamic NTK has none in llama.cpp."""
     if not settings:

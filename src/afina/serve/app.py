@@ -26,6 +26,7 @@ import torch
 from fastapi import Request  # at module level: FastAPI resolves the string annotations below from here
 from pydantic import BaseModel, ConfigDict, Field
 
+from afina import __version__
 from afina.config import ServeConfig
 from afina.data.format import render_prompt
 from afina.serve.batching import Scheduler
@@ -153,7 +154,7 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
     queue_lock = threading.Lock()
     waiting = [0]
 
-    app = FastAPI(title="afina", version="0.1.0")
+    app = FastAPI(title="afina", version=__version__)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.middleware("http")

@@ -67,7 +67,7 @@ def _run_base_model(run_root: Path) -> str | None:
 def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedModels:
     """Load a run directory (its adapter over its base, or its full model) or a model spec, plus adapters."""
     from afina.device import autocast_factory, pick_device, resolve_precision
-    from afina.models import load_model, load_tokenizer
+    from afina.models import load_adapter_over_base, load_model, load_tokenizer, load_trained
 
     adapters = dict(adapters or {})
     device = pick_device()
@@ -79,8 +79,8 @@ def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedMo
         if (root / "model" / "config.json").is_file() and not (root / "adapter").is_dir():
             if adapters:
                 raise ServeError(f"{root}: a fully fine-tuned run has no base to put adapters over; serve its base model instead")
-            model = load_model(str(root / "model"), "float32").to(device)
-            return ServedModels(model.eval(), load_tokenizer(base_spec), autocast, _context(model), root.name, root.name)
+            model = load_trained(root, base_spec, device, full=True)
+            return ServedModels(model, load_tokenizer(base_spec), autocast, _context(model), root.name, root.name)
         own[root.resolve().name] = _adapter_dir(root)
     else:
         base_spec = target
@@ -97,22 +97,17 @@ def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedMo
     if len({json.dumps(r, sort_keys=True) for r in ropes.values()}) > 1:
         raise ServeError("the adapters were trained with different rope scaling (afina_rope.json): they cannot share "
                          f"one base model; serve them separately ({', '.join(f'{n}: {r}' for n, r in ropes.items())})")
-    base = load_model(base_spec, "float32", rope=next(iter(ropes.values()), None))
     base_name = Path(base_spec).name if "/" in base_spec or Path(base_spec).exists() else base_spec
     if not own:
-        return ServedModels(base.to(device).eval(), load_tokenizer(base_spec), autocast, _context(base), base_name, base_name)
-    from peft import PeftModel
-
+        base = load_model(base_spec, "float32").to(device).eval()
+        return ServedModels(base, load_tokenizer(base_spec), autocast, _context(base), base_name, base_name)
     peft_names = {name: f"adapter{i}" for i, name in enumerate(own)}
-    model = None
-    for name, path in own.items():
-        if model is None:
-            model = PeftModel.from_pretrained(base, str(path), adapter_name=peft_names[name])
-        else:
-            model.load_adapter(str(path), adapter_name=peft_names[name])
-    default = next(iter(own))
-    return ServedModels(model.to(device).eval(), load_tokenizer(base_spec), autocast, _context(base), base_name,
-                        default, peft_names)
+    (first, first_path), *others = own.items()
+    model = load_adapter_over_base(base_spec, first_path, device, adapter_name=peft_names[first])
+    for name, path in others:  # the same base (same rope settings, checked above) under every adapter
+        model.load_adapter(str(path), adapter_name=peft_names[name])
+    return ServedModels(model.to(device).eval(), load_tokenizer(base_spec), autocast, _context(model.get_base_model()),
+                        base_name, first, peft_names)
 
 
 def _context(model) -> int:

@@ -1,102 +1,29 @@
-"""What differs per task type: how rows become training examples, which model and loss train them,
-how the result is evaluated and how it predicts.
+"""Task types: what differs per task, behind one interface (afina.tasks.base.TaskType).
 
     chat            generative fine-tuning on chat rows (the default)
     classification  text -> label: generative labels (constrained to the label set) or a head
     tagging         words -> BIO tags (named entities): a token-classification head
+    domain          continued pre-training on raw text, scored by perplexity
 
-The training loop (train/loop.py) is one loop for all of them: it asks the task for a
-TrainingTask and keeps accumulation, checkpoints, resume, monitoring and early stopping itself.
+Adding a task type: one module here defining `TASK = TaskType(...)`, one line in TASKS, one
+config section (and its name in `Recipe.task`). The stages (prepare, train, estimate, eval,
+export, predict, sequential) ask `task_for(recipe)` and never test the task's name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from afina.config import Recipe
-from afina.rundir import RunDir
+from afina.config import Recipe, RecipeError
+from afina.tasks import chat, classification, domain, tagging
+from afina.tasks.base import TaskType
+
+TASKS: dict[str, TaskType] = {task.name: task for task in (chat.TASK, classification.TASK, tagging.TASK, domain.TASK)}
 
 
-@dataclass
-class TrainingTask:
-    """What the training loop needs from a task type.
-
-    encode: canonical rows -> examples (each a dict with `input_ids` and `labels` lists)
-    build_model: device -> the model, with exactly the trainable weights requiring grad
-    collate(examples, rows, pad_id, pack_length): a micro-batch of tensors
-    loss_fn(model, **batch) -> (loss sum, label count); count_fn(micro_batches) -> label count
-    """
-
-    tokenizer: Any
-    encode: Callable[[list[dict[str, Any]]], list[dict[str, list[int]]]]
-    build_model: Callable[[Any], Any]
-    output_dir: Path
-    method: str
-    collate: Callable[..., dict] | None = None
-    loss_fn: Callable[..., tuple] | None = None
-    count_fn: Callable[[list[dict]], int] | None = None
-    supports_packing: bool = True
-    param_groups: Callable[[Any], list[dict[str, Any]]] | None = None
-    on_save: Callable[[Path], None] | None = None  # writes what prediction needs beside the weights (labels)
-    extra_summary: dict[str, Any] = field(default_factory=dict)
-
-
-def training_task(recipe: Recipe, run: RunDir, train_rows: list[dict[str, Any]]) -> TrainingTask:
-    """The TrainingTask of the recipe's task type."""
-    if recipe.task == "classification":
-        from afina.tasks import classification
-
-        return classification.training_task(recipe, run, train_rows)
-    if recipe.task == "tagging":
-        from afina.tasks import tagging
-
-        return tagging.training_task(recipe, run, train_rows)
-    from afina.tasks.chat import chat_task
-
-    return chat_task(recipe, run)
-
-
-def exports_weights(recipe: Recipe) -> bool:
-    """Whether `afina export` applies: chat models (and generative classifiers) export to merged/GGUF/Ollama;
-    a head model's result is its adapter/ or model/ folder (with head.json) as training wrote it."""
-    return recipe.task == "chat" or (recipe.task == "classification" and recipe.classification.mode == "generative")
-
-
-def evaluate_task(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
-    """`afina eval` for the recipe's task type."""
-    if recipe.task == "classification":
-        from afina.tasks import classification
-
-        return classification.evaluate(recipe, progress=progress)
-    if recipe.task == "tagging":
-        from afina.tasks import tagging
-
-        return tagging.evaluate(recipe, progress=progress)
-    from afina.eval.evaluate import evaluate
-
-    return evaluate(recipe, progress=progress)
-
-
-# `afina predict`: task type -> the module whose predict_rows(recipe, rows) adds prediction fields.
-# A new task type registers here with its own predict_rows.
-PREDICTORS: dict[str, str] = {
-    "classification": "afina.tasks.classification",
-    "tagging": "afina.tasks.tagging",
-}
-
-
-def predictor_for(task: str) -> Callable[..., list[dict[str, Any]]]:
-    import importlib
-
-    from afina.config import RecipeError
-
-    if task not in PREDICTORS:
-        raise RecipeError(f"afina predict supports task {', '.join(PREDICTORS)}; this recipe's task is '{task}' "
-                         "(chat models answer through `afina serve`)")
-    return importlib.import_module(PREDICTORS[task]).predict_rows
+def task_for(recipe: Recipe) -> TaskType:
+    return TASKS[recipe.task]
 
 
 def predict_file(recipe: Recipe, input_path: Path, output_path: Path, batch_size: int | None = None) -> dict[str, Any]:
@@ -105,7 +32,11 @@ def predict_file(recipe: Recipe, input_path: Path, output_path: Path, batch_size
     from afina.data.load import DataError, Reject, iter_source
     from afina.rundir import write_jsonl
 
-    predict_rows = predictor_for(recipe.task)
+    predict_rows = task_for(recipe).predict_rows
+    if predict_rows is None:
+        able = ", ".join(name for name, task in TASKS.items() if task.predict_rows)
+        raise RecipeError(f"afina predict supports task {able}; this recipe's task is '{recipe.task}' "
+                          "(chat models answer through `afina serve`)")
     if output_path.resolve() == input_path.resolve():
         raise DataError(f"{output_path}: the output would overwrite the input file; name another --output")
     rows = []

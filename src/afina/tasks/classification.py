@@ -27,7 +27,11 @@ import torch
 from afina.config import Recipe, RecipeError
 from afina.eval.sample import eval_rows
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
-from afina.tasks import TrainingTask
+from afina.eval.outputs import write_eval
+from afina.eval.summary import efficiency_of_batches, recommend, training_cost
+from afina.models import load_trained
+from afina.tasks.base import TaskType
+from afina.train.task import TrainingTask
 
 LABELS_FILE = "labels.json"  # <run>/labels.json: the label set training used, in order
 
@@ -212,10 +216,10 @@ def load_classifier(recipe: Recipe, run: RunDir, device):
         from afina.tasks.heads import load_trained_head
 
         return load_trained_head(recipe, run, device)
-    from afina.eval.evaluate import load_tuned
     from afina.models import load_tokenizer
 
-    return load_tuned(recipe, run, device), load_tokenizer(recipe.model.name), read_labels(run)
+    model = load_trained(run.root, recipe.model.name, device, full=recipe.method.type == "full")
+    return model, load_tokenizer(recipe.model.name), read_labels(run)
 
 
 def predict_batches(model, tokenizer, rows, labels, recipe: Recipe, autocast, batch_size: int):
@@ -237,7 +241,6 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     import contextlib
 
     from afina.device import autocast_factory, pick_device, resolve_precision
-    from afina.eval.evaluate import recommend, training_cost
     from afina.eval.metrics import label_metrics
 
     run = RunDir(recipe.run_dir)
@@ -284,40 +287,13 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "training": training_cost(run, cfg.price_per_hour),
     }
     report["recommendation"] = recommend(report)
-    write_eval_outputs(run, recipe, report, predictions, rejects)
+    write_eval(recipe, run, report, predictions, rejects)
     return report
-
-
-def efficiency_of_batches(latencies: list[float], n_rows: int, wall: float, device, price_per_hour: float) -> dict[str, float]:
-    """Latency per batch, throughput, memory and cost of scoring n_rows (classification and tagging)."""
-    import numpy as np
-
-    from afina.device import peak_memory_mb
-
-    return {
-        "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
-        "latency_p95_s": round(float(np.percentile(latencies, 95)), 4),
-        "examples_per_s": round(n_rows / max(wall, 1e-9), 2),
-        "wall_s": round(wall, 3),
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "cost_per_1k_requests": round(price_per_hour * wall / n_rows * 1000 / 3600, 6),
-    }
-
-
-def write_eval_outputs(run: RunDir, recipe: Recipe, report, predictions, rejects) -> None:
-    write_jsonl(run.eval / "predictions.jsonl", predictions)
-    write_jsonl(run.eval / "rejects.jsonl", rejects)
-    write_json_atomic(run.eval / "metrics.json", report)
-    if recipe.eval.report:
-        from afina.eval.report import write_report
-
-        write_report(run, report, predictions, recipe)
-    run.update_manifest(eval=report)
 
 
 def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | None = None) -> list[dict[str, Any]]:
     """`afina predict`: each row (its text field as data.fields maps it) with predicted_label and label_probability."""
-    from afina.data.schema import SCHEMAS, _present
+    from afina.data.schema import SCHEMAS, field_present
     from afina.device import autocast_factory, pick_device, resolve_precision
 
     run = RunDir(recipe.run_dir)
@@ -325,7 +301,7 @@ def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | N
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     texts = []
     for i, row in enumerate(rows):
-        name = _present(row, "text", SCHEMAS["classification"]["text"], recipe.data.fields)
+        name = field_present(row, "text", SCHEMAS["classification"]["text"], recipe.data.fields)
         if name is None or not isinstance(row[name], str):
             raise ValueError(f"row {i + 1}: no text field ({recipe.data.fields.get('text', 'text or sentence')}); "
                              f"it has {sorted(row)}; map yours with data.fields.text=NAME")
@@ -366,3 +342,14 @@ def score_model(recipe: Recipe, model_spec: str) -> dict[str, Any]:
     scores = label_metrics([r["label"] for r in rows], [p["predicted_label"] for p in predicted], labels)
     return {"metric": "accuracy", "value": round(scores["accuracy"], 2), "macro_f1": round(scores["macro_f1"], 2),
             "lower_is_better": False, "examples": len(rows)}
+
+
+TASK = TaskType(
+    name="classification",
+    training_task=training_task,
+    evaluate=evaluate,
+    score_model=score_model,
+    as_chat_rows=as_chat_rows,
+    predict_rows=predict_rows,
+    carries_lm=lambda recipe: recipe.classification.mode == "generative",
+)

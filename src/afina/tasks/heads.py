@@ -15,7 +15,7 @@ from typing import Any
 
 from afina.config import Recipe, RecipeError
 from afina.rundir import RunDir, write_json_atomic
-from afina.tasks import TrainingTask
+from afina.train.task import TrainingTask
 
 HEAD_FILE = "head.json"  # beside the weights: task, backbone, source, labels
 PEFT_TASK_TYPES = {"sequence": "SEQ_CLS", "token": "TOKEN_CLS"}
@@ -29,12 +29,9 @@ def backbone_source(recipe: Recipe, backbone: str, encoder: str) -> str:
 
 
 def backbone_tokenizer(source: str):
-    from transformers import AutoTokenizer
+    from afina.models import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_tokenizer(source)
 
 
 def output_dir(recipe: Recipe, run: RunDir, backbone: str) -> Path:

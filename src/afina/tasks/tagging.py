@@ -20,7 +20,10 @@ from afina.config import Recipe, RecipeError
 from afina.data.format import IGNORE_INDEX
 from afina.eval.sample import eval_rows
 from afina.rundir import RunDir
-from afina.tasks import TrainingTask
+from afina.eval.outputs import write_eval
+from afina.eval.summary import efficiency_of_batches, recommend, training_cost
+from afina.tasks.base import TaskType
+from afina.train.task import TrainingTask
 
 
 class TagError(ValueError):
@@ -137,9 +140,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Entity-level precision/recall/F1 (overall and per type) of the trained tagger on the test split."""
 
     from afina.device import autocast_factory, pick_device, resolve_precision
-    from afina.eval.evaluate import recommend, training_cost
     from afina.eval.metrics import entity_metrics
-    from afina.tasks.classification import efficiency_of_batches, write_eval_outputs
     from afina.tasks.heads import load_trained_head
 
     run = RunDir(recipe.run_dir)
@@ -178,7 +179,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "training": training_cost(run, cfg.price_per_hour),
     }
     report["recommendation"] = recommend(report)
-    write_eval_outputs(run, recipe, report, predictions, rejects)
+    write_eval(recipe, run, report, predictions, rejects)
     return report
 
 
@@ -186,7 +187,7 @@ def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | N
     """`afina predict`: each row (its word list, or a text split on spaces) with predicted_tags and entities."""
     from seqeval.metrics.sequence_labeling import get_entities
 
-    from afina.data.schema import SCHEMAS, _present
+    from afina.data.schema import SCHEMAS, field_present
     from afina.device import autocast_factory, pick_device, resolve_precision
     from afina.tasks.heads import load_trained_head
 
@@ -195,7 +196,7 @@ def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | N
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     inputs = []
     for i, row in enumerate(rows):
-        name = _present(row, "tokens", SCHEMAS["tagging"]["tokens"], recipe.data.fields)
+        name = field_present(row, "tokens", SCHEMAS["tagging"]["tokens"], recipe.data.fields)
         words = row[name] if name else (row["text"].split() if isinstance(row.get("text"), str) else None)
         if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
             raise ValueError(f"row {i + 1}: needs a non-empty list of words (tokens or words; map yours with "
@@ -212,3 +213,18 @@ def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | N
                     for kind, s, e in get_entities(row_tags)]
         out.append({**row, "predicted_tags": row_tags, "entities": entities})
     return out
+
+
+def cannot_be_stage(recipe: Recipe, model_spec: str) -> dict[str, Any]:
+    raise RecipeError("sequential stages carry one language model from stage to stage; tagging trains its own head")
+
+
+TASK = TaskType(
+    name="tagging",
+    training_task=training_task,
+    evaluate=evaluate,
+    score_model=cannot_be_stage,
+    as_chat_rows=lambda recipe, rows: cannot_be_stage(recipe, ""),
+    predict_rows=predict_rows,
+    carries_lm=lambda recipe: False,
+)

@@ -17,7 +17,8 @@ import torch
 from afina.config import Recipe
 from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
 from afina.rundir import RunDir, read_jsonl
-from afina.models.rope import recipe_rope_settings
+from afina.models import recipe_rope_settings
+from afina.train.task import TrainingTask
 from afina.train.batches import collate, epoch_batches, pack_settings
 from afina.train.loss import LOSS_CHUNK_TOKENS, accumulate_gradients
 
@@ -64,15 +65,13 @@ def attention_flops_share(config, seq: int) -> float:
     return attention / (weights + attention)
 
 
-def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = None) -> dict[str, Any]:
-    from afina.tasks import training_task
-
-    run = RunDir(recipe.run_dir)
+def estimate(recipe: Recipe, task: TrainingTask, train_rows: list[dict[str, Any]], measure_steps: int = 3,
+             available: int | None = None) -> dict[str, Any]:
+    """Parameters, memory and (measured over a few real steps) time of training `task` on the rows: the task
+    type's examples, model and loss, as training uses them (`afina.pipeline.estimate` builds the task)."""
     cfg = recipe.training
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
-    train_rows = read_jsonl(run.require(run.split_path("train"), "prepare"))
-    task = training_task(recipe, run, train_rows)  # the task type's examples, model and loss, as training uses them
     tokenizer = task.tokenizer
     train_set = task.encode(train_rows)
     pack_length, continuous = pack_settings(recipe)

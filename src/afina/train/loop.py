@@ -1,8 +1,10 @@
 """`afina train`: fine-tune the recipe's model on the prepared train split.
 
-The flow: load data and model, build the optimizer and schedule, (resume from the newest
-checkpoint,) then step: accumulate gradients over micro-batches, clip, update, validate,
-log, checkpoint, stop early when validation stops improving. The loss math is in loss.py.
+The flow: `setup` (data, model, optimizer and schedule, resume from the newest checkpoint),
+then `run_steps` (accumulate gradients over micro-batches, clip, update; after each step
+`after_step` validates, logs, checkpoints and decides to stop early), then `finish` (best
+weights back, save the result, the summary). The task type (afina.tasks) hands the loop a
+TrainingTask with its examples, model and loss; the loss math is in loss.py.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from afina.config import Recipe
-from afina.data.format import encode_chat, encode_text_chunks
+from afina.config import Recipe, RecipeError
 from afina.device import autocast_factory, peak_memory_mb, pick_device, progress_interval, resolve_precision
+from afina.models import recipe_rope_settings
+from afina.models.rope import save_rope_settings
 from afina.rundir import RunDir, read_jsonl
-from afina.models.rope import recipe_rope_settings, save_rope_settings
 from afina.train.batches import collate, epoch_batches, pack_settings
 from afina.train.checkpoint import (
     list_checkpoints,
@@ -35,6 +39,7 @@ from afina.train.checkpoint import (
 from afina.train.distributed import Distributed
 from afina.train.loss import accumulate_gradients, count_label_tokens, label_token_loss, mean_label_loss
 from afina.train.monitor import TrainingMonitor
+from afina.train.task import TrainingTask
 
 
 class TrainingInterrupted(Exception):
@@ -46,32 +51,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def encode_split(tokenizer, rows: list[dict[str, Any]], train_on: str, recipe: Recipe | None = None) -> list[dict[str, list[int]]]:
-    """Chats (loss where train_on says), or plain text rows (loss on every token, then end-of-sequence).
-    `task: domain`: each document cut into chunks of tokens."""
-    if recipe is not None and recipe.task == "domain":
-        length, domain = recipe.chunk_length(), recipe.domain
-        return [chunk for row in rows for chunk in encode_text_chunks(tokenizer, row["text"], length, domain.overlap, domain.add_eos)]
-    return [encode_chat(tokenizer, row["messages"], train_on) if "messages" in row else encode_text(tokenizer, row["text"])
-            for row in rows]
+def read_splits(run: RunDir) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The prepared train and validation rows (a clear error when `afina prepare` has not run)."""
+    train_rows = read_jsonl(run.require(run.split_path("train"), "prepare"))
+    val_rows = read_jsonl(run.require(run.split_path("validation"), "prepare"))
+    if not train_rows:
+        raise ValueError(f"{run.split_path('train')} has no rows: give more data or a larger data.split.train")
+    return train_rows, val_rows
 
 
 def add_retrieval_rows(recipe: Recipe, tokenizer, train_rows, train_set, pack_length: int | None) -> int:
     """context.retrieval: append synthetic key-retrieval rows (afina.train.retrieval) to the encoded
     training set, in place; returns how many."""
-    cfg = recipe.context.retrieval
     from afina.train.retrieval import retrieval_count, retrieval_examples, row_texts
 
+    cfg = recipe.context.retrieval
     count = retrieval_count(cfg.fraction, train_set, pack_length)
     if count:
         train_set += retrieval_examples(tokenizer, row_texts(train_rows), count, pack_length or recipe.data.max_length,
                                         cfg.min_length, cfg.facts, recipe.seed)
     return count
-
-
-def encode_text(tokenizer, text: str) -> dict[str, list[int]]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return {"input_ids": ids, "labels": list(ids)}
 
 
 def make_scheduler(optimizer, recipe: Recipe, total_steps: int):
@@ -83,9 +82,9 @@ def make_scheduler(optimizer, recipe: Recipe, total_steps: int):
 
 
 @contextmanager
-def stop_requests():
+def stop_requests() -> Iterator[dict[str, str | None]]:
     """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
-    flag = {"signal": None}
+    flag: dict[str, str | None] = {"signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -101,11 +100,99 @@ def stop_requests():
             signal.signal(sig, old)
 
 
-def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    from afina.config import RecipeError
-    from afina.tasks import training_task
+@dataclass
+class LoopState:
+    """The counters and history a checkpoint saves (as a plain dict) and a resumed run restores."""
 
-    run = RunDir(recipe.run_dir)
+    step: int = 0
+    tokens: int = 0
+    queue: list = field(default_factory=list)  # the batches still to come in this epoch's order
+    best_val: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    train_time: float = 0.0  # seconds of training before the current stretch (resumes add up)
+    val_before: float | None = None
+    val_last: float | None = None
+
+
+@dataclass
+class Training:
+    """Everything `setup` builds and the steps use."""
+
+    recipe: Recipe
+    task: TrainingTask
+    run: RunDir
+    ddp: Distributed
+    device: torch.device
+    precision: str
+    autocast: Callable
+    model: Any
+    trainable: list
+    optimizer: Any
+    scheduler: Any
+    rng: random.Random
+    train_set: list[dict[str, list[int]]]
+    val_set: list[dict[str, list[int]]]
+    pack_length: int | None
+    collate_fn: Callable
+    loss_fn: Callable
+    count_fn: Callable
+    per_step: int  # micro-batches in one global optimizer step
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    save_every: int
+    retrieval_rows: int
+    rope: dict | None
+    state: LoopState
+    resumed_from: Any = None
+    started: float = 0.0  # perf_counter at the start of the current stretch
+
+    @property
+    def checkpoints(self):
+        return self.run.root / "checkpoints"
+
+    def elapsed(self) -> float:
+        return self.state.train_time + time.perf_counter() - self.started
+
+    def save(self, step: int, elapsed: float | None = None) -> None:
+        """A checkpoint; the training time so far (`elapsed`, default now) goes into it, so a resumed run
+        reports true tokens/s."""
+        self.state.train_time = self.elapsed() if elapsed is None else elapsed
+        self.started = time.perf_counter()
+        # Every process holds the same weights (FSDP: gathers its shards for this); one writes them.
+        save_checkpoint(self.checkpoints, step, self.model, self.optimizer, self.scheduler, self.rng,
+                        {"loop": asdict(self.state)}, self.recipe.training.keep_checkpoints, write_files=self.ddp.is_main)
+
+    def validation_loss(self) -> float | None:
+        if not self.val_set:
+            return None
+        self.model.eval()
+        loss = mean_label_loss(self.model, self.val_set, self.task.tokenizer.pad_token_id,
+                               self.recipe.training.batch_size, self.autocast, loss_fn=self.loss_fn)
+        self.model.train()
+        return loss
+
+
+def train(recipe: Recipe, task: TrainingTask, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
+          progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Train `task` (from afina.tasks: `afina.pipeline.train` builds it) on the rows; returns the summary."""
+    t = setup(recipe, task, train_rows, val_rows, resume)
+    monitor = (TrainingMonitor(t.run.root, t.run.metrics, t.state.step if resume else None, recipe.training.tensorboard,
+                               recipe.training.plots) if t.ddp.is_main else TrainingMonitor.silent())
+    bar = tqdm(total=t.total_steps, initial=t.state.step, desc="train", unit="step",
+               disable=not (progress and t.ddp.is_main), mininterval=progress_interval())
+    t.model.train()
+    t.started = time.perf_counter()
+    try:
+        stop_reason, last_loss = run_steps(t, monitor, bar)
+    finally:
+        bar.close()
+        monitor.close()
+    return finish(t, stop_reason, last_loss)
+
+
+def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool) -> Training:
     cfg = recipe.training
     seed_everything(recipe.seed)
     ddp = Distributed.from_env(cfg.distributed)
@@ -113,19 +200,9 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     if device.type == "cuda" and ddp.world_size > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     precision = resolve_precision(cfg.precision, device)
-    autocast = autocast_factory(precision, device)
-
-    train_rows = read_jsonl(run.require(run.split_path("train"), "prepare"))
-    val_rows = read_jsonl(run.require(run.split_path("validation"), "prepare"))
-    if not train_rows:
-        raise ValueError(f"{run.split_path('train')} has no rows: give more data or a larger data.split.train")
-    # What differs per task type (examples, model, loss); everything below is the same loop for all.
-    task = training_task(recipe, run, train_rows)
-    tokenizer = task.tokenizer
-    train_set = task.encode(train_rows)
-    val_set = task.encode(val_rows)
+    train_set, val_set = task.encode(train_rows), task.encode(val_rows)
     pack_length, continuous = pack_settings(recipe)
-    retrieval_rows = add_retrieval_rows(recipe, tokenizer, train_rows, train_set, pack_length)
+    retrieval_rows = add_retrieval_rows(recipe, task.tokenizer, train_rows, train_set, pack_length)
     if cfg.packing and not task.supports_packing:
         raise RecipeError(f"training.packing: task '{recipe.task}' with a head pools or tags per example and cannot "
                           "pack examples together; set training.packing=false")
@@ -141,178 +218,179 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = task.param_groups(model) if task.param_groups else [{"params": trainable}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    collate_fn = task.collate or (lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous))
-    loss_fn, count_fn = task.loss_fn or label_token_loss, task.count_fn or count_label_tokens
 
     batches_per_epoch = len(epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length))
-    per_step = cfg.grad_accum * ddp.world_size  # micro-batches in one global optimizer step
+    per_step = cfg.grad_accum * ddp.world_size
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / per_step))
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     eval_every = cfg.eval_every or steps_per_epoch
-    save_every = cfg.save_every or eval_every
-    scheduler = make_scheduler(optimizer, recipe, total_steps)
-    rng = random.Random(recipe.seed)
-    pad_id = tokenizer.pad_token_id
-    checkpoints = run.root / "checkpoints"
-
-    def validation_loss() -> float | None:
-        if not val_set:
-            return None
-        model.eval()
-        loss = mean_label_loss(model, val_set, pad_id, cfg.batch_size, autocast, loss_fn=loss_fn)
-        model.train()
-        return loss
-
-    loop: dict[str, Any] = {"step": 0, "tokens": 0, "queue": [], "best_val": None, "bad_evals": 0, "train_time": 0.0}
-    resumed_from = None
+    t = Training(
+        recipe=recipe, task=task, run=RunDir(recipe.run_dir), ddp=ddp, device=device, precision=precision,
+        autocast=autocast_factory(precision, device), model=model, trainable=trainable, optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, recipe, total_steps), rng=random.Random(recipe.seed),
+        train_set=train_set, val_set=val_set, pack_length=pack_length,
+        collate_fn=task.collate or (lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous)),
+        loss_fn=task.loss_fn or label_token_loss, count_fn=task.count_fn or count_label_tokens,
+        per_step=per_step, steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_every=eval_every,
+        save_every=cfg.save_every or eval_every, retrieval_rows=retrieval_rows, rope=rope, state=LoopState(),
+    )
     if resume:
-        found = list_checkpoints(checkpoints)
+        found = list_checkpoints(t.checkpoints)
         if not found:
-            raise FileNotFoundError(f"no checkpoint to resume from in {checkpoints}; run `afina train` without --resume")
-        resumed_from = found[-1]
-        loop.update(load_checkpoint(resumed_from, model, optimizer, scheduler, rng)["loop"])
+            raise FileNotFoundError(f"no checkpoint to resume from in {t.checkpoints}; run `afina train` without --resume")
+        t.resumed_from = found[-1]
+        saved = load_checkpoint(t.resumed_from, model, optimizer, t.scheduler, t.rng)["loop"]
+        t.state = LoopState(**saved)
     else:
-        loop["val_before"] = validation_loss()
+        t.state.val_before = t.validation_loss()
+    return t
 
-    def save(step: int) -> None:
-        # Every process holds the same weights (FSDP: gathers its shards for this); one writes them.
-        save_checkpoint(checkpoints, step, model, optimizer, scheduler, rng, {"loop": loop}, cfg.keep_checkpoints,
-                        write_files=ddp.is_main)
 
-    if ddp.is_main:
-        monitor = TrainingMonitor(run.root, run.metrics, loop["step"] if resume else None, cfg.tensorboard, cfg.plots)
-    else:
-        monitor = TrainingMonitor.silent()
-    bar = tqdm(total=total_steps, initial=loop["step"], desc="train", unit="step", disable=not (progress and ddp.is_main),
-               mininterval=progress_interval())
-    model.train()
-    started, stop_reason, last_loss = time.perf_counter(), "finished", float("nan")
+def run_steps(t: Training, monitor: TrainingMonitor, bar) -> tuple[str, float]:
+    """Optimizer steps until the last one, early stopping, the time limit or a signal; (stop reason, last loss)."""
+    stop_reason, last_loss = "finished", float("nan")
     with stop_requests() as stop:
-        while loop["step"] < total_steps:
+        while t.state.step < t.total_steps:
             if stop["signal"]:
-                # The training time so far goes into the checkpoint, so a resumed run reports true tokens/s.
-                loop["train_time"], started = loop["train_time"] + time.perf_counter() - started, time.perf_counter()
-                save(loop["step"])
+                t.save(t.state.step)
                 raise TrainingInterrupted(
-                    f"{stop['signal']} received: checkpoint saved at step {loop['step']}; "
+                    f"{stop['signal']} received: checkpoint saved at step {t.state.step}; "
                     "continue with `afina train --resume` on the same recipe"
                 )
-            while len(loop["queue"]) < per_step:
-                loop["queue"] += epoch_batches(train_set, cfg.batch_size, rng, pack_length)
-            step_rows = loop["queue"][:per_step]
-            del loop["queue"][:per_step]
-            group = [collate_fn(train_set, rows, pad_id, pack_length) for rows in step_rows]
-            local = group[ddp.rank :: ddp.world_size]
-            step_loss, _ = accumulate_gradients(model, local, autocast, denominator=count_fn(group), loss_fn=loss_fn,
-                                                count_fn=count_fn)
-            step_loss = ddp.sum_scalar(step_loss)
-            ddp.sum_gradients(trainable)
-            grad_norm = ddp.clip_grad_norm(trainable, cfg.max_grad_norm)
-            if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
-                kept = list_checkpoints(checkpoints)
-                raise FloatingPointError(
-                    f"the loss became {step_loss} (gradient norm {grad_norm}) at step {loop['step'] + 1}, so training "
-                    "stopped before that update"
-                    + (f"; the last good checkpoint is {kept[-1]}" if kept else "")
-                    + ". Check the data and the model weights, or lower training.learning_rate"
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loop["step"] += 1
-            loop["tokens"] += sum(len(train_set[i]["input_ids"]) for rows in step_rows for row in rows for i in row)
-            step = loop["step"]
-            last_loss = step_loss
-            elapsed = loop["train_time"] + time.perf_counter() - started
+            last_loss, grad_norm = training_step(t)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{loop['tokens'] / elapsed:.0f}", mem=f"{peak_memory_mb(device):.0f}MB", refresh=False)
-
-            time_up = bool(cfg.max_minutes) and elapsed >= cfg.max_minutes * 60 and step < total_steps
-            val_loss = validation_loss() if (step % eval_every == 0 or step == total_steps or time_up) else None
-            if val_loss is not None:
-                loop["val_last"] = val_loss
-                if loop["best_val"] is None or val_loss < loop["best_val"]:
-                    loop["best_val"], loop["best_step"], loop["bad_evals"] = val_loss, step, 0
-                    save_weights(checkpoints / "best", model, {"step": step, "val_loss": val_loss}, write_files=ddp.is_main)
-                else:
-                    loop["bad_evals"] += 1
-            if step % cfg.log_every == 0 or val_loss is not None or step == total_steps:
-                monitor.log(
-                    {
-                        "step": step,
-                        "epoch": round(step / steps_per_epoch, 3),
-                        "loss": round(step_loss, 5),
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": round(grad_norm, 4),
-                        "tokens": loop["tokens"],
-                        "tokens_per_s": round(loop["tokens"] / elapsed, 1),
-                        "peak_memory_mb": round(peak_memory_mb(device), 1),
-                        **({"val_loss": val_loss} if val_loss is not None else {}),
-                    }
-                )
-            if val_loss is not None:
-                monitor.plot()
-            patience = cfg.early_stopping_patience
-            if patience and loop["bad_evals"] >= patience:
-                stop_reason = f"early stopping: no better validation loss in {patience} validations"
-            if time_up:
-                stop_reason = f"time limit: training.max_minutes={cfg.max_minutes} reached at step {step} of {total_steps}"
-            if step % save_every == 0 or step == total_steps or stop_reason != "finished":
-                loop["train_time"], started = elapsed, time.perf_counter()
-                save(step)
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{t.state.tokens / t.elapsed():.0f}",
+                            mem=f"{peak_memory_mb(t.device):.0f}MB", refresh=False)
+            stop_reason = after_step(t, last_loss, grad_norm, monitor)
             if stop_reason != "finished":
                 break
-    bar.close()
-    monitor.close()
-    elapsed = loop["train_time"] + time.perf_counter() - started
+    return stop_reason, last_loss
 
-    ddp.barrier()  # the best weights are on disk before any process reads them
-    best = checkpoints / "best"
-    if cfg.load_best_at_end and (best / "trainable.safetensors").is_file() and loop.get("best_step") != loop["step"]:
+
+def training_step(t: Training) -> tuple[float, float]:
+    """One global optimizer step over `per_step` micro-batches (dealt out by rank); (loss, gradient norm)."""
+    cfg, state = t.recipe.training, t.state
+    while len(state.queue) < t.per_step:
+        state.queue += epoch_batches(t.train_set, cfg.batch_size, t.rng, t.pack_length)
+    step_rows = state.queue[: t.per_step]
+    del state.queue[: t.per_step]
+    group = [t.collate_fn(t.train_set, rows, t.task.tokenizer.pad_token_id, t.pack_length) for rows in step_rows]
+    local = group[t.ddp.rank :: t.ddp.world_size]
+    step_loss, _ = accumulate_gradients(t.model, local, t.autocast, denominator=t.count_fn(group), loss_fn=t.loss_fn,
+                                        count_fn=t.count_fn)
+    step_loss = t.ddp.sum_scalar(step_loss)
+    t.ddp.sum_gradients(t.trainable)
+    grad_norm = t.ddp.clip_grad_norm(t.trainable, cfg.max_grad_norm)
+    if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
+        kept = list_checkpoints(t.checkpoints)
+        raise FloatingPointError(
+            f"the loss became {step_loss} (gradient norm {grad_norm}) at step {state.step + 1}, so training "
+            "stopped before that update"
+            + (f"; the last good checkpoint is {kept[-1]}" if kept else "")
+            + ". Check the data and the model weights, or lower training.learning_rate"
+        )
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens += sum(len(t.train_set[i]["input_ids"]) for rows in step_rows for row in rows for i in row)
+    return step_loss, grad_norm
+
+
+def after_step(t: Training, step_loss: float, grad_norm: float, monitor: TrainingMonitor) -> str:
+    """Validate, keep the best weights, log, checkpoint; the stop reason ("finished" to go on)."""
+    cfg, state = t.recipe.training, t.state
+    step, elapsed = state.step, t.elapsed()
+    time_up = bool(cfg.max_minutes) and elapsed >= cfg.max_minutes * 60 and step < t.total_steps
+    val_loss = t.validation_loss() if (step % t.eval_every == 0 or step == t.total_steps or time_up) else None
+    if val_loss is not None:
+        state.val_last = val_loss
+        if state.best_val is None or val_loss < state.best_val:
+            state.best_val, state.best_step, state.bad_evals = val_loss, step, 0
+            save_weights(t.checkpoints / "best", t.model, {"step": step, "val_loss": val_loss}, write_files=t.ddp.is_main)
+        else:
+            state.bad_evals += 1
+    if step % cfg.log_every == 0 or val_loss is not None or step == t.total_steps:
+        monitor.log({
+            "step": step,
+            "epoch": round(step / t.steps_per_epoch, 3),
+            "loss": round(step_loss, 5),
+            "lr": t.scheduler.get_last_lr()[0],
+            "grad_norm": round(grad_norm, 4),
+            "tokens": state.tokens,
+            "tokens_per_s": round(state.tokens / elapsed, 1),
+            "peak_memory_mb": round(peak_memory_mb(t.device), 1),
+            **({"val_loss": val_loss} if val_loss is not None else {}),
+        })
+    if val_loss is not None:
+        monitor.plot()
+    stop_reason = "finished"
+    patience = cfg.early_stopping_patience
+    if patience and state.bad_evals >= patience:
+        stop_reason = f"early stopping: no better validation loss in {patience} validations"
+    if time_up:
+        stop_reason = f"time limit: training.max_minutes={cfg.max_minutes} reached at step {step} of {t.total_steps}"
+    if step % t.save_every == 0 or step == t.total_steps or stop_reason != "finished":
+        t.save(step, elapsed)
+    return stop_reason
+
+
+def finish(t: Training, stop_reason: str, last_loss: float) -> dict[str, Any]:
+    """The best weights back (load_best_at_end), the result saved by the main process, the summary."""
+    elapsed = t.elapsed()
+    t.ddp.barrier()  # the best weights are on disk before any process reads them
+    best = t.checkpoints / "best"
+    if (t.recipe.training.load_best_at_end and (best / "trainable.safetensors").is_file()
+            and t.state.best_step != t.state.step):
         from safetensors.torch import load_file
 
-        load_trainable_state(model, load_file(str(best / "trainable.safetensors")))
-    out_dir = task.output_dir
-    summary = {
-        "task": recipe.task,
-        "method": task.method,
-        **task.extra_summary,
-        "steps": loop["step"],
-        "epochs": round(loop["step"] / steps_per_epoch, 2),
-        "stopped": stop_reason,
-        "resumed_from": str(resumed_from) if resumed_from else None,
-        "train_examples": len(train_set),
-        **({"retrieval_rows": retrieval_rows} if retrieval_rows else {}),
-        "packing": bool(pack_length),
-        "tokens": loop["tokens"],
-        "tokens_per_s": round(loop["tokens"] / max(elapsed, 1e-9), 1),
-        "final_train_loss": round(last_loss, 5),
-        "val_loss_before": loop.get("val_before"),
-        "val_loss_after": loop.get("val_last"),
-        "best_val_loss": loop["best_val"],
-        "best_step": loop.get("best_step"),
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "total_parameters": sum(p.numel() for p in model.parameters()),
-        "precision": precision,
-        "device": str(device),
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "output": str(out_dir),
-        "processes": ddp.world_size,
-        "distributed": ddp.strategy if ddp.world_size > 1 else None,
-        **({"rope_scaling": rope, "pack_length": pack_length} if rope else {}),
-    }
-    to_save = model
-    if ddp.sharded:  # gather the shards (every process) into a plain copy that peft/transformers can save
-        whole = trainable_state(model)
-        if ddp.is_main:
-            to_save = task.build_model(torch.device("cpu"))
+        load_trainable_state(t.model, load_file(str(best / "trainable.safetensors")))
+    summary = training_summary(t, stop_reason, last_loss, elapsed)
+    to_save = t.model
+    if t.ddp.sharded:  # gather the shards (every process) into a plain copy that peft/transformers can save
+        whole = trainable_state(t.model)
+        if t.ddp.is_main:
+            to_save = t.task.build_model(torch.device("cpu"))
             load_trainable_state(to_save, whole)
-    if ddp.is_main:
+    if t.ddp.is_main:
+        out_dir = t.task.output_dir
         to_save.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-        if task.on_save:
-            task.on_save(out_dir)
-        save_rope_settings(out_dir, rope)
-        run.update_manifest(train=summary)
-    ddp.close()
+        t.task.tokenizer.save_pretrained(out_dir)
+        if t.task.on_save:
+            t.task.on_save(out_dir)
+        save_rope_settings(out_dir, t.rope)
+        t.run.update_manifest(train=summary)
+    t.ddp.close()
     return summary
+
+
+def training_summary(t: Training, stop_reason: str, last_loss: float, elapsed: float) -> dict[str, Any]:
+    state = t.state
+    return {
+        "task": t.recipe.task,
+        "method": t.task.method,
+        **t.task.extra_summary,
+        "steps": state.step,
+        "epochs": round(state.step / t.steps_per_epoch, 2),
+        "stopped": stop_reason,
+        "resumed_from": str(t.resumed_from) if t.resumed_from else None,
+        "train_examples": len(t.train_set),
+        **({"retrieval_rows": t.retrieval_rows} if t.retrieval_rows else {}),
+        "packing": bool(t.pack_length),
+        "tokens": state.tokens,
+        "tokens_per_s": round(state.tokens / max(elapsed, 1e-9), 1),
+        "final_train_loss": round(last_loss, 5),
+        "val_loss_before": state.val_before,
+        "val_loss_after": state.val_last,
+        "best_val_loss": state.best_val,
+        "best_step": state.best_step,
+        "trainable_parameters": sum(p.numel() for p in t.trainable),
+        "total_parameters": sum(p.numel() for p in t.model.parameters()),
+        "precision": t.precision,
+        "device": str(t.device),
+        "peak_memory_mb": round(peak_memory_mb(t.device), 1),
+        "output": str(t.task.output_dir),
+        "processes": t.ddp.world_size,
+        "distributed": t.ddp.strategy if t.ddp.world_size > 1 else None,
+        **({"rope_scaling": t.rope, "pack_length": t.pack_length} if t.rope else {}),
+    }

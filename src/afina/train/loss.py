@@ -14,7 +14,7 @@ from afina.data.format import IGNORE_INDEX
 from afina.train.batches import pad_batch
 
 
-def _causal_lm_parts(model):
+def causal_lm_parts(model):
     """The decoder body and output layer of a causal LM, through a peft wrapper if present."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
@@ -23,8 +23,21 @@ def _causal_lm_parts(model):
 LOSS_CHUNK_TOKENS = 2048
 
 
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy, computed in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
 def _chunk_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return cross_entropy_sum(head(hidden), targets)
+
+
+def hidden_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed loss of hidden states (n, d) predicting targets (n,), LOSS_CHUNK_TOKENS logits at a time
+    (no gradient: for scoring long sequences without holding all their logits)."""
+    with torch.no_grad():
+        return sum(float(_chunk_loss_sum(head, hidden[i : i + LOSS_CHUNK_TOKENS], targets[i : i + LOSS_CHUNK_TOKENS]))
+                   for i in range(0, len(targets), LOSS_CHUNK_TOKENS))
 
 
 def label_token_loss(
@@ -41,7 +54,7 @@ def label_token_loss(
     and no attention mask. Beyond LOSS_CHUNK_TOKENS labelled positions, the logits are computed
     chunk by chunk and recomputed in the backward pass, so the full logits never exist at once.
     """
-    decoder, head = _causal_lm_parts(model)
+    decoder, head = causal_lm_parts(model)
     hidden = decoder(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
@@ -182,7 +195,7 @@ def choose_label(label_scores: torch.Tensor) -> tuple[int, torch.Tensor]:
 def label_logprobs(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast) -> list[float]:
     """Per example, the summed log-probability of its labelled tokens (multiple-choice scoring)."""
     scores: list[float] = []
-    decoder, head = _causal_lm_parts(model)
+    decoder, head = causal_lm_parts(model)
     for start in range(0, len(encoded), batch_size):
         batch = pad_batch(encoded[start : start + batch_size], pad_id)
         batch = {k: v.to(model.device) for k, v in batch.items()}

@@ -1,0 +1,168 @@
+"""What every task's evaluation report shares: metric names, the primary metric, efficiency and training
+cost, the recommendation sentences and the console table `afina eval` prints."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from afina.device import peak_memory_mb
+from afina.rundir import RunDir
+
+METRIC_LABELS = {
+    "fact_accuracy": "fact accuracy (%)",
+    "fact_recall": "key facts found (%)",
+    "accuracy": "accuracy (%)",
+    "macro_f1": "macro-F1 (%)",
+    "pass@1": "pass@1 (%)",
+    "exact_match": "exact match (%)",
+    "token_f1": "token F1 (%)",
+    "rouge1": "ROUGE-1 F1",
+    "rouge2": "ROUGE-2 F1",
+    "rougeL": "ROUGE-L F1",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "entity_f1": "entity F1 (%)",
+    "entity_precision": "entity precision (%)",
+    "entity_recall": "entity recall (%)",
+    "answer_loss": "answer loss (nats/token)",
+    "answer_perplexity": "answer perplexity",
+    "domain_loss": "domain loss (nats/token)",
+    "domain_perplexity": "domain perplexity",
+    "general_loss": "general-text loss (nats/token)",
+    "general_perplexity": "general-text perplexity",
+}
+LOWER_IS_BETTER = {"answer_loss", "answer_perplexity", "domain_loss", "domain_perplexity", "general_loss", "general_perplexity"}
+# The metric that decides "best system" and "worst examples", first one present wins.
+PRIMARY_METRICS = ("pass@1", "entity_f1", "accuracy", "fact_accuracy", "token_f1", "rougeL", "chrf", "bleu", "exact_match", "answer_loss")
+
+
+def primary_metric(systems: dict[str, dict[str, Any]]) -> str | None:
+    common = set.intersection(*(set(s) for s in systems.values())) if systems else set()
+    return next((m for m in PRIMARY_METRICS if m in common), None)
+
+
+def efficiency_of(generation, n: int, peak_mb: float, price_per_hour: float) -> dict[str, float]:
+    import numpy as np
+
+    seconds_per_request = generation.wall_s / max(n, 1)
+    return {
+        "latency_p50_s": round(float(np.percentile(generation.latency_s, 50)), 4),
+        "latency_p95_s": round(float(np.percentile(generation.latency_s, 95)), 4),
+        "generated_tokens_per_s": round(sum(generation.new_tokens) / max(generation.wall_s, 1e-9), 2),
+        "mean_new_tokens": round(statistics.fmean(generation.new_tokens), 2),
+        "wall_s": round(generation.wall_s, 3),
+        "peak_memory_mb": round(peak_mb, 1),
+        "cost_per_1k_requests": round(price_per_hour * seconds_per_request * 1000 / 3600, 6),
+    }
+
+
+def efficiency_of_batches(latencies: list[float], n_rows: int, wall: float, device, price_per_hour: float) -> dict[str, float]:
+    """Latency per batch, throughput, memory and cost of scoring n_rows (classification and tagging)."""
+    import numpy as np
+
+    return {
+        "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
+        "latency_p95_s": round(float(np.percentile(latencies, 95)), 4),
+        "examples_per_s": round(n_rows / max(wall, 1e-9), 2),
+        "wall_s": round(wall, 3),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "cost_per_1k_requests": round(price_per_hour * wall / n_rows * 1000 / 3600, 6),
+    }
+
+
+def training_cost(run: RunDir, price_per_hour: float) -> dict[str, Any]:
+    manifest = run.read_manifest()
+    seconds = manifest.get("stages", {}).get("train", {}).get("wall_time_s")
+    train = manifest.get("train", {})
+    return {
+        "wall_time_s": seconds,
+        "cost": round(price_per_hour * seconds / 3600, 6) if seconds is not None else None,
+        "steps": train.get("steps"),
+        "trainable_parameters": train.get("trainable_parameters"),
+        "peak_memory_mb": train.get("peak_memory_mb"),
+    }
+
+
+def recommend(report: dict[str, Any]) -> list[str]:
+    """Plain sentences derived from the numbers: quality winner, cost winner, forgetting."""
+    systems, efficiency = report["systems"], report["efficiency"]
+    metric = primary_metric(systems)
+    lines = []
+    if metric:
+        lower = metric in LOWER_IS_BETTER
+        ranked = sorted(systems, key=lambda s: systems[s][metric], reverse=not lower)
+        best = ranked[0]
+        lines.append(f"Best quality on {METRIC_LABELS[metric]}: {best} ({systems[best][metric]:.2f}).")
+        if "base" in systems and best != "base":
+            lines.append(f"{best} vs base zero-shot: {systems[best][metric] - systems['base'][metric]:+.2f} on {METRIC_LABELS[metric]}.")
+        if "tuned" in systems and {"base_fewshot", "base_rag"} & set(systems):
+            prompting = max((s for s in ("base_fewshot", "base_rag") if s in systems), key=lambda s: systems[s][metric] * (-1 if lower else 1))
+            delta = (systems["tuned"][metric] - systems[prompting][metric]) * (-1 if lower else 1)
+            verdict = "beats" if delta > 0 else "trails"
+            lines.append(f"Fine-tuning (tuned) {verdict} the best prompting-only system ({prompting}) by {abs(delta):.2f} on {METRIC_LABELS[metric]}.")
+    cheapest = min(efficiency, key=lambda s: efficiency[s]["wall_s"])
+    lines.append(
+        f"Cheapest to serve: {cheapest} ({efficiency[cheapest]['latency_p50_s']:.3f} s p50 latency per batch, "
+        f"{efficiency[cheapest]['cost_per_1k_requests']:.4f} per 1,000 requests at the recipe's price)."
+    )
+    forgetting = report.get("forgetting")
+    if forgetting:
+        if forgetting["flagged"]:
+            lines.append(
+                f"Forgetting: general-knowledge accuracy dropped {forgetting['drop']:.1f} points "
+                f"({forgetting['base_accuracy']:.1f} -> {forgetting['tuned_accuracy']:.1f}), beyond the {forgetting['threshold']} point threshold: "
+                "lower the learning rate or epochs, use a smaller LoRA rank, or mix general data into training."
+            )
+        else:
+            lines.append(
+                f"Forgetting: not a concern ({forgetting['base_accuracy']:.1f} -> {forgetting['tuned_accuracy']:.1f} on "
+                f"{forgetting['questions']} probe questions, threshold {forgetting['threshold']} points)."
+            )
+    return lines
+
+
+def format_table(report: dict[str, Any]) -> str:
+    systems = list(report["systems"])
+    metrics = [m for m in METRIC_LABELS if all(m in report["systems"][s] for s in systems)]
+    width = max(22, *(len(METRIC_LABELS[m]) for m in metrics))
+    col = max(10, *(len(s) for s in systems))
+    head = f"{'metric'.ljust(width)}  " + "  ".join(s.rjust(col) for s in systems)
+    lines = [f"test split: {report['test_examples']} examples", head, "-" * len(head)]
+    if not metrics:
+        lines.pop()
+    for m in metrics:
+        lines.append(f"{METRIC_LABELS[m].ljust(width)}  " + "  ".join(f"{report['systems'][s][m]:{col}.2f}" for s in systems))
+    if report.get("efficiency"):
+        for key, label in (("latency_p50_s", "latency p50 (s/batch)"), ("generated_tokens_per_s", "generated tokens/s"),
+                           ("examples_per_s", "examples/s")):
+            if not all(key in report["efficiency"][s] for s in systems):
+                continue
+            lines.append(f"{label.ljust(width)}  " + "  ".join(f"{report['efficiency'][s][key]:{col}.2f}" for s in systems))
+    for s in systems:  # classification: per-class recall, entities: per-type F1 (the tuned system)
+        per_class = report["systems"][s].get("per_class") if s == "tuned" else None
+        if per_class:
+            lines.append("per class (tuned): precision / recall / support")
+            for label, c in list(per_class.items())[:30]:
+                fmt = lambda v: "  n/a" if v is None else f"{v:5.1f}"  # noqa: E731
+                lines.append(f"  {label[:width - 2].ljust(width - 2)}  {fmt(c['precision'])} / {fmt(c['recall'])} / {c['support']}")
+            if len(per_class) > 30:
+                lines.append(f"  ... {len(per_class) - 30} more classes in eval/metrics.json")
+        per_type = report["systems"][s].get("per_type") if s == "tuned" else None
+        if per_type:
+            lines.append("per entity type (tuned): precision / recall / F1 / support")
+            for name, c in per_type.items():
+                lines.append(f"  {name.ljust(width - 2)}  {c['precision']:5.1f} / {c['recall']:5.1f} / {c['f1']:5.1f} / {c['support']}")
+    if report.get("skipped_unseen_labels"):
+        lines.append(f"warning: {report['skipped_unseen_labels']} test rows with labels training never saw were left out "
+                     "(eval/rejects.jsonl)")
+    for task, part in (report.get("tasks") or {}).items():
+        lines += ["", f"task {task}: " + format_table({"test_examples": part["test_examples"], "systems": part["systems"]})]
+    if report.get("task") == "domain":
+        t = report["texts"]
+        lines.append(f"domain: {t['domain']['documents']} held-out documents, {t['domain']['tokens']} tokens; "
+                     f"general: {t['general']['tokens']} tokens of {t['general']['source']}; chunks of {t['chunk_length']} tokens")
+    if report.get("forgetting"):
+        f = report["forgetting"]
+        lines.append(f"forgetting probe: {f['base_accuracy']:.1f}% -> {f['tuned_accuracy']:.1f}% ({f['questions']} questions)" + (" FLAGGED" if f["flagged"] else ""))
+    return "\n".join(lines)
