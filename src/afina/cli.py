@@ -27,7 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"afina {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (model conversion, loading)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_stage_commands(sub)
+    _add_serve_command(sub)
+    _add_tool_commands(sub)
+    return parser
 
+
+def _add_stage_commands(sub) -> None:
+    """prepare, train, eval, export; estimate, predict, run."""
     stages = {
         "prepare": ("load, check, format and split the data into the run directory",
                     "Read the recipe's data (JSONL, JSON, CSV/TSV, Parquet, text, a folder, a saved HF dataset), "
@@ -74,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--strict", action="store_true", help="stop at the first bad data row")
 
+
+def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="serve a run or a model over an OpenAI-compatible HTTP API",
                        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /v1/feedback, /health, "
                        "/metrics and a chat page at / for a run directory (its adapter over the base model) or any "
@@ -93,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redact-pii", action="store_true", default=None,
                    help="mask e-mails, phone and card numbers and IP addresses in the request log")
 
+
+def _add_tool_commands(sub) -> None:
+    """data, models, config, quickstart."""
     p = sub.add_parser("data", help="data tools: build a training file from served conversations",
                        description="Data tools outside a recipe.")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -119,7 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the bundled quickstart recipe (support answers for a fictional company) "
                        "through every stage and print the base-vs-tuned table.")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    return parser
 
 
 def cmd_config_show(args) -> None:

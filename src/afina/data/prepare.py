@@ -164,146 +164,191 @@ def prepare_data(recipe: Recipe, strict: bool = False, chunking: Chunking | None
     """
     if recipe.data.sources:  # multi-task: each source prepared as its own task, then mixed
         return prepare_tasks(recipe, strict, prepare_one=prepare_data)
-    data = recipe.data
     sources = data_sources(recipe)
     run = RunDir(recipe.run_dir)
     run.data.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(recipe.model.name)
-    cleaner = TextCleaner(data.clean, data.pii)
-    ledger = Ledger(run.data / "rejects.jsonl", strict)
+    intake = Intake(recipe, load_tokenizer(recipe.model.name), Ledger(run.data / "rejects.jsonl", strict),
+                    long_documents=chunking is not None)
     spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=run.data, prefix=".kept-")
-    kept: list[KeptRow] = []
-    first_of: dict[str, dict[bytes, int]] = defaultdict(dict)  # origin -> exact key -> kept index
-    near: dict[str, NearDuplicateIndex] = {}
-    schema, mapping = None, ""
-    domain = chunking is not None
-
     try:
         for origin, path, hf_split in sources:
-            for item in iter_source(path, data.format, data.text_unit, hf_split):
-                ledger.rows_in += 1
-                if isinstance(item, Reject):
-                    ledger.reject(item, "load")
-                    continue
-                record: Record = item
-                where = f"{record.file}:{record.line}"
-
-                # map: the user's fields onto a canonical row
-                try:
-                    if schema is None:
-                        schema, mapping = guess_schema(record.row, data.fields, "text" if domain else data.schema_)
-                    row = to_canonical(record.row, schema, data.fields, data.system_prompt, data.group_by)
-                except RowError as exc:
-                    ledger.reject(Reject(record.file, record.line, str(exc)), "map", record.row)
-                    continue
-
-                # clean: normalise text, redact PII; empty rows go
-                row = cleaner.clean_row(row)
-                empty = is_empty(row)
-                if empty:
-                    ledger.reject(Reject(record.file, record.line, empty), "clean", record.row)
-                    continue
-
-                # length, with the model's tokenizer and chat template
-                try:
-                    n_tokens = count_tokens(tokenizer, row, data.train_on)
-                except TemplateError as exc:
-                    raise DataError(f"{where}: {exc}") from None
-                # domain adaptation: a long document is cut into chunks when encoded, never rejected
-                too_long = n_tokens > data.max_length and not domain
-                if too_long or n_tokens < data.clean.min_tokens:
-                    bound = (f"more than data.max_length={data.max_length}" if n_tokens > data.max_length
-                             else f"fewer than data.clean.min_tokens={data.clean.min_tokens}")
-                    ledger.reject(Reject(record.file, record.line, f"{n_tokens} tokens, {bound}"), "length", record.row)
-                    continue
-
-                # exact duplicates within the same input (across inputs they are leaks, removed later)
-                text = content_text(row)
-                key = exact_key(text)
-                seen = first_of[origin].get(key) if data.dedup.exact else None
-                if seen is not None:
-                    ledger.reject(Reject(record.file, record.line, _duplicate_reason("exact duplicate", kept[seen], row)),
-                                  "exact_dedup", record.row)
-                    continue
-
-                # near duplicates within the same input
-                if data.dedup.near:
-                    if origin not in near:
-                        near[origin] = NearDuplicateIndex(data.dedup.threshold, data.dedup.num_perm, data.dedup.shingle)
-                    index = near[origin]
-                    minhash = index.signature(text)
-                    match = index.find(minhash)
-                    if match is not None:
-                        first = kept[int(match[0])]
-                        ledger.reject(Reject(record.file, record.line,
-                                             _duplicate_reason(f"near duplicate (similarity {match[1]:.2f})", first, row)),
-                                      "near_dedup", record.row)
-                        continue
-                    index.add(str(len(kept)), minhash)
-
-                first_of[origin].setdefault(key, len(kept))
-                user_id = record.row.get("id")
-                row = {"id": str(user_id) if user_id is not None else where, **row, "source": where}
-                kept.append(KeptRow(origin, where, key, n_tokens, row.get("label"), row["group"] if data.group_by else None))
-                spool.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-        if ledger.rows_in == 0:
-            raise DataError(f"{sources[0][1]}: no rows to read")
-        if not kept:
-            first = ledger.first
-            raise DataError(f"{sources[0][1]}: no usable rows; all {ledger.rows_in} were rejected "
-                            f"(first, {first.file}:{first.line}: {first.reason})")
-
-        # split: the pool by seeded ratios (grouped or stratified); given files fill their own split
-        given = {k.origin for k in kept if k.origin != "pool"}
-        ratios = {name: (0.0 if name in given else getattr(data.split, name)) for name in SPLITS}
-        pool = [i for i, k in enumerate(kept) if k.origin == "pool"]
-        is_classification = schema == "classification"
-        pool_splits = assign_splits([kept[i].label for i in pool], [kept[i].group for i in pool], ratios, recipe.seed,
-                                    stratify=data.stratify and is_classification) if pool else []
-        split_of = [k.origin for k in kept]
-        for i, name in zip(pool, pool_splits):
-            split_of[i] = name
-
-        # leaks: a train (or validation) row equal or near to a row of a later split is removed from it
-        leaks = find_leaks(kept, split_of, near if data.dedup.near else None, data.dedup.threshold)
-        for i, reason in leaks.items():
-            file, _, line = kept[i].where.rpartition(":")
-            ledger.reject(Reject(file, int(line), reason), "leak")
-            split_of[i] = ""
-
-        # write the splits from the spool, in input order
-        writers = {name: JsonlWriter(run.split_path(name)) for name in SPLITS}
-        spool.seek(0)
-        for i, line in enumerate(spool):
-            if split_of[i]:
-                writers[split_of[i]].write(json.loads(line))
-        for writer in writers.values():
-            writer.close()
-        ledger.writer.close()
+            for item in iter_source(path, recipe.data.format, recipe.data.text_unit, hf_split):
+                row = intake.take(origin, item)
+                if row is not None:
+                    spool.write(json.dumps(row, ensure_ascii=False) + "\n")
+        intake.check_kept(sources[0][1])
+        split_of, ratios = intake.split()
+        leaks = intake.remove_leaks(split_of)
+        write_splits(run, spool, split_of)
+        intake.ledger.writer.close()
     except BaseException:
-        ledger.writer.discard()
+        intake.ledger.writer.discard()
         raise
     finally:
         spool.close()
 
-    warnings = check_splits(kept, split_of, schema, ratios)
+    kept = intake.kept
+    warnings = check_splits(kept, split_of, intake.schema, ratios)
     if strict and warnings:
         raise DataError(f"{sources[0][1]}: {warnings[0]} (stopped by --strict)")
-    report = build_report(recipe, sources, schema, mapping, ledger, kept, split_of, cleaner, warnings, leaks, chunking)
+    report = build_report(recipe, sources, intake.schema, intake.mapping, intake.ledger, kept, split_of,
+                          intake.cleaner, warnings, leaks, chunking)
     write_json_atomic(run.data / "report.json", report)
     write_html_report(run.data / "report.html", report)
     run.update_manifest(
         data={
             "source": str(sources[0][1]),
             "source_sha256": source_fingerprint(sources[0][1]),
-            "inputs": {f"{origin}:{path}" + (f"[{split}]" if split else ""): source_fingerprint(path) for origin, path, split in sources},
-            "schema": schema,
+            "inputs": {f"{origin}:{path}" + (f"[{split}]" if split else ""): source_fingerprint(path)
+                       for origin, path, split in sources},
+            "schema": intake.schema,
             "splits_sha256": {name: file_sha256(run.split_path(name)) for name in SPLITS},
-            "chat_template_sha256": chat_template_hash(tokenizer),
+            "chat_template_sha256": chat_template_hash(intake.tokenizer),
         }
     )
     return report
+
+
+class Intake:
+    """Rows through the steps one at a time (map, clean, length, exact and near dedup), rejects into the
+    ledger with their reason; what is kept is remembered (KeptRow) for the split, the row itself returned."""
+
+    def __init__(self, recipe: Recipe, tokenizer, ledger: Ledger, long_documents: bool):
+        self.recipe, self.data, self.tokenizer, self.ledger = recipe, recipe.data, tokenizer, ledger
+        self.long_documents = long_documents  # domain adaptation: cut into chunks when encoded, never too long
+        self.cleaner = TextCleaner(recipe.data.clean, recipe.data.pii)
+        self.kept: list[KeptRow] = []
+        self.first_of: dict[str, dict[bytes, int]] = defaultdict(dict)  # origin -> exact key -> kept index
+        self.near: dict[str, NearDuplicateIndex] = {}
+        self.schema: str | None = None
+        self.mapping = ""
+
+    def take(self, origin: str, item: Record | Reject) -> dict[str, Any] | None:
+        """The canonical row to keep, or None (rejected, with its reason in the ledger)."""
+        self.ledger.rows_in += 1
+        if isinstance(item, Reject):
+            self.ledger.reject(item, "load")
+            return None
+        row = self.mapped(item)
+        row = self.cleaned(item, row) if row is not None else None
+        n_tokens = self.token_count(item, row) if row is not None else None
+        if row is None or n_tokens is None:
+            return None
+        text = content_text(row)
+        key = exact_key(text)
+        if self.duplicate(origin, item, row, text, key):
+            return None
+        where = f"{item.file}:{item.line}"
+        self.first_of[origin].setdefault(key, len(self.kept))
+        user_id = item.row.get("id")
+        row = {"id": str(user_id) if user_id is not None else where, **row, "source": where}
+        self.kept.append(KeptRow(origin, where, key, n_tokens, row.get("label"),
+                                 row["group"] if self.data.group_by else None))
+        return row
+
+    def mapped(self, record: Record) -> dict[str, Any] | None:
+        """map: the user's fields onto a canonical row (the schema guessed from the first row)."""
+        data = self.data
+        try:
+            if self.schema is None:
+                self.schema, self.mapping = guess_schema(record.row, data.fields,
+                                                         "text" if self.long_documents else data.schema_)
+            return to_canonical(record.row, self.schema, data.fields, data.system_prompt, data.group_by)
+        except RowError as exc:
+            self.ledger.reject(Reject(record.file, record.line, str(exc)), "map", record.row)
+            return None
+
+    def cleaned(self, record: Record, row: dict[str, Any]) -> dict[str, Any] | None:
+        """clean: normalise text, redact PII; empty rows go."""
+        row = self.cleaner.clean_row(row)
+        empty = is_empty(row)
+        if empty:
+            self.ledger.reject(Reject(record.file, record.line, empty), "clean", record.row)
+            return None
+        return row
+
+    def token_count(self, record: Record, row: dict[str, Any]) -> int | None:
+        """length, with the model's tokenizer and chat template; None when out of bounds."""
+        data = self.data
+        try:
+            n_tokens = count_tokens(self.tokenizer, row, data.train_on)
+        except TemplateError as exc:
+            raise DataError(f"{record.file}:{record.line}: {exc}") from None
+        too_long = n_tokens > data.max_length and not self.long_documents
+        if too_long or n_tokens < data.clean.min_tokens:
+            bound = (f"more than data.max_length={data.max_length}" if n_tokens > data.max_length
+                     else f"fewer than data.clean.min_tokens={data.clean.min_tokens}")
+            self.ledger.reject(Reject(record.file, record.line, f"{n_tokens} tokens, {bound}"), "length", record.row)
+            return None
+        return n_tokens
+
+    def duplicate(self, origin: str, record: Record, row: dict[str, Any], text: str, key: bytes) -> bool:
+        """Exact, then near duplicates within the same input (across inputs they are leaks, removed later)."""
+        dedup = self.data.dedup
+        seen = self.first_of[origin].get(key) if dedup.exact else None
+        if seen is not None:
+            self.ledger.reject(Reject(record.file, record.line, _duplicate_reason("exact duplicate", self.kept[seen], row)),
+                               "exact_dedup", record.row)
+            return True
+        if not dedup.near:
+            return False
+        if origin not in self.near:
+            self.near[origin] = NearDuplicateIndex(dedup.threshold, dedup.num_perm, dedup.shingle)
+        index = self.near[origin]
+        minhash = index.signature(text)
+        match = index.find(minhash)
+        if match is not None:
+            first = self.kept[int(match[0])]
+            reason = _duplicate_reason(f"near duplicate (similarity {match[1]:.2f})", first, row)
+            self.ledger.reject(Reject(record.file, record.line, reason), "near_dedup", record.row)
+            return True
+        index.add(str(len(self.kept)), minhash)
+        return False
+
+    def check_kept(self, source: Path) -> None:
+        ledger = self.ledger
+        if ledger.rows_in == 0:
+            raise DataError(f"{source}: no rows to read")
+        if not self.kept:
+            first = ledger.first
+            raise DataError(f"{source}: no usable rows; all {ledger.rows_in} were rejected "
+                            f"(first, {first.file}:{first.line}: {first.reason})")
+
+    def split(self) -> tuple[list[str], dict[str, float]]:
+        """split: the pool by seeded ratios (grouped or stratified); given files fill their own split.
+        (each kept row's split, the ratios the pool was split by)"""
+        kept, data = self.kept, self.data
+        given = {k.origin for k in kept if k.origin != "pool"}
+        ratios = {name: (0.0 if name in given else getattr(data.split, name)) for name in SPLITS}
+        pool = [i for i, k in enumerate(kept) if k.origin == "pool"]
+        stratify = data.stratify and self.schema == "classification"
+        pool_splits = assign_splits([kept[i].label for i in pool], [kept[i].group for i in pool], ratios,
+                                    self.recipe.seed, stratify=stratify) if pool else []
+        split_of = [k.origin for k in kept]
+        for i, name in zip(pool, pool_splits):
+            split_of[i] = name
+        return split_of, ratios
+
+    def remove_leaks(self, split_of: list[str]) -> dict[int, str]:
+        """leaks: a train (or validation) row equal or near to a row of a later split is removed from it."""
+        dedup = self.data.dedup
+        leaks = find_leaks(self.kept, split_of, self.near if dedup.near else None, dedup.threshold)
+        for i, reason in leaks.items():
+            file, _, line = self.kept[i].where.rpartition(":")
+            self.ledger.reject(Reject(file, int(line), reason), "leak")
+            split_of[i] = ""
+        return leaks
+
+
+def write_splits(run: RunDir, spool, split_of: list[str]) -> None:
+    """data/{train,validation,test}.jsonl from the spooled kept rows, in input order."""
+    writers = {name: JsonlWriter(run.split_path(name)) for name in SPLITS}
+    spool.seek(0)
+    for i, line in enumerate(spool):
+        if split_of[i]:
+            writers[split_of[i]].write(json.loads(line))
+    for writer in writers.values():
+        writer.close()
 
 
 def _duplicate_reason(kind: str, first: KeptRow, row: dict[str, Any]) -> str:

@@ -333,7 +333,7 @@ def score_model(recipe: Recipe, model_spec: str) -> dict[str, Any]:
         raise RecipeError("sequential stages score classification with classification.mode=generative")
     run = RunDir(recipe.run_dir)
     labels = label_set(recipe, [r for r in read_jsonl(run.split_path("train")) if "replay_from" not in r])
-    rows, _ = check_test_labels(eval_rows(recipe), labels, recipe.classification.unseen_test_labels, run)
+    rows, _ = check_test_labels(eval_rows(recipe), labels, recipe.classification.unseen_test_labels)
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     model = load_model(model_spec, "float32").to(device).eval()
