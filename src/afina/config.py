@@ -9,11 +9,17 @@ error that names the key, what was given and what is allowed.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+def list_of(*values: Any) -> Callable[[], list[Any]]:
+    """A default_factory for a list field: a fresh list of these values each time."""
+    return lambda: list(values)
 
 
 class RecipeError(ValueError):
@@ -60,7 +66,7 @@ class DedupConfig(_Section):
 
 class PiiConfig(_Section):
     redact: bool = Field(False, description="Replace e-mails, phone numbers, card numbers (Luhn-checked) and IPs.")
-    kinds: list[Literal["email", "phone", "card", "ip"]] = Field(default_factory=lambda: ["email", "phone", "card", "ip"])
+    kinds: list[Literal["email", "phone", "card", "ip"]] = Field(default_factory=list_of("email", "phone", "card", "ip"))
 
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -267,7 +273,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1, le=4096)
     max_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many test rows (of every task, for multi-task data): a seeded random sample, the same for every system.")
     systems: list[SystemName] = Field(
-        default_factory=lambda: list(ALL_SYSTEMS),
+        default_factory=list_of(*ALL_SYSTEMS),
         description="base (zero-shot), base_fewshot (k train examples in the prompt), base_rag (retrieved passages "
         "in the prompt), tuned, tuned_rag.",
     )
@@ -287,7 +293,7 @@ class EvalConfig(_Section):
 
 class ExportConfig(_Section):
     formats: list[Literal["adapter", "merged", "gguf", "ollama"]] = Field(
-        default_factory=lambda: ["adapter", "merged", "gguf", "ollama"],
+        default_factory=list_of("adapter", "merged", "gguf", "ollama"),
         description="adapter (peft), merged (plain transformers folder), gguf (llama.cpp; llama architecture), "
         "ollama (a Modelfile next to the GGUF file).",
     )
@@ -405,7 +411,7 @@ class LongContextEvalConfig(_Section):
     text: str | None = Field(None, description="Held-out long text for perplexity (.txt or JSONL `text`); none: the test split.")
     max_sequences: int = Field(4, ge=1, description="Sequences of the longest length scored for perplexity.")
     systems: list[Literal["base", "base_scaled", "tuned"]] = Field(
-        default_factory=lambda: ["base", "base_scaled", "tuned"],
+        default_factory=list_of("base", "base_scaled", "tuned"),
         description="base (the model as it came), base_scaled (base with the recipe's rope scaling, no fine-tuning), "
         "tuned (the fine-tuned model with its rope scaling).")
 
@@ -563,12 +569,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for text in overrides:
         parts, value = parse_override(text)
         node: Any = data
-        for depth, part in enumerate(parts):
+        for depth, name in enumerate(parts):
             last = depth == len(parts) - 1
+            part: str | int = name
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError(f"override '{text}': '{part}' is not an item number of a list of {len(node)}")
-                part = int(part)
+                if not name.isdigit() or int(name) >= len(node):
+                    raise RecipeError(f"override '{text}': '{name}' is not an item number of a list of {len(node)}")
+                part = int(name)
             elif not isinstance(node, dict):
                 raise RecipeError(f"override '{text}': '{parts[depth - 1]}' is a value, not a section")
             if last:

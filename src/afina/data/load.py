@@ -368,19 +368,20 @@ def iter_parquet(path: Path) -> Iterator[Item]:
 def iter_text(path: Path, unit: str = "paragraph") -> Iterator[Item]:
     """Plain text as {"text": ...} rows: one per paragraph (blank-line separated), per line, or the whole file."""
     if unit == "file":
-        raw = path.read_bytes().removeprefix(BOM)
+        content = path.read_bytes().removeprefix(BOM)
         try:
-            text = raw.decode("utf-8")
+            document = content.decode("utf-8")
         except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
+            line = content[: exc.start].count(b"\n") + 1
             yield Reject(str(path), line, f"invalid UTF-8 at line {line}; the file is one document, so all of it is rejected")
             return
-        if text.strip():
-            yield Record(str(path), 1, {"text": text})
+        if document.strip():
+            yield Record(str(path), 1, {"text": document})
         else:
             yield Reject(str(path), 0, "the file is empty")
         return
-    start, lines, bad = 0, [], 0
+    start, bad = 0, 0
+    lines: list[str] = []
     seen_any = False
     for number, text, raw in _decoded_lines(path):
         blank = text is not None and not text.strip()

@@ -121,7 +121,8 @@ def prepare_tasks(recipe: Recipe, strict: bool, prepare_one: Callable[[Recipe, b
         splits[source.task] = {name: [{**row, "task": source.task} for row in read_jsonl(sub_run.split_path(name))]
                                for name in SPLITS}
 
-    weights = {s.task: s.weight for s in recipe.data.sources} if recipe.data.sources[0].weight is not None else None
+    weights = ({s.task: float(s.weight or 0.0) for s in recipe.data.sources}
+               if recipe.data.sources[0].weight is not None else None)
     mixing = recipe.data.mixture
     train_by_task = {task: rows["train"] for task, rows in splits.items()}
     temperature = mixing.temperature or 1.0

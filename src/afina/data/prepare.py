@@ -64,7 +64,7 @@ def assign_splits(labels: list[str | None], groups: list[str | None], ratios: di
         order = list(units.values())
         rng.shuffle(order)
         targets = split_counts(n, ratios)
-        filled = Counter()
+        filled: Counter[str] = Counter()
         for unit in order:  # each whole group goes where the most rows are still missing
             name = max(SPLITS, key=lambda s: (targets[s] - filled[s], targets[s]))
             for i in unit:
@@ -311,6 +311,7 @@ class Intake:
             raise DataError(f"{source}: no rows to read")
         if not self.kept:
             first = ledger.first
+            assert first is not None  # every row in was rejected, so there is a first reject
             raise DataError(f"{source}: no usable rows; all {ledger.rows_in} were rejected "
                             f"(first, {first.file}:{first.line}: {first.reason})")
 

@@ -120,7 +120,7 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
             raise RowError(f"messages[{i}] must be an object, got {type(message).__name__}")
         role = message.get("role", message.get("from"))
         content = message.get("content", message.get("value"))
-        role = {"human": "user", "gpt": "assistant"}.get(role, role)
+        role = {"human": "user", "gpt": "assistant"}.get(str(role), role)
         if role not in ROLES:
             raise RowError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(content, str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import random
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
 from afina.config import Recipe
@@ -37,7 +38,7 @@ from afina.train.loss import label_loss_sum
 
 
 
-def resolve_metrics(requested: list[str] | str, rows: list[dict[str, Any]]) -> list[str]:
+def resolve_metrics(requested: Sequence[str] | str, rows: list[dict[str, Any]]) -> list[str]:
     """The metric families to compute; `auto` picks by what the rows carry."""
     if requested != "auto":
         if "pass@1" in requested and not all(row.get("tests") for row in rows):
@@ -133,10 +134,10 @@ def score_system(rows, answers: list[str], loss: float | None, metrics: list[str
             scores["fact_accuracy"] = 100.0 * sum(per_example[i]["correct"] for i, _ in keyed) / len(keyed)
             scores["fact_recall"] = 100.0 * sum(key_recall(answers[i], k) for i, k in keyed) / len(keyed)
     if "classification" in metrics:
-        result = classification_scores(answers, [r[0] for r in references])
-        scores["accuracy"], scores["macro_f1"] = result["accuracy"], result["macro_f1"]
-        scores["confusion"] = result["confusion"]
-        for i, label in enumerate(result["predicted"]):
+        labelled = classification_scores(answers, [r[0] for r in references])
+        scores["accuracy"], scores["macro_f1"] = labelled["accuracy"], labelled["macro_f1"]
+        scores["confusion"] = labelled["confusion"]
+        for i, label in enumerate(labelled["predicted"]):
             per_example[i]["predicted_label"], per_example[i]["correct"] = label, label == references[i][0]
     if "pass@1" in metrics:
         from afina.eval.sandbox import extract_code, program_for_task, run_program

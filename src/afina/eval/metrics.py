@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 
 def normalize(text: str) -> str:
@@ -110,7 +111,7 @@ def classify(answer: str, labels: list[str]) -> str:
     return min(mentioned)[1] if mentioned else answer.strip()
 
 
-def classification_scores(predictions: list[str], references: list[str]) -> dict[str, float | list]:
+def classification_scores(predictions: list[str], references: list[str]) -> dict[str, Any]:
     """Accuracy and macro-F1 (scikit-learn) over the reference labels, and the confusion matrix."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 

@@ -137,7 +137,7 @@ def convert_gguf(path: Path) -> Path:
         # Drop the GGUF quantization marker: the weights are already de-quantized to fp32.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         model.config.name_or_path = path.stem
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

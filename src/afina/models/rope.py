@@ -74,7 +74,7 @@ def apply_rope_settings(hf_config, settings: dict[str, Any] | None):
 
 def context_length(hf_config) -> int:
     """The window a model config handles: the extended length where rope scaling is set."""
-    return int(getattr(hf_config, CONTEXT_KEY, None) or getattr(hf_config, "max_position_embeddings", 2048))
+    return int(getattr(hf_config, CONTEXT_KEY, None) or getattr(hf_config, "max_position_embeddings", None) or 2048)
 
 
 def save_rope_settings(folder: Path, settings: dict[str, Any] | None) -> None:

@@ -44,7 +44,7 @@ def load_passages(path: Path) -> list[Passage]:
 
 def passages_from_rows(rows: list[dict[str, Any]]) -> list[Passage]:
     """Index the train split itself: each row's question and answer make one passage."""
-    passages = []
+    passages: list[Passage] = []
     for row in rows:
         user = next((m["content"] for m in reversed(row["messages"][:-1]) if m["role"] == "user"), "")
         passages.append(Passage(str(row.get("id", len(passages))), f"Q: {user}\nA: {row['messages'][-1]['content']}"))

@@ -102,12 +102,12 @@ def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedMo
         base = load_model(base_spec, "float32").to(device).eval()
         return ServedModels(base, load_tokenizer(base_spec), autocast, _context(base), base_name, base_name)
     peft_names = {name: f"adapter{i}" for i, name in enumerate(own)}
-    (first, first_path), *others = own.items()
-    model = load_adapter_over_base(base_spec, first_path, device, adapter_name=peft_names[first])
-    for name, path in others:  # the same base (same rope settings, checked above) under every adapter
-        model.load_adapter(str(path), adapter_name=peft_names[name])
+    (first_name, first_path), *others = own.items()
+    model = load_adapter_over_base(base_spec, first_path, device, adapter_name=peft_names[first_name])
+    for name, adapter_path in others:  # the same base (same rope settings, checked above) under every adapter
+        model.load_adapter(str(adapter_path), adapter_name=peft_names[name])
     return ServedModels(model.to(device).eval(), load_tokenizer(base_spec), autocast, _context(model.get_base_model()),
-                        base_name, first, peft_names)
+                        base_name, first_name, peft_names)
 
 
 def _context(model) -> int:

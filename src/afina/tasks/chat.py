@@ -174,7 +174,7 @@ def answer_with(ev: ChatEval, models: SystemModels, system: str, conversations: 
             full = [{"messages": conv + [row["messages"][-1]]} for conv, row in zip(conversations, ev.rows)]
             sums = {task: label_loss_sum(model, encode_split(ev.tokenizer, [full[i] for i in idx], "assistant"),
                                          ev.tokenizer.pad_token_id, cfg.batch_size, ev.autocast)
-                    for task, idx in (ev.tasks or {"": range(len(ev.rows))}).items()}
+                    for task, idx in (ev.tasks or {"": list(range(len(ev.rows)))}).items()}
             loss = sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)
             task_loss = {task: t / max(n, 1) for task, (t, n) in sums.items()}
     return generation, loss, task_loss

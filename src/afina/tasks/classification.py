@@ -135,7 +135,7 @@ def encode_for_head(tokenizer, rows: list[dict[str, Any]], labels: list[str]) ->
     """Token ids of each text; the class id sits at position 0 of `labels` (the rest are ignored)."""
     from afina.data.format import IGNORE_INDEX
 
-    index = {label: i for i, label in enumerate(labels)}
+    index: dict[Any, int] = {label: i for i, label in enumerate(labels)}
     examples = []
     for row in rows:
         ids = tokenizer(row["text"])["input_ids"]

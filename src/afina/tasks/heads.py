@@ -55,11 +55,12 @@ def is_head_parameter(name: str) -> bool:
 
 def head_param_groups(model, learning_rate: float, head_learning_rate: float | None) -> list[dict[str, Any]]:
     """The new head may learn faster than the adapter/backbone (it starts from random weights)."""
-    head, body = [], []
+    head: list[Any] = []
+    body: list[Any] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (head if is_head_parameter(name) else body).append(param)
-    groups = [{"params": body}] if body else []
+    groups: list[dict[str, Any]] = [{"params": body}] if body else []
     return groups + [{"params": head, "lr": head_learning_rate or learning_rate}]
 
 

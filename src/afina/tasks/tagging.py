@@ -59,9 +59,9 @@ def encode_words(tokenizer, words: list[str], tags: list[str] | None, tag_index:
     first_of_word: dict[int, int] = {}
     for t, (start, end) in enumerate(encoded["offset_mapping"]):
         # A byte-level BPE token carries the space before its word: its last character tells the word.
-        word = owner[end - 1] if end > start else -1
-        if word >= 0 and word not in first_of_word:
-            first_of_word[word] = t
+        owner_word = owner[end - 1] if end > start else -1
+        if owner_word >= 0 and owner_word not in first_of_word:
+            first_of_word[owner_word] = t
     offset = len(words) if echo else 0
     missing = [words[j] for j in range(len(words)) if offset + j not in first_of_word]
     if missing:
@@ -224,7 +224,7 @@ TASK = TaskType(
     training_task=training_task,
     evaluate=evaluate,
     score_model=cannot_be_stage,
-    as_chat_rows=lambda recipe, rows: cannot_be_stage(recipe, ""),
+    as_chat_rows=lambda recipe, rows: [cannot_be_stage(recipe, "")],
     predict_rows=predict_rows,
     carries_lm=lambda recipe: False,
 )

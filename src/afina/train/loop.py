@@ -301,7 +301,7 @@ def after_step(t: Training, step_loss: float, grad_norm: float, monitor: Trainin
     """Validate, keep the best weights, log, checkpoint; the stop reason ("finished" to go on)."""
     cfg, state = t.recipe.training, t.state
     step, elapsed = state.step, t.elapsed()
-    time_up = bool(cfg.max_minutes) and elapsed >= cfg.max_minutes * 60 and step < t.total_steps
+    time_up = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60 and step < t.total_steps
     val_loss = t.validation_loss() if (step % t.eval_every == 0 or step == t.total_steps or time_up) else None
     if val_loss is not None:
         state.val_last = val_loss

@@ -30,7 +30,7 @@ class TrainingMonitor:
     def silent(cls) -> TrainingMonitor:
         """For the non-main processes of a distributed run: records nothing."""
         monitor = cls.__new__(cls)
-        monitor.records, monitor.file, monitor.writer, monitor.plot_path = [], None, None, None
+        monitor.records, monitor.file, monitor.writer, monitor.plot_path = [], None, None, None  # type: ignore[assignment]
         return monitor
 
     def log(self, record: dict[str, Any]) -> None:

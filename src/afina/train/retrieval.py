@@ -85,7 +85,7 @@ def retrieval_example(tokenizer, filler_tokens: list[list[int]], length: int, fa
     if owned:
         pairs = rng.sample([(s, o) for s in SUBJECTS for o in OWNERS], count)
     else:
-        pairs = [(s, None) for s in rng.sample(SUBJECTS, count)]
+        pairs = [(s, "") for s in rng.sample(SUBJECTS, count)]
     needle_templates, question_templates = (NEEDLES, QUESTIONS) if owned else (PLAIN_NEEDLES, PLAIN_QUESTIONS)
     keys = [_key(rng) for _ in pairs]
     needles = [encode(" " + rng.choice(needle_templates).format(subject=s, owner=o, key=k))
