@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.afina-installed
 
-.PHONY: install quickstart test test-unit clean
+.PHONY: install quickstart check test test-unit clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,14 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/afina quickstart
 
-test: $(STAMP)
+# Style, lint, types and the import layering (pyproject.toml); each fails the build on its own.
+check: $(STAMP)
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: check
 	$(BIN)/pytest
 
 test-unit: $(STAMP)

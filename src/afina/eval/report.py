@@ -151,6 +151,8 @@ def write_report(run: RunDir, report: dict[str, Any], predictions: list[dict[str
     else:
         forgetting_html = "<p>Not run (eval.forgetting.enabled is false or there is no tuned model).</p>"
     training = report.get("training") or {}
+    task_tables = "".join(f"<h3>Task {html.escape(task)} ({part['test_examples']} examples)</h3>" + systems_table(part)
+                          for task, part in (report.get("tasks") or {}).items())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>afina eval: {html.escape(recipe.name)}</title>
 <style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>
@@ -159,8 +161,7 @@ def write_report(run: RunDir, report: dict[str, Any], predictions: list[dict[str
 metrics: {html.escape(', '.join(report['metrics']))}.</p>
 <h2>Recommendation</h2><ul>{''.join(f'<li>{html.escape(line)}</li>' for line in report['recommendation'])}</ul>
 <h2>Systems &times; metrics</h2>{systems_table(report)}
-{''.join(f'<h3>Task {html.escape(task)} ({part["test_examples"]} examples)</h3>' + systems_table(part)
-         for task, part in (report.get('tasks') or {}).items())}
+{task_tables}
 <p>Training: {training.get('wall_time_s')} s wall time, {training.get('steps')} steps, cost {training.get('cost')} at
 price {recipe.eval.price_per_hour}/hour. Latency is each batch's wall time (batch size {recipe.eval.batch_size}); peak memory is
 the process's peak so far on CPU, the system's own peak on CUDA.</p>
