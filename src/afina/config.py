@@ -44,7 +44,8 @@ class SplitConfig(_Section):
     test: float = Field(0.2, ge=0.0, le=1.0)
 
 
-SchemaName = Literal["auto", "chat", "prompt_completion", "instruction", "qa", "text", "classification", "tagging"]
+SchemaName = Literal["auto", "chat", "prompt_completion", "instruction", "qa", "text", "classification", "tagging",
+                     "preference", "kto"]
 
 
 class CleanConfig(_Section):
@@ -170,6 +171,21 @@ class DomainConfig(_Section):
         None, description="A JSONL (field `text`) or plain-text file of general text whose perplexity shows what "
         "domain training cost; none: afina's own general-English sample.")
     max_eval_chunks: int | None = Field(None, ge=1, description="Score at most this many chunks of each text (test and general).")
+
+
+class PreferenceConfig(_Section):
+    """`task: preference`: preference tuning on chosen/rejected pairs (or KTO's unpaired good/bad answers)."""
+
+    loss: Literal["dpo", "ipo", "orpo", "simpo", "kto"] = Field(
+        "dpo", description="dpo (Rafailov et al. 2023), ipo (Azar et al. 2023), orpo (Hong et al. 2024: SFT plus an "
+        "odds-ratio term, no reference model), simpo (Meng et al. 2024: length-normalised, no reference model), kto "
+        "(Ethayarajh et al. 2024: unpaired good/bad answers; pairs are split into one good and one bad example).")
+    beta: float | None = Field(
+        None, gt=0, le=100, description="The loss's temperature: dpo/ipo/kto beta, orpo's lambda, simpo's beta "
+        "(default: 0.1, and 2.0 for simpo).")
+    simpo_gamma: float = Field(0.5, ge=0, le=100, description="simpo: the target reward margin gamma.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples (lambda_D).")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable examples (lambda_U).")
 
 
 class MethodConfig(_Section):
@@ -456,11 +472,11 @@ class Recipe(_Section):
     name: str = Field("run", pattern=NAME_PATTERN, description="The run's name.")
     output_dir: str = Field("runs", description="Runs are written to <output_dir>/<name>/.")
     seed: int = Field(42, ge=0)
-    task: Literal["chat", "classification", "tagging", "domain"] = Field(
+    task: Literal["chat", "classification", "tagging", "domain", "preference"] = Field(
         "chat", description="The task type: chat (generative fine-tuning; several tasks via data.sources), "
         "classification (text -> label; see the classification section), tagging (words -> BIO tags, named entities; "
         "see the tagging section), domain (continued pre-training on raw text: documents chunked and packed, loss on "
-        "every token).")
+        "every token), preference (DPO, IPO, ORPO, SimPO or KTO on chosen/rejected pairs; see the preference section).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -479,10 +495,31 @@ class Recipe(_Section):
     tagging: TaggingConfig = Field(default_factory=TaggingConfig)
     context: ContextConfig = Field(default_factory=ContextConfig)
     domain: DomainConfig = Field(default_factory=DomainConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+
+    @model_validator(mode="after")
+    def _preference_settings(self) -> "Recipe":
+        preference_schema = self.data.schema_ in ("preference", "kto")
+        if self.task != "preference":
+            if preference_schema:
+                raise ValueError(f"data.schema={self.data.schema_} is preference data; set task: preference")
+            return self
+        if self.data.schema_ not in ("auto", "preference", "kto"):
+            raise ValueError(f"task: preference trains on chosen/rejected pairs or KTO rows; data.schema must be "
+                             f"preference, kto or auto, not {self.data.schema_!r}")
+        if self.data.sources:
+            raise ValueError("task: preference reads one dataset from data.path; data.sources (multi-task) is for chat tasks")
+        if self.training.packing:
+            raise ValueError("task: preference scores each answer as a whole sequence and cannot pack examples; "
+                             "set training.packing=false")
+        if self.data.schema_ == "kto" and self.preference.loss != "kto":
+            raise ValueError(f"data.schema=kto holds unpaired good/bad answers; preference.loss={self.preference.loss} "
+                             "needs chosen/rejected pairs. Use preference.loss=kto")
+        return self
 
     @model_validator(mode="after")
     def _task_settings(self) -> "Recipe":
-        if self.context.retrieval.fraction > 0 and self.task in ("classification", "tagging"):
+        if self.context.retrieval.fraction > 0 and self.task in ("classification", "tagging", "preference"):
             raise ValueError(f"context.retrieval adds generated question-answer rows; task: {self.task} predicts labels "
                              "and cannot train on them. Use task: chat or domain, or set context.retrieval.fraction=0")
         if self.task != "domain":

@@ -31,7 +31,8 @@ def bundled_recipe_path(name: str) -> Path:
 
 def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
     """`afina prepare`: the recipe's data read, cleaned, deduplicated and split (afina.data.prepare)."""
-    return prepare_data(recipe, strict, task_for(recipe).chunking(recipe))
+    task = task_for(recipe)
+    return prepare_data(recipe, strict, task.chunking(recipe), task.schemas)
 
 
 def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Any]:

@@ -102,6 +102,11 @@ class TextCleaner:
             out["messages"] = [{**m, "content": self.clean_text(m["content"])} for m in row["messages"]]
         if "text" in row:
             out["text"] = self.clean_text(row["text"])
+        if "prompt" in row:  # preference pairs and KTO examples: the prompt's turns and each answer
+            out["prompt"] = [{**m, "content": self.clean_text(m["content"])} for m in row["prompt"]]
+        for key in ("chosen", "rejected", "completion"):
+            if key in row:
+                out[key] = self.clean_text(row[key])
         if "tokens" in row:  # tokens are words: normalise them, never merge or split them
             out["tokens"] = [self.clean_text(token, whitespace=False) for token in row["tokens"]]
         self.rows_changed.update(self._changed)
@@ -176,6 +181,14 @@ def is_empty(row: dict[str, Any]) -> str | None:
     for i, message in enumerate(row.get("messages", ())):
         if not message["content"].strip():
             return f"messages[{i}].content is empty after cleaning"
+    for i, message in enumerate(row.get("prompt", ())):
+        if not message["content"].strip():
+            return f"prompt[{i}].content is empty after cleaning"
+    for key in ("chosen", "rejected", "completion"):
+        if key in row and not row[key].strip():
+            return f"{key} is empty after cleaning"
+    if "chosen" in row and row["chosen"].strip() == row["rejected"].strip():
+        return "chosen and rejected are the same answer after cleaning; a pair needs two different answers"
     if "text" in row and not row["text"].strip():
         return "text is empty after cleaning"
     if "tokens" in row and any(not token for token in row["tokens"]):

@@ -156,11 +156,13 @@ def data_sources(recipe: Recipe) -> list[tuple[str, Path, str | None]]:
     return sources
 
 
-def prepare_data(recipe: Recipe, strict: bool = False, chunking: Chunking | None = None) -> dict[str, Any]:
+def prepare_data(recipe: Recipe, strict: bool = False, chunking: Chunking | None = None,
+                 schemas: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Read the recipe's data, keep the usable rows, split them, and write the rows and the report.
 
     `chunking` (domain adaptation, from the task type): rows are documents of text, cut into chunks when
-    encoded, so none is rejected for length; the report counts the chunks per split.
+    encoded, so none is rejected for length; the report counts the chunks per split. `schemas` (from the
+    task type): the row shapes guessed among (default: all but the preference ones).
     """
     if recipe.data.sources:  # multi-task: each source prepared as its own task, then mixed
         return prepare_tasks(recipe, strict, prepare_one=prepare_data)
@@ -168,7 +170,7 @@ def prepare_data(recipe: Recipe, strict: bool = False, chunking: Chunking | None
     run = RunDir(recipe.run_dir)
     run.data.mkdir(parents=True, exist_ok=True)
     intake = Intake(recipe, load_tokenizer(recipe.model.name), Ledger(run.data / "rejects.jsonl", strict),
-                    long_documents=chunking is not None)
+                    long_documents=chunking is not None, schemas=schemas)
     spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=run.data, prefix=".kept-")
     try:
         for origin, path, hf_split in sources:
@@ -213,8 +215,10 @@ class Intake:
     """Rows through the steps one at a time (map, clean, length, exact and near dedup), rejects into the
     ledger with their reason; what is kept is remembered (KeptRow) for the split, the row itself returned."""
 
-    def __init__(self, recipe: Recipe, tokenizer, ledger: Ledger, long_documents: bool):
+    def __init__(self, recipe: Recipe, tokenizer, ledger: Ledger, long_documents: bool,
+                 schemas: tuple[str, ...] | None = None):
         self.recipe, self.data, self.tokenizer, self.ledger = recipe, recipe.data, tokenizer, ledger
+        self.schemas = schemas
         self.long_documents = long_documents  # domain adaptation: cut into chunks when encoded, never too long
         self.cleaner = TextCleaner(recipe.data.clean, recipe.data.pii)
         self.kept: list[KeptRow] = []
@@ -252,7 +256,8 @@ class Intake:
         try:
             if self.schema is None:
                 self.schema, self.mapping = guess_schema(record.row, data.fields,
-                                                         "text" if self.long_documents else data.schema_)
+                                                         "text" if self.long_documents else data.schema_,
+                                                         among=self.schemas)
             return to_canonical(record.row, self.schema, data.fields, data.system_prompt, data.group_by)
         except RowError as exc:
             self.ledger.reject(Reject(record.file, record.line, str(exc)), "map", record.row)

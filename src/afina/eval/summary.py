@@ -31,10 +31,13 @@ METRIC_LABELS = {
     "domain_perplexity": "domain perplexity",
     "general_loss": "general-text loss (nats/token)",
     "general_perplexity": "general-text perplexity",
+    "preference_accuracy": "preference accuracy (%)",
+    "preference_accuracy_per_token": "pref. accuracy per token (%)",
+    "logp_margin": "log-prob margin (chosen-rejected)",
 }
 LOWER_IS_BETTER = {"answer_loss", "answer_perplexity", "domain_loss", "domain_perplexity", "general_loss", "general_perplexity"}
 # The metric that decides "best system" and "worst examples", first one present wins.
-PRIMARY_METRICS = ("pass@1", "entity_f1", "accuracy", "fact_accuracy", "token_f1", "rougeL", "chrf", "bleu", "exact_match", "answer_loss")
+PRIMARY_METRICS = ("preference_accuracy", "pass@1", "entity_f1", "accuracy", "fact_accuracy", "token_f1", "rougeL", "chrf", "bleu", "exact_match", "answer_loss")
 
 
 def primary_metric(systems: dict[str, dict[str, Any]]) -> str | None:

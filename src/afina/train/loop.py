@@ -169,7 +169,8 @@ class Training:
             return None
         self.model.eval()
         loss = mean_label_loss(self.model, self.val_set, self.task.tokenizer.pad_token_id,
-                               self.recipe.training.batch_size, self.autocast, loss_fn=self.loss_fn)
+                               self.recipe.training.batch_size, self.autocast, loss_fn=self.loss_fn,
+                               collate=self.task.collate)
         self.model.train()
         return loss
 

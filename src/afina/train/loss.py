@@ -7,6 +7,8 @@ padding) carry no loss.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -110,22 +112,25 @@ def accumulate_gradients(
 
 
 @torch.no_grad()
-def mean_label_loss(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast,
-                    loss_fn=None) -> float:
+def mean_label_loss(model, encoded: list[dict[str, Any]], pad_id: int, batch_size: int, autocast,
+                    loss_fn=None, collate=None) -> float:
     """Mean loss per label over a dataset (validation / test loss; perplexity is its exp): per token
-    for causal LM targets, per example or per tagged word with a head's loss_fn."""
-    total, count = label_loss_sum(model, encoded, pad_id, batch_size, autocast, loss_fn)
+    for causal LM targets, per example or per tagged word with a head's loss_fn, per pair with a
+    preference loss (`collate`: the task's own micro-batches, as in training)."""
+    total, count = label_loss_sum(model, encoded, pad_id, batch_size, autocast, loss_fn, collate)
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def label_loss_sum(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast,
-                   loss_fn=None) -> tuple[float, int]:
+def label_loss_sum(model, encoded: list[dict[str, Any]], pad_id: int, batch_size: int, autocast,
+                   loss_fn=None, collate=None) -> tuple[float, int]:
     """Summed loss over the labels of a dataset, and their count (to combine parts label-weighted)."""
     loss_fn = loss_fn or label_token_loss
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
-        batch = pad_batch(encoded[start : start + batch_size], pad_id)
+        end = min(start + batch_size, len(encoded))
+        batch = (collate(encoded, [[i] for i in range(start, end)], pad_id, None) if collate is not None
+                 else pad_batch(encoded[start:end], pad_id))
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with autocast():
             loss_sum, n = loss_fn(model, **batch)
