@@ -116,6 +116,12 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="the training file to write (JSONL)")
     p.add_argument("--min-rating", type=int, default=1, help="keep the model's own answer when rated at least this (default 1)")
     p.add_argument("--include-unrated", action="store_true", help="also keep answers nobody rated")
+    p.add_argument("--pairs", action="store_true",
+                   help="write preference data for `task: preference` instead: pairs (a correction over the model's "
+                   "answer; differently rated answers to one prompt) to --output, KTO good/bad examples beside it")
+    p.add_argument("--kto-output", help="with --pairs: where the KTO examples go (default: OUTPUT_STEM.kto.jsonl)")
+    p.add_argument("--max-bad-rating", type=int, default=-1,
+                   help="with --pairs: a rating at most this makes a KTO 'bad' example (default -1)")
 
     sub.add_parser("models", help="list the models afina can use offline",
                    description="List packaged models; any local HF folder, .gguf file or hub name works too.")
@@ -244,6 +250,12 @@ def cmd_serve(args) -> None:
 
 
 def cmd_data(args) -> None:
+    if args.pairs:
+        from afina.data.preference_logs import format_preference_counts, preferences_from_logs
+
+        print(format_preference_counts(preferences_from_logs(args.log_dir, args.output, args.kto_output,
+                                                             args.min_rating, args.max_bad_rating)))
+        return
     from afina.data.from_logs import from_logs
 
     counts = from_logs(args.log_dir, args.output, args.min_rating, args.include_unrated)
