@@ -1,6 +1,7 @@
 """The loop from served traffic back to training: preference data from logs, drift monitoring, the promotion gate."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,141 @@ def test_from_logs_pairs_from_the_command_line(tmp_path):
     assert main(["data", "from-logs", str(logs), "--pairs", "-o", str(logs / "requests.jsonl")]) == 2
     assert json.loads((logs / "requests.jsonl").read_text().splitlines()[0])["id"] == "r1"  # untouched
 
+
+
+# ---- monitoring ------------------------------------------------------------------------------------
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+KETTLE = ["How do I descale my kettle with vinegar?", "My kettle makes a whistling noise when boiling, is that normal?",
+          "Can I put lemon juice in the kettle to remove limescale?", "The kettle lid will not close after descaling",
+          "How often should I descale an electric kettle in hard water?", "White flakes float in water from my kettle",
+          "Is it safe to boil milk in a kettle?", "My kettle switches off before the water boils",
+          "What is the best descaler for a stainless steel kettle?", "Kettle smells of plastic after descaling"]
+
+
+def banking_texts(name, n, start=0):
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not here (CI has ../shared/data)")
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()[start : start + n]]
+
+
+def served_run(tmp_path):
+    """A run whose train split is banking questions (as afina prepare writes chat rows)."""
+    import random
+
+    texts = banking_texts("intent_banking77_train.jsonl", 10003)
+    texts = random.Random(0).sample(texts, 400)
+    run = RunDir(tmp_path / "runs" / "bank")
+    run.data.mkdir(parents=True)
+    write_jsonl(run.split_path("train"), [{"id": str(i), "messages": [{"role": "user", "content": t},
+                                                                      {"role": "assistant", "content": "Let me check that."}]}
+                                          for i, t in enumerate(texts)])
+    return run
+
+
+def log_requests(folder, prompts, start, answer="Let me check that for you."):
+    """A request log as `afina serve --log-dir` writes it, one request every 10 minutes from `start`."""
+    from datetime import timedelta
+
+    folder.mkdir(exist_ok=True)
+    rows = [{"id": f"chatcmpl-{i}", "time": (start + timedelta(minutes=10 * i)).strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "endpoint": "chat", "model": "bank", "messages": [{"role": "user", "content": p}], "answer": answer,
+             "usage": {}, "latency_s": 0.5 + (i % 3) * 0.1} for i, p in enumerate(prompts)]
+    write_jsonl(folder / "requests.jsonl", rows)
+    write_jsonl(folder / "feedback.jsonl", [{"id": r["id"], "rating": 1 if i % 2 else -1} for i, r in enumerate(rows[:10])])
+
+
+def test_monitor_sees_no_drift_in_traffic_like_the_training_data(tmp_path):
+    from datetime import datetime, timezone
+
+    from afina.eval.monitor import monitor
+
+    run = served_run(tmp_path)
+    prompts = banking_texts("intent_banking77_test.jsonl", 3080)[::40]  # held-out questions of the same kind
+    log_requests(tmp_path / "logs", prompts, datetime(2026, 11, 1, 8, tzinfo=timezone.utc))
+    report = monitor(tmp_path / "logs", run.root)
+    assert not report["drift"]["drifted"] and not report["retrain"], report["verdict"]
+    assert report["drift"]["share_unlike_train"] < 0.2
+    assert report["verdict"].startswith("no retraining needed")
+    assert sum(t["requests"] for t in report["traffic"]) == len(prompts) and report["bucket"] == "hour"
+    assert (run.root / "monitor" / "report.json").is_file()
+
+
+def test_monitor_detects_a_planted_shift_and_names_the_new_topic(tmp_path):
+    from datetime import datetime, timezone
+
+    from afina.cli import main
+    from afina.eval.monitor import monitor
+
+    run = served_run(tmp_path)
+    earlier = banking_texts("intent_banking77_test.jsonl", 3080)[::100]
+    recent = banking_texts("intent_banking77_test.jsonl", 3080)[5::300] + KETTLE * 2
+    log_requests(tmp_path / "logs", earlier + recent, datetime(2026, 11, 1, 8, tzinfo=timezone.utc))
+    report = monitor(tmp_path / "logs", run.root, recent_days=len(recent) * 10 / (24 * 60) - 1e-6)
+    drift = report["drift"]
+    assert report["recent"]["requests"] == len(recent)
+    assert drift["drifted"] and report["retrain"] and drift["share_unlike_train"] > 0.5
+    top = drift["new_topics"][0]
+    assert "kettle" in top["label"] and top["size"] >= len(KETTLE) and all(e in KETTLE for e in top["examples"])
+    assert report["verdict"].startswith("retrain recommended") and "kettle" in report["verdict"]
+    assert main(["monitor", str(tmp_path / "logs"), "--run", str(run.root), "--bucket", "day"]) == 0
+
+
+# ---- the promotion gate ----------------------------------------------------------------------------
+
+
+def evaluated_run(root, accuracy, probe, test_sha="abc", threshold=5.0):
+    """A run as `afina prepare` + `afina eval` leave it for the gate: the manifest and eval/metrics.json."""
+    from afina.rundir import write_json_atomic
+
+    run = RunDir(root)
+    run.update_manifest(recipe={"eval": {"forgetting": {"threshold": threshold}}},
+                        data={"splits_sha256": {"test": test_sha}})
+    write_json_atomic(run.eval / "metrics.json", {
+        "test_examples": 40,
+        "systems": {"base": {"fact_accuracy": 10.0, "rougeL": 0.1},
+                    "tuned": {"fact_accuracy": accuracy, "rougeL": accuracy / 200}},
+        "forgetting": {"probe": "probe.jsonl", "questions": 40, "base_accuracy": 60.0, "tuned_accuracy": probe,
+                       "drop": 60.0 - probe, "threshold": threshold, "flagged": 60.0 - probe > threshold},
+    })
+    (run.root / "adapter").mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def test_promotion_when_better_and_not_forgetting_points_the_serving_file(tmp_path):
+    from afina.eval.promote import promote
+
+    current = evaluated_run(tmp_path / "current", accuracy=60.0, probe=58.0)
+    new = evaluated_run(tmp_path / "new", accuracy=72.5, probe=55.0)  # 3 points lost: within 5
+    decision = promote(new.root, current.root, serving=tmp_path / "serving.json")
+    assert decision["promoted"] and decision["primary_metric"] == "fact_accuracy" and decision["gain"] == 12.5
+    assert json.loads((tmp_path / "serving.json").read_text())["adapter"] == str(new.adapter.resolve())
+    assert json.loads((new.root / "promotion.json").read_text())["promoted"]
+    assert len(read_jsonl(current.root / "promotions.jsonl")) == 1
+
+
+@pytest.mark.parametrize("accuracy, probe, test_sha, reason", [
+    (59.0, 58.0, "abc", "no better"),                  # worse on the frozen test split
+    (60.0, 58.0, "abc", "no better"),                  # a tie is not a gain
+    (80.0, 50.0, "abc", "8.0 points lost"),            # better, but forgets
+    (80.0, 58.0, "other", "same frozen test split"),   # scored on another test split
+])
+def test_promotion_refused(tmp_path, accuracy, probe, test_sha, reason):
+    from afina.cli import main
+
+    current = evaluated_run(tmp_path / "current", accuracy=60.0, probe=58.0)
+    new = evaluated_run(tmp_path / "new", accuracy=accuracy, probe=probe, test_sha=test_sha)
+    serving = tmp_path / "serving.json"
+    assert main(["promote", str(new.root), "--over", str(current.root), "--serving", str(serving)]) == 3
+    decision = json.loads((new.root / "promotion.json").read_text())
+    assert not decision["promoted"] and any(reason in r for r in decision["reasons"]), decision["reasons"]
+    assert not serving.exists()
+
+
+def test_promotion_needs_both_runs_evaluated(tmp_path):
+    from afina.cli import main
+
+    current = evaluated_run(tmp_path / "current", accuracy=60.0, probe=58.0)
+    (tmp_path / "new").mkdir()
+    assert main(["promote", str(tmp_path / "new"), "--over", str(current.root)]) == 2

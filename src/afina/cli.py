@@ -123,6 +123,31 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--max-bad-rating", type=int, default=-1,
                    help="with --pairs: a rating at most this makes a KTO 'bad' example (default -1)")
 
+    p = sub.add_parser("monitor", help="traffic, drift from the training data and a retrain verdict for a served run",
+                       description="Read LOG_DIR/requests.jsonl and feedback.jsonl (`afina serve --log-dir`) and compare the "
+                       "recent prompts with the run's train split (MiniLM distance beyond the split's own 95th percentile; "
+                       "new topics as clusters), with requests, latency, feedback, answer length and refusals over time. "
+                       "Writes RUN/monitor/report.json.")
+    p.add_argument("log_dir", help="the folder given to `afina serve --log-dir`")
+    p.add_argument("--run", required=True, help="the served run directory (runs/NAME): its train split is the reference")
+    p.add_argument("--recent-days", type=float, help="the recent window in days (default: the later half of the log)")
+    p.add_argument("--max-unlike", type=float, default=0.2,
+                   help="recommend retraining when more than this share of recent prompts is unlike the training data")
+    p.add_argument("--bucket", choices=["auto", "hour", "day"], default="auto", help="traffic per hour or day")
+
+    p = sub.add_parser("promote", help="promote a retrained run over the serving one if it beats it without forgetting",
+                       description="Compare NEW with CURRENT on the frozen test split (both evaluated with `afina eval` on "
+                       "the same test rows) and on the forgetting probe; print the comparison, record the decision in "
+                       "NEW/promotion.json and CURRENT/promotions.jsonl, and with --serving point a serving file at NEW "
+                       "(a running `afina serve --watch FILE` switches to it).")
+    p.add_argument("new", help="the candidate run directory")
+    p.add_argument("--over", required=True, help="the run serving now")
+    p.add_argument("--min-gain", type=float, default=0.0, help="points the candidate must gain on the primary metric")
+    p.add_argument("--forgetting-threshold", type=float,
+                   help="most points of probe accuracy the candidate may lose against the current run "
+                   "(default: the current run's eval.forgetting.threshold)")
+    p.add_argument("--serving", help="a file naming the adapter to serve; rewritten (atomically) when promoted")
+
     sub.add_parser("models", help="list the models afina can use offline",
                    description="List packaged models; any local HF folder, .gguf file or hub name works too.")
 
@@ -265,6 +290,20 @@ def cmd_data(args) -> None:
           + (f"; left out: {', '.join(f'{v} {k}' for k, v in left_out.items())}" if left_out else ""))
 
 
+def cmd_monitor(args) -> None:
+    from afina.eval.monitor import format_monitor, monitor
+
+    print(format_monitor(monitor(args.log_dir, args.run, args.recent_days, args.max_unlike, args.bucket)))
+
+
+def cmd_promote(args) -> int:
+    from afina.eval.promote import format_promotion, promote
+
+    decision = promote(args.new, args.over, args.min_gain, args.forgetting_threshold, args.serving)
+    print(format_promotion(decision))
+    return 0 if decision["promoted"] else 3
+
+
 COMMANDS = {
     "prepare": cmd_stage,
     "train": cmd_stage,
@@ -275,6 +314,8 @@ COMMANDS = {
     "run": cmd_run,
     "serve": cmd_serve,
     "data": cmd_data,
+    "monitor": cmd_monitor,
+    "promote": cmd_promote,
     "models": cmd_models,
     "config": cmd_config_show,
     "quickstart": cmd_quickstart,
@@ -296,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         # missing; its slower built-in path works, so the warning is only noise for a user.
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except (RecipeError, DataError, ModelError, FileNotFoundError, LabelError, TagError) as exc:
         print(f"afina {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -309,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"afina {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
