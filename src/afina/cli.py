@@ -99,6 +99,8 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--max-queue", type=int, help="requests that may wait for the model; more get 429 (default 256)")
     p.add_argument("--max-batch", type=int, help="greedy requests waiting together run as one batch of up to this many (default 8)")
     p.add_argument("--log-dir", help="log requests and feedback as JSONL here (for `afina data from-logs`)")
+    p.add_argument("--watch", metavar="FILE",
+                   help="switch the default adapter to the one FILE names whenever it changes (`afina promote --serving FILE`)")
     p.add_argument("--redact-pii", action="store_true", default=None,
                    help="mask e-mails, phone and card numbers and IP addresses in the request log")
 
@@ -259,7 +261,7 @@ def serve_settings(args):
         adapters[name] = path
     values["adapters"] = adapters
     for key in ("host", "port", "api_key", "max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue", "max_batch",
-                "log_dir", "redact_pii"):
+                "log_dir", "redact_pii", "watch"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     try:

@@ -344,6 +344,9 @@ class ServeConfig(_Section):
         None, description="Write requests.jsonl and feedback.jsonl here (needed for POST /v1/feedback)."
     )
     redact_pii: bool = Field(False, description="Mask e-mail addresses, phone and card numbers, IPs in the request log.")
+    watch: str | None = Field(
+        None, description="A serving file (JSON with `adapter`, as `afina promote --serving` writes): when it names "
+        "another adapter, the server switches its default model to it without a restart.")
 
 
 class StageConfig(BaseModel):

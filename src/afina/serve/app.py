@@ -360,7 +360,7 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
 def serve(target: str, settings: ServeConfig) -> None:
     import uvicorn
 
-    served = load_served(target, settings.adapters)
+    served = load_served(target, settings.adapters, settings.watch)
     app = create_app(served, settings)
     print(f"serving {', '.join(served.names)} at http://{settings.host}:{settings.port}/v1 (OpenAI-compatible); "
           f"chat page at http://{settings.host}:{settings.port}/ ; Ctrl-C to stop")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,10 @@ class ServedModels:
     base_name: str
     default: str
     adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft adapter name
+    rope: dict | None = None  # the adapters' rope scaling (afina_rope.json), which a reloaded adapter must share
+    # Held by each generation batch and by an adapter switch (afina.serve.reload), so they never overlap.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    watcher: Any = None
 
     @property
     def names(self) -> list[str]:
@@ -39,14 +44,15 @@ class ServedModels:
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[Any]:
         """The model with `name`'s adapter active (or none, for the base). Hold the generation lock."""
-        if name in self.adapters:
-            self.model.set_adapter(self.adapters[name])
-            yield self.model
-        elif self.adapters:
-            with self.model.disable_adapter():
+        with self.lock:
+            if name in self.adapters:
+                self.model.set_adapter(self.adapters[name])
                 yield self.model
-        else:
-            yield self.model
+            elif self.adapters:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                yield self.model
 
 
 def _adapter_dir(path: Path) -> Path:
@@ -64,8 +70,18 @@ def _run_base_model(run_root: Path) -> str | None:
     return None
 
 
-def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedModels:
-    """Load a run directory (its adapter over its base, or its full model) or a model spec, plus adapters."""
+def load_served(target: str, adapters: dict[str, str] | None = None, watch: str | None = None) -> ServedModels:
+    """Load a run directory (its adapter over its base, or its full model) or a model spec, plus adapters;
+    `watch`: a serving file whose adapter replaces the default one when it changes (afina.serve.reload)."""
+    served = _load_served(target, adapters)
+    if watch:
+        from afina.serve.reload import AdapterWatcher
+
+        served.watcher = AdapterWatcher(served, watch).start()
+    return served
+
+
+def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedModels:
     from afina.device import autocast_factory, pick_device, resolve_precision
     from afina.models import load_adapter_over_base, load_model, load_tokenizer, load_trained
 
@@ -107,7 +123,7 @@ def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedMo
     for name, adapter_path in others:  # the same base (same rope settings, checked above) under every adapter
         model.load_adapter(str(adapter_path), adapter_name=peft_names[name])
     return ServedModels(model.to(device).eval(), load_tokenizer(base_spec), autocast, _context(model.get_base_model()),
-                        base_name, first_name, peft_names)
+                        base_name, first_name, peft_names, rope=next(iter(ropes.values())))
 
 
 def _context(model) -> int:
