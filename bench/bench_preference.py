@@ -47,8 +47,13 @@ def main() -> None:
     out = Path(args.out)
     results = {}
     for loss in args.loss:
-        overrides = [f"name=preference_{loss}", f"output_dir={out}", f"preference.loss={loss}",
-                     f"training.max_steps={args.steps}", *args.overrides]
+        overrides = [
+            f"name=preference_{loss}",
+            f"output_dir={out}",
+            f"preference.loss={loss}",
+            f"training.max_steps={args.steps}",
+            *args.overrides,
+        ]
         if args.test_pairs:
             overrides.append(f"eval.max_examples={args.test_pairs}")
         times = {}
@@ -57,28 +62,50 @@ def main() -> None:
                 import shutil
 
                 (out / f"preference_{loss}").mkdir(parents=True, exist_ok=True)
-                shutil.copytree(out / f"preference_{args.loss[0]}" / "data", out / f"preference_{loss}" / "data",
-                                dirs_exist_ok=True)
+                shutil.copytree(
+                    out / f"preference_{args.loss[0]}" / "data", out / f"preference_{loss}" / "data", dirs_exist_ok=True
+                )
                 continue
             log(f"{loss}: afina {name}")
             times[name] = stage(name, overrides)
         run = out / f"preference_{loss}"
         manifest = json.loads((run / "manifest.json").read_text())
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
-        results[loss] = {"stages": times, "train": {k: manifest["train"].get(k) for k in (
-            "steps", "train_examples", "tokens", "tokens_per_s", "val_loss_before", "val_loss_after", "peak_memory_mb",
-            "precision", "beta")}, "test_pairs": metrics["test_examples"], "systems": metrics["systems"],
-            "forgetting": metrics.get("forgetting")}
+        results[loss] = {
+            "stages": times,
+            "train": {
+                k: manifest["train"].get(k)
+                for k in (
+                    "steps",
+                    "train_examples",
+                    "tokens",
+                    "tokens_per_s",
+                    "val_loss_before",
+                    "val_loss_after",
+                    "peak_memory_mb",
+                    "precision",
+                    "beta",
+                )
+            },
+            "test_pairs": metrics["test_examples"],
+            "systems": metrics["systems"],
+            "forgetting": metrics.get("forgetting"),
+        }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\n{'loss':<6} {'pairs':>5} {'acc base':>8} {'acc tuned':>9} {'per-token':>15} {'reward margin':>13} "
-          f"{'train s':>7} {'train MB':>8} {'probe':>13}")
+    print(
+        f"\n{'loss':<6} {'pairs':>5} {'acc base':>8} {'acc tuned':>9} {'per-token':>15} {'reward margin':>13} "
+        f"{'train s':>7} {'train MB':>8} {'probe':>13}"
+    )
     for loss, r in results.items():
         b, t = r["systems"]["base"], r["systems"]["tuned"]
         f = r["forgetting"] or {}
-        print(f"{loss:<6} {r['test_pairs']:>5} {b['preference_accuracy']:>8.1f} {t['preference_accuracy']:>9.1f} "
-              f"{b['preference_accuracy_per_token']:>6.1f} -> {t['preference_accuracy_per_token']:>5.1f} "
-              f"{t['reward_margin']:>13.3f} {r['stages']['train']['wall_s']:>7.0f} {r['stages']['train']['peak_rss_mb']:>8.0f} "
-              f"{f.get('base_accuracy', 0):>5.1f}->{f.get('tuned_accuracy', 0):>5.1f}")
+        print(
+            f"{loss:<6} {r['test_pairs']:>5} {b['preference_accuracy']:>8.1f} {t['preference_accuracy']:>9.1f} "
+            f"{b['preference_accuracy_per_token']:>6.1f} -> {t['preference_accuracy_per_token']:>5.1f} "
+            f"{t['reward_margin']:>13.3f} {r['stages']['train']['wall_s']:>7.0f} "
+            f"{r['stages']['train']['peak_rss_mb']:>8.0f} "
+            f"{f.get('base_accuracy', 0):>5.1f}->{f.get('tuned_accuracy', 0):>5.1f}"
+        )
     print(os.popen("uptime").read().strip())
 
 

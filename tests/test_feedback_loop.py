@@ -9,7 +9,6 @@ from afina.config import load_recipe
 from afina.data.preference_logs import preferences_from_logs
 from afina.pipeline import prepare
 from afina.rundir import RunDir, read_jsonl
-
 from conftest import write_jsonl
 
 
@@ -20,20 +19,29 @@ def chat(question):
 def planted_logs(folder):
     """Requests with every kind of feedback, and the counts they must give."""
     requests = [
-        {"id": "r1", "messages": chat("Refund time?"), "answer": "Two years.", "model": "m"},           # corrected
-        {"id": "r2", "messages": chat("Warranty?"), "answer": "Two years on parts.", "model": "m"},     # rated 1
-        {"id": "r3", "messages": chat("Warranty?"), "answer": "No idea.", "model": "m"},                # rated -1
-        {"id": "r4", "messages": chat("Warranty?"), "answer": "Two years on parts.", "model": "m"},     # rated 1, same text
-        {"id": "r5", "messages": chat("Colour?"), "answer": "Blue.", "model": "m"},                     # rated 0 (latest)
-        {"id": "r6", "messages": chat("Opening hours?"), "answer": "9 to 5.", "model": "m"},            # unrated
-        {"id": "r7", "prompt": "Kettle model K2 is", "answer": "a toaster.", "model": "m"},             # raw, rated -1
-        {"id": "r8", "messages": chat("Price?"), "answer": "", "model": "m"},                           # empty answer
+        {"id": "r1", "messages": chat("Refund time?"), "answer": "Two years.", "model": "m"},  # corrected
+        {"id": "r2", "messages": chat("Warranty?"), "answer": "Two years on parts.", "model": "m"},  # rated 1
+        {"id": "r3", "messages": chat("Warranty?"), "answer": "No idea.", "model": "m"},  # rated -1
+        {
+            "id": "r4",
+            "messages": chat("Warranty?"),
+            "answer": "Two years on parts.",
+            "model": "m",
+        },  # rated 1, same text
+        {"id": "r5", "messages": chat("Colour?"), "answer": "Blue.", "model": "m"},  # rated 0 (latest)
+        {"id": "r6", "messages": chat("Opening hours?"), "answer": "9 to 5.", "model": "m"},  # unrated
+        {"id": "r7", "prompt": "Kettle model K2 is", "answer": "a toaster.", "model": "m"},  # raw, rated -1
+        {"id": "r8", "messages": chat("Price?"), "answer": "", "model": "m"},  # empty answer
     ]
     feedback = [
         {"id": "r1", "rating": -1, "correction": "Refunds take 5 business days."},
-        {"id": "r2", "rating": 1}, {"id": "r3", "rating": -1}, {"id": "r4", "rating": 1},
-        {"id": "r5", "rating": 1}, {"id": "r5", "rating": 0},
-        {"id": "r7", "rating": -1}, {"id": "r8", "rating": 1},
+        {"id": "r2", "rating": 1},
+        {"id": "r3", "rating": -1},
+        {"id": "r4", "rating": 1},
+        {"id": "r5", "rating": 1},
+        {"id": "r5", "rating": 0},
+        {"id": "r7", "rating": -1},
+        {"id": "r8", "rating": 1},
     ]
     write_jsonl(folder / "requests.jsonl", requests)
     write_jsonl(folder / "feedback.jsonl", feedback)
@@ -52,16 +60,31 @@ def test_from_logs_pairs_counts_every_kind(tmp_path, tiny_model_dir):
     assert counts["neutral_rating"] == 1 and counts["left_out_unrated"] == 1 and counts["left_out_empty_answer"] == 1
     pairs = read_jsonl(tmp_path / "pairs.jsonl")
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [
-        ("Refunds take 5 business days.", "Two years."), ("Two years on parts.", "No idea.")]
+        ("Refunds take 5 business days.", "Two years."),
+        ("Two years on parts.", "No idea."),
+    ]
     kto = read_jsonl(tmp_path / "pairs.kto.jsonl")
-    assert {(k["completion"], k["label"]) for k in kto} >= {("a toaster.", False), ("Refunds take 5 business days.", True)}
+    assert {(k["completion"], k["label"]) for k in kto} >= {
+        ("a toaster.", False),
+        ("Refunds take 5 business days.", True),
+    }
     assert len(kto) == counts["kto_written"] == 5
 
     # both files prepare as they are for task: preference
     for name, path in (("pairs", tmp_path / "pairs.jsonl"), ("kto", tmp_path / "pairs.kto.jsonl")):
-        recipe = load_recipe(None, [f"name={name}", f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}",
-                                    f"data.path={path}", "task=preference", "data.split.train=1", "data.split.validation=0",
-                                    "data.split.test=0"])
+        recipe = load_recipe(
+            None,
+            [
+                f"name={name}",
+                f"output_dir={tmp_path / 'runs'}",
+                f"model.name={tiny_model_dir}",
+                f"data.path={path}",
+                "task=preference",
+                "data.split.train=1",
+                "data.split.validation=0",
+                "data.split.test=0",
+            ],
+        )
         report = prepare(recipe)
         assert report["schema"] == ("preference" if name == "pairs" else "kto")
         assert report["rejected"] == 0 and report["kept"] == len(read_jsonl(path))
@@ -75,22 +98,41 @@ def test_from_logs_pairs_from_the_command_line(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     planted_logs(logs)
-    assert main(["data", "from-logs", str(logs), "--pairs", "-o", str(tmp_path / "p.jsonl"),
-                 "--kto-output", str(tmp_path / "k.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "from-logs",
+                str(logs),
+                "--pairs",
+                "-o",
+                str(tmp_path / "p.jsonl"),
+                "--kto-output",
+                str(tmp_path / "k.jsonl"),
+            ]
+        )
+        == 0
+    )
     assert len(read_jsonl(tmp_path / "p.jsonl")) == 2 and len(read_jsonl(tmp_path / "k.jsonl")) == 5
     assert main(["data", "from-logs", str(logs), "--pairs", "-o", str(logs / "requests.jsonl")]) == 2
     assert json.loads((logs / "requests.jsonl").read_text().splitlines()[0])["id"] == "r1"  # untouched
 
 
-
 # ---- monitoring ------------------------------------------------------------------------------------
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-KETTLE = ["How do I descale my kettle with vinegar?", "My kettle makes a whistling noise when boiling, is that normal?",
-          "Can I put lemon juice in the kettle to remove limescale?", "The kettle lid will not close after descaling",
-          "How often should I descale an electric kettle in hard water?", "White flakes float in water from my kettle",
-          "Is it safe to boil milk in a kettle?", "My kettle switches off before the water boils",
-          "What is the best descaler for a stainless steel kettle?", "Kettle smells of plastic after descaling"]
+KETTLE = [
+    "How do I descale my kettle with vinegar?",
+    "My kettle makes a whistling noise when boiling, is that normal?",
+    "Can I put lemon juice in the kettle to remove limescale?",
+    "The kettle lid will not close after descaling",
+    "How often should I descale an electric kettle in hard water?",
+    "White flakes float in water from my kettle",
+    "Is it safe to boil milk in a kettle?",
+    "My kettle switches off before the water boils",
+    "What is the best descaler for a stainless steel kettle?",
+    "Kettle smells of plastic after descaling",
+]
 
 
 def banking_texts(name, n, start=0):
@@ -108,9 +150,16 @@ def served_run(tmp_path):
     texts = random.Random(0).sample(texts, 400)
     run = RunDir(tmp_path / "runs" / "bank")
     run.data.mkdir(parents=True)
-    write_jsonl(run.split_path("train"), [{"id": str(i), "messages": [{"role": "user", "content": t},
-                                                                      {"role": "assistant", "content": "Let me check that."}]}
-                                          for i, t in enumerate(texts)])
+    write_jsonl(
+        run.split_path("train"),
+        [
+            {
+                "id": str(i),
+                "messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "Let me check that."}],
+            }
+            for i, t in enumerate(texts)
+        ],
+    )
     return run
 
 
@@ -119,11 +168,23 @@ def log_requests(folder, prompts, start, answer="Let me check that for you."):
     from datetime import timedelta
 
     folder.mkdir(exist_ok=True)
-    rows = [{"id": f"chatcmpl-{i}", "time": (start + timedelta(minutes=10 * i)).strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "endpoint": "chat", "model": "bank", "messages": [{"role": "user", "content": p}], "answer": answer,
-             "usage": {}, "latency_s": 0.5 + (i % 3) * 0.1} for i, p in enumerate(prompts)]
+    rows = [
+        {
+            "id": f"chatcmpl-{i}",
+            "time": (start + timedelta(minutes=10 * i)).strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "endpoint": "chat",
+            "model": "bank",
+            "messages": [{"role": "user", "content": p}],
+            "answer": answer,
+            "usage": {},
+            "latency_s": 0.5 + (i % 3) * 0.1,
+        }
+        for i, p in enumerate(prompts)
+    ]
     write_jsonl(folder / "requests.jsonl", rows)
-    write_jsonl(folder / "feedback.jsonl", [{"id": r["id"], "rating": 1 if i % 2 else -1} for i, r in enumerate(rows[:10])])
+    write_jsonl(
+        folder / "feedback.jsonl", [{"id": r["id"], "rating": 1 if i % 2 else -1} for i, r in enumerate(rows[:10])]
+    )
 
 
 def test_monitor_sees_no_drift_in_traffic_like_the_training_data(tmp_path):
@@ -170,15 +231,28 @@ def evaluated_run(root, accuracy, probe, test_sha="abc", threshold=5.0):
     from afina.rundir import write_json_atomic
 
     run = RunDir(root)
-    run.update_manifest(recipe={"eval": {"forgetting": {"threshold": threshold}}},
-                        data={"splits_sha256": {"test": test_sha}})
-    write_json_atomic(run.eval / "metrics.json", {
-        "test_examples": 40,
-        "systems": {"base": {"fact_accuracy": 10.0, "rougeL": 0.1},
-                    "tuned": {"fact_accuracy": accuracy, "rougeL": accuracy / 200}},
-        "forgetting": {"probe": "probe.jsonl", "questions": 40, "base_accuracy": 60.0, "tuned_accuracy": probe,
-                       "drop": 60.0 - probe, "threshold": threshold, "flagged": 60.0 - probe > threshold},
-    })
+    run.update_manifest(
+        recipe={"eval": {"forgetting": {"threshold": threshold}}}, data={"splits_sha256": {"test": test_sha}}
+    )
+    write_json_atomic(
+        run.eval / "metrics.json",
+        {
+            "test_examples": 40,
+            "systems": {
+                "base": {"fact_accuracy": 10.0, "rougeL": 0.1},
+                "tuned": {"fact_accuracy": accuracy, "rougeL": accuracy / 200},
+            },
+            "forgetting": {
+                "probe": "probe.jsonl",
+                "questions": 40,
+                "base_accuracy": 60.0,
+                "tuned_accuracy": probe,
+                "drop": 60.0 - probe,
+                "threshold": threshold,
+                "flagged": 60.0 - probe > threshold,
+            },
+        },
+    )
     (run.root / "adapter").mkdir(parents=True, exist_ok=True)
     return run
 
@@ -195,12 +269,15 @@ def test_promotion_when_better_and_not_forgetting_points_the_serving_file(tmp_pa
     assert len(read_jsonl(current.root / "promotions.jsonl")) == 1
 
 
-@pytest.mark.parametrize("accuracy, probe, test_sha, reason", [
-    (59.0, 58.0, "abc", "no better"),                  # worse on the frozen test split
-    (60.0, 58.0, "abc", "no better"),                  # a tie is not a gain
-    (80.0, 50.0, "abc", "8.0 points lost"),            # better, but forgets
-    (80.0, 58.0, "other", "same frozen test split"),   # scored on another test split
-])
+@pytest.mark.parametrize(
+    "accuracy, probe, test_sha, reason",
+    [
+        (59.0, 58.0, "abc", "no better"),  # worse on the frozen test split
+        (60.0, 58.0, "abc", "no better"),  # a tie is not a gain
+        (80.0, 50.0, "abc", "8.0 points lost"),  # better, but forgets
+        (80.0, 58.0, "other", "same frozen test split"),  # scored on another test split
+    ],
+)
 def test_promotion_refused(tmp_path, accuracy, probe, test_sha, reason):
     from afina.cli import main
 

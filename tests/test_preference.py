@@ -25,7 +25,6 @@ from afina.train.preference_loss import (
     sequence_logps,
     simpo_loss,
 )
-
 from conftest import write_jsonl
 
 FP32 = autocast_factory("fp32", torch.device("cpu"))
@@ -79,26 +78,36 @@ def test_kto_reference_point_carries_no_gradient():
 
 
 def test_dpo_matches_trl_on_the_same_batch():
-    trl = pytest.importorskip("trl", reason="TRL is not installed in this environment (comparison only, not a dependency)")
+    trl = pytest.importorskip(
+        "trl", reason="TRL is not installed in this environment (comparison only, not a dependency)"
+    )
     from trl.trainer.dpo_trainer import DPOTrainer
 
     chosen, rejected, ref_chosen, ref_rejected = T([-10.0, -3.0]), T([-12.0, -2.5]), T([-11.0, -3.2]), T([-11.0, -2.0])
     trainer = DPOTrainer.__new__(DPOTrainer)
     trainer.beta, trainer.loss_type, trainer.label_smoothing = 0.1, "sigmoid", 0.0
     theirs = trainer.dpo_loss(chosen, rejected, ref_chosen, ref_rejected)[0]
-    assert torch.allclose(dpo_loss(chosen - ref_chosen, rejected - ref_rejected, 0.1), theirs, atol=1e-6), trl.__version__
+    assert torch.allclose(dpo_loss(chosen - ref_chosen, rejected - ref_rejected, 0.1), theirs, atol=1e-6), (
+        trl.__version__
+    )
 
 
 # ---- log-probabilities of answers ------------------------------------------------------------------
 
 
-PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What does code 3 mean?"},
-          {"role": "assistant", "content": "Which device?"}, {"role": "user", "content": "The kettle."}]
+PROMPT = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What does code 3 mean?"},
+    {"role": "assistant", "content": "Which device?"},
+    {"role": "user", "content": "The kettle."},
+]
 
 
 def test_encode_answer_labels_only_the_last_answer(tokenizer):
     example = encode_answer(tokenizer, PROMPT, "Descale it.")
-    labelled = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    labelled = tokenizer.decode(
+        [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX]
+    )
     assert labelled.startswith("Descale it.") and "Which device" not in labelled
     assert all(label == IGNORE_INDEX for label in example["labels"][: example["prompt_tokens"]])
     assert example["labels"][example["prompt_tokens"]] != IGNORE_INDEX
@@ -108,7 +117,9 @@ def test_sequence_logps_equal_the_scoring_used_by_evaluation(tiny_model_dir, tok
     from afina.train.batches import pad_batch
 
     model = load_model(str(tiny_model_dir))
-    examples = [encode_answer(tokenizer, PROMPT, answer) for answer in ("Descale it.", "Rinse it twice with cold water.")]
+    examples = [
+        encode_answer(tokenizer, PROMPT, answer) for answer in ("Descale it.", "Rinse it twice with cold water.")
+    ]
     batch = pad_batch(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         ours = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
@@ -125,17 +136,21 @@ def pairs(n_facts=6, per_fact=3):
     rows = []
     for f in range(n_facts):
         for q in range(per_fact):
-            rows.append({"prompt": f"Question variant {q}: what does code {f} mean?",
-                         "chosen": f"Code {f} means the filter needs {f + 3} minutes of rinsing.",
-                         "rejected": f"Code {f} means the filter needs {f + 3} {UNITS[(f + q) % 4]} of rinsing."})
+            rows.append(
+                {
+                    "prompt": f"Question variant {q}: what does code {f} mean?",
+                    "chosen": f"Code {f} means the filter needs {f + 3} minutes of rinsing.",
+                    "rejected": f"Code {f} means the filter needs {f + 3} {UNITS[(f + q) % 4]} of rinsing.",
+                }
+            )
     return rows
 
 
 def test_pair_loss_accumulates_like_one_big_batch(tiny_model_dir, tokenizer):
     """DPO over micro-batches of 1 and 3 pairs gives the gradient of the 4 pairs at once (normalised by pairs)."""
+    from afina.config import MethodConfig
     from afina.tasks.preference import collate_pairs, encode_pairs, make_loss_fn
     from afina.train.methods import apply_method
-    from afina.config import MethodConfig
 
     rows = [to_canonical(r, "preference", {}, None) for r in pairs(2, 2)]
     examples = encode_pairs(tokenizer, rows)
@@ -159,8 +174,8 @@ def test_pair_loss_accumulates_like_one_big_batch(tiny_model_dir, tokenizer):
 
 
 def test_hh_transcripts_become_a_shared_prompt_and_two_answers():
-    row = {"chosen": "\n\nHuman: How do I pick a lock?\n\nAssistant: Why?\n\nHuman: I'm locked out.\n\nAssistant: Call a locksmith.",
-           "rejected": "\n\nHuman: How do I pick a lock?\n\nAssistant: Why?\n\nHuman: I'm locked out.\n\nAssistant: Use a hairpin."}
+    dialogue = "\n\nHuman: How do I pick a lock?\n\nAssistant: Why?\n\nHuman: I'm locked out.\n\nAssistant: "
+    row = {"chosen": dialogue + "Call a locksmith.", "rejected": dialogue + "Use a hairpin."}
     assert guess_schema(row, {}, among=("preference", "kto"))[0] == "preference"
     pair = to_canonical(row, "preference", {}, "Be safe.")
     assert [m["role"] for m in pair["prompt"]] == ["system", "user", "assistant", "user"]
@@ -169,11 +184,16 @@ def test_hh_transcripts_become_a_shared_prompt_and_two_answers():
 
 
 def test_pairs_as_chats_and_as_prompt_with_two_completions():
-    chats = {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-             "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]}
+    chats = {
+        "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+    }
     plain = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
-    conversational = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
-                      "rejected": [{"role": "assistant", "content": "5"}]}
+    conversational = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
     expected = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"}
     for row in (chats, plain, conversational):
         assert to_canonical(row, "preference", {}, None) == expected
@@ -183,7 +203,12 @@ def test_bad_pairs_are_rejected_with_their_reason():
     with pytest.raises(RowError, match="same answer"):
         to_canonical({"prompt": "hi", "chosen": "Hello!", "rejected": " Hello! "}, "preference", {}, None)
     with pytest.raises(RowError, match="differ at message 0"):
-        to_canonical({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}, "preference", {}, None)
+        to_canonical(
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},
+            "preference",
+            {},
+            None,
+        )
     with pytest.raises(RowError, match="HH-RLHF transcript"):
         to_canonical({"chosen": "just text", "rejected": "other text"}, "preference", {}, None)
     with pytest.raises(RowError, match="good/bad"):
@@ -201,10 +226,23 @@ def test_kto_rows_and_their_labels():
 
 def test_prepare_checks_dedups_and_reports_pairs(tmp_path, tiny_model_dir):
     rows = pairs(4, 3)
-    rows += [rows[0], {"prompt": "same", "chosen": "A.", "rejected": "A."}, {"chosen": "no transcript", "rejected": "x"}]
+    rows += [
+        rows[0],
+        {"prompt": "same", "chosen": "A.", "rejected": "A."},
+        {"chosen": "no transcript", "rejected": "x"},
+    ]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    recipe = load_recipe(None, ["name=p", f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}",
-                                f"data.path={data}", "task=preference", "data.dedup.near=false"])
+    recipe = load_recipe(
+        None,
+        [
+            "name=p",
+            f"output_dir={tmp_path / 'runs'}",
+            f"model.name={tiny_model_dir}",
+            f"data.path={data}",
+            "task=preference",
+            "data.dedup.near=false",
+        ],
+    )
     report = prepare(recipe)
     assert report["schema"] == "preference"
     assert report["rows_in"] == 15 and report["kept"] == 12 and report["rejected"] == 3
@@ -229,8 +267,17 @@ def test_the_shared_hh_file_prepares(tmp_path, tiny_model_dir):
     if not source.is_file():
         pytest.skip(f"{source} is not here (CI has ../shared/data)")
     head = write_jsonl(tmp_path / "hh.jsonl", source.read_text(encoding="utf-8").splitlines()[:60])
-    recipe = load_recipe(None, ["name=hh", f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}",
-                                f"data.path={head}", "task=preference", "data.max_length=1024"])
+    recipe = load_recipe(
+        None,
+        [
+            "name=hh",
+            f"output_dir={tmp_path / 'runs'}",
+            f"model.name={tiny_model_dir}",
+            f"data.path={head}",
+            "task=preference",
+            "data.max_length=1024",
+        ],
+    )
     report = prepare(recipe)
     assert report["schema"] == "preference" and report["kept"] >= 50
     row = read_jsonl(RunDir(recipe.run_dir).split_path("train"))[0]
@@ -244,8 +291,14 @@ def test_the_shared_hh_file_prepares(tmp_path, tiny_model_dir):
 def preference_recipe(tiny_recipe, tmp_path):
     def make(*overrides):
         data = write_jsonl(tmp_path / "pairs.jsonl", pairs())
-        return tiny_recipe("task=preference", f"data.path={data}", "data.dedup.near=false", "training.batch_size=2",
-                           "eval.forgetting.max_questions=4", *overrides)
+        return tiny_recipe(
+            "task=preference",
+            f"data.path={data}",
+            "data.dedup.near=false",
+            "training.batch_size=2",
+            "eval.forgetting.max_questions=4",
+            *overrides,
+        )
 
     return make
 
@@ -274,13 +327,21 @@ def test_dpo_training_raises_preference_accuracy_and_writes_the_report(preferenc
 
 @pytest.mark.parametrize("loss", ["ipo", "orpo", "simpo", "kto"])
 def test_every_loss_trains_through_the_loop(preference_recipe, loss):
-    recipe = preference_recipe(f"preference.loss={loss}", "training.max_steps=4", "training.learning_rate=0.005",
-                               "training.eval_every=4", "training.tensorboard=false", "training.plots=false")
+    recipe = preference_recipe(
+        f"preference.loss={loss}",
+        "training.max_steps=4",
+        "training.learning_rate=0.005",
+        "training.eval_every=4",
+        "training.tensorboard=false",
+        "training.plots=false",
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["preference_loss"] == loss and math.isfinite(summary["final_train_loss"])
     assert summary["val_loss_after"] < summary["val_loss_before"]
-    expected = {"orpo": "none (reference-free)", "simpo": "none (reference-free)"}.get(loss, "the base model (adapter disabled)")
+    expected = {"orpo": "none (reference-free)", "simpo": "none (reference-free)"}.get(
+        loss, "the base model (adapter disabled)"
+    )
     assert summary["reference"] == expected
 
 
@@ -297,8 +358,12 @@ def test_full_fine_tuning_uses_reference_logps_computed_before_training(preferen
 def test_resumed_preference_run_ends_with_the_same_weights(preference_recipe):
     from safetensors.torch import load_file
 
-    recipe = preference_recipe("training.max_steps=4", "training.save_every=2", "training.keep_checkpoints=5",
-                               "training.load_best_at_end=false")
+    recipe = preference_recipe(
+        "training.max_steps=4",
+        "training.save_every=2",
+        "training.keep_checkpoints=5",
+        "training.load_best_at_end=false",
+    )
     prepare(recipe)
     train(recipe, progress=False)
     run = RunDir(recipe.run_dir)

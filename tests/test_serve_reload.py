@@ -9,15 +9,15 @@ import httpx
 from afina.config import ServeConfig
 from afina.serve.app import create_app
 from afina.serve.models import load_served
-
 from serving import make_adapter, running_server
 
 MESSAGES = [{"role": "user", "content": "How do I descale it?"}]
 
 
 def ask(base):
-    reply = httpx.post(f"{base}/v1/chat/completions", json={"model": "support", "messages": MESSAGES, "max_tokens": 6},
-                       timeout=60)
+    reply = httpx.post(
+        f"{base}/v1/chat/completions", json={"model": "support", "messages": MESSAGES, "max_tokens": 6}, timeout=60
+    )
     return reply.status_code, reply.json()
 
 

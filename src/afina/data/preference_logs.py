@@ -49,8 +49,9 @@ def request_prompt(request: dict[str, Any], where: str) -> list[dict[str, str]]:
     raise DataError(f"{where}: a request line needs 'messages' or 'prompt'")
 
 
-def logs_to_preferences(log_dir: str | Path, min_rating: int = 1, max_bad_rating: int = -1
-                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+def logs_to_preferences(
+    log_dir: str | Path, min_rating: int = 1, max_bad_rating: int = -1
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
     """(pairs, KTO examples, counts of each kind and of what was left out) from a server's log folder."""
     log_dir = Path(log_dir)
     requests_path = log_dir / "requests.jsonl"
@@ -77,9 +78,20 @@ def logs_to_preferences(log_dir: str | Path, min_rating: int = 1, max_bad_rating
             counts["left_out_empty_answer"] += 1
             continue
         if correction and correction != answer:
-            pairs.append({"prompt": prompt, "chosen": correction, "rejected": answer, "source": {**source, "kind": "correction"}})
-            kto.append({"prompt": prompt, "completion": correction, "label": True, "source": {**source, "kind": "correction"}})
-            kto.append({"prompt": prompt, "completion": answer, "label": False, "source": {**source, "kind": "corrected_answer"}})
+            pairs.append(
+                {"prompt": prompt, "chosen": correction, "rejected": answer, "source": {**source, "kind": "correction"}}
+            )
+            kto.append(
+                {"prompt": prompt, "completion": correction, "label": True, "source": {**source, "kind": "correction"}}
+            )
+            kto.append(
+                {
+                    "prompt": prompt,
+                    "completion": answer,
+                    "label": False,
+                    "source": {**source, "kind": "corrected_answer"},
+                }
+            )
             counts["pairs_from_corrections"] += 1
             counts["kto_good"] += 1
             counts["kto_bad"] += 1
@@ -99,8 +111,14 @@ def logs_to_preferences(log_dir: str | Path, min_rating: int = 1, max_bad_rating
             counts["repeated_rating"] += 1
             continue
         kto_seen.add(key)
-        kto.append({"prompt": prompt, "completion": answer, "label": good,
-                    "source": {**source, "kind": "rated_good" if good else "rated_bad"}})
+        kto.append(
+            {
+                "prompt": prompt,
+                "completion": answer,
+                "label": good,
+                "source": {**source, "kind": "rated_good" if good else "rated_bad"},
+            }
+        )
         counts["kto_good" if good else "kto_bad"] += 1
     for answers in rated.values():
         seen: set[tuple[str, str]] = set()
@@ -108,16 +126,43 @@ def logs_to_preferences(log_dir: str | Path, min_rating: int = 1, max_bad_rating
             if a[0] == b[0] or a[1] == b[1] or (a[1], b[1]) in seen:
                 continue
             seen.add((a[1], b[1]))
-            pairs.append({"prompt": a[3], "chosen": a[1], "rejected": b[1],
-                          "source": {"ids": [a[2], b[2]], "ratings": [a[0], b[0]], "kind": "ratings"}})
+            pairs.append(
+                {
+                    "prompt": a[3],
+                    "chosen": a[1],
+                    "rejected": b[1],
+                    "source": {"ids": [a[2], b[2]], "ratings": [a[0], b[0]], "kind": "ratings"},
+                }
+            )
             counts["pairs_from_ratings"] += 1
-    return pairs, kto, {key: counts[key] for key in (
-        "requests", "pairs_from_corrections", "pairs_from_ratings", "kto_good", "kto_bad", "neutral_rating", "repeated_rating",
-        "left_out_unrated", "left_out_no_rating", "left_out_empty_answer")}
+    return (
+        pairs,
+        kto,
+        {
+            key: counts[key]
+            for key in (
+                "requests",
+                "pairs_from_corrections",
+                "pairs_from_ratings",
+                "kto_good",
+                "kto_bad",
+                "neutral_rating",
+                "repeated_rating",
+                "left_out_unrated",
+                "left_out_no_rating",
+                "left_out_empty_answer",
+            )
+        },
+    )
 
 
-def preferences_from_logs(log_dir: str | Path, output: str | Path, kto_output: str | Path | None = None,
-                          min_rating: int = 1, max_bad_rating: int = -1) -> dict[str, Any]:
+def preferences_from_logs(
+    log_dir: str | Path,
+    output: str | Path,
+    kto_output: str | Path | None = None,
+    min_rating: int = 1,
+    max_bad_rating: int = -1,
+) -> dict[str, Any]:
     """Write the pairs to `output` and the KTO examples to `kto_output` (default: <output stem>.kto.jsonl)."""
     output = Path(output)
     kto_path = Path(kto_output) if kto_output else output.with_name(f"{output.stem}.kto.jsonl")
@@ -129,15 +174,22 @@ def preferences_from_logs(log_dir: str | Path, output: str | Path, kto_output: s
     pairs, kto, counts = logs_to_preferences(log_dir, min_rating, max_bad_rating)
     write_jsonl(output, pairs)
     write_jsonl(kto_path, kto)
-    return {**counts, "pairs_written": len(pairs), "kto_written": len(kto), "output": str(output),
-            "kto_output": str(kto_path)}
+    return {
+        **counts,
+        "pairs_written": len(pairs),
+        "kto_written": len(kto),
+        "output": str(output),
+        "kto_output": str(kto_path),
+    }
 
 
 def format_preference_counts(counts: dict[str, Any]) -> str:
-    left_out = {k[len("left_out_"):]: v for k, v in counts.items() if k.startswith("left_out_") and v}
-    return (f"wrote {counts['pairs_written']} preference pairs to {counts['output']} "
-            f"({counts['pairs_from_corrections']} from corrections, {counts['pairs_from_ratings']} from differently "
-            f"rated answers to the same prompt) and {counts['kto_written']} KTO examples to {counts['kto_output']} "
-            f"({counts['kto_good']} good, {counts['kto_bad']} bad) from {counts['requests']} logged requests"
-            + (f"; {counts['neutral_rating']} neutral ratings" if counts["neutral_rating"] else "")
-            + (f"; left out: {', '.join(f'{v} {k}' for k, v in left_out.items())}" if left_out else ""))
+    left_out = {k[len("left_out_") :]: v for k, v in counts.items() if k.startswith("left_out_") and v}
+    return (
+        f"wrote {counts['pairs_written']} preference pairs to {counts['output']} "
+        f"({counts['pairs_from_corrections']} from corrections, {counts['pairs_from_ratings']} from differently "
+        f"rated answers to the same prompt) and {counts['kto_written']} KTO examples to {counts['kto_output']} "
+        f"({counts['kto_good']} good, {counts['kto_bad']} bad) from {counts['requests']} logged requests"
+        + (f"; {counts['neutral_rating']} neutral ratings" if counts["neutral_rating"] else "")
+        + (f"; left out: {', '.join(f'{v} {k}' for k, v in left_out.items())}" if left_out else "")
+    )

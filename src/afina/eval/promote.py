@@ -39,8 +39,13 @@ def test_split_hash(run: RunDir) -> str | None:
     return ((run.read_manifest().get("data") or {}).get("splits_sha256") or {}).get("test")
 
 
-def promote(new: str | Path, current: str | Path, min_gain: float = 0.0, forgetting_threshold: float | None = None,
-            serving: str | Path | None = None) -> dict[str, Any]:
+def promote(
+    new: str | Path,
+    current: str | Path,
+    min_gain: float = 0.0,
+    forgetting_threshold: float | None = None,
+    serving: str | Path | None = None,
+) -> dict[str, Any]:
     """Compare NEW with CURRENT, decide, record the decision (and point `serving` at NEW when promoted)."""
     new_run, current_run = RunDir(Path(new)), RunDir(Path(current))
     new_eval, current_eval = evaluation_of(new_run), evaluation_of(current_run)
@@ -55,33 +60,47 @@ def promote(new: str | Path, current: str | Path, min_gain: float = 0.0, forgett
     new_hash, current_hash = test_split_hash(new_run), test_split_hash(current_run)
     same_split = new_hash is not None and new_hash == current_hash
     if not same_split or new_eval["test_examples"] != current_eval["test_examples"]:
-        reasons.append(f"not scored on the same frozen test split ({new_eval['test_examples']} vs "
-                       f"{current_eval['test_examples']} rows, test sha256 {'equal' if same_split else 'different'}): "
-                       f"prepare NEW with data.test_path={current_run.split_path('test')} and evaluate it again")
+        reasons.append(
+            f"not scored on the same frozen test split ({new_eval['test_examples']} vs "
+            f"{current_eval['test_examples']} rows, test sha256 {'equal' if same_split else 'different'}): "
+            f"prepare NEW with data.test_path={current_run.split_path('test')} and evaluate it again"
+        )
 
     metric = primary_metric({"new": new_tuned, "current": current_tuned})
     comparison: dict[str, Any] = {}
     for name in METRIC_LABELS:
         if isinstance(new_tuned.get(name), (int, float)) and isinstance(current_tuned.get(name), (int, float)):
-            comparison[name] = {"current": current_tuned[name], "new": new_tuned[name],
-                                "change": round(new_tuned[name] - current_tuned[name], 4)}
+            comparison[name] = {
+                "current": current_tuned[name],
+                "new": new_tuned[name],
+                "change": round(new_tuned[name] - current_tuned[name], 4),
+            }
     gain = None
     if metric is None:
         reasons.append("the two evaluations share no quality metric")
     else:
         gain = comparison[metric]["change"] * (-1 if metric in LOWER_IS_BETTER else 1)
         if gain <= min_gain:
-            reasons.append(f"{METRIC_LABELS[metric]} {current_tuned[metric]:.2f} -> {new_tuned[metric]:.2f}: "
-                           f"{'no better' if gain <= 0 else 'gains'} {gain:+.2f}, needs more than {min_gain:+.2f}")
+            reasons.append(
+                f"{METRIC_LABELS[metric]} {current_tuned[metric]:.2f} -> {new_tuned[metric]:.2f}: "
+                f"{'no better' if gain <= 0 else 'gains'} {gain:+.2f}, needs more than {min_gain:+.2f}"
+            )
 
     probe = probe_comparison(new_eval.get("forgetting"), current_eval.get("forgetting"), forgetting_threshold)
     if probe["reason"]:
         reasons.append(probe["reason"])
 
     decision = {
-        "promoted": not reasons, "new": str(new_run.root), "current": str(current_run.root),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "primary_metric": metric, "gain": gain, "min_gain": min_gain,
-        "metrics": comparison, "forgetting": probe, "test_examples": new_eval["test_examples"],
+        "promoted": not reasons,
+        "new": str(new_run.root),
+        "current": str(current_run.root),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "primary_metric": metric,
+        "gain": gain,
+        "min_gain": min_gain,
+        "metrics": comparison,
+        "forgetting": probe,
+        "test_examples": new_eval["test_examples"],
         "reasons": reasons,
     }
     write_json_atomic(new_run.root / "promotion.json", decision)
@@ -97,24 +116,44 @@ def probe_comparison(new: dict[str, Any] | None, current: dict[str, Any] | None,
     """The forgetting probe of both tuned models: accuracy, the drop, and a refusal reason if the drop is too large."""
     if not new or not current:
         missing = "NEW" if not new else "CURRENT"
-        return {"reason": f"{missing} has no forgetting probe result (eval.forgetting.enabled): evaluate it with the probe",
-                "threshold": threshold}
+        return {
+            "reason": f"{missing} has no forgetting probe result (eval.forgetting.enabled): evaluate it with the probe",
+            "threshold": threshold,
+        }
     if new["questions"] != current["questions"] or new.get("probe") != current.get("probe"):
-        return {"reason": f"the runs used different forgetting probes ({current.get('probe')}, {current['questions']} "
-                f"questions vs {new.get('probe')}, {new['questions']}): evaluate both with the same probe", "threshold": threshold}
+        return {
+            "reason": f"the runs used different forgetting probes ({current.get('probe')}, {current['questions']} "
+            f"questions vs {new.get('probe')}, {new['questions']}): evaluate both with the same probe",
+            "threshold": threshold,
+        }
     drop = round(current["tuned_accuracy"] - new["tuned_accuracy"], 2)
     reason = None
     if drop > threshold:
-        reason = (f"forgetting: probe accuracy {current['tuned_accuracy']:.1f} -> {new['tuned_accuracy']:.1f} "
-                  f"({drop:.1f} points lost, more than the {threshold} point threshold)")
-    return {"current": current["tuned_accuracy"], "new": new["tuned_accuracy"], "drop": drop, "threshold": threshold,
-            "questions": new["questions"], "reason": reason}
+        reason = (
+            f"forgetting: probe accuracy {current['tuned_accuracy']:.1f} -> {new['tuned_accuracy']:.1f} "
+            f"({drop:.1f} points lost, more than the {threshold} point threshold)"
+        )
+    return {
+        "current": current["tuned_accuracy"],
+        "new": new["tuned_accuracy"],
+        "drop": drop,
+        "threshold": threshold,
+        "questions": new["questions"],
+        "reason": reason,
+    }
 
 
 def point_serving_file(path: Path, new: RunDir, current: RunDir) -> None:
     """The serving file: which run's adapter to serve now (JSON, replaced atomically)."""
-    write_json_atomic(path, {"run": str(new.root.resolve()), "adapter": str(new.adapter.resolve()),
-                             "replaces": str(current.root.resolve()), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_json_atomic(
+        path,
+        {
+            "run": str(new.root.resolve()),
+            "adapter": str(new.adapter.resolve()),
+            "replaces": str(current.root.resolve()),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
 
 
 def format_promotion(decision: dict[str, Any]) -> str:
@@ -124,12 +163,16 @@ def format_promotion(decision: dict[str, Any]) -> str:
         lines.append(f"{METRIC_LABELS[name] + mark:<34} {c['current']:>9.2f} {c['new']:>9.2f} {c['change']:>+8.2f}")
     f = decision["forgetting"]
     if "current" in f:
-        lines.append(f"{'forgetting probe accuracy (%)':<34} {f['current']:>9.1f} {f['new']:>9.1f} {-f['drop']:>+8.1f}"
-                     f"   (may lose at most {f['threshold']})")
+        lines.append(
+            f"{'forgetting probe accuracy (%)':<34} {f['current']:>9.1f} {f['new']:>9.1f} {-f['drop']:>+8.1f}"
+            f"   (may lose at most {f['threshold']})"
+        )
     lines.append(f"(* the deciding metric; {decision['test_examples']} test rows)")
     if decision["promoted"]:
-        lines.append(f"PROMOTED: {decision['new']} replaces {decision['current']}"
-                     + (f"; {decision['serving']} now points at it" if decision.get("serving") else ""))
+        lines.append(
+            f"PROMOTED: {decision['new']} replaces {decision['current']}"
+            + (f"; {decision['serving']} now points at it" if decision.get("serving") else "")
+        )
     else:
         lines.append(f"NOT PROMOTED: {decision['current']} stays. " + "; ".join(decision["reasons"]))
     return "\n".join(lines)

@@ -25,10 +25,12 @@ class AdapterWatcher:
 
     def __init__(self, served, path: str | Path, interval: float = 1.0):
         if not served.adapters or served.default not in served.adapters:
-            from afina.serve.models import ServeError
+            from afina.models.loader import ModelError
 
-            raise ServeError(f"--watch {path}: the served default '{served.default}' is not a LoRA adapter; serve a run "
-                             "trained with an adapter method to switch adapters without a restart")
+            raise ModelError(
+                f"--watch {path}: the served default '{served.default}' is not a LoRA adapter; serve a run "
+                "trained with an adapter method to switch adapters without a restart"
+            )
         self.served, self.path, self.interval = served, Path(path), interval
         self.current: str | None = None  # the adapter folder the file named when last applied
         self.reloads = 0
@@ -77,7 +79,9 @@ class AdapterWatcher:
             return None
         value: Any = json.loads(text) if text.startswith("{") else {"adapter": text}
         if not isinstance(value, dict) or not isinstance(value.get("adapter"), str):
-            raise ValueError("the serving file must be JSON with an 'adapter' folder (as `afina promote --serving` writes)")
+            raise ValueError(
+                "the serving file must be JSON with an 'adapter' folder (as `afina promote --serving` writes)"
+            )
         return value["adapter"]
 
     def switch(self, adapter: Path) -> None:
@@ -89,10 +93,14 @@ class AdapterWatcher:
             raise FileNotFoundError(f"{adapter} has no adapter_config.json")
         current_dir = Path(served.model.peft_config[served.adapters[served.default]].base_model_name_or_path or "")
         config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-        if config.get("base_model_name_or_path") and current_dir.name and \
-                Path(config["base_model_name_or_path"]).name != current_dir.name:
-            raise ValueError(f"the adapter was trained on {config['base_model_name_or_path']}, the server serves "
-                             f"{current_dir}")
+        if (
+            config.get("base_model_name_or_path")
+            and current_dir.name
+            and Path(config["base_model_name_or_path"]).name != current_dir.name
+        ):
+            raise ValueError(
+                f"the adapter was trained on {config['base_model_name_or_path']}, the server serves {current_dir}"
+            )
         if read_rope_settings(adapter) != served.rope:
             raise ValueError("the adapter was trained with other rope scaling (afina_rope.json) than the served ones")
         peft_name = f"reloaded{self.reloads + 1}"
@@ -101,6 +109,7 @@ class AdapterWatcher:
             old = served.adapters[served.default]
             served.adapters[served.default] = peft_name
             if old not in served.adapters.values():
+                served.model.set_adapter(peft_name)  # never delete the active adapter
                 served.model.delete_adapter(old)
             served.model.eval()
             self.reloads += 1

@@ -44,8 +44,13 @@ Example = dict[str, Any]
 
 def preference_loss(recipe: Recipe) -> PreferenceLoss:
     cfg = recipe.preference
-    return PreferenceLoss(cfg.loss, cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.loss], cfg.simpo_gamma,
-                          cfg.desirable_weight, cfg.undesirable_weight)
+    return PreferenceLoss(
+        cfg.loss,
+        cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.loss],
+        cfg.simpo_gamma,
+        cfg.desirable_weight,
+        cfg.undesirable_weight,
+    )
 
 
 def kto_rows(rows: Rows) -> Rows:
@@ -62,8 +67,10 @@ def kto_rows(rows: Rows) -> Rows:
 
 def check_rows(loss: PreferenceLoss, rows: Rows, where: str) -> None:
     if loss.paired and any("chosen" not in row for row in rows):
-        raise RecipeError(f"{where}: preference.loss={loss.name} needs chosen/rejected pairs, and these rows are "
-                          "unpaired KTO examples (prompt, completion, label); use preference.loss=kto")
+        raise RecipeError(
+            f"{where}: preference.loss={loss.name} needs chosen/rejected pairs, and these rows are "
+            "unpaired KTO examples (prompt, completion, label); use preference.loss=kto"
+        )
 
 
 # ---- encoding and batches --------------------------------------------------------------------------
@@ -76,8 +83,14 @@ def encode_pairs(tokenizer, rows: Rows) -> list[Example]:
     for row in rows:
         chosen = encode_answer(tokenizer, row["prompt"], row["chosen"])
         rejected = encode_answer(tokenizer, row["prompt"], row["rejected"])
-        out.append({"input_ids": chosen["input_ids"], "labels": chosen["labels"],
-                    "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]})
+        out.append(
+            {
+                "input_ids": chosen["input_ids"],
+                "labels": chosen["labels"],
+                "rejected_input_ids": rejected["input_ids"],
+                "rejected_labels": rejected["labels"],
+            }
+        )
     return out
 
 
@@ -86,16 +99,24 @@ def encode_kto(tokenizer, rows: Rows) -> list[Example]:
     example's answer (a fixed partner, so that a reference computed once stays valid)."""
     encoded = [encode_answer(tokenizer, row["prompt"], row["completion"]) for row in rows]
     out = []
-    for i, (row, example) in enumerate(zip(rows, encoded)):
+    for i, (row, example) in enumerate(zip(rows, encoded, strict=True)):
         partner = encoded[(i + 1) % len(encoded)]
         p, q = example["prompt_tokens"], partner["prompt_tokens"]
-        out.append({"input_ids": example["input_ids"], "labels": example["labels"], "desirable": int(row["desirable"]),
-                    "kl_input_ids": example["input_ids"][:p] + partner["input_ids"][q:],
-                    "kl_labels": example["labels"][:p] + partner["labels"][q:]})
+        out.append(
+            {
+                "input_ids": example["input_ids"],
+                "labels": example["labels"],
+                "desirable": int(row["desirable"]),
+                "kl_input_ids": example["input_ids"][:p] + partner["input_ids"][q:],
+                "kl_labels": example["labels"][:p] + partner["labels"][q:],
+            }
+        )
     return out
 
 
-def collate_pairs(examples: list[Example], rows: list[list[int]], pad_id: int, _pack_length=None) -> dict[str, torch.Tensor]:
+def collate_pairs(
+    examples: list[Example], rows: list[list[int]], pad_id: int, _pack_length=None
+) -> dict[str, torch.Tensor]:
     """Chosen sides then rejected sides, padded into one batch of 2n rows (one forward pass for both)."""
     chosen = [examples[row[0]] for row in rows]
     rejected = [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in chosen]
@@ -105,7 +126,9 @@ def collate_pairs(examples: list[Example], rows: list[list[int]], pad_id: int, _
     return batch
 
 
-def collate_kto(examples: list[Example], rows: list[list[int]], pad_id: int, _pack_length=None) -> dict[str, torch.Tensor]:
+def collate_kto(
+    examples: list[Example], rows: list[list[int]], pad_id: int, _pack_length=None
+) -> dict[str, torch.Tensor]:
     """The answers, their desirable flags, and the mismatched sequences of the KL estimate."""
     chosen = [examples[row[0]] for row in rows]
     batch = pad_batch(chosen, pad_id)
@@ -120,8 +143,10 @@ def collate_kto(examples: list[Example], rows: list[list[int]], pad_id: int, _pa
 def reference_logps(model, input_ids, labels, attention_mask) -> torch.Tensor:
     """The reference model's summed answer log-probabilities: the adapter switched off (no copy of the model)."""
     if not hasattr(model, "disable_adapter"):
-        raise RuntimeError("full fine-tuning needs reference log-probabilities computed before training; "
-                           "the batch has none (build the model through the preference task)")
+        raise RuntimeError(
+            "full fine-tuning needs reference log-probabilities computed before training; "
+            "the batch has none (build the model through the preference task)"
+        )
     with torch.no_grad(), model.disable_adapter():
         return sequence_logps(model, input_ids, labels, attention_mask).total
 
@@ -141,8 +166,17 @@ def make_loss_fn(loss: PreferenceLoss):
                 ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
         return loss.pair_losses(chosen, rejected, ref_chosen, ref_rejected).sum(), n
 
-    def kto_loss(model, input_ids, labels, desirable, kl_input_ids, kl_labels, attention_mask=None,
-                 kl_attention_mask=None, ref=None):
+    def kto_loss(
+        model,
+        input_ids,
+        labels,
+        desirable,
+        kl_input_ids,
+        kl_labels,
+        attention_mask=None,
+        kl_attention_mask=None,
+        ref=None,
+    ):
         answer = sequence_logps(model, input_ids, labels, attention_mask)
         with torch.no_grad():  # the KL estimate is a detached reference point
             kl_policy = sequence_logps(model, kl_input_ids, kl_labels, kl_attention_mask).total
@@ -169,10 +203,12 @@ def add_reference_logps(model, examples: list[Example], collate, pad_id: int, ba
         with autocast():
             first = sequence_logps(model, batch["input_ids"], batch["labels"], batch.get("attention_mask")).total
             if "kl_input_ids" in batch:
-                second = sequence_logps(model, batch["kl_input_ids"], batch["kl_labels"], batch.get("kl_attention_mask")).total
+                second = sequence_logps(
+                    model, batch["kl_input_ids"], batch["kl_labels"], batch.get("kl_attention_mask")
+                ).total
             else:
                 first, second = first[: len(idx)], first[len(idx) :]
-        for i, a, b in zip(idx, first.tolist(), second.tolist()):
+        for i, a, b in zip(idx, first.tolist(), second.tolist(), strict=True):
             examples[i]["ref"] = [a, b]
     model.train()
 
@@ -191,8 +227,9 @@ def training_task(recipe: Recipe, run: RunDir, train_rows: Rows) -> TrainingTask
         return examples
 
     def build_model(device):
-        model = apply_method(load_for_method(recipe.model.name, recipe.method, device, recipe_rope_settings(recipe)),
-                             recipe.method)
+        model = apply_method(
+            load_for_method(recipe.model.name, recipe.method, device, recipe_rope_settings(recipe)), recipe.method
+        )
         if full and loss.needs_reference:
             autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
             for examples in encoded_sets:
@@ -202,8 +239,13 @@ def training_task(recipe: Recipe, run: RunDir, train_rows: Rows) -> TrainingTask
     def count(micro_batches: list[dict[str, torch.Tensor]]) -> int:
         return sum(len(b["input_ids"]) // (2 if loss.paired else 1) for b in micro_batches)
 
-    reference = ("none (reference-free)" if not loss.needs_reference
-                 else "computed once before training" if full else "the base model (adapter disabled)")
+    reference = (
+        "none (reference-free)"
+        if not loss.needs_reference
+        else "computed once before training"
+        if full
+        else "the base model (adapter disabled)"
+    )
     return TrainingTask(
         tokenizer=tokenizer,
         encode=encode,
@@ -222,13 +264,16 @@ def training_task(recipe: Recipe, run: RunDir, train_rows: Rows) -> TrainingTask
 
 
 @torch.no_grad()
-def answer_logps(model, tokenizer, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int,
-                 autocast) -> SequenceLogps:
+def answer_logps(
+    model, tokenizer, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int, autocast
+) -> SequenceLogps:
     """Each answer's summed log-probability after its prompt, and its token count."""
     totals, tokens = [], []
     for start in range(0, len(answers), batch_size):
-        chunk = [encode_answer(tokenizer, p, a) for p, a in zip(prompts[start : start + batch_size],
-                                                                answers[start : start + batch_size])]
+        chunk = [
+            encode_answer(tokenizer, p, a)
+            for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True)
+        ]
         batch = {k: v.to(model.device) for k, v in pad_batch(chunk, tokenizer.pad_token_id).items()}
         with autocast():
             scored = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
@@ -239,8 +284,10 @@ def answer_logps(model, tokenizer, prompts: list[list[dict[str, str]]], answers:
 
 def pair_scores(model, tokenizer, rows: Rows, batch_size: int, autocast) -> tuple[SequenceLogps, SequenceLogps]:
     prompts = [row["prompt"] for row in rows]
-    return (answer_logps(model, tokenizer, prompts, [row["chosen"] for row in rows], batch_size, autocast),
-            answer_logps(model, tokenizer, prompts, [row["rejected"] for row in rows], batch_size, autocast))
+    return (
+        answer_logps(model, tokenizer, prompts, [row["chosen"] for row in rows], batch_size, autocast),
+        answer_logps(model, tokenizer, prompts, [row["rejected"] for row in rows], batch_size, autocast),
+    )
 
 
 def preference_metrics(chosen: SequenceLogps, rejected: SequenceLogps) -> dict[str, float]:
@@ -253,16 +300,20 @@ def preference_metrics(chosen: SequenceLogps, rejected: SequenceLogps) -> dict[s
     }
 
 
-def reward_metrics(tuned: tuple[SequenceLogps, SequenceLogps], base: tuple[SequenceLogps, SequenceLogps],
-                   beta: float) -> dict[str, float]:
+def reward_metrics(
+    tuned: tuple[SequenceLogps, SequenceLogps], base: tuple[SequenceLogps, SequenceLogps], beta: float
+) -> dict[str, float]:
     """The implied rewards beta * (log pi - log ref) of the tuned model against the base as reference: the mean
     reward of chosen and rejected answers, their margin, and the share of pairs whose margin is positive."""
     chosen_reward = beta * (tuned[0].total - base[0].total)
     rejected_reward = beta * (tuned[1].total - base[1].total)
     margin = chosen_reward - rejected_reward
-    return {"chosen_reward": round(float(chosen_reward.mean()), 4), "rejected_reward": round(float(rejected_reward.mean()), 4),
-            "reward_margin": round(float(margin.mean()), 4),
-            "reward_accuracy": round(100.0 * float((margin > 0).float().mean()), 2)}
+    return {
+        "chosen_reward": round(float(chosen_reward.mean()), 4),
+        "rejected_reward": round(float(rejected_reward.mean()), 4),
+        "reward_margin": round(float(margin.mean()), 4),
+        "reward_accuracy": round(100.0 * float((margin > 0).float().mean()), 2),
+    }
 
 
 def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
@@ -270,8 +321,10 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     run = RunDir(recipe.run_dir)
     rows = [row for row in eval_rows(recipe) if "chosen" in row]
     if not rows:
-        raise ValueError(f"{run.split_path('test')} has no chosen/rejected pairs to evaluate (KTO rows are unpaired): "
-                         "give a test file of pairs with data.test_path")
+        raise ValueError(
+            f"{run.split_path('test')} has no chosen/rejected pairs to evaluate (KTO rows are unpaired): "
+            "give a test file of pairs with data.test_path"
+        )
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     tokenizer = load_tokenizer(recipe.model.name)
@@ -287,15 +340,22 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             scores[system] = pair_scores(model, tokenizer, rows, recipe.eval.batch_size, autocast)
         wall = time.perf_counter() - start
         systems[system] = preference_metrics(*scores[system])
-        efficiency[system] = efficiency_of_batches([wall / max(1, len(rows))], len(rows), wall, device,
-                                                   recipe.eval.price_per_hour)
+        efficiency[system] = efficiency_of_batches(
+            [wall / max(1, len(rows))], len(rows), wall, device, recipe.eval.price_per_hour
+        )
     systems["tuned"].update(reward_metrics(scores["tuned"], scores["base"], loss.beta))
-    report: dict[str, Any] = {"task": "preference", "test_examples": len(rows),
-                              "metrics": ["preference_accuracy", "preference_accuracy_per_token", "logp_margin"],
-                              "preference_loss": loss.name, "beta": loss.beta, "systems": systems,
-                              "efficiency": efficiency}
-    report["forgetting"] = (forgetting_probe(recipe, models, tokenizer, autocast)
-                            if recipe.eval.forgetting.enabled else None)
+    report: dict[str, Any] = {
+        "task": "preference",
+        "test_examples": len(rows),
+        "metrics": ["preference_accuracy", "preference_accuracy_per_token", "logp_margin"],
+        "preference_loss": loss.name,
+        "beta": loss.beta,
+        "systems": systems,
+        "efficiency": efficiency,
+    }
+    report["forgetting"] = (
+        forgetting_probe(recipe, models, tokenizer, autocast) if recipe.eval.forgetting.enabled else None
+    )
     report["training"] = training_cost(run, recipe.eval.price_per_hour)
     report["recommendation"] = recommend(report)
     write_eval(recipe, run, report, prediction_rows(rows, scores))
@@ -308,10 +368,18 @@ def prediction_rows(rows: Rows, scores: dict[str, tuple[SequenceLogps, SequenceL
     out = []
     for system, (chosen, rejected) in scores.items():
         for i, row in enumerate(rows):
-            out.append({"id": row["id"], "system": system, "question": last_user_text(row["prompt"]),
-                        "reference": row["chosen"], "prediction": row["rejected"],
-                        "logp_chosen": round(float(chosen.total[i]), 4), "logp_rejected": round(float(rejected.total[i]), 4),
-                        "correct": bool(chosen.total[i] > rejected.total[i])})
+            out.append(
+                {
+                    "id": row["id"],
+                    "system": system,
+                    "question": last_user_text(row["prompt"]),
+                    "reference": row["chosen"],
+                    "prediction": row["rejected"],
+                    "logp_chosen": round(float(chosen.total[i]), 4),
+                    "logp_rejected": round(float(rejected.total[i]), 4),
+                    "correct": bool(chosen.total[i] > rejected.total[i]),
+                }
+            )
     return out
 
 
@@ -328,8 +396,12 @@ def score_model(recipe: Recipe, model_spec: str) -> dict[str, Any]:
     rows = [row for row in eval_rows(recipe) if "chosen" in row]
     model = load_model(model_spec, "float32").to(device).eval()
     metrics = preference_metrics(*pair_scores(model, tokenizer, rows, recipe.eval.batch_size, autocast))
-    return {"metric": "preference_accuracy", "value": metrics["preference_accuracy"], "lower_is_better": False,
-            "examples": len(rows)}
+    return {
+        "metric": "preference_accuracy",
+        "value": metrics["preference_accuracy"],
+        "lower_is_better": False,
+        "examples": len(rows),
+    }
 
 
 def as_chat_rows(recipe: Recipe, rows: Rows) -> Rows:

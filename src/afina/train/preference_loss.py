@@ -62,15 +62,23 @@ def orpo_loss(chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor, 
     return -chosen_mean_logp - lam * F.logsigmoid(log_odds)
 
 
-def simpo_loss(chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+def simpo_loss(
+    chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor, beta: float, gamma: float
+) -> torch.Tensor:
     """Simple Preference Optimization (Meng et al. 2024, "SimPO: Simple Preference Optimization with
     a Reference-Free Reward", eq. 6):  L = -log sigmoid(beta * (mean log pi(y_w|x) - mean log pi(y_l|x)) - gamma).
     The reward is the length-normalised log-likelihood scaled by beta; gamma is the target margin."""
     return -F.logsigmoid(beta * (chosen_mean_logp - rejected_mean_logp) - gamma)
 
 
-def kto_loss(logratio: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+def kto_loss(
+    logratio: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
     """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
     Theoretic Optimization", eq. 8), for unpaired answers each labelled desirable or undesirable:
 
@@ -105,8 +113,13 @@ class PreferenceLoss:
     def paired(self) -> bool:
         return self.name != "kto"
 
-    def pair_losses(self, chosen: SequenceLogps, rejected: SequenceLogps,
-                    ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None) -> torch.Tensor:
+    def pair_losses(
+        self,
+        chosen: SequenceLogps,
+        rejected: SequenceLogps,
+        ref_chosen: torch.Tensor | None,
+        ref_rejected: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Per-pair losses of a paired objective (dpo, ipo, orpo, simpo)."""
         if self.name in ("orpo", "simpo"):
             c, r = chosen.mean, rejected.mean
@@ -119,10 +132,13 @@ class PreferenceLoss:
             return ipo_loss(chosen_ratio, rejected_ratio, self.beta)
         raise ValueError(f"{self.name} is not a paired preference loss; paired losses: dpo, ipo, orpo, simpo")
 
-    def example_losses(self, answer: SequenceLogps, ref_answer: torch.Tensor, desirable: torch.Tensor,
-                       kl: torch.Tensor) -> torch.Tensor:
+    def example_losses(
+        self, answer: SequenceLogps, ref_answer: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor
+    ) -> torch.Tensor:
         """Per-example losses of KTO."""
-        return kto_loss(answer.total - ref_answer, desirable, kl, self.beta, self.desirable_weight, self.undesirable_weight)
+        return kto_loss(
+            answer.total - ref_answer, desirable, kl, self.beta, self.desirable_weight, self.undesirable_weight
+        )
 
 
 @dataclass
@@ -145,8 +161,9 @@ def _token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.
     return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
-def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None) -> SequenceLogps:
+def sequence_logps(
+    model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> SequenceLogps:
     """Summed log-probabilities of each row's labelled tokens (with gradient when enabled).
 
     Only labelled positions go through the output layer, LOSS_CHUNK_TOKENS at a time and recomputed
@@ -164,10 +181,17 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
     else:
         from torch.utils.checkpoint import checkpoint
 
-        token_logp = torch.cat([
-            checkpoint(_token_logprobs, head, hidden[i : i + LOSS_CHUNK_TOKENS], flat_targets[i : i + LOSS_CHUNK_TOKENS],
-                       use_reentrant=False)
-            for i in range(0, n, LOSS_CHUNK_TOKENS)
-        ])
+        token_logp = torch.cat(
+            [
+                checkpoint(
+                    _token_logprobs,
+                    head,
+                    hidden[i : i + LOSS_CHUNK_TOKENS],
+                    flat_targets[i : i + LOSS_CHUNK_TOKENS],
+                    use_reentrant=False,
+                )
+                for i in range(0, n, LOSS_CHUNK_TOKENS)
+            ]
+        )
     total = torch.zeros(len(targets), device=token_logp.device, dtype=token_logp.dtype).index_add(0, rows, token_logp)
     return SequenceLogps(total, selected.sum(dim=1))
