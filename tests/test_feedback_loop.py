@@ -147,7 +147,7 @@ def served_run(tmp_path):
     import random
 
     texts = banking_texts("intent_banking77_train.jsonl", 10003)
-    texts = random.Random(0).sample(texts, 400)
+    texts = random.Random(0).sample(texts, 250)
     run = RunDir(tmp_path / "runs" / "bank")
     run.data.mkdir(parents=True)
     write_jsonl(

@@ -77,19 +77,51 @@ def test_kto_reference_point_carries_no_gradient():
     assert kl.grad is None and logratio.grad is not None and logratio.grad.item() < 0
 
 
-def test_dpo_matches_trl_on_the_same_batch():
-    trl = pytest.importorskip(
-        "trl", reason="TRL is not installed in this environment (comparison only, not a dependency)"
-    )
-    from trl.trainer.dpo_trainer import DPOTrainer
+def test_dpo_matches_trl_on_the_same_batch(tiny_model_dir, tmp_path):
+    """TRL's DPOTrainer and afina's DPO give the same loss on the same token ids, policy and reference."""
+    pytest.importorskip("trl", reason="TRL is not installed (used only for this comparison, not a dependency)")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
 
-    chosen, rejected, ref_chosen, ref_rejected = T([-10.0, -3.0]), T([-12.0, -2.5]), T([-11.0, -3.2]), T([-11.0, -2.0])
-    trainer = DPOTrainer.__new__(DPOTrainer)
-    trainer.beta, trainer.loss_type, trainer.label_smoothing = 0.1, "sigmoid", 0.0
-    theirs = trainer.dpo_loss(chosen, rejected, ref_chosen, ref_rejected)[0]
-    assert torch.allclose(dpo_loss(chosen - ref_chosen, rejected - ref_rejected, 0.1), theirs, atol=1e-6), (
-        trl.__version__
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy, reference = (AutoModelForCausalLM.from_pretrained(tiny_model_dir) for _ in range(2))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a reference unlike the policy, so the log-ratios are not all zero
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "What does code 3 mean?"}],
+            "chosen": [{"role": "assistant", "content": "Rinse for 6 minutes."}],
+            "rejected": [{"role": "assistant", "content": "No idea."}],
+        },
+        {
+            "prompt": [{"role": "user", "content": "Warranty?"}],
+            "chosen": [{"role": "assistant", "content": "Two years on parts and labour."}],
+            "rejected": [{"role": "assistant", "content": "One."}],
+        },
+    ]
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.1,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
     )
+    trainer = DPOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    batch = next(iter(trainer.get_train_dataloader()))  # [chosen; rejected] rows, completion_mask on the answers
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+    with torch.no_grad():
+        theirs = trainer._compute_loss(trainer.model, batch, False)
+        ours_policy = sequence_logps(policy, batch["input_ids"], labels, batch["attention_mask"]).total
+        ours_reference = sequence_logps(reference, batch["input_ids"], labels, batch["attention_mask"]).total
+    ratio = ours_policy - ours_reference
+    ours = dpo_loss(ratio[:2], ratio[2:], beta=0.1).mean()
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
 
 
 # ---- log-probabilities of answers ------------------------------------------------------------------
@@ -297,6 +329,8 @@ def preference_recipe(tiny_recipe, tmp_path):
             "data.dedup.near=false",
             "training.batch_size=2",
             "eval.forgetting.max_questions=4",
+            "training.tensorboard=false",
+            "training.plots=false",
             *overrides,
         )
 
@@ -304,7 +338,9 @@ def preference_recipe(tiny_recipe, tmp_path):
 
 
 def test_dpo_training_raises_preference_accuracy_and_writes_the_report(preference_recipe):
-    recipe = preference_recipe("training.max_steps=12", "training.learning_rate=0.005", "preference.beta=0.5")
+    recipe = preference_recipe(
+        "training.max_steps=8", "training.eval_every=8", "training.learning_rate=0.008", "preference.beta=0.5"
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["preference_loss"] == "dpo" and summary["reference"] == "the base model (adapter disabled)"
@@ -325,13 +361,13 @@ def test_dpo_training_raises_preference_accuracy_and_writes_the_report(preferenc
     assert {p["system"] for p in predictions} == {"base", "tuned"} and all("logp_chosen" in p for p in predictions)
 
 
-@pytest.mark.parametrize("loss", ["ipo", "orpo", "simpo", "kto"])
+@pytest.mark.parametrize("loss", ["orpo", "simpo", "kto"])  # ipo shares dpo's path; its formula is tested above
 def test_every_loss_trains_through_the_loop(preference_recipe, loss):
     recipe = preference_recipe(
         f"preference.loss={loss}",
-        "training.max_steps=4",
+        "training.max_steps=3",
         "training.learning_rate=0.005",
-        "training.eval_every=4",
+        "training.eval_every=3",
         "training.tensorboard=false",
         "training.plots=false",
     )
@@ -346,7 +382,7 @@ def test_every_loss_trains_through_the_loop(preference_recipe, loss):
 
 
 def test_full_fine_tuning_uses_reference_logps_computed_before_training(preference_recipe):
-    recipe = preference_recipe("method.type=full", "training.max_steps=4", "training.learning_rate=0.0005")
+    recipe = preference_recipe("method.type=full", "training.max_steps=3", "training.learning_rate=0.0005")
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["reference"] == "computed once before training"
