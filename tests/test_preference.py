@@ -425,3 +425,14 @@ def test_paired_loss_on_kto_rows_says_what_to_do(preference_recipe, tmp_path):
     with pytest.raises(RecipeError, match="preference.loss=kto"):
         train(recipe, progress=False)
     assert SequenceLogps(T([1.0]), T([2])).mean.item() == 0.5
+
+
+def test_estimate_times_preference_steps(preference_recipe):
+    from afina.pipeline import estimate
+
+    recipe = preference_recipe("training.max_steps=10")
+    prepare(recipe)
+    result = estimate(recipe, measure_steps=1)
+    assert result["train_examples"] == len(read_jsonl(RunDir(recipe.run_dir).split_path("train")))
+    assert result["total_steps"] == 10 and result["seconds_per_step"] > 0
+    assert result["sequence_length"] > 0 and result["fits"]
