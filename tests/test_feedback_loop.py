@@ -290,6 +290,20 @@ def test_promotion_refused(tmp_path, accuracy, probe, test_sha, reason):
     assert not serving.exists()
 
 
+def test_a_preference_run_is_compared_on_the_chat_test_file_it_was_scored_on(tmp_path):
+    from afina.eval.promote import promote
+    from afina.rundir import write_json_atomic
+
+    current = evaluated_run(tmp_path / "current", accuracy=60.0, probe=58.0, test_sha="chat-test-sha")
+    new = evaluated_run(tmp_path / "dpo", accuracy=70.0, probe=58.0, test_sha="pairs-test-sha")
+    metrics = json.loads((new.eval / "metrics.json").read_text())
+    metrics["systems"]["tuned"]["preference_accuracy"] = 90.0  # not in CURRENT: the gate decides on fact accuracy
+    metrics["task_test"] = {"path": "runs/current/data/test.jsonl", "sha256": "chat-test-sha", "rows": 40}
+    write_json_atomic(new.eval / "metrics.json", metrics)
+    decision = promote(new.root, current.root)
+    assert decision["promoted"] and decision["primary_metric"] == "fact_accuracy", decision["reasons"]
+
+
 def test_promotion_needs_both_runs_evaluated(tmp_path):
     from afina.cli import main
 

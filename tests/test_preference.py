@@ -337,9 +337,16 @@ def preference_recipe(tiny_recipe, tmp_path):
     return make
 
 
-def test_dpo_training_raises_preference_accuracy_and_writes_the_report(preference_recipe):
+def test_dpo_training_raises_preference_accuracy_and_writes_the_report(preference_recipe, tmp_path):
+    from conftest import support_rows
+
+    chat_test = write_jsonl(tmp_path / "chat_test.jsonl", support_rows(3, 1))  # the task's own test split
     recipe = preference_recipe(
-        "training.max_steps=8", "training.eval_every=8", "training.learning_rate=0.008", "preference.beta=0.5"
+        "training.max_steps=8",
+        "training.eval_every=8",
+        "training.learning_rate=0.008",
+        "preference.beta=0.5",
+        f"preference.task_test={chat_test}",
     )
     prepare(recipe)
     summary = train(recipe, progress=False)
@@ -353,6 +360,9 @@ def test_dpo_training_raises_preference_accuracy_and_writes_the_report(preferenc
     assert tuned["reward_margin"] > 0 and tuned["reward_accuracy"] >= 80
     assert tuned["preference_accuracy"] >= max(base["preference_accuracy"], 80)
     assert report["forgetting"]["questions"] == 4
+    # the task metrics of the chat test file, for both systems, and what identifies that file for `afina promote`
+    assert "fact_accuracy" in base and "fact_accuracy" in tuned and "rougeL" in tuned
+    assert report["task_test"]["rows"] == 3 and len(report["task_test"]["sha256"]) == 64
     run = RunDir(recipe.run_dir)
     saved = json.loads((run.eval / "metrics.json").read_text())
     assert saved["systems"]["tuned"]["preference_accuracy"] == tuned["preference_accuracy"]

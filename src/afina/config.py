@@ -186,6 +186,10 @@ class PreferenceConfig(_Section):
     simpo_gamma: float = Field(0.5, ge=0, le=100, description="simpo: the target reward margin gamma.")
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples (lambda_D).")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable examples (lambda_U).")
+    task_test: str | None = Field(
+        None, description="A chat test file (canonical rows, e.g. runs/CURRENT/data/test.jsonl) that `afina eval` "
+        "also answers with base and tuned and scores with the chat metrics (fact accuracy, ROUGE, ...): the task "
+        "quality next to the preference accuracy, and the frozen test split `afina promote` compares on.")
 
 
 class MethodConfig(_Section):

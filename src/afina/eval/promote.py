@@ -35,8 +35,14 @@ def evaluation_of(run: RunDir) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_split_hash(run: RunDir) -> str | None:
-    return ((run.read_manifest().get("data") or {}).get("splits_sha256") or {}).get("test")
+def frozen_test(run: RunDir, evaluation: dict[str, Any]) -> tuple[str | None, int]:
+    """(sha256, rows scored) of the test split the run's tuned model was scored on: the chat test file a preference
+    run was evaluated on (preference.task_test), else the run's own prepared test split."""
+    task_test = evaluation.get("task_test")
+    if task_test:
+        return task_test["sha256"], task_test["rows"]
+    sha = ((run.read_manifest().get("data") or {}).get("splits_sha256") or {}).get("test")
+    return sha, evaluation["test_examples"]
 
 
 def promote(
@@ -57,13 +63,16 @@ def promote(
         forgetting_threshold = float(((recipe.get("eval") or {}).get("forgetting") or {}).get("threshold", 5.0))
     reasons: list[str] = []
 
-    new_hash, current_hash = test_split_hash(new_run), test_split_hash(current_run)
+    (new_hash, new_rows), (current_hash, current_rows) = (
+        frozen_test(new_run, new_eval),
+        frozen_test(current_run, current_eval),
+    )
     same_split = new_hash is not None and new_hash == current_hash
-    if not same_split or new_eval["test_examples"] != current_eval["test_examples"]:
+    if not same_split or new_rows != current_rows:
         reasons.append(
-            f"not scored on the same frozen test split ({new_eval['test_examples']} vs "
-            f"{current_eval['test_examples']} rows, test sha256 {'equal' if same_split else 'different'}): "
-            f"prepare NEW with data.test_path={current_run.split_path('test')} and evaluate it again"
+            f"not scored on the same frozen test split ({new_rows} vs {current_rows} rows, test sha256 "
+            f"{'equal' if same_split else 'different'}): prepare NEW with data.test_path="
+            f"{current_run.split_path('test')} (a preference run: preference.task_test=that file) and evaluate it again"
         )
 
     metric = primary_metric({"new": new_tuned, "current": current_tuned})
@@ -100,7 +109,7 @@ def promote(
         "min_gain": min_gain,
         "metrics": comparison,
         "forgetting": probe,
-        "test_examples": new_eval["test_examples"],
+        "test_examples": new_rows,
         "reasons": reasons,
     }
     write_json_atomic(new_run.root / "promotion.json", decision)

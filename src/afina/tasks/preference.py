@@ -344,6 +344,9 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             [wall / max(1, len(rows))], len(rows), wall, device, recipe.eval.price_per_hour
         )
     systems["tuned"].update(reward_metrics(scores["tuned"], scores["base"], loss.beta))
+    task_test = (
+        task_metrics(recipe, models, tokenizer, autocast, systems, progress) if recipe.preference.task_test else None
+    )
     report: dict[str, Any] = {
         "task": "preference",
         "test_examples": len(rows),
@@ -352,6 +355,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "beta": loss.beta,
         "systems": systems,
         "efficiency": efficiency,
+        **({"task_test": task_test} if task_test else {}),
     }
     report["forgetting"] = (
         forgetting_probe(recipe, models, tokenizer, autocast) if recipe.eval.forgetting.enabled else None
@@ -360,6 +364,41 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     report["recommendation"] = recommend(report)
     write_eval(recipe, run, report, prediction_rows(rows, scores))
     return report
+
+
+def task_metrics(
+    recipe: Recipe, models: SystemModels, tokenizer, autocast, systems: dict[str, dict[str, Any]], progress: bool
+) -> dict[str, Any]:
+    """preference.task_test: base and tuned answer a chat test file; its chat metrics join each system's scores.
+    Returns what identifies that file (path, sha256, rows), for `afina promote`."""
+    from afina.eval.generate import generate_timed
+    from afina.eval.generative import resolve_metrics, score_system
+    from afina.rundir import file_sha256, read_jsonl
+
+    path = recipe.resolve_path(recipe.preference.task_test or "")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: preference.task_test names no file (a chat test split, e.g. runs/NAME/data/test.jsonl)"
+        )
+    rows = [row for row in read_jsonl(path) if "messages" in row]
+    if not rows:
+        raise ValueError(f"{path}: preference.task_test holds no chat rows (with `messages`)")
+    metrics = [m for m in resolve_metrics(recipe.eval.metrics, rows) if m != "perplexity"]
+    for system in ("base", "tuned"):
+        model, context = models.get(system)
+        with context():
+            generation = generate_timed(
+                model,
+                tokenizer,
+                [row["messages"][:-1] for row in rows],
+                recipe.eval.max_new_tokens,
+                recipe.eval.batch_size,
+                autocast,
+                desc=f"eval {system}",
+                progress=progress,
+            )
+        systems[system].update(score_system(rows, generation.answers, None, metrics, recipe.eval.sandbox)[0])
+    return {"path": str(path), "sha256": file_sha256(path), "rows": len(rows), "metrics": metrics}
 
 
 def prediction_rows(rows: Rows, scores: dict[str, tuple[SequenceLogps, SequenceLogps]]) -> Rows:
