@@ -198,9 +198,16 @@ def _from_pretrained(loader, source: str, **kwargs):
 
 
 def load_tokenizer(spec: str):
+    """The tokenizer of a model spec (see resolve_model)."""
+    return tokenizer_from(resolve_model(spec))
+
+
+def tokenizer_from(folder: str):
+    """The tokenizer saved in a folder (a model's, or one saved beside an adapter), with a pad token: the
+    end-of-sequence token where the model has none (padding is masked, so any token does)."""
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, resolve_model(spec))
+    tokenizer = _from_pretrained(AutoTokenizer, folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -29,9 +29,9 @@ def backbone_source(recipe: Recipe, backbone: str, encoder: str) -> str:
 
 
 def backbone_tokenizer(source: str):
-    from afina.models import load_tokenizer
+    from afina.models.loader import tokenizer_from
 
-    return load_tokenizer(source)
+    return tokenizer_from(source)
 
 
 def output_dir(recipe: Recipe, run: RunDir, backbone: str) -> Path:
