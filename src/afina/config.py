@@ -286,6 +286,10 @@ class ForgettingConfig(_Section):
 class SandboxConfig(_Section):
     time_limit_s: float = Field(10.0, gt=0, le=600, description="Wall-clock limit per program (CPU limit is the same).")
     memory_mb: int = Field(512, ge=64, le=65536, description="Address-space limit per program.")
+    allow_weak: bool = Field(
+        False, description="Run pass@1 programs without bubblewrap (a Python-level guard only, which determined code "
+        "can escape) where bubblewrap is not available. Off: pass@1 refuses to run untrusted code unsandboxed.",
+    )
 
 
 class EvalConfig(_Section):
