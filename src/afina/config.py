@@ -355,6 +355,8 @@ class ServeConfig(_Section):
     watch: str | None = Field(
         None, description="A serving file (JSON with `adapter`, as `afina promote --serving` writes): when it names "
         "another adapter, the server switches its default model to it without a restart.")
+    max_correction_chars: int = Field(20_000, ge=1, description="Longer corrections in POST /v1/feedback get 400.")
+    insecure: bool = Field(False, description="Allow a host other than loopback without an API key (refused otherwise).")
 
 
 class StageConfig(BaseModel):
