@@ -272,6 +272,22 @@ def record(state: AppState, plan: Plan, answers: list[str], completion_tokens: i
     return usage
 
 
+def record_when_stopped(state: AppState, plan: Plan, jobs: list[Job], texts: list[IncrementalText]) -> None:
+    """Log an abandoned request as aborted once its jobs have stopped, with the tokens really generated."""
+    remaining, lock = [len(jobs)], threading.Lock()
+
+    def stopped(_future) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        generated = sum(len(j.future.result().new_tokens) for j in jobs if j.future.exception() is None)
+        record(state, plan, [t.text() for t in texts], generated, aborted=True)
+
+    for job in jobs:
+        job.future.add_done_callback(stopped)
+
+
 async def wait_for(request: Request, jobs: list[Job]) -> list[Generated]:
     """The jobs' results; if the client disconnects meanwhile, the jobs are cancelled."""
     gathered = asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs))
@@ -378,7 +394,7 @@ def stream(state: AppState, plan: Plan, jobs: list[Job]):
             if not completed:  # the client went away (or the server is stopping): stop generating
                 for job in jobs:
                     job.cancel()
-                record(state, plan, [t.text() for t in texts], sum(len(t.tokens) for t in texts), aborted=True)
+                record_when_stopped(state, plan, jobs, texts)
 
     return StreamingResponse(produce(), media_type="text/event-stream", headers={"x-request-id": plan.rid})
 

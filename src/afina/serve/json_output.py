@@ -4,9 +4,9 @@ At each decoding step a logits processor lets through only tokens that keep the 
 a JSON text that the schema accepts, and the end-of-sequence token only once the value is
 complete; so a finished answer always parses and validates, and a cut-off one (max_tokens) is a
 valid prefix. The check re-parses the answer so far plus the candidate token with a small
-recursive-descent parser that knows where a JSON value may continue; candidates are tried in the
-order of their logits (the 64 most likely first, then the rest), so greedy decoding costs one or a
-few parses per token.
+recursive-descent parser that knows where a JSON value may continue. The 64 most likely tokens are
+tried; when none fits (an untrained model), the single-character tokens are, so a step costs at
+most a few hundred short parses. Sampling therefore draws among the fitting tokens of the top 64.
 
 The schema subset (what structured-output schemas use): `type` (object, array, string, number,
 integer, boolean, null, or a list of them), `properties`, `required`, `additionalProperties: false`,
@@ -14,7 +14,7 @@ integer, boolean, null, or a list of them), `properties`, `required`, `additiona
 annotations (title, description, default, examples, $schema). Other keywords (pattern, format,
 $ref, minimum, ...) are refused with a message naming them rather than silently ignored. Objects
 are generated with declared properties only, each at most once; whitespace between tokens is
-limited to short runs so a model cannot spin on blanks.
+limited to short runs (none before the value) so a model cannot spin on blanks.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ SUPPORTED = {"type", "properties", "required", "additionalProperties", "items", 
              "const", "anyOf", "oneOf", "minLength", "maxLength", "title", "description", "default", "examples",
              "$schema", "$comment"}
 TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
-MAX_BLANKS = 8  # longest whitespace run allowed between tokens (an indented line fits)
+MAX_BLANKS = 4  # longest whitespace run allowed between tokens (a newline and a short indent)
 ANY_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
 
 
@@ -155,6 +155,8 @@ class _Parser:
             if ch == '"':
                 break
             if ch == "\\":
+                if keys is not None:  # property names are matched literally
+                    raise _Invalid
                 esc = self.peek()
                 self.i += 1
                 if esc == "u":
@@ -273,7 +275,9 @@ class _Parser:
 
 
 def json_prefix_state(text: str, schema: dict[str, Any]) -> str:
-    """'complete' (a whole value, nothing after it), 'prefix' (may continue) or 'invalid'."""
+    """'complete' (a whole value, nothing around it), 'prefix' (may continue) or 'invalid'."""
+    if text[:1] in (" ", "\t", "\n", "\r"):
+        return "invalid"  # the value starts at once
     parser = _Parser(text)
     try:
         parser.value(schema)
@@ -282,6 +286,9 @@ def json_prefix_state(text: str, schema: dict[str, Any]) -> str:
     except (_Invalid, RecursionError):
         return "invalid"
     return "complete" if parser.i == len(text) else "invalid"
+
+
+_SINGLE_CHARACTERS: dict[int, list[int]] = {}
 
 
 class JsonLogitsProcessor:
@@ -300,6 +307,15 @@ class JsonLogitsProcessor:
             self._texts[token] = None if special or not text or "\ufffd" in text else text
         return self._texts[token]
 
+    def single_characters(self) -> list[int]:
+        """Tokens whose text is one character (computed once per tokenizer)."""
+        key = id(self.tokenizer)
+        if key not in _SINGLE_CHARACTERS:
+            vocab = self.tokenizer.get_vocab()
+            short = [i for piece, i in vocab.items() if len(piece) <= 2]
+            _SINGLE_CHARACTERS[key] = sorted(i for i in short if len(self.token_text(i) or "") == 1)
+        return _SINGLE_CHARACTERS[key]
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         done = [self.token_text(int(t)) or "" for t in input_ids[0, self.prompt_length:]]
         so_far = "".join(done)
@@ -307,16 +323,16 @@ class JsonLogitsProcessor:
         allowed: list[int] = []
         if state == "complete":
             allowed.append(self.eos)
-        order = torch.argsort(scores[0], descending=True)
-        tried = 0
-        for chunk in (64, 1024, len(order)):
-            for token in order[tried:chunk].tolist():
+        # The most likely tokens first; if none of them fits, every single-character token: any valid
+        # continuation starts with some character, so this always finds one, at a bounded cost.
+        top = torch.topk(scores[0], min(64, scores.shape[-1])).indices.tolist()
+        for candidates in (top, self.single_characters()):
+            for token in candidates:
                 if token == self.eos:
                     continue
                 text = self.token_text(token)
                 if text is not None and json_prefix_state(so_far + text, self.schema) != "invalid":
                     allowed.append(token)
-            tried = chunk
             if allowed:
                 break
         if not allowed:  # nothing can continue (cannot happen for a satisfiable schema): end here
