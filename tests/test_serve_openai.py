@@ -55,16 +55,16 @@ def test_stop_cuts_the_answer_before_the_stop_string_streamed_or_not(client):
 
 
 def test_n_choices_and_seed_make_sampling_repeatable(client):
-    first = greedy(client, n=3, temperature=1.0, seed=7)
-    again = greedy(client, n=3, temperature=1.0, seed=7)
-    other = greedy(client, n=3, temperature=1.0, seed=8)
+    first = greedy(client, 10, n=3, temperature=1.0, seed=7)
+    again = greedy(client, 10, n=3, temperature=1.0, seed=7)
+    other = greedy(client, 10, n=3, temperature=1.0, seed=8)
     texts = [c.message.content for c in first.choices]
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert texts == [c.message.content for c in again.choices]
     assert texts != [c.message.content for c in other.choices]
     assert len(set(texts)) > 1  # each choice is sampled on its own
-    assert 3 <= first.usage.completion_tokens <= 3 * 24  # every choice's tokens are counted
-    streamed = list(greedy(client, n=2, temperature=1.0, seed=7, stream=True))
+    assert 3 <= first.usage.completion_tokens <= 3 * 10  # every choice's tokens are counted
+    streamed = list(greedy(client, 10, n=2, temperature=1.0, seed=7, stream=True))
     by_choice = {0: "", 1: ""}
     for chunk in streamed:
         for choice in chunk.choices:
@@ -110,7 +110,7 @@ def test_json_schema_output_is_valid_json_of_the_schema(client):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
                                                "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
               "required": ["ok", "color", "tags"], "additionalProperties": False}
-    for seed in (1, 2, 3):
+    for seed in (1, 2):
         reply = greedy(client, n_tokens=100, temperature=1.0, seed=seed,
                        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
         value = json.loads(reply.choices[0].message.content)
