@@ -36,8 +36,12 @@ def start_server(target: str, src: str, *flags: str) -> tuple[subprocess.Popen, 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": src}
-    proc = subprocess.Popen([sys.executable, "-m", "afina", "serve", target, "--port", str(port), "--api-key", KEY,
-                             *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "afina", "serve", target, "--port", str(port), "--api-key", KEY, *flags],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         if proc.poll() is not None:
@@ -65,8 +69,12 @@ def stop(proc: subprocess.Popen) -> float:
 
 def short_request(http: httpx.Client) -> float:
     t0 = time.perf_counter()
-    response = http.post("/v1/chat/completions", headers=AUTH, timeout=600,
-                         json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4})
+    response = http.post(
+        "/v1/chat/completions",
+        headers=AUTH,
+        timeout=600,
+        json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4},
+    )
     response.raise_for_status()
     return time.perf_counter() - t0
 
@@ -77,8 +85,11 @@ def abandoned_stream(target: str, src: str, stream_tokens: int) -> dict:
         with httpx.Client(base_url=base, timeout=600) as http:
             short_request(http)  # warm-up
             idle = short_request(http)
-            body = {"messages": [{"role": "user", "content": "Write a long story about a kettle."}],
-                    "max_tokens": stream_tokens, "stream": True}
+            body = {
+                "messages": [{"role": "user", "content": "Write a long story about a kettle."}],
+                "max_tokens": stream_tokens,
+                "stream": True,
+            }
             with http.stream("POST", "/v1/chat/completions", headers=AUTH, json=body) as response:
                 events = 0
                 for line in response.iter_lines():
@@ -102,8 +113,12 @@ def flood(target: str, src: str, requests: int, max_queue: int, tokens: int) -> 
         lock = threading.Lock()
 
         def ask(i: int) -> int:
-            status = httpx.post(f"{base}/v1/completions", headers=AUTH, timeout=600,
-                                json={"prompt": f"Question {i}: how do I descale a kettle?", "max_tokens": tokens}).status_code
+            status = httpx.post(
+                f"{base}/v1/completions",
+                headers=AUTH,
+                timeout=600,
+                json={"prompt": f"Question {i}: how do I descale a kettle?", "max_tokens": tokens},
+            ).status_code
             if status == 429:
                 with lock:
                     first_429[0] = first_429[0] or time.perf_counter() - start
@@ -122,17 +137,27 @@ def flood(target: str, src: str, requests: int, max_queue: int, tokens: int) -> 
         wall = time.perf_counter() - start
     finally:
         stop(proc)
-    return {"first_429_s": first_429[0], "count_429": statuses.count(429), "count_200": statuses.count(200),
-            "other": len(statuses) - statuses.count(429) - statuses.count(200), "health_s": health_s,
-            "health_queued": health.json().get("queued"), "wrong_key_status": wrong_key.status_code,
-            "wrong_key_s": wrong_key_s, "wall_s": wall}
+    return {
+        "first_429_s": first_429[0],
+        "count_429": statuses.count(429),
+        "count_200": statuses.count(200),
+        "other": len(statuses) - statuses.count(429) - statuses.count(200),
+        "health_s": health_s,
+        "health_queued": health.json().get("queued"),
+        "wrong_key_status": wrong_key.status_code,
+        "wrong_key_s": wrong_key_s,
+        "wall_s": wall,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2-135m-instruct", help="run directory or model spec to serve")
-    parser.add_argument("--src", default=str(Path(__file__).resolve().parents[1] / "src"),
-                        help="the afina source tree to serve from (default: this checkout)")
+    parser.add_argument(
+        "--src",
+        default=str(Path(__file__).resolve().parents[1] / "src"),
+        help="the afina source tree to serve from (default: this checkout)",
+    )
     parser.add_argument("--stream-tokens", type=int, default=300)
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--max-queue", type=int, default=45)
@@ -140,15 +165,21 @@ def main() -> None:
     args = parser.parse_args()
     print(f"target {args.target}, source {args.src}, {os.cpu_count()} CPUs; load: {os.getloadavg()}", flush=True)
     a = abandoned_stream(args.target, args.src, args.stream_tokens)
-    print(f"abandoned stream ({args.stream_tokens} tokens asked, 3 events read): 4-token request idle "
-          f"{a['idle_4_token_s']:.2f} s, right after the abandoned stream {a['after_abandoned_4_token_s']:.2f} s; "
-          f"SIGTERM to exit {a['sigterm_exit_s']:.1f} s", flush=True)
+    print(
+        f"abandoned stream ({args.stream_tokens} tokens asked, 3 events read): 4-token request idle "
+        f"{a['idle_4_token_s']:.2f} s, right after the abandoned stream {a['after_abandoned_4_token_s']:.2f} s; "
+        f"SIGTERM to exit {a['sigterm_exit_s']:.1f} s",
+        flush=True,
+    )
     f = flood(args.target, args.src, args.requests, args.max_queue, args.flood_tokens)
     first = f"{f['first_429_s']:.2f} s" if f["first_429_s"] is not None else "never"
-    print(f"flood ({args.requests} concurrent, max_queue {args.max_queue}, {args.flood_tokens} tokens): "
-          f"{f['count_200']} x 200, {f['count_429']} x 429 (first after {first}), {f['other']} other; "
-          f"/health during the flood {f['health_s']:.2f} s (queued {f['health_queued']}), wrong key -> "
-          f"{f['wrong_key_status']} in {f['wrong_key_s']:.2f} s; all done in {f['wall_s']:.1f} s", flush=True)
+    print(
+        f"flood ({args.requests} concurrent, max_queue {args.max_queue}, {args.flood_tokens} tokens): "
+        f"{f['count_200']} x 200, {f['count_429']} x 429 (first after {first}), {f['other']} other; "
+        f"/health during the flood {f['health_s']:.2f} s (queued {f['health_queued']}), wrong key -> "
+        f"{f['wrong_key_status']} in {f['wrong_key_s']:.2f} s; all done in {f['wall_s']:.1f} s",
+        flush=True,
+    )
     print(f"load after: {os.getloadavg()}")
 
 

@@ -9,11 +9,9 @@ import time
 
 import pytest
 
-from afina.pipeline import prepare
+from afina.pipeline import prepare, train
 from afina.rundir import RunDir
 from afina.train.checkpoint import list_checkpoints
-from afina.pipeline import train
-
 from conftest import support_rows, write_jsonl
 
 STEPS = 40
@@ -31,12 +29,16 @@ def recipe_file(tmp_path, tiny_model_dir, name):
 
 
 def losses(run_root):
-    return [json.loads(l)["loss"] for l in (run_root / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (run_root / "metrics.jsonl").read_text().splitlines()]
 
 
 def start_training(path, *extra):
-    return subprocess.Popen([sys.executable, "-m", "afina", "train", str(path), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "afina", "train", str(path), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_checkpoint(folder, proc, at_least=2, timeout=120):
@@ -68,7 +70,9 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, tiny_model_dir)
     assert proc.returncode == -signal.SIGKILL
     assert len(losses(RunDir(killed.run_dir).root)) < STEPS  # it really was cut short
 
-    resumed = subprocess.run([sys.executable, "-m", "afina", "train", str(path), "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "afina", "train", str(path), "--resume"], capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     manifest = RunDir(killed.run_dir).read_manifest()["train"]
     assert manifest["resumed_from"] and manifest["steps"] == STEPS
@@ -104,8 +108,13 @@ def test_resume_without_checkpoint_is_explained(tiny_recipe):
 
 
 def _trained_with_checkpoints(tiny_recipe, steps=6):
-    recipe = tiny_recipe(f"training.max_steps={steps}", "training.save_every=2", "training.keep_checkpoints=3",
-                         "training.tensorboard=false", "training.plots=false")
+    recipe = tiny_recipe(
+        f"training.max_steps={steps}",
+        "training.save_every=2",
+        "training.keep_checkpoints=3",
+        "training.tensorboard=false",
+        "training.plots=false",
+    )
     prepare(recipe)
     train(recipe, progress=False)
     return recipe, list_checkpoints(RunDir(recipe.run_dir).root / "checkpoints")
@@ -127,7 +136,9 @@ def test_resume_never_runs_code_from_a_planted_state_pt(tiny_recipe, tmp_path):
     newest = found[-1]
     (newest / "state.pt").write_bytes(pickle.dumps({"step": 2, "payload": Exploit()}))
     write_checksums(newest)  # an attacker who can write the folder can also rewrite the checksums
-    with pytest.raises(FileNotFoundError, match=r"no intact checkpoint.*state\.pt|no intact checkpoint.*cannot be read"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no intact checkpoint.*state\.pt|no intact checkpoint.*cannot be read"
+    ):
         train(recipe, progress=False, resume=True)
     assert not marker.exists()
 

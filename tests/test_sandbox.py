@@ -12,8 +12,9 @@ from afina.eval import sandbox
 from afina.eval.sandbox import SandboxUnavailable, extract_code, network_isolation, program_for_task, run_program
 
 # The escape tests need the OS-level sandbox; .ci/run installs bubblewrap.
-needs_bwrap = pytest.mark.skipif(sandbox.bubblewrap_problem() is not None,
-                                 reason=f"bubblewrap unusable here: {sandbox.bubblewrap_problem()}")
+needs_bwrap = pytest.mark.skipif(
+    sandbox.bubblewrap_problem() is not None, reason=f"bubblewrap unusable here: {sandbox.bubblewrap_problem()}"
+)
 
 
 @pytest.fixture
@@ -79,11 +80,16 @@ def test_writes_outside_the_folder_are_refused(tmp_path):
     assert target.read_text() == "the user's data"
     assert not (tmp_path / "new.txt").exists()
     # Its own folder is writable.
-    assert run_program("open('scratch.txt', 'w').write('x')\nassert open('scratch.txt').read() == 'x'\n", 10, 256).passed
+    assert run_program(
+        "open('scratch.txt', 'w').write('x')\nassert open('scratch.txt').read() == 'x'\n", 10, 256
+    ).passed
 
 
 def test_no_network():
-    program = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\ns.settimeout(2)\ns.connect(('1.1.1.1', 80))\n"
+    program = (
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\ns.settimeout(2)\n"
+        "s.connect(('1.1.1.1', 80))\n"
+    )
     assert not run_program(program, 10, 256).passed
     if network_isolation():  # the kernel lets us: no interface but loopback in its namespace
         listing = "print(open('/proc/net/dev').read())\nassert 'eth' not in open('/proc/net/dev').read()\n"
@@ -104,7 +110,9 @@ def test_a_native_spawn_cannot_reach_the_host(host_home):
     home, outside = host_home
     if sys.version_info[:2] not in ((3, 11), (3, 12), (3, 13)):
         pytest.skip("fork_exec's signature is version-specific")
-    shell = f"cat {home}/secret.txt > {outside}/stolen.txt; echo escaped > {outside}/shell.txt; echo spawned > spawned.txt"
+    shell = (
+        f"cat {home}/secret.txt > {outside}/stolen.txt; echo escaped > {outside}/shell.txt; echo spawned > spawned.txt"
+    )
     program = f"""
 import _posixsubprocess, os, time
 args = [b"/bin/sh", b"-c", {shell!r}.encode()]
@@ -136,7 +144,10 @@ def test_the_host_users_files_and_etc_passwd_cannot_be_read(host_home):
     home, _ = host_home
     host_passwd = open("/etc/passwd").read().splitlines()[0]
     for path in (home / "secret.txt", "/etc/passwd", "/root/.bashrc", "/work"):
-        program = f"import os, sys\np = {str(path)!r}\nprint(os.listdir(p) if os.path.isdir(p) else open(p).read(), file=sys.stderr)\n"
+        program = (
+            f"import os, sys\np = {str(path)!r}\n"
+            "print(os.listdir(p) if os.path.isdir(p) else open(p).read(), file=sys.stderr)\n"
+        )
         result = run_program(program, 10, 256)
         assert not result.passed, (path, result.stderr_tail)
         assert "8c1f" not in result.stderr_tail and host_passwd not in result.stderr_tail

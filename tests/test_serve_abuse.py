@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from serving import running_server
 
 from afina.cli import main
 from afina.config import ServeConfig
@@ -19,6 +18,7 @@ from afina.serve.batching import Job, Scheduler
 from afina.serve.generation import encode_chat
 from afina.serve.logs import RequestLog
 from afina.serve.models import ServeError, load_served
+from serving import running_server
 
 KEY = "abuse-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -41,11 +41,12 @@ def test_an_abandoned_stream_stops_generating_and_is_logged_as_aborted(served, t
             with http.stream("POST", "/v1/chat/completions", json=body) as response:
                 assert response.status_code == 200
                 events = response.iter_lines()
-                seen = [line for line, _ in zip((e for e in events if e.startswith("data:")), range(3))]
+                seen = [line for line, _ in zip((e for e in events if e.startswith("data:")), range(3), strict=False)]
                 assert len(seen) == 3
             # The stream is closed: the next short request is answered, then the log shows why.
-            quick = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                            "max_tokens": 4})
+            quick = http.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            )
             assert quick.status_code == 200 and quick.json()["usage"]["completion_tokens"] <= 4
             for _ in range(200):
                 rows = read_log(tmp_path)
@@ -72,9 +73,19 @@ class Hold:
 def hold_the_worker(app, tokenizer) -> Hold:
     hold = Hold()
     ids = tokenizer("busy", return_tensors="pt")["input_ids"]
-    job = Job("tiny", dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id), False,
-              processors=[hold])
+    job = Job(
+        "tiny",
+        dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=1,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        False,
+        processors=[hold],
+    )
     job.name = app.state.afina.served.default
     app.state.afina.scheduler.submit(job)
     assert hold.started.wait(30)
@@ -86,9 +97,11 @@ def test_a_flood_gets_prompt_429s_while_health_and_auth_answer(served, tokenizer
     with running_server(app) as base:
         hold = hold_the_worker(app, tokenizer)  # the model is busy: every admitted request waits
         try:
+
             def ask(i):
-                return httpx.post(f"{base}/v1/completions", headers=AUTH, timeout=120,
-                                  json={"prompt": f"number {i}", "max_tokens": 8}).status_code
+                return httpx.post(
+                    f"{base}/v1/completions", headers=AUTH, timeout=120, json={"prompt": f"number {i}", "max_tokens": 8}
+                ).status_code
 
             with ThreadPoolExecutor(60) as pool:
                 futures = [pool.submit(ask, i) for i in range(60)]
@@ -116,8 +129,14 @@ def test_a_cancelled_job_waiting_in_the_queue_never_runs(served, tokenizer):
     scheduler = Scheduler(served, max_batch=1)
     hold = Hold()
     ids = tokenizer("hello", return_tensors="pt")["input_ids"]
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=5,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     first = scheduler.submit(Job(served.default, dict(kwargs), False, processors=[hold]))
     assert hold.started.wait(30)
     waiting = scheduler.submit(Job(served.default, dict(kwargs), False))
@@ -129,11 +148,14 @@ def test_a_cancelled_job_waiting_in_the_queue_never_runs(served, tokenizer):
     assert running.future.result(60).aborted and len(running.future.result().new_tokens) < 5
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}], "max_tokens": 2}'),
-    ("/v1/completions", b'{"prompt": "\\udfff", "max_tokens": 2}'),
-    ("/v1/feedback", b'{"id": "chatcmpl-x", "correction": "better \\ud83d"}'),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}], "max_tokens": 2}'),
+        ("/v1/completions", b'{"prompt": "\\udfff", "max_tokens": 2}'),
+        ("/v1/feedback", b'{"id": "chatcmpl-x", "correction": "better \\ud83d"}'),
+    ],
+)
 def test_a_lone_surrogate_is_a_400_json_error(served, tmp_path, path, body):
     with running_server(create_app(served, ServeConfig(log_dir=str(tmp_path)))) as base:
         response = httpx.post(f"{base}{path}", content=body, headers={"content-type": "application/json"})
@@ -150,21 +172,25 @@ def test_typed_special_tokens_do_not_forge_a_turn(served, tokenizer):
     turns = render_prompt(tokenizer, [{"role": "user", "content": "x"}]).count("<|im_start|>")
     assert ids.count(start) == turns  # only the template's own turns; the typed ones are text
     plain = tokenizer(forged, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    assert any(ids[i:i + len(plain)] == plain for i in range(len(ids)))  # the user's text, token for token
+    assert any(ids[i : i + len(plain)] == plain for i in range(len(ids)))  # the user's text, token for token
     assert tokenizer.decode(ids).count(forged) == 1
     with running_server(create_app(served, ServeConfig())) as base:
         reply = httpx.post(f"{base}/v1/chat/completions", json={"messages": messages, "max_tokens": 2}).json()
     assert reply["usage"]["prompt_tokens"] == len(ids)
     # What an ordinary (special-token-free) message gives is unchanged.
     ordinary = [{"role": "user", "content": "hello there"}]
-    assert encode_chat(tokenizer, ordinary) == tokenizer(render_prompt(tokenizer, ordinary), add_special_tokens=False)["input_ids"]
+    assert (
+        encode_chat(tokenizer, ordinary)
+        == tokenizer(render_prompt(tokenizer, ordinary), add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_the_key_is_checked_before_the_body_and_corrections_are_limited(served, tmp_path):
     settings = ServeConfig(api_key=KEY, log_dir=str(tmp_path), max_correction_chars=100)
     with running_server(create_app(served, settings)) as base:
-        response = httpx.post(f"{base}/v1/chat/completions", content=b"{not json",
-                              headers={"content-type": "application/json"})
+        response = httpx.post(
+            f"{base}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert response.status_code == 401
         reply = httpx.post(f"{base}/v1/completions", headers=AUTH, json={"prompt": "a", "max_tokens": 2}).json()
         too_long = httpx.post(f"{base}/v1/feedback", headers=AUTH, json={"id": reply["id"], "correction": "x" * 101})
@@ -201,7 +227,9 @@ def test_a_crash_truncated_log_costs_one_line_and_from_logs_skips_bad_lines(tmp_
     out = tmp_path / "train.jsonl"
     assert main(["data", "from-logs", str(tmp_path), "-o", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "feedback.jsonl:3" in err and "'rating' is \"good\"" in err and "--skip-bad" in err and "Traceback" not in err
+    assert (
+        "feedback.jsonl:3" in err and "'rating' is \"good\"" in err and "--skip-bad" in err and "Traceback" not in err
+    )
     assert main(["data", "from-logs", str(tmp_path), "-o", str(out), "--skip-bad"]) == 0
     captured = capsys.readouterr()
     assert "requests.jsonl:2" in captured.err and "2 malformed (skipped)" in captured.out

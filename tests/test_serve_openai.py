@@ -5,12 +5,12 @@ import json
 import httpx
 import openai
 import pytest
-from serving import running_server
 
 from afina.config import ServeConfig
 from afina.serve.app import create_app
 from afina.serve.json_output import json_prefix_state
 from afina.serve.models import load_served
+from serving import running_server
 
 KEY = "openai-options-key"
 MESSAGES = [{"role": "user", "content": "How do I descale the kettle?"}]
@@ -35,8 +35,9 @@ def client(base, served):
 
 
 def greedy(client, n_tokens=24, **kw):
-    return client.chat.completions.create(model=client.model_name, messages=kw.pop("messages", MESSAGES),
-                                          max_tokens=n_tokens, **kw)
+    return client.chat.completions.create(
+        model=client.model_name, messages=kw.pop("messages", MESSAGES), max_tokens=n_tokens, **kw
+    )
 
 
 def test_stop_cuts_the_answer_before_the_stop_string_streamed_or_not(client):
@@ -97,7 +98,12 @@ def test_stream_usage_and_the_role_in_the_first_delta(client):
 
 
 def test_content_parts_and_the_developer_role(client):
-    parts = [{"role": "user", "content": [{"type": "text", "text": "How do I "}, {"type": "text", "text": "descale the kettle?"}]}]
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "How do I "}, {"type": "text", "text": "descale the kettle?"}],
+        }
+    ]
     assert greedy(client, messages=parts).choices[0].message.content == greedy(client).choices[0].message.content
     as_system = greedy(client, messages=[{"role": "system", "content": "Be brief."}, *MESSAGES])
     as_developer = greedy(client, messages=[{"role": "developer", "content": "Be brief."}, *MESSAGES])
@@ -107,12 +113,24 @@ def test_content_parts_and_the_developer_role(client):
 
 
 def test_json_schema_output_is_valid_json_of_the_schema(client):
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
-                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
-              "required": ["ok", "color", "tags"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "ok": {"type": "boolean"},
+            "color": {"enum": ["red", "green"]},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+        },
+        "required": ["ok", "color", "tags"],
+        "additionalProperties": False,
+    }
     for seed in (1, 2):
-        reply = greedy(client, n_tokens=100, temperature=1.0, seed=seed,
-                       response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+        reply = greedy(
+            client,
+            n_tokens=100,
+            temperature=1.0,
+            seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+        )
         value = json.loads(reply.choices[0].message.content)
         assert set(value) == {"ok", "color", "tags"} and isinstance(value["ok"], bool)
         assert value["color"] in ("red", "green") and set(value["tags"]) <= {"a", "b"} and len(value["tags"]) <= 2
@@ -122,17 +140,25 @@ def test_json_schema_output_is_valid_json_of_the_schema(client):
     if free.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(text), dict)
     with pytest.raises(openai.BadRequestError, match="pattern"):
-        greedy(client, response_format={"type": "json_schema", "json_schema": {
-            "name": "x", "schema": {"type": "string", "pattern": "^a+$"}}})
+        greedy(
+            client,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a+$"}},
+            },
+        )
 
 
-@pytest.mark.parametrize("option, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    ("tool_choice", "required"),
-    ("logit_bias", {"50256": -100}),
-    ("presence_penalty", 0.5),
-    ("audio", {"voice": "alloy", "format": "wav"}),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+        ("tool_choice", "required"),
+        ("logit_bias", {"50256": -100}),
+        ("presence_penalty", 0.5),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+    ],
+)
 def test_unsupported_chat_options_are_refused_by_name(client, option, value):
     with pytest.raises(openai.BadRequestError, match=option) as caught:
         greedy(client, n_tokens=2, **{option: value})
@@ -150,18 +176,24 @@ def test_harmless_options_are_accepted(client):
     assert reply.choices[0].message.content is not None
 
 
-@pytest.mark.parametrize("body", [
-    b"{not json",
-    b'{"messages": "hi"}',
-    b'{"messages": [{"role": "user", "content": 5}]}',
-    b'{"messages": [{"role": "tool", "content": "x"}]}',
-    b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}',
-    b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}',
-    b'{"messages": [{"role": "user", "content": "hi"}], "stream": true, "logprobs": true}',
-    b"[1, 2]",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"messages": "hi"}',
+        b'{"messages": [{"role": "user", "content": 5}]}',
+        b'{"messages": [{"role": "tool", "content": "x"}]}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "stream": true, "logprobs": true}',
+        b"[1, 2]",
+    ],
+)
 def test_malformed_requests_are_400_not_422(base, body):
-    response = httpx.post(f"{base}/v1/chat/completions", content=body,
-                          headers={"content-type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = httpx.post(
+        f"{base}/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]

@@ -18,10 +18,9 @@ away mid-answer) are never used.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
-
-import json
 
 from afina.data.load import DataError
 from afina.rundir import write_jsonl
@@ -46,9 +45,10 @@ def _field_problem(kind: str, row: dict[str, Any]) -> str | None:
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            return "field 'messages' must be a list of {\"role\": ..., \"content\": ...} with string values"
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            return 'field \'messages\' must be a list of {"role": ..., "content": ...} with string values'
     elif "prompt" in row:
         if not isinstance(row["prompt"], str):
             return f"field 'prompt' is {json.dumps(row['prompt'])}; expected a string"
@@ -83,9 +83,13 @@ def _read_log(path: Path, kind: str, skip_bad: bool, bad: list[str]) -> list[tup
     return rows
 
 
-def logs_to_training_rows(log_dir: str | Path, min_rating: int = 1, include_unrated: bool = False,
-                          skip_bad: bool = False, bad: list[str] | None = None
-                          ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def logs_to_training_rows(
+    log_dir: str | Path,
+    min_rating: int = 1,
+    include_unrated: bool = False,
+    skip_bad: bool = False,
+    bad: list[str] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Training rows from `<log_dir>/requests.jsonl` and `feedback.jsonl`, and counts of what was kept or left out."""
     log_dir = Path(log_dir)
     requests_path = log_dir / "requests.jsonl"
@@ -93,8 +97,19 @@ def logs_to_training_rows(log_dir: str | Path, min_rating: int = 1, include_unra
         raise DataError(f"{requests_path} not found: start `afina serve` with --log-dir {log_dir} to write it")
     bad = [] if bad is None else bad
     feedback = {row["id"]: row for _, row in _read_log(log_dir / "feedback.jsonl", "feedback", skip_bad, bad)}
-    rows, counts = [], {"requests": 0, "corrected": 0, "rated_good": 0, "unrated_kept": 0,
-                        "left_out_unrated": 0, "left_out_low_rating": 0, "left_out_empty": 0, "left_out_aborted": 0}
+    rows, counts = (
+        [],
+        {
+            "requests": 0,
+            "corrected": 0,
+            "rated_good": 0,
+            "unrated_kept": 0,
+            "left_out_unrated": 0,
+            "left_out_low_rating": 0,
+            "left_out_empty": 0,
+            "left_out_aborted": 0,
+        },
+    )
     for number, request in _read_log(requests_path, "request", skip_bad, bad):
         counts["requests"] += 1
         if request.get("aborted"):
@@ -117,7 +132,9 @@ def logs_to_training_rows(log_dir: str | Path, min_rating: int = 1, include_unra
         if "messages" in request:
             row: dict[str, Any] = {"messages": [*request["messages"], {"role": "assistant", "content": answer}]}
         elif "prompt" in request:  # a raw completion: kept as a one-turn chat, the shape prepare writes anyway
-            row = {"messages": [{"role": "user", "content": request["prompt"]}, {"role": "assistant", "content": answer}]}
+            row = {
+                "messages": [{"role": "user", "content": request["prompt"]}, {"role": "assistant", "content": answer}]
+            }
         else:  # checked in _read_log
             raise DataError(f"{requests_path}:{number}: a request line needs 'messages' or 'prompt'")
         row["source"] = {"id": request["id"], "model": request.get("model"), "feedback": reason}
@@ -126,8 +143,9 @@ def logs_to_training_rows(log_dir: str | Path, min_rating: int = 1, include_unra
     return rows, counts
 
 
-def from_logs(log_dir: str | Path, output: str | Path, min_rating: int = 1, include_unrated: bool = False,
-              skip_bad: bool = False) -> dict[str, Any]:
+def from_logs(
+    log_dir: str | Path, output: str | Path, min_rating: int = 1, include_unrated: bool = False, skip_bad: bool = False
+) -> dict[str, Any]:
     """Write the training file; counts of what was kept, left out and (with skip_bad) skipped as malformed.
 
     The result's "bad_lines" holds the first few skipped lines' messages (file:line: reason).

@@ -44,9 +44,10 @@ INSIDE = "/sandbox"  # the program's working folder and home inside bubblewrap
 class SandboxUnavailable(RecipeError):
     """pass@1 needs bubblewrap here, or `eval.sandbox.allow_weak: true`; the message says how."""
 
+
 # The harness the child runs: drop privileges, install the guard, then run the program.
 # It reads the program from program.py in its working folder.
-_HARNESS = r'''
+_HARNESS = r"""
 import os, sys
 folder = os.path.realpath(os.getcwd())
 # Load the standard modules tasks use while still able to read them: an interpreter installed
@@ -84,15 +85,17 @@ def guard(event, args):
         raise PermissionError(f"sandbox: {event} is not allowed")
     if event == "open" and args and args[0] is not None and not isinstance(args[0], int):
         mode, flags = args[1], args[2]
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC)
+        write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & write_flags
         if writing and not inside(args[0]):
             raise PermissionError(f"sandbox: writing {args[0]} outside the sandbox folder is not allowed")
-    elif event in WRITE_EVENTS and args and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+    elif event in WRITE_EVENTS and args and not all(
+            inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
         raise PermissionError(f"sandbox: {event} outside the sandbox folder is not allowed")
 sys.addaudithook(guard)
 del guard
 exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
-'''
+"""
 
 
 @dataclass
@@ -152,15 +155,44 @@ def bubblewrap_command(folder: Path) -> list[str]:
     # As root, bwrap needs no user namespace; the program then runs as `nobody` (setpriv drops every
     # capability and sets no_new_privs), so RLIMIT_NPROC counts nobody's processes, not root's.
     # As another user, a user namespace keeps that user's id, without capabilities.
-    namespaces = (["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
-                  if root else ["--unshare-all", "--cap-drop", "ALL"])
-    command = [bwrap, *namespaces, *_system_binds(), "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-               "--bind", str(folder), INSIDE, "--chdir", INSIDE, "--hostname", "sandbox",
-               "--die-with-parent", "--new-session", "--"]
+    namespaces = (
+        ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+        if root
+        else ["--unshare-all", "--cap-drop", "ALL"]
+    )
+    command = [
+        bwrap,
+        *namespaces,
+        *_system_binds(),
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--bind",
+        str(folder),
+        INSIDE,
+        "--chdir",
+        INSIDE,
+        "--hostname",
+        "sandbox",
+        "--die-with-parent",
+        "--new-session",
+        "--",
+    ]
     if root:
         uid, gid = _nobody()
-        command += [shutil.which("setpriv") or "/usr/bin/setpriv", f"--reuid={uid}", f"--regid={gid}",
-                    "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+        command += [
+            shutil.which("setpriv") or "/usr/bin/setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ]
     return command
 
 
@@ -230,8 +262,9 @@ def _limit_child(time_limit_s: float, memory_mb: int, processes: int) -> None:  
     resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
 
 
-def run_program(source: str, time_limit_s: float = 10.0, memory_mb: int = 512, allow_weak: bool = False
-                ) -> SandboxResult:
+def run_program(
+    source: str, time_limit_s: float = 10.0, memory_mb: int = 512, allow_weak: bool = False
+) -> SandboxResult:
     """Run Python source in the sandbox; it passes when it exits with status 0 in time.
 
     Raises SandboxUnavailable when bubblewrap cannot run here and `allow_weak` is False.

@@ -17,6 +17,7 @@ logged as aborted. Every refusal is a 4xx with a JSON body in OpenAI's shape
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import json
@@ -66,10 +67,16 @@ class BodyLimit:
                 too_large = True
                 break
         if too_large:
-            body = json.dumps(error_body(f"request body is over this server's limit of {self.limit} bytes",
-                                         "body_too_large")).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            body = json.dumps(
+                error_body(f"request body is over this server's limit of {self.limit} bytes", "body_too_large")
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return None
         replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
@@ -88,17 +95,24 @@ class Metrics:
 
         self.registry = CollectorRegistry()
         self.requests = Counter("afina_requests", "HTTP requests", ["path", "status"], registry=self.registry)
-        self.latency = Histogram("afina_request_latency_seconds", "Time to the response's headers", ["path"],
-                                 registry=self.registry)
-        self.generation = Histogram("afina_generation_seconds", "Time from the model's turn to the last token",
-                                    ["model"], registry=self.registry,
-                                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.latency = Histogram(
+            "afina_request_latency_seconds", "Time to the response's headers", ["path"], registry=self.registry
+        )
+        self.generation = Histogram(
+            "afina_generation_seconds",
+            "Time from the model's turn to the last token",
+            ["model"],
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
         self.tokens = Counter("afina_tokens", "Tokens processed", ["model", "kind"], registry=self.registry)
         self.queue = Gauge("afina_queue_depth", "Requests waiting for or holding the model", registry=self.registry)
-        self.batch = Histogram("afina_batch_size", "Requests per generate() call", registry=self.registry,
-                               buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.aborted = Counter("afina_aborted_requests", "Requests cancelled because the client went away",
-                               registry=self.registry)
+        self.batch = Histogram(
+            "afina_batch_size", "Requests per generate() call", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)
+        )
+        self.aborted = Counter(
+            "afina_aborted_requests", "Requests cancelled because the client went away", registry=self.registry
+        )
 
 
 class CountRequests:
@@ -140,8 +154,12 @@ class AppState:
         """Count `count` jobs into the queue, or 429 when that would pass max_queue."""
         with self.lock:
             if self.waiting + count > self.settings.max_queue:
-                raise ApiError(429, f"the server is busy ({self.waiting} requests queued); retry shortly",
-                               "queue_full", "rate_limit_error")
+                raise ApiError(
+                    429,
+                    f"the server is busy ({self.waiting} requests queued); retry shortly",
+                    "queue_full",
+                    "rate_limit_error",
+                )
             self.waiting += count
             self.metrics.queue.set(self.waiting)
 
@@ -167,11 +185,12 @@ class Plan:
 
     @property
     def stops(self) -> list[str]:
-        return self.request.stop or []
+        stop = self.request.stop  # a list once checked (schema.py)
+        return [stop] if isinstance(stop, str) else list(stop or [])
 
     @property
     def top_logprobs(self) -> int | None:
-        if self.endpoint == "chat":
+        if isinstance(self.request, ChatRequest):
             return (self.request.top_logprobs or 0) if self.request.logprobs else None
         return self.request.logprobs
 
@@ -186,8 +205,12 @@ def authorize(state: AppState, request: Request) -> None:
     given = request.headers.get("authorization", "")
     token = given[7:] if given[:7].lower() == "bearer " else ""
     if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key",
-                       "authentication_error")
+        raise ApiError(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            "invalid_api_key",
+            "authentication_error",
+        )
 
 
 async def read_request(state: AppState, request: Request, model):
@@ -199,27 +222,43 @@ async def read_request(state: AppState, request: Request, model):
 def resolve(state: AppState, request) -> tuple[str, int]:
     name = request.model or state.served.default
     if name not in state.served.names:
-        raise ApiError(404, f"model '{name}' is not served here; available: {', '.join(state.served.names)}",
-                       "model_not_found", param="model")
+        raise ApiError(
+            404,
+            f"model '{name}' is not served here; available: {', '.join(state.served.names)}",
+            "model_not_found",
+            param="model",
+        )
     settings = state.settings
     asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
     max_new = asked or min(settings.default_max_tokens, settings.max_tokens)
     if max_new > settings.max_tokens:
-        raise ApiError(400, f"max_tokens={max_new} is over this server's limit of {settings.max_tokens}",
-                       "max_tokens_exceeded", param="max_tokens")
+        raise ApiError(
+            400,
+            f"max_tokens={max_new} is over this server's limit of {settings.max_tokens}",
+            "max_tokens_exceeded",
+            param="max_tokens",
+        )
     if request.stream and getattr(request, "logprobs", None) not in (None, False):
-        raise ApiError(400, "'logprobs' with stream: true is not supported; ask without streaming",
-                       "unsupported_parameter", param="logprobs")
+        raise ApiError(
+            400,
+            "'logprobs' with stream: true is not supported; ask without streaming",
+            "unsupported_parameter",
+            param="logprobs",
+        )
     return name, max_new
 
 
 def check_length(state: AppState, ids: list[int], max_new: int) -> torch.Tensor:
     if len(ids) > state.max_prompt:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens; this server's limit is {state.max_prompt}",
-                       "prompt_too_long")
+        raise ApiError(
+            400, f"the prompt is {len(ids)} tokens; this server's limit is {state.max_prompt}", "prompt_too_long"
+        )
     if len(ids) + max_new > state.served.max_context:
-        raise ApiError(400, f"prompt of {len(ids)} tokens plus max_tokens={max_new} exceeds the context "
-                       f"of {state.served.max_context}", "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"prompt of {len(ids)} tokens plus max_tokens={max_new} exceeds the context of {state.served.max_context}",
+            "context_length_exceeded",
+        )
     return torch.tensor([ids], dtype=torch.long)
 
 
@@ -227,8 +266,14 @@ def make_jobs(state: AppState, plan: Plan, schema: dict[str, Any] | None = None)
     """One job per requested choice (`n`); sampled choices get seeds seed, seed+1, ..."""
     tok, request = state.served.tokenizer, plan.request
     sampling = request.temperature > 0
-    kwargs = dict(input_ids=plan.ids, attention_mask=torch.ones_like(plan.ids), max_new_tokens=plan.max_new,
-                  do_sample=sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    kwargs = dict(
+        input_ids=plan.ids,
+        attention_mask=torch.ones_like(plan.ids),
+        max_new_tokens=plan.max_new,
+        do_sample=sampling,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     if sampling:
         kwargs.update(temperature=request.temperature, top_p=request.top_p)
     jobs = []
@@ -256,19 +301,34 @@ def finish_reason(tok, result: Generated, stopped: bool) -> str:
     return "stop" if stopped or (new and new[-1] == tok.eos_token_id) else "length"
 
 
-def record(state: AppState, plan: Plan, answers: list[str], completion_tokens: int, aborted: bool = False
-           ) -> dict[str, int]:
+def record(
+    state: AppState, plan: Plan, answers: list[str], completion_tokens: int, aborted: bool = False
+) -> dict[str, int]:
     prompt_tokens = int(plan.ids.shape[1])
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     state.metrics.tokens.labels(plan.name, "prompt").inc(prompt_tokens)
     state.metrics.tokens.labels(plan.name, "completion").inc(completion_tokens)
     if aborted:
         state.metrics.aborted.inc()
     if state.log is not None:
-        fields = {**plan.fields, **({"answers": answers} if len(answers) > 1 else {}), **({"aborted": True} if aborted else {})}
-        state.log.log_request(plan.rid, plan.endpoint, plan.name, fields, answers[0] if answers else "", usage,
-                              time.perf_counter() - plan.started)
+        fields = {
+            **plan.fields,
+            **({"answers": answers} if len(answers) > 1 else {}),
+            **({"aborted": True} if aborted else {}),
+        }
+        state.log.log_request(
+            plan.rid,
+            plan.endpoint,
+            plan.name,
+            fields,
+            answers[0] if answers else "",
+            usage,
+            time.perf_counter() - plan.started,
+        )
     return usage
 
 
@@ -319,15 +379,27 @@ async def answer(state: AppState, request: Request, plan: Plan, jobs: list[Job])
             shaped = chat_logprobs if plan.endpoint == "chat" else completion_logprobs
             logprobs = shaped(tok, result.new_tokens, result.logprobs)
         if plan.endpoint == "chat":
-            choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": logprobs, "finish_reason": reason})
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": logprobs,
+                    "finish_reason": reason,
+                }
+            )
         else:
             choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
     aborted = any(r.aborted for r in results)
     usage = record(state, plan, texts, sum(len(r.new_tokens) for r in results), aborted)
     kind = "chat.completion" if plan.endpoint == "chat" else "text_completion"
-    return {"id": plan.rid, "object": kind, "created": plan.created, "model": plan.name, "choices": choices,
-            "usage": usage}
+    return {
+        "id": plan.rid,
+        "object": kind,
+        "created": plan.created,
+        "model": plan.name,
+        "choices": choices,
+        "usage": usage,
+    }
 
 
 def stream(state: AppState, plan: Plan, jobs: list[Job]):
@@ -337,23 +409,37 @@ def stream(state: AppState, plan: Plan, jobs: list[Job]):
     tok = state.served.tokenizer
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
+
+    def on_token(i: int, token: int | None) -> None:  # from the worker thread; None: choice i is finished
+        loop.call_soon_threadsafe(events.put_nowait, (i, token))
+
     for i, job in enumerate(jobs):
-        job.on_token = lambda token, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, token))
+        job.on_token = functools.partial(on_token, i)
     queue_jobs(state, jobs)
-    for i, job in enumerate(jobs):  # after the tokens, in the worker's order: this choice is finished
-        job.future.add_done_callback(lambda _f, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, None)))
+    for i, job in enumerate(jobs):  # after the tokens, in the worker's order
+        job.future.add_done_callback(functools.partial(lambda i, _future: on_token(i, None), i))
     chat = plan.endpoint == "chat"
     include_usage = bool(plan.request.stream_options and plan.request.stream_options.include_usage)
 
     def chunk(i: int, piece: str | None, finish: str | None, role: bool = False) -> str:
         if chat:
-            delta = ({"role": "assistant", "content": ""} if role else {"content": piece} if piece else {})
+            delta = {"role": "assistant", "content": ""} if role else {"content": piece} if piece else {}
             choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            body = {"id": plan.rid, "object": "chat.completion.chunk", "created": plan.created, "model": plan.name,
-                    "choices": [choice]}
+            body = {
+                "id": plan.rid,
+                "object": "chat.completion.chunk",
+                "created": plan.created,
+                "model": plan.name,
+                "choices": [choice],
+            }
         else:
-            body = {"id": plan.rid, "object": "text_completion", "created": plan.created, "model": plan.name,
-                    "choices": [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}]}
+            body = {
+                "id": plan.rid,
+                "object": "text_completion",
+                "created": plan.created,
+                "model": plan.name,
+                "choices": [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}],
+            }
         if include_usage:
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -386,8 +472,14 @@ def stream(state: AppState, plan: Plan, jobs: list[Job]):
             completed = True
             usage = record(state, plan, [t.text() for t in texts], sum(len(t.tokens) for t in texts))
             if include_usage:
-                body = {"id": plan.rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                        "created": plan.created, "model": plan.name, "choices": [], "usage": usage}
+                body = {
+                    "id": plan.rid,
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": plan.created,
+                    "model": plan.name,
+                    "choices": [],
+                    "usage": usage,
+                }
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -425,8 +517,16 @@ async def completions(request: Request):
     started = time.perf_counter()
     name, max_new = resolve(state, body)
     ids = check_length(state, state.served.tokenizer(body.prompt, add_special_tokens=False)["input_ids"], max_new)
-    plan = Plan(f"cmpl-{uuid.uuid4().hex}", "completion", name, body, ids, max_new,
-                {"prompt": body.prompt, "stream": body.stream}, started)
+    plan = Plan(
+        f"cmpl-{uuid.uuid4().hex}",
+        "completion",
+        name,
+        body,
+        ids,
+        max_new,
+        {"prompt": body.prompt, "stream": body.stream},
+        started,
+    )
     return await generate(state, request, plan)
 
 
@@ -442,8 +542,12 @@ async def feedback(request: Request):
         raise ApiError(400, "give a rating (-1, 0, 1), a correction, or both", "empty_feedback")
     limit = state.settings.max_correction_chars
     if body.correction and len(body.correction) > limit:
-        raise ApiError(400, f"the correction is {len(body.correction)} characters; this server's limit is {limit}",
-                       "correction_too_long", param="correction")
+        raise ApiError(
+            400,
+            f"the correction is {len(body.correction)} characters; this server's limit is {limit}",
+            "correction_too_long",
+            param="correction",
+        )
     await asyncio.to_thread(log.log_feedback, body.id, body.rating, body.correction, body.comment)
     return {"id": body.id, "status": "recorded"}
 
@@ -452,9 +556,19 @@ async def list_models(request: Request):
     state = app_state(request)
     authorize(state, request)
     served = state.served
-    return {"object": "list", "data": [
-        {"id": name, "object": "model", "owned_by": "afina", "created": 0,
-         "kind": "adapter" if name in served.adapters else "base"} for name in served.names]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": name,
+                "object": "model",
+                "owned_by": "afina",
+                "created": 0,
+                "kind": "adapter" if name in served.adapters else "base",
+            }
+            for name in served.names
+        ],
+    }
 
 
 async def health(request: Request):
@@ -484,8 +598,9 @@ async def api_error(_request, exc: ApiError):
 async def invalid_request(_request, exc):
     from fastapi.responses import JSONResponse
 
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                         for e in exc.errors())
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
+    )
     return JSONResponse(error_body(f"invalid request: {problems}", "invalid_request"), status_code=400)
 
 
@@ -498,8 +613,9 @@ async def http_error(_request, exc):
 async def server_error(_request, exc: Exception):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "internal_error", "server_error"),
-                        status_code=500)
+    return JSONResponse(
+        error_body(f"internal error: {type(exc).__name__}", "internal_error", "server_error"), status_code=500
+    )
 
 
 def create_app(served: ServedModels, settings: ServeConfig | None = None, log: RequestLog | None = None):
@@ -511,15 +627,29 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
     if log is None and settings.log_dir:
         log = RequestLog(settings.log_dir, redact_pii=settings.redact_pii)
     metrics = Metrics()
-    scheduler = Scheduler(served, settings.max_batch, observe=lambda name, seconds, size: (
-        metrics.generation.labels(name).observe(seconds), metrics.batch.observe(size)))
+
+    def observe(name: str, seconds: float, size: int) -> None:
+        metrics.generation.labels(name).observe(seconds)
+        metrics.batch.observe(size)
+
+    scheduler = Scheduler(
+        served,
+        settings.max_batch,
+        observe=observe,
+    )
     app = FastAPI(title="afina", version=__version__)
-    app.state.afina = AppState(served, settings, settings.api_key or os.environ.get("AFINA_API_KEY") or None, log,
-                               metrics, scheduler, min(settings.max_prompt_tokens or served.max_context,
-                                                       served.max_context))
+    app.state.afina = AppState(
+        served,
+        settings,
+        settings.api_key or os.environ.get("AFINA_API_KEY") or None,
+        log,
+        metrics,
+        scheduler,
+        min(settings.max_prompt_tokens or served.max_context, served.max_context),
+    )
     app.add_middleware(CountRequests, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
@@ -546,9 +676,11 @@ def check_exposure(settings: ServeConfig) -> None:
     """Serving beyond this machine without an API key needs --insecure: anyone who can reach it could use it."""
     if is_loopback(settings.host) or settings.api_key or os.environ.get("AFINA_API_KEY") or settings.insecure:
         return
-    raise ServeError(f"--host {settings.host} serves other machines, and no API key is set: anyone who can reach it "
-                     "could use the model. Set --api-key (or "
-                     "$AFINA_API_KEY), or pass --insecure to serve without a key on purpose")
+    raise ServeError(
+        f"--host {settings.host} serves other machines, and no API key is set: anyone who can reach it "
+        "could use the model. Set --api-key (or "
+        "$AFINA_API_KEY), or pass --insecure to serve without a key on purpose"
+    )
 
 
 def serve(target: str, settings: ServeConfig) -> None:
@@ -558,8 +690,12 @@ def serve(target: str, settings: ServeConfig) -> None:
     served = load_served(target, settings.adapters, settings.watch)
     app = create_app(served, settings)
     if not is_loopback(settings.host) and app.state.afina.api_key is None:
-        print(f"WARNING: serving on {settings.host} WITHOUT an API key (--insecure): anyone who can reach this port "
-              "can use the model")
-    print(f"serving {', '.join(served.names)} at http://{settings.host}:{settings.port}/v1 (OpenAI-compatible); "
-          f"chat page at http://{settings.host}:{settings.port}/ ; Ctrl-C to stop")
+        print(
+            f"WARNING: serving on {settings.host} WITHOUT an API key (--insecure): anyone who can reach this port "
+            "can use the model"
+        )
+    print(
+        f"serving {', '.join(served.names)} at http://{settings.host}:{settings.port}/v1 (OpenAI-compatible); "
+        f"chat page at http://{settings.host}:{settings.port}/ ; Ctrl-C to stop"
+    )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -35,7 +35,7 @@ class Generated:
 
     @property
     def new_tokens(self) -> list[int]:
-        return self.ids[0, self.prompt_length:].tolist()
+        return self.ids[0, self.prompt_length :].tolist()
 
 
 @dataclass(eq=False)
@@ -130,14 +130,14 @@ class Scheduler:
                     job.future.set_exception(exc)
                 continue
             self.observe(batch[0].name, time.perf_counter() - start, len(batch))
-            for job, out in zip(batch, outputs):
+            for job, out in zip(batch, outputs, strict=True):
                 job.future.set_result(out)
 
     def run_batch(self, model, batch: list[Job]) -> list[Generated]:
         """Output per job (prompt + new tokens), as if each had run alone."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        stopping = [StopWhenCancelled(batch)]
+        stopping: list[Any] = [StopWhenCancelled(batch)]
         if len(batch) == 1:
             job = batch[0]
             kwargs = dict(job.kwargs)
@@ -151,13 +151,18 @@ class Scheduler:
                 kwargs["streamer"] = _TokenSink(job.on_token)
             if job.seed is not None and kwargs.get("do_sample"):
                 torch.manual_seed(job.seed)
-            scored = job.top_logprobs is not None
-            out = model.generate(**kwargs, stopping_criteria=StoppingCriteriaList(stopping),
-                                 return_dict_in_generate=True, output_logits=scored)
+            top = job.top_logprobs
+            scored = top is not None
+            out = model.generate(
+                **kwargs,
+                stopping_criteria=StoppingCriteriaList(stopping),
+                return_dict_in_generate=True,
+                output_logits=scored,
+            )
             ids = out.sequences.cpu()
             result = Generated(ids, job.prompt_length, aborted=job.cancelled.is_set())
             if scored:
-                result.logprobs = token_logprobs(out.logits, 0, result.new_tokens, job.top_logprobs)
+                result.logprobs = token_logprobs(out.logits, 0, result.new_tokens, top or 0)
             return [result]
         # Left padding: every prompt ends at the same position, where generation starts.
         prompts = [job.kwargs["input_ids"][0] for job in batch]
@@ -166,13 +171,17 @@ class Scheduler:
         ids = torch.full((len(batch), width), pad, dtype=prompts[0].dtype)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
-        kwargs = {**batch[0].kwargs, "input_ids": ids.to(model.device), "attention_mask": mask.to(model.device),
-                  "max_new_tokens": max(job.kwargs["max_new_tokens"] for job in batch)}
+            ids[row, width - len(prompt) :] = prompt
+            mask[row, width - len(prompt) :] = 1
+        kwargs = {
+            **batch[0].kwargs,
+            "input_ids": ids.to(model.device),
+            "attention_mask": mask.to(model.device),
+            "max_new_tokens": max(job.kwargs["max_new_tokens"] for job in batch),
+        }
         out = model.generate(**kwargs, stopping_criteria=StoppingCriteriaList(stopping)).cpu()
         results = []
-        for row, (job, prompt) in enumerate(zip(batch, prompts)):
+        for row, (job, prompt) in enumerate(zip(batch, prompts, strict=True)):
             new = out[row, width:][: job.kwargs["max_new_tokens"]]
             ends = (new == eos).nonzero()
             if len(ends):

@@ -29,14 +29,18 @@ def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     if not any(s in m["content"] for m in messages for s in specials):  # the usual case: as it always was
         return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
     marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
-    rendered = render_prompt(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks)])
+    rendered = render_prompt(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)])
     ids: list[int] = []
     rest = rendered
-    for message, mark in zip(messages, marks):
+    for message, mark in zip(messages, marks, strict=True):
         before, found, rest = rest.partition(mark)
         if not found:
-            raise ApiError(400, "a message contains a special token of this model's chat template and the template "
-                           "alters message text, so it cannot be kept as plain text; remove it", "invalid_text")
+            raise ApiError(
+                400,
+                "a message contains a special token of this model's chat template and the template "
+                "alters message text, so it cannot be kept as plain text; remove it",
+                "invalid_text",
+            )
         ids += tokenizer(before, add_special_tokens=False)["input_ids"]
         ids += tokenizer(message["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return ids + tokenizer(rest, add_special_tokens=False)["input_ids"]
@@ -55,10 +59,10 @@ class StopOnStrings:
         self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
         self.window = max(len(s) for s in stops) + 4  # tokens: every token is at least one character
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.Tensor:
         done = []
         for row in input_ids:
-            tail = row[max(self.prompt_length, len(row) - self.window):]
+            tail = row[max(self.prompt_length, len(row) - self.window) :]
             text = self.tokenizer.decode(tail, skip_special_tokens=True)
             done.append(any(s in text for s in self.stops))
         return torch.tensor(done, device=input_ids.device)
@@ -70,18 +74,19 @@ class StopWhenCancelled:
     def __init__(self, jobs):
         self.jobs = jobs
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.Tensor:
         return torch.tensor([job.cancelled.is_set() for job in self.jobs], device=input_ids.device)
 
 
-def token_logprobs(logits: tuple[torch.Tensor, ...], row: int, tokens: list[int], top: int
-                   ) -> list[tuple[float, list[tuple[int, float]]]]:
+def token_logprobs(
+    logits: tuple[torch.Tensor, ...], row: int, tokens: list[int], top: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
     """Per generated token: its log-probability under the model and the `top` most likely alternatives."""
     out = []
     for step, token in enumerate(tokens):
         logp = torch.log_softmax(logits[step][row].float(), dim=-1)
         best = torch.topk(logp, top) if top else None
-        alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+        alternatives = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else []
         out.append((float(logp[token]), alternatives))
     return out
 
@@ -95,8 +100,13 @@ def chat_logprobs(tokenizer, tokens: list[int], scored) -> dict[str, Any]:
         text = tokenizer.decode([token])
         return {"token": text, "logprob": _safe(logprob), "bytes": list(text.encode("utf-8", "replace"))}
 
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
-                        for t, (lp, alts) in zip(tokens, scored)], "refusal": None}
+    return {
+        "content": [
+            {**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
+            for t, (lp, alts) in zip(tokens, scored, strict=True)
+        ],
+        "refusal": None,
+    }
 
 
 def completion_logprobs(tokenizer, tokens: list[int], scored) -> dict[str, Any]:
@@ -105,9 +115,12 @@ def completion_logprobs(tokenizer, tokens: list[int], scored) -> dict[str, Any]:
     for text in texts:
         offsets.append(at)
         at += len(text)
-    return {"tokens": texts, "token_logprobs": [_safe(lp) for lp, _ in scored],
-            "top_logprobs": [{tokenizer.decode([a]): _safe(alp) for a, alp in alts} for _, alts in scored],
-            "text_offset": offsets}
+    return {
+        "tokens": texts,
+        "token_logprobs": [_safe(lp) for lp, _ in scored],
+        "top_logprobs": [{tokenizer.decode([a]): _safe(alp) for a, alp in alts} for _, alts in scored],
+        "text_offset": offsets,
+    }
 
 
 class IncrementalText:
@@ -141,5 +154,5 @@ class IncrementalText:
             if full.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
                 return ""
             full = full[: max(self.sent, len(full) - self.hold)]  # could be the start of a stop string
-        piece, self.sent = full[self.sent:], max(self.sent, len(full))
+        piece, self.sent = full[self.sent :], max(self.sent, len(full))
         return piece

@@ -24,9 +24,27 @@ from typing import Any
 
 import torch
 
-SUPPORTED = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
-             "const", "anyOf", "oneOf", "minLength", "maxLength", "title", "description", "default", "examples",
-             "$schema", "$comment"}
+SUPPORTED = {
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "minItems",
+    "maxItems",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "minLength",
+    "maxLength",
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$schema",
+    "$comment",
+}
 TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 MAX_BLANKS = 4  # longest whitespace run allowed between tokens (a newline and a short indent)
 ANY_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
@@ -134,12 +152,12 @@ class _Parser:
         texts = [json.dumps(o, ensure_ascii=False) for o in options]
         start, n = self.i, 0
         while True:
-            got = self.text[start:start + n + 1]
+            got = self.text[start : start + n + 1]
             if len(got) == n + 1 and any(t.startswith(got) for t in texts):
                 n += 1
                 continue
             break
-        got = self.text[start:start + n]
+        got = self.text[start : start + n]
         if start + n >= len(self.text) and any(t.startswith(got) and t != got for t in texts):
             raise _Incomplete
         if got not in texts:
@@ -218,8 +236,9 @@ class _Parser:
 
     def object(self, schema: dict[str, Any]) -> None:
         self.literal("{")
-        properties = schema.get("properties")
-        free = properties is None  # json_object, or an object schema without properties: any keys
+        free = schema.get("properties") is None
+        properties: dict[str, Any] = schema.get("properties") or {}
+        free = free  # json_object, or an object schema without properties: any keys
         required = set(schema.get("required") or ([] if free else []))
         seen: set[str] = set()
         self.blanks()
@@ -316,8 +335,8 @@ class JsonLogitsProcessor:
             _SINGLE_CHARACTERS[key] = sorted(i for i in short if len(self.token_text(i) or "") == 1)
         return _SINGLE_CHARACTERS[key]
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        done = [self.token_text(int(t)) or "" for t in input_ids[0, self.prompt_length:]]
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        done = [self.token_text(int(t)) or "" for t in input_ids[0, self.prompt_length :]]
         so_far = "".join(done)
         state = json_prefix_state(so_far, self.schema)
         allowed: list[int] = []

@@ -49,8 +49,10 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, list):
         return [_redact_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _redact_value(v) if k in ("content", "prompt", "answer", "correction", "comment") else v
-                for k, v in value.items()}
+        return {
+            k: _redact_value(v) if k in ("content", "prompt", "answer", "correction", "comment") else v
+            for k, v in value.items()
+        }
     return value
 
 
@@ -90,8 +92,10 @@ class RequestLog:
 
     def _append(self, path: Path, row: dict[str, Any]) -> None:
         if self.redact_pii:
-            row = {k: _redact_value(v) if k in ("messages", "prompt", "answer", "correction", "comment") else v
-                   for k, v in row.items()}
+            row = {
+                k: _redact_value(v) if k in ("messages", "prompt", "answer", "correction", "comment") else v
+                for k, v in row.items()
+            }
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
@@ -103,14 +107,38 @@ class RequestLog:
             finally:
                 os.close(fd)
 
-    def log_request(self, rid: str, endpoint: str, model: str, request: dict[str, Any], answer: str,
-                    usage: dict[str, int], latency_s: float) -> None:
-        row = {"id": rid, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "endpoint": endpoint, "model": model,
-               **request, "answer": answer, "usage": usage, "latency_s": round(latency_s, 4)}
+    def log_request(
+        self,
+        rid: str,
+        endpoint: str,
+        model: str,
+        request: dict[str, Any],
+        answer: str,
+        usage: dict[str, int],
+        latency_s: float,
+    ) -> None:
+        row = {
+            "id": rid,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "endpoint": endpoint,
+            "model": model,
+            **request,
+            "answer": answer,
+            "usage": usage,
+            "latency_s": round(latency_s, 4),
+        }
         self._append(self.requests, row)
         with self._lock:
             self._remember_id(rid)
 
     def log_feedback(self, rid: str, rating: int | None, correction: str | None, comment: str | None) -> None:
-        self._append(self.feedback, {"id": rid, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rating": rating,
-                                     "correction": correction, "comment": comment})
+        self._append(
+            self.feedback,
+            {
+                "id": rid,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "rating": rating,
+                "correction": correction,
+                "comment": comment,
+            },
+        )

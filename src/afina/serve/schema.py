@@ -26,8 +26,9 @@ IGNORED = {"user", "metadata", "store", "service_tier"}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error",
-                 param: str | None = None):
+    def __init__(
+        self, status: int, message: str, code: str, kind: str = "invalid_request_error", param: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.kind, self.param = status, message, code, kind, param
 
@@ -37,8 +38,12 @@ def error_body(message: str, code: str, kind: str = "invalid_request_error", par
 
 
 def unsupported(option: str, why: str = "") -> ApiError:
-    return ApiError(400, f"'{option}' is not supported by this server{': ' + why if why else ''}",
-                    "unsupported_parameter", param=option)
+    return ApiError(
+        400,
+        f"'{option}' is not supported by this server{': ' + why if why else ''}",
+        "unsupported_parameter",
+        param=option,
+    )
 
 
 class _Body(BaseModel):
@@ -141,8 +146,9 @@ class _Generation(_Body):
     def check(self) -> None:
         self.refuse_unknown()
         if self.stream_options is not None and not self.stream:
-            raise ApiError(400, "'stream_options' is only allowed with stream: true", "invalid_request",
-                           param="stream_options")
+            raise ApiError(
+                400, "'stream_options' is only allowed with stream: true", "invalid_request", param="stream_options"
+            )
 
 
 class ChatRequest(_Generation):
@@ -223,14 +229,22 @@ def parse_body(raw: bytes, model: type[BaseModel]):
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not UTF-8 text", "invalid_json") from None
     except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                       "invalid_json") from None
+        raise ApiError(
+            400,
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            "invalid_json",
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", "invalid_request")
     where = _surrogate_path(data)
     if where:
-        raise ApiError(400, f"{where}: contains a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
-                       "text; send valid UTF-16 pairs or UTF-8", "invalid_text", param=where)
+        raise ApiError(
+            400,
+            f"{where}: contains a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+            "text; send valid UTF-16 pairs or UTF-8",
+            "invalid_text",
+            param=where,
+        )
     try:
         request = model.model_validate(data)
     except ValidationError as exc:

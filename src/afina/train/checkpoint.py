@@ -18,8 +18,8 @@ import hashlib
 import json
 import os
 import random
-import sys
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,10 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in tensors]
     if missing:
-        raise ValueError(f"the checkpoint does not match this model/method: {len(missing)} trainable tensors missing, e.g. {missing[0]}")
+        raise ValueError(
+            f"the checkpoint does not match this model/method: {len(missing)} trainable tensors missing, "
+            f"e.g. {missing[0]}"
+        )
     with torch.no_grad():
         for name, value in tensors.items():
             param = params[name]
@@ -73,7 +76,9 @@ def optimizer_state(model, optimizer) -> dict[str, Any]:
     if is_sharded_model(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return optimizer.state_dict()
 
 
@@ -107,7 +112,14 @@ def _write_atomic_dir(target: Path, write) -> Path:
 
 
 def save_checkpoint(
-    folder: Path, step: int, model, optimizer, scheduler, rng: random.Random, extra: dict[str, Any], keep: int,
+    folder: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    rng: random.Random,
+    extra: dict[str, Any],
+    keep: int,
     write_files: bool = True,
 ) -> Path:
     """Write checkpoints/step-N atomically and keep only the newest `keep` of them.
@@ -176,8 +188,11 @@ def _sha256(path: Path) -> str:
 
 def write_checksums(folder: Path) -> None:
     """Record the size and sha256 of every file in `folder` (before it is renamed into place)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != CHECKSUMS
+    }
     (folder / CHECKSUMS).write_text(json.dumps(files, indent=1) + "\n", encoding="utf-8")
 
 
@@ -249,12 +264,16 @@ def resume_checkpoint(folder: Path, model, optimizer, scheduler, rng: random.Ran
             print(f"checkpoint {path} is damaged: {problem}; trying an older one", file=sys.stderr)
             continue
         if skipped:
-            print(f"resuming from {path.name}, the newest intact checkpoint (skipped {len(skipped)} damaged)",
-                  file=sys.stderr)
+            print(
+                f"resuming from {path.name}, the newest intact checkpoint (skipped {len(skipped)} damaged)",
+                file=sys.stderr,
+            )
         return path, _apply_checkpoint(tensors, state, model, optimizer, scheduler, rng)
     raise DamagedCheckpointError(
-        f"no intact checkpoint to resume from in {folder}: " + "; ".join(skipped)
-        + ". Restore the folder from a backup, or delete it and run `afina train` without --resume")
+        f"no intact checkpoint to resume from in {folder}: "
+        + "; ".join(skipped)
+        + ". Restore the folder from a backup, or delete it and run `afina train` without --resume"
+    )
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rng: random.Random) -> dict[str, Any]:
