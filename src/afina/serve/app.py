@@ -402,6 +402,21 @@ async def answer(state: AppState, request: Request, plan: Plan, jobs: list[Job])
     }
 
 
+def stream_chunk(plan: Plan, i: int, piece: str | None, finish: str | None, role: bool, include_usage: bool) -> str:
+    """One server-sent event of choice i: a piece of text, its end (finish), or (chat) the role first."""
+    body: dict[str, Any] = {"id": plan.rid, "created": plan.created, "model": plan.name}
+    if plan.endpoint == "chat":
+        delta = {"role": "assistant", "content": ""} if role else {"content": piece} if piece else {}
+        body["object"] = "chat.completion.chunk"
+        body["choices"] = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    else:
+        body["object"] = "text_completion"
+        body["choices"] = [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}]
+    if include_usage:
+        body["usage"] = None
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
 def stream(state: AppState, plan: Plan, jobs: list[Job]):
     """Server-sent events; a client that goes away cancels the jobs (starlette cancels this generator)."""
     from fastapi.responses import StreamingResponse
@@ -422,27 +437,7 @@ def stream(state: AppState, plan: Plan, jobs: list[Job]):
     include_usage = bool(plan.request.stream_options and plan.request.stream_options.include_usage)
 
     def chunk(i: int, piece: str | None, finish: str | None, role: bool = False) -> str:
-        if chat:
-            delta = {"role": "assistant", "content": ""} if role else {"content": piece} if piece else {}
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            body = {
-                "id": plan.rid,
-                "object": "chat.completion.chunk",
-                "created": plan.created,
-                "model": plan.name,
-                "choices": [choice],
-            }
-        else:
-            body = {
-                "id": plan.rid,
-                "object": "text_completion",
-                "created": plan.created,
-                "model": plan.name,
-                "choices": [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}],
-            }
-        if include_usage:
-            body["usage"] = None
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return stream_chunk(plan, i, piece, finish, role, include_usage)
 
     async def produce():
         texts = [IncrementalText(tok, plan.stops) for _ in jobs]
