@@ -126,6 +126,8 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--kto-output", help="with --pairs: where the KTO examples go (default: OUTPUT_STEM.kto.jsonl)")
     p.add_argument("--max-bad-rating", type=int, default=-1,
                    help="with --pairs: a rating at most this makes a KTO 'bad' example (default -1)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed log lines (a line cut short by a crash, hand-edited fields) and count them")
 
     p = sub.add_parser("monitor", help="traffic, drift from the training data and a retrain verdict for a served run",
                        description="Read LOG_DIR/requests.jsonl and feedback.jsonl (`afina serve --log-dir`) and compare the "
@@ -151,8 +153,6 @@ def _add_tool_commands(sub) -> None:
                    help="most points of probe accuracy the candidate may lose against the current run "
                    "(default: the current run's eval.forgetting.threshold)")
     p.add_argument("--serving", help="a file naming the adapter to serve; rewritten (atomically) when promoted")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed log lines (a line cut short by a crash, hand-edited fields) and count them")
 
     sub.add_parser("models", help="list the models afina can use offline",
                    description="List packaged models; any local HF folder, .gguf file or hub name works too.")
