@@ -103,6 +103,8 @@ def _add_serve_command(sub) -> None:
                    help="switch the default adapter to the one FILE names whenever it changes (`afina promote --serving FILE`)")
     p.add_argument("--redact-pii", action="store_true", default=None,
                    help="mask e-mails, phone and card numbers and IP addresses in the request log")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow a --host other than this machine without an API key (anyone reaching it may use it)")
 
 
 def _add_tool_commands(sub) -> None:
@@ -124,6 +126,8 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--kto-output", help="with --pairs: where the KTO examples go (default: OUTPUT_STEM.kto.jsonl)")
     p.add_argument("--max-bad-rating", type=int, default=-1,
                    help="with --pairs: a rating at most this makes a KTO 'bad' example (default -1)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed log lines (a line cut short by a crash, hand-edited fields) and count them")
 
     p = sub.add_parser("monitor", help="traffic, drift from the training data and a retrain verdict for a served run",
                        description="Read LOG_DIR/requests.jsonl and feedback.jsonl (`afina serve --log-dir`) and compare the "
@@ -261,7 +265,7 @@ def serve_settings(args):
         adapters[name] = path
     values["adapters"] = adapters
     for key in ("host", "port", "api_key", "max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue", "max_batch",
-                "log_dir", "redact_pii", "watch"):
+                "log_dir", "redact_pii", "watch", "insecure"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     try:
@@ -285,8 +289,12 @@ def cmd_data(args) -> None:
         return
     from afina.data.from_logs import from_logs
 
-    counts = from_logs(args.log_dir, args.output, args.min_rating, args.include_unrated)
+    counts = from_logs(args.log_dir, args.output, args.min_rating, args.include_unrated, args.skip_bad)
+    for message in counts["bad_lines"]:
+        print(f"skipped {message}", file=sys.stderr)
     left_out = {k[len("left_out_"):]: v for k, v in counts.items() if k.startswith("left_out_") and v}
+    if counts["skipped_bad"]:
+        left_out["malformed (skipped)"] = counts["skipped_bad"]
     print(f"wrote {counts['written']} training rows to {args.output} from {counts['requests']} logged requests "
           f"({counts['corrected']} corrected, {counts['rated_good']} rated good, {counts['unrated_kept']} unrated)"
           + (f"; left out: {', '.join(f'{v} {k}' for k, v in left_out.items())}" if left_out else ""))

@@ -286,6 +286,10 @@ class ForgettingConfig(_Section):
 class SandboxConfig(_Section):
     time_limit_s: float = Field(10.0, gt=0, le=600, description="Wall-clock limit per program (CPU limit is the same).")
     memory_mb: int = Field(512, ge=64, le=65536, description="Address-space limit per program.")
+    allow_weak: bool = Field(
+        False, description="Run pass@1 programs without bubblewrap (a Python-level guard only, which determined code "
+        "can escape) where bubblewrap is not available. Off: pass@1 refuses to run untrusted code unsandboxed.",
+    )
 
 
 class EvalConfig(_Section):
@@ -351,6 +355,8 @@ class ServeConfig(_Section):
     watch: str | None = Field(
         None, description="A serving file (JSON with `adapter`, as `afina promote --serving` writes): when it names "
         "another adapter, the server switches its default model to it without a restart.")
+    max_correction_chars: int = Field(20_000, ge=1, description="Longer corrections in POST /v1/feedback get 400.")
+    insecure: bool = Field(False, description="Allow a host other than loopback without an API key (refused otherwise).")
 
 
 class StageConfig(BaseModel):

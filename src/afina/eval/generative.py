@@ -142,7 +142,8 @@ def score_system(rows, answers: list[str], loss: float | None, metrics: list[str
     if "pass@1" in metrics:
         from afina.eval.sandbox import extract_code, program_for_task, run_program
 
-        limits = {"time_limit_s": sandbox_cfg.time_limit_s, "memory_mb": sandbox_cfg.memory_mb} if sandbox_cfg else {}
+        limits = ({"time_limit_s": sandbox_cfg.time_limit_s, "memory_mb": sandbox_cfg.memory_mb,
+                   "allow_weak": sandbox_cfg.allow_weak} if sandbox_cfg else {})
         for i, row in enumerate(rows):
             program = program_for_task(extract_code(answers[i]), row["tests"], row.get("test_setup", ""))
             result = run_program(program, **limits)

@@ -30,8 +30,8 @@ from afina.rundir import RunDir, read_jsonl
 from afina.train.batches import collate, epoch_batches, pack_settings
 from afina.train.checkpoint import (
     list_checkpoints,
-    load_checkpoint,
     load_trainable_state,
+    resume_checkpoint,
     save_checkpoint,
     save_weights,
     trainable_state,
@@ -236,12 +236,8 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
         save_every=cfg.save_every or eval_every, retrieval_rows=retrieval_rows, rope=rope, state=LoopState(),
     )
     if resume:
-        found = list_checkpoints(t.checkpoints)
-        if not found:
-            raise FileNotFoundError(f"no checkpoint to resume from in {t.checkpoints}; run `afina train` without --resume")
-        t.resumed_from = found[-1]
-        saved = load_checkpoint(t.resumed_from, model, optimizer, t.scheduler, t.rng)["loop"]
-        t.state = LoopState(**saved)
+        t.resumed_from, saved = resume_checkpoint(t.checkpoints, model, optimizer, t.scheduler, t.rng)
+        t.state = LoopState(**saved["loop"])
     else:
         t.state.val_before = t.validation_loss()
     return t
