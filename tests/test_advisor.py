@@ -153,3 +153,30 @@ def test_bias_report_flags_a_widened_gap():
     assert report["dimensions"]["name"]["flagged"] and report["flagged"]
     assert report["dimensions"]["name"]["widening"]["difference"] == 1.0
     assert not report["dimensions"]["nationality"]["flagged"] and not report["dimensions"]["gender"]["flagged"]
+
+
+def test_power_law_fit_recovers_a_planted_curve_and_what_doubling_buys():
+    from afina.eval.learning_curve import fit_power_law, power_law
+
+    rows = [100, 250, 500, 1000]
+    truth = power_law(np.array(rows, dtype=float), 80.0, 300.0, 0.6)
+    noise = np.random.default_rng(0).normal(0, 0.3, len(rows))
+    fit = fit_power_law(rows, list(truth + noise), sigma=[0.3] * 4)
+    assert fit["a"] == pytest.approx(80.0, abs=4.0) and fit["c"] == pytest.approx(0.6, abs=0.15)
+    true_gain = float(power_law(np.array(2000.0), 80.0, 300.0, 0.6) - power_law(np.array(1000.0), 80.0, 300.0, 0.6))
+    low, high = fit["doubling"]["interval"]
+    assert low <= true_gain <= high and fit["doubling"]["gain"] == pytest.approx(true_gain, abs=1.0)
+    # Noisier points: the interval of what doubling buys widens.
+    loose = fit_power_law(rows, list(truth + 10 * noise), sigma=[3.0] * 4)
+    assert loose["doubling"]["interval"][1] - loose["doubling"]["interval"][0] > high - low
+
+
+def test_power_law_fit_of_a_loss_falls_with_more_rows():
+    from afina.eval.learning_curve import fit_power_law
+
+    rows = [50, 100, 200, 400, 800]
+    loss = [1.0 + 4.0 * n ** -0.5 for n in rows]
+    fit = fit_power_law(rows, loss, lower_is_better=True)
+    assert fit["a"] == pytest.approx(1.0, abs=0.1) and fit["doubling"]["gain"] < 0
+    with pytest.raises(ValueError, match="3 or more distinct"):
+        fit_power_law([10, 10, 20], [1.0, 2.0, 3.0])

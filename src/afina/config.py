@@ -292,9 +292,9 @@ class RisksConfig(_Section):
         32, ge=0, description="Train rows the tuned model also answers, to compare its train and test scores "
         "(memorisation); 0: skip.",
     )
-    bias: Literal["auto", "on", "off"] = Field(
+    bias: bool | Literal["auto"] = Field(
         "auto", description="Counterfactual bias probe (names, gender, nationality swapped): auto runs it for "
-        "classification; on: chat too (log-probability of the reference answer).",
+        "classification; true: chat too (log-probability of the reference answer); false: never.",
     )
     bias_rows: int = Field(24, ge=1, description="Test rows the bias probe fills into its templates.")
     bias_threshold: float = Field(

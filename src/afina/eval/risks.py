@@ -101,13 +101,13 @@ def chat_hallucination(recipe: Recipe, report: dict[str, Any], rows, train_rows,
 
 
 def chat_bias_probe(recipe: Recipe, report: dict[str, Any], rows, tokenizer, models, autocast) -> None:
-    """eval.risks.bias=on: the reference answer's log-probability per token after questions with swapped terms."""
+    """eval.risks.bias=true: the reference answer's log-probability per token after questions with swapped terms."""
     from afina.data.format import IGNORE_INDEX, encode_chat
     from afina.eval.generative import last_user_text
     from afina.train.loss import label_logprobs
 
     cfg = recipe.eval.risks
-    if cfg.bias != "on":
+    if cfg.bias is not True:
         return
     sample = rows if len(rows) <= cfg.bias_rows else random.Random(recipe.seed).sample(rows, cfg.bias_rows)
     questions = [last_user_text(r["messages"][:-1]) for r in sample]

@@ -138,7 +138,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
 def chat_risks(ev: ChatEval, models: SystemModels, report: dict[str, Any], predictions: list[dict[str, Any]],
                answers: dict[str, list[str]], progress: bool) -> None:
     """Error bars, overfitting (with the tuned model's answers to a sample of train rows), invented facts and
-    (eval.risks.bias=on) the bias probe: afina.eval.risks."""
+    (eval.risks.bias=true) the bias probe: afina.eval.risks."""
     add_intervals(ev.recipe, report, predictions)
 
     def answer(conversations: Prompts) -> list[str]:

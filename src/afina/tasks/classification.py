@@ -333,7 +333,7 @@ def classification_risks(recipe: Recipe, run: RunDir, report: dict[str, Any], pr
             test_values = [100.0 * p["correct"] for p in predictions if p["system"] == "tuned"]
             memorisation = memorisation_gap("accuracy", train_values, test_values, cfg.resamples, cfg.confidence, recipe.seed)
     add_overfitting(recipe, run, report, memorisation)
-    if cfg.bias == "off":
+    if cfg.bias is False:
         return
     probed = rows if len(rows) <= cfg.bias_rows else random.Random(recipe.seed).sample(rows, cfg.bias_rows)
 
