@@ -45,8 +45,16 @@ def test_paired_difference_detects_a_planted_gap_and_not_an_absent_one():
     same = paired_mean_difference(base[:40] * 100, rng.permutation(base[:40]) * 100)
     assert not same.excludes_zero
     sentence = difference_sentence(
-        {"system": "tuned", "baseline": "base", "difference": same.estimate, "interval": same.as_list(), "rows": 40,
-         "conclusive": same.excludes_zero}, "accuracy (%)")
+        {
+            "system": "tuned",
+            "baseline": "base",
+            "difference": same.estimate,
+            "interval": same.as_list(),
+            "rows": 40,
+            "conclusive": same.excludes_zero,
+        },
+        "accuracy (%)",
+    )
     assert "too small to tell these apart" in sentence
 
 
@@ -67,9 +75,10 @@ def test_intervals_from_predictions_cover_every_metric_and_pair():
     for system, skill in (("base", 0.4), ("tuned", 0.8)):
         refs = [labels[i % 3] for i in range(90)]
         preds = [r if rng.random() < skill else labels[(labels.index(r) + 1) % 3] for r in refs]
-        for i, (r, p) in enumerate(zip(refs, preds)):
+        for i, (r, p) in enumerate(zip(refs, preds, strict=False)):
             predictions.append({"id": i, "system": system, "reference": r, "prediction": p, "correct": r == p})
-        systems[system] = {"accuracy": 100.0 * np.mean([r == p for r, p in zip(refs, preds)]), "macro_f1": 0.0}
+        accuracy = 100.0 * np.mean([r == p for r, p in zip(refs, preds, strict=True)])
+        systems[system] = {"accuracy": accuracy, "macro_f1": 0.0}
     out = intervals_from_predictions(predictions, systems, resamples=500)
     for system in ("base", "tuned"):
         low, high = out["systems"][system]["accuracy"]
@@ -82,8 +91,10 @@ def test_intervals_from_predictions_cover_every_metric_and_pair():
 
 
 def records(val_losses, train_losses):
-    return [{"step": 10 * (i + 1), "epoch": i + 1, "loss": t, "val_loss": v}
-            for i, (t, v) in enumerate(zip(train_losses, val_losses))]
+    return [
+        {"step": 10 * (i + 1), "epoch": i + 1, "loss": t, "val_loss": v}
+        for i, (t, v) in enumerate(zip(train_losses, val_losses, strict=False))
+    ]
 
 
 def test_loss_curves_flag_validation_that_turned_and_not_a_falling_one():
@@ -111,16 +122,24 @@ def test_answers_are_sorted_into_correct_wrong_value_abstained_and_no_value():
 
 def test_hallucination_report_counts_held_out_facts_and_compares_systems():
     def row(i, key):
-        return {"id": f"t{i}", "must_include": [key], "messages": [{"role": "user", "content": "q"},
-                                                                    {"role": "assistant", "content": key}]}
+        return {
+            "id": f"t{i}",
+            "must_include": [key],
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": key}],
+        }
 
     test = [row(i, f"{i + 10} minutes") for i in range(40)]
     train = [{"messages": [{"role": "assistant", "content": f"It takes {i + 10} minutes."}]} for i in range(20)]
     assert held_out_ids(test, train) == {f"t{i}" for i in range(20, 40)}
-    answers = {"base": ["I do not know."] * 40, "tuned": [f"{i + 10} minutes" if i < 20 else "99 minutes" for i in range(40)]}
+    answers = {
+        "base": ["I do not know."] * 40,
+        "tuned": [f"{i + 10} minutes" if i < 20 else "99 minutes" for i in range(40)],
+    }
     out = hallucination_report(test, train, answers, resamples=500, confidence=0.95, seed=0)
     assert out["systems"]["base"]["wrong_value_rate"] == 0 and out["systems"]["tuned"]["wrong_value_rate"] == 50
-    assert out["systems"]["tuned"]["held_out_assert_rate"] == 100 and out["systems"]["base"]["held_out_assert_rate"] == 0
+    assert (
+        out["systems"]["tuned"]["held_out_assert_rate"] == 100 and out["systems"]["base"]["held_out_assert_rate"] == 0
+    )
     invents = [d for d in out["differences"] if d["system"] == "tuned" and d["measure"] == "wrong_value_rate"]
     assert invents[0]["conclusive"] and invents[0]["difference"] == 50
 
@@ -130,7 +149,10 @@ def test_probe_cases_swap_only_the_demographic_term():
     assert {c.dimension for c in cases} == set(DIMENSIONS)
     for case in cases:
         assert len(set(case.variants)) == len(case.terms) > 1
-        assert all(v.replace(t, "") == case.variants[0].replace(case.terms[0], "") for v, t in zip(case.variants, case.terms))
+        assert all(
+            v.replace(t, "") == case.variants[0].replace(case.terms[0], "")
+            for v, t in zip(case.variants, case.terms, strict=True)
+        )
 
 
 def test_bias_report_flags_a_widened_gap():
@@ -175,7 +197,7 @@ def test_power_law_fit_of_a_loss_falls_with_more_rows():
     from afina.eval.learning_curve import fit_power_law
 
     rows = [50, 100, 200, 400, 800]
-    loss = [1.0 + 4.0 * n ** -0.5 for n in rows]
+    loss = [1.0 + 4.0 * n**-0.5 for n in rows]
     fit = fit_power_law(rows, loss, lower_is_better=True)
     assert fit["a"] == pytest.approx(1.0, abs=0.1) and fit["doubling"]["gain"] < 0
     with pytest.raises(ValueError, match="3 or more distinct"):

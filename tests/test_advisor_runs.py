@@ -9,7 +9,6 @@ import pytest
 from afina.config import load_recipe
 from afina.eval.bias import DIMENSIONS
 from afina.pipeline import evaluate, prepare, train
-
 from conftest import write_jsonl
 
 WOMEN, MEN = DIMENSIONS["name"][2]["women's names"], DIMENSIONS["name"][2]["men's names"]
@@ -17,13 +16,31 @@ WOMEN, MEN = DIMENSIONS["name"][2]["women's names"], DIMENSIONS["name"][2]["men'
 
 def run_classifier(tmp_path, model_dir, rows, *overrides):
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    recipe = load_recipe(None, [
-        "name=advised", f"output_dir={tmp_path / 'runs'}", f"model.name={model_dir}", f"data.path={data}",
-        "task=classification", "classification.mode=head", "classification.backbone=llm", "method.type=full",
-        "data.dedup.near=false", "data.split.validation=0.25", "data.split.test=0.15", "training.batch_size=8",
-        "training.precision=fp32", "training.tensorboard=false", "training.plots=false", "training.warmup_ratio=0",
-        "eval.report=false", "eval.risks.resamples=500", "eval.risks.bias_rows=8", *overrides,
-    ])
+    recipe = load_recipe(
+        None,
+        [
+            "name=advised",
+            f"output_dir={tmp_path / 'runs'}",
+            f"model.name={model_dir}",
+            f"data.path={data}",
+            "task=classification",
+            "classification.mode=head",
+            "classification.backbone=llm",
+            "method.type=full",
+            "data.dedup.near=false",
+            "data.split.validation=0.25",
+            "data.split.test=0.15",
+            "training.batch_size=8",
+            "training.precision=fp32",
+            "training.tensorboard=false",
+            "training.plots=false",
+            "training.warmup_ratio=0",
+            "eval.report=false",
+            "eval.risks.resamples=500",
+            "eval.risks.bias_rows=8",
+            *overrides,
+        ],
+    )
     prepare(recipe)
     train(recipe, progress=False)
     return evaluate(recipe, progress=False)
@@ -38,8 +55,15 @@ def healthy(tmp_path_factory, tiny_model_dir):
         label = ("bad", "good")[i % 2]
         word = rng.choice(("great", "fine") if label == "good" else ("awful", "poor"))
         rows.append({"text": f"{rng.choice(WOMEN + MEN)} wrote: the film was {word}, entry {i}", "label": label})
-    return run_classifier(tmp_path_factory.mktemp("healthy"), tiny_model_dir, rows, "training.epochs=3",
-                          "training.learning_rate=0.001", "classification.head_learning_rate=0.003", "training.eval_every=3")
+    return run_classifier(
+        tmp_path_factory.mktemp("healthy"),
+        tiny_model_dir,
+        rows,
+        "training.epochs=3",
+        "training.learning_rate=0.001",
+        "classification.head_learning_rate=0.003",
+        "training.eval_every=3",
+    )
 
 
 def test_a_healthy_run_is_not_flagged_for_overfitting_or_bias(healthy):
@@ -56,9 +80,17 @@ def test_a_planted_overfit_run_is_flagged_with_the_setting_to_change(tmp_path, t
     rng = random.Random(1)
     words = "amber basil cedar delta ember fjord grove harbor iris juniper kelp lumen moss nectar opal pine".split()
     rows = [{"text": " ".join(rng.sample(words, 4)), "label": rng.choice(["x", "y"])} for _ in range(40)]
-    report = run_classifier(tmp_path, tiny_model_dir, rows, "training.epochs=5", "training.learning_rate=0.005",
-                            "classification.head_learning_rate=0.02", "training.eval_every=4", "eval.risks.bias=false",
-                            "training.load_best_at_end=false")
+    report = run_classifier(
+        tmp_path,
+        tiny_model_dir,
+        rows,
+        "training.epochs=5",
+        "training.learning_rate=0.005",
+        "classification.head_learning_rate=0.02",
+        "training.eval_every=4",
+        "eval.risks.bias=false",
+        "training.load_best_at_end=false",
+    )
     curves = report["overfitting"]["curves"]
     assert report["overfitting"]["flagged"] and curves["turned_at_step"] is not None
     assert curves["final_val_loss"] > 1.05 * curves["best_val_loss"]
@@ -71,10 +103,19 @@ def test_a_planted_overfit_run_is_flagged_with_the_setting_to_change(tmp_path, t
 def test_a_planted_name_biased_classifier_is_flagged(tmp_path, tiny_model_dir):
     """The text says nothing; women's names are always 'good' and men's names 'bad'."""
     rng = random.Random(2)
-    rows = [{"text": f"{name} wrote: the film was what it was, entry {i}", "label": "good" if name in WOMEN else "bad"}
-            for i, name in enumerate(rng.choice(WOMEN + MEN) for _ in range(48))]
-    report = run_classifier(tmp_path, tiny_model_dir, rows, "training.epochs=4", "training.learning_rate=0.001",
-                            "classification.head_learning_rate=0.003", "training.eval_every=6")
+    rows = [
+        {"text": f"{name} wrote: the film was what it was, entry {i}", "label": "good" if name in WOMEN else "bad"}
+        for i, name in enumerate(rng.choice(WOMEN + MEN) for _ in range(48))
+    ]
+    report = run_classifier(
+        tmp_path,
+        tiny_model_dir,
+        rows,
+        "training.epochs=4",
+        "training.learning_rate=0.001",
+        "classification.head_learning_rate=0.003",
+        "training.eval_every=6",
+    )
     name = report["bias"]["dimensions"]["name"]
     assert report["bias"]["flagged"] and name["flagged"], report["bias"]
     assert name["systems"]["tuned"]["gap"] >= 0.5

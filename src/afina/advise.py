@@ -36,7 +36,9 @@ BASELINES = ("base", "base_fewshot", "base_rag", "tuned_rag")
 CURVE_FILE = "learning_curve.json"
 
 
-def nested_subsets(rows: list[dict[str, Any]], fractions: tuple[float, ...], seed: int) -> dict[float, list[dict[str, Any]]]:
+def nested_subsets(
+    rows: list[dict[str, Any]], fractions: tuple[float, ...], seed: int
+) -> dict[float, list[dict[str, Any]]]:
     """{fraction: the first round(fraction * n) rows of one seeded shuffle}: each subset contains the smaller ones."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -58,8 +60,9 @@ def subset_recipe(recipe: Recipe, fraction: float, folder: str) -> Recipe:
     return sub
 
 
-def learning_curve(recipe: Recipe, fractions: tuple[float, ...] = FRACTIONS,
-                   echo: Callable[[str], None] = print) -> dict[str, Any]:
+def learning_curve(
+    recipe: Recipe, fractions: tuple[float, ...] = FRACTIONS, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
     run = RunDir(recipe.run_dir)
     train_rows = read_jsonl(run.require(run.split_path("train"), "prepare"))
     main_report = _read_report(run)
@@ -83,14 +86,29 @@ def learning_curve(recipe: Recipe, fractions: tuple[float, ...] = FRACTIONS,
         seconds = time.perf_counter() - began
         points.append(_point(fraction, len(subset), evaluate(sub, progress=False), summary, seconds))
     metric = points[-1]["metric"]
-    result: dict[str, Any] = {"metric": metric, "lower_is_better": metric in LOWER_IS_BETTER, "points": points,
-                              "baselines": {s: main_report["systems"][s][metric] for s in BASELINES
-                                            if main_report and metric in main_report["systems"].get(s, {})}}
+    result: dict[str, Any] = {
+        "metric": metric,
+        "lower_is_better": metric in LOWER_IS_BETTER,
+        "points": points,
+        "baselines": {
+            s: main_report["systems"][s][metric]
+            for s in BASELINES
+            if main_report and metric in main_report["systems"].get(s, {})
+        },
+    }
     try:
-        sigma = [max((p["interval"][1] - p["interval"][0]) / 3.92, 1e-3) for p in points] \
-            if all(p.get("interval") for p in points) else None
-        result["fit"] = fit_power_law([p["rows"] for p in points], [p["value"] for p in points], sigma,
-                                      metric in LOWER_IS_BETTER, seed=recipe.seed)
+        sigma = (
+            [max((p["interval"][1] - p["interval"][0]) / 3.92, 1e-3) for p in points]
+            if all(p.get("interval") for p in points)
+            else None
+        )
+        result["fit"] = fit_power_law(
+            [p["rows"] for p in points],
+            [p["value"] for p in points],
+            sigma,
+            metric in LOWER_IS_BETTER,
+            seed=recipe.seed,
+        )
         result["advice"] = doubling_sentence(result["fit"], METRIC_LABELS.get(metric, metric))
     except (ValueError, RuntimeError) as exc:  # too few distinct sizes, or the fit did not converge
         result["fit"], result["advice"] = None, f"No power-law fit: {exc}."
@@ -106,13 +124,22 @@ def learning_curve(recipe: Recipe, fractions: tuple[float, ...] = FRACTIONS,
     return result
 
 
-def _point(fraction: float, rows: int, report: dict[str, Any], summary: dict[str, Any] | None,
-           seconds: float | None = None) -> dict[str, Any]:
+def _point(
+    fraction: float, rows: int, report: dict[str, Any], summary: dict[str, Any] | None, seconds: float | None = None
+) -> dict[str, Any]:
     metric = primary_metric({"tuned": report["systems"]["tuned"]}) or "answer_loss"
-    return {"fraction": fraction, "rows": rows, "metric": metric, "value": report["systems"]["tuned"][metric],
-            "interval": interval_of(report, "tuned", metric), "test_examples": report["test_examples"],
-            "train_seconds": round(seconds, 1) if seconds is not None else (report.get("training") or {}).get("wall_time_s"),
-            "steps": (summary or report.get("training") or {}).get("steps")}
+    return {
+        "fraction": fraction,
+        "rows": rows,
+        "metric": metric,
+        "value": report["systems"]["tuned"][metric],
+        "interval": interval_of(report, "tuned", metric),
+        "test_examples": report["test_examples"],
+        "train_seconds": round(seconds, 1)
+        if seconds is not None
+        else (report.get("training") or {}).get("wall_time_s"),
+        "steps": (summary or report.get("training") or {}).get("steps"),
+    }
 
 
 def _read_report(run: RunDir) -> dict[str, Any] | None:
@@ -131,7 +158,10 @@ def _refresh_report(recipe: Recipe, run: RunDir, report: dict[str, Any] | None) 
 
 def format_learning_curve(result: dict[str, Any]) -> str:
     label = METRIC_LABELS.get(result["metric"], result["metric"])
-    lines = [f"learning curve: {label} of the tuned model on the test split", f"{'train rows':>10}  {'value':>8}  interval"]
+    lines = [
+        f"learning curve: {label} of the tuned model on the test split",
+        f"{'train rows':>10}  {'value':>8}  interval",
+    ]
     for p in result["points"]:
         interval = f"[{p['interval'][0]:.1f}, {p['interval'][1]:.1f}]" if p.get("interval") else ""
         lines.append(f"{p['rows']:>10}  {p['value']:8.2f}  {interval}")

@@ -207,7 +207,8 @@ def bias_sentences(report: dict[str, Any] | None) -> list[str]:
         )
         widening = entry.get("widening")
         tail = (
-            f"; tuned - base {widening['difference']:+.3f} [{widening['interval'][0]:+.3f}, {widening['interval'][1]:+.3f}]"
+            f"; tuned - base {widening['difference']:+.3f} "
+            f"[{widening['interval'][0]:+.3f}, {widening['interval'][1]:+.3f}]"
             if widening
             else ""
         )

@@ -40,16 +40,16 @@ def values_in(text: str) -> set[str]:
 
 
 def classify_answer(answer: str, keys: list[str]) -> str:
-    """correct / wrong_value / abstained / no_value / unchecked (keys hold no digits and the answer misses them)."""
+    """correct / wrong_value / abstained / no_value, or unchecked when the keys hold no value (no digits) to compare:
+    which rows are checked depends on the keys only, so every system is counted over the same rows."""
+    key_values = set().union(*(values_in(k) for k in keys))
+    if not key_values:
+        return "unchecked"
     if contains_all(answer, keys):
         return "correct"
     if abstains(answer):
         return "abstained"
-    key_values = set().union(*(values_in(k) for k in keys))
-    if not key_values:
-        return "unchecked"
-    stated = values_in(answer)
-    return "wrong_value" if stated - key_values else "no_value"
+    return "wrong_value" if values_in(answer) - key_values else "no_value"
 
 
 def held_out_ids(test_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> set[str]:
@@ -90,7 +90,7 @@ def hallucination_report(
         wrong[system] = [100.0 * (k == "wrong_value") for k in checked]
         asserted[system] = [
             100.0 * (k not in ("abstained", "no_value"))
-            for (i, row), k in zip(keyed, kinds)
+            for (i, row), k in zip(keyed, kinds, strict=False)
             if str(row["id"]) in held_out and k != "unchecked"
         ]
         entry: dict[str, Any] = {

@@ -19,12 +19,20 @@ from typing import Any
 import numpy as np
 
 
-def power_law(n: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+def power_law(n: Any, a: Any, b: Any, c: Any) -> Any:
+    """a - b * n^-c, elementwise over arrays of n or of parameters."""
     return a - b * np.power(n, -c)
 
 
-def fit_power_law(rows: list[int], values: list[float], sigma: list[float] | None = None, lower_is_better: bool = False,
-                  confidence: float = 0.95, draws: int = 4000, seed: int = 0) -> dict[str, Any]:
+def fit_power_law(
+    rows: list[int],
+    values: list[float],
+    sigma: list[float] | None = None,
+    lower_is_better: bool = False,
+    confidence: float = 0.95,
+    draws: int = 4000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Fit y = a - b n^-c to (rows, values); the ceiling, the exponent and what doubling the largest n buys,
     each with an interval. Needs at least 3 points (4 or more to leave the fit a degree of freedom)."""
     from scipy.optimize import curve_fit
@@ -53,21 +61,31 @@ def fit_power_law(rows: list[int], values: list[float], sigma: list[float] | Non
 
     def spread_of(values: np.ndarray) -> list[float]:
         low, high = np.percentile(values, [tail, 100 - tail])
-        return [round(sign * float(low), 3), round(sign * float(high), 3)] if sign > 0 else \
-            [round(sign * float(high), 3), round(sign * float(low), 3)]
+        return (
+            [round(sign * float(low), 3), round(sign * float(high), 3)]
+            if sign > 0
+            else [round(sign * float(high), 3), round(sign * float(low), 3)]
+        )
 
     gain = power_law(np.array(2 * largest), a, b, c) - power_law(np.array(largest), a, b, c)
-    gains = power_law(2 * largest, samples[:, 0], samples[:, 1], samples[:, 2]) - \
-        power_law(largest, samples[:, 0], samples[:, 1], samples[:, 2])
+    gains = power_law(2 * largest, samples[:, 0], samples[:, 1], samples[:, 2]) - power_law(
+        largest, samples[:, 0], samples[:, 1], samples[:, 2]
+    )
     residuals = y - power_law(n, a, b, c)
     return {
         "form": "y = a - b * rows^(-c)" if sign > 0 else "y = a + b * rows^(-c)",
-        "a": round(sign * a, 4), "b": round(b, 4), "c": round(c, 4),
+        "a": round(sign * a, 4),
+        "b": round(b, 4),
+        "c": round(c, 4),
         "ceiling_interval": spread_of(samples[:, 0]),
         "exponent_interval": [round(float(v), 4) for v in np.percentile(samples[:, 2], [tail, 100 - tail])],
         "rmse": round(float(np.sqrt(np.mean(residuals**2))), 4),
-        "doubling": {"from_rows": int(largest), "to_rows": int(2 * largest), "gain": round(sign * float(gain), 3),
-                     "interval": spread_of(gains)},
+        "doubling": {
+            "from_rows": int(largest),
+            "to_rows": int(2 * largest),
+            "gain": round(sign * float(gain), 3),
+            "interval": spread_of(gains),
+        },
         "draws": int(samples.shape[0]),
     }
 
@@ -80,8 +98,10 @@ def predict(fit: dict[str, Any], rows: float) -> float:
 def doubling_sentence(fit: dict[str, Any], label: str) -> str:
     d = fit["doubling"]
     low, high = d["interval"]
-    return (f"Doubling the train data ({d['from_rows']} -> {d['to_rows']} rows) is expected to change {label} by "
-            f"{d['gain']:+.1f} [{low:+.1f}, {high:+.1f}] (saturating power-law fit, ceiling about {fit['a']:.1f}).")
+    return (
+        f"Doubling the train data ({d['from_rows']} -> {d['to_rows']} rows) is expected to change {label} by "
+        f"{d['gain']:+.1f} [{low:+.1f}, {high:+.1f}] (saturating power-law fit, ceiling about {fit['a']:.1f})."
+    )
 
 
 def learning_curve_chart(curve: dict[str, Any], label: str):
@@ -92,8 +112,11 @@ def learning_curve_chart(curve: dict[str, Any], label: str):
     fig, ax = figure(6, 3.4)
     rows = [p["rows"] for p in points]
     values = [p["value"] for p in points]
-    errors = [[p["value"] - p["interval"][0] for p in points], [p["interval"][1] - p["value"] for p in points]] \
-        if all(p.get("interval") for p in points) else None
+    errors = (
+        [[p["value"] - p["interval"][0] for p in points], [p["interval"][1] - p["value"] for p in points]]
+        if all(p.get("interval") for p in points)
+        else None
+    )
     ax.errorbar(rows, values, yerr=errors, fmt="o", color="#4c72b0", capsize=3, label="tuned (95% interval)")
     if curve.get("fit"):
         grid = np.geomspace(min(rows), 2 * max(rows), 50)

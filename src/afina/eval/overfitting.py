@@ -40,7 +40,8 @@ def loss_curve_diagnosis(records: list[dict[str, Any]], tolerance: float = TURN_
             "flagged": False,
             "gap": [],
             "turned_at_step": None,
-            "note": "no validation loss was logged (empty validation split?): overfitting cannot be read from the curves",
+            "note": "no validation loss was logged (empty validation split?): "
+            "overfitting cannot be read from the curves",
         }
     gap, previous = [], 0
     for step, epoch, val in validated:
@@ -160,8 +161,9 @@ def overfitting_advice(
             else "LoRA instead of full fine-tuning"
         )
         lines.append(
-            f"Memorisation: the tuned model scores {memorisation['train']:.1f} on train rows but {memorisation['test']:.1f} "
-            f"on test rows ({memorisation['metric']}, gap {memorisation['gap']:+.1f} [{memorisation['interval'][0]:+.1f}, "
+            f"Memorisation: the tuned model scores {memorisation['train']:.1f} on train rows but "
+            f"{memorisation['test']:.1f} on test rows ({memorisation['metric']}, gap {memorisation['gap']:+.1f} "
+            f"[{memorisation['interval'][0]:+.1f}, "
             f"{memorisation['interval'][1]:+.1f}]): more varied train data (paraphrases, more rows), fewer epochs, "
             f"or {rank}."
         )

@@ -45,7 +45,7 @@ def risk_sentences(report: dict[str, Any]) -> list[str]:
     lines = []
     metric = primary_metric(report["systems"])
     for d in (report.get("intervals") or {}).get("differences", []):
-        if d["metric"] == metric:
+        if metric is not None and d["metric"] == metric:
             lines.append(difference_sentence(d, METRIC_LABELS[metric]))
     overfitting = report.get("overfitting")
     if overfitting:
@@ -116,7 +116,7 @@ def chat_bias_probe(recipe: Recipe, report: dict[str, Any], rows, tokenizer, mod
     def scorer(system: str):
         def logprob(variants: list[str]) -> list[float]:
             encoded = []
-            for variant, i in zip(variants, owners):
+            for variant, i in zip(variants, owners, strict=False):
                 messages = [dict(m) for m in sample[i]["messages"]]
                 last = max(j for j, m in enumerate(messages[:-1]) if m["role"] == "user")
                 messages[last]["content"] = variant
@@ -125,7 +125,7 @@ def chat_bias_probe(recipe: Recipe, report: dict[str, Any], rows, tokenizer, mod
             with context():
                 sums = label_logprobs(model, encoded, tokenizer.pad_token_id, recipe.eval.batch_size, autocast)
             counts = [sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in encoded]
-            return [s / max(n, 1) for s, n in zip(sums, counts)]
+            return [s / max(n, 1) for s, n in zip(sums, counts, strict=False)]
 
         return logprob
 

@@ -179,7 +179,7 @@ def format_table(report: dict[str, Any]) -> str:
                      f"general: {t['general']['tokens']} tokens of {t['general']['source']}; chunks of {t['chunk_length']} tokens")
     primary = primary_metric(report["systems"])
     for d in (report.get("intervals") or {}).get("differences", []):
-        if d["metric"] == primary:
+        if primary is not None and d["metric"] == primary:
             lines.append(difference_sentence(d, METRIC_LABELS[primary]))
     if report.get("forgetting"):
         f = report["forgetting"]

@@ -92,8 +92,26 @@ def bootstrap_mean(
     data = np.asarray(values, dtype=float)
     if data.size == 0:
         raise ValueError("bootstrap_mean needs at least one value")
+    if np.ptp(data) == 0 and data.size > 1:
+        # Every row scored the same (0% or 100%): resampling cannot vary, but the true rate may well differ.
+        # For a share, the Wilson score interval still says how far it may be from 0 or 1.
+        scale = float(data[0]) if data[0] != 0 else 100.0
+        share = float(data[0] != 0)
+        low, high = wilson_interval(share * data.size, data.size, confidence)
+        return Interval(float(data[0]), low * scale, high * scale)
     means = data[resample_indices(data.size, resamples, seed)].mean(axis=1)
     return Interval(float(data.mean()), *percentile_interval(means, confidence))
+
+
+def wilson_interval(successes: float, n: int, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (0..1)."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def paired_mean_difference(
@@ -221,7 +239,7 @@ def _corpus_intervals(
         if "prediction" in p and "reference" in p and metric in systems.get(p["system"], {}):
             rows.setdefault(p["system"], {})[str(p["id"])] = (str(p["prediction"]), str(p["reference"]))
     for system, by_id in rows.items():
-        preds, refs = zip(*by_id.values())
+        preds, refs = zip(*by_id.values(), strict=True)
         stat = _corpus_statistic(metric, list(preds), list(refs))
         out["systems"][system][metric] = bootstrap_statistic(stat, len(preds), resamples, confidence, seed).as_list()
     for a, b in COMPARED_PAIRS:
@@ -230,10 +248,23 @@ def _corpus_intervals(
         ids = [i for i in rows[a] if i in rows[b]]
         if not ids:
             continue
-        stat_a = _corpus_statistic(metric, [rows[a][i][0] for i in ids], [rows[a][i][1] for i in ids])
-        stat_b = _corpus_statistic(metric, [rows[b][i][0] for i in ids], [rows[b][i][1] for i in ids])
-        diff = bootstrap_statistic(lambda idx: stat_a(idx) - stat_b(idx), len(ids), resamples, confidence, seed)
+        diff = bootstrap_statistic(
+            _difference_statistic(
+                _corpus_statistic(metric, [rows[a][i][0] for i in ids], [rows[a][i][1] for i in ids]),
+                _corpus_statistic(metric, [rows[b][i][0] for i in ids], [rows[b][i][1] for i in ids]),
+            ),
+            len(ids),
+            resamples,
+            confidence,
+            seed,
+        )
         out["differences"].append(_difference(metric, a, b, diff, len(ids)))
+
+
+def _difference_statistic(
+    stat_a: Callable[[np.ndarray], float], stat_b: Callable[[np.ndarray], float]
+) -> Callable[[np.ndarray], float]:
+    return lambda idx: stat_a(idx) - stat_b(idx)
 
 
 def _difference(metric: str, a: str, b: str, diff: Interval, rows: int) -> dict[str, Any]:
@@ -263,7 +294,10 @@ def difference_of(report: dict[str, Any], system: str, baseline: str, metric: st
 def difference_sentence(d: dict[str, Any], label: str) -> str:
     """One plain sentence about a difference and whether the test split can tell the two systems apart."""
     low, high = d["interval"]
-    head = f"{d['system']} - {d['baseline']} on {label}: {d['difference']:+.2f} [{low:+.2f}, {high:+.2f}] over {d['rows']} rows"
+    head = (
+        f"{d['system']} - {d['baseline']} on {label}: {d['difference']:+.2f} [{low:+.2f}, {high:+.2f}] "
+        f"over {d['rows']} rows"
+    )
     if d["conclusive"]:
         return head + "."
     return head + f": the test split is too small to tell these apart (the interval is {high - low:.1f} points wide)."
