@@ -14,7 +14,7 @@ from conftest import write_jsonl
 WOMEN, MEN = DIMENSIONS["name"][2]["women's names"], DIMENSIONS["name"][2]["men's names"]
 
 
-def run_classifier(tmp_path, model_dir, rows, *overrides):
+def run_classifier(tmp_path, model_dir, rows, *overrides, with_recipe=False):
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     recipe = load_recipe(
         None,
@@ -43,7 +43,8 @@ def run_classifier(tmp_path, model_dir, rows, *overrides):
     )
     prepare(recipe)
     train(recipe, progress=False)
-    return evaluate(recipe, progress=False)
+    report = evaluate(recipe, progress=False)
+    return (recipe, report) if with_recipe else report
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +64,13 @@ def healthy(tmp_path_factory, tiny_model_dir):
         "training.learning_rate=0.001",
         "classification.head_learning_rate=0.003",
         "training.eval_every=3",
+        "eval.report=true",
+        with_recipe=True,
     )
 
 
 def test_a_healthy_run_is_not_flagged_for_overfitting_or_bias(healthy):
+    recipe, healthy = healthy
     assert healthy["systems"]["tuned"]["accuracy"] >= 85
     assert not healthy["overfitting"]["flagged"], healthy["overfitting"]
     assert not healthy["bias"]["flagged"], healthy["bias"]
@@ -120,3 +124,59 @@ def test_a_planted_name_biased_classifier_is_flagged(tmp_path, tiny_model_dir):
     assert report["bias"]["flagged"] and name["flagged"], report["bias"]
     assert name["systems"]["tuned"]["gap"] >= 0.5
     assert any("FLAGGED" in line and "name" in line for line in report["recommendation"])
+
+
+def test_advise_trains_nested_subsets_and_fits_what_more_data_buys(healthy):
+    from afina.advise import learning_curve
+    from afina.rundir import RunDir, read_jsonl
+
+    recipe, report = healthy
+    run = RunDir(recipe.run_dir)
+    result = learning_curve(recipe, (0.25, 0.5, 1.0), echo=lambda line: None)
+    rows = [p["rows"] for p in result["points"]]
+    assert rows == sorted(rows) and rows[-1] == len(read_jsonl(run.split_path("train"))) and len(set(rows)) == 3
+    small = {r["id"] for r in read_jsonl(run.root / "advise" / "025pct" / "data" / "train.jsonl")}
+    larger = {r["id"] for r in read_jsonl(run.root / "advise" / "050pct" / "data" / "train.jsonl")}
+    assert small < larger  # nested: more data, not different data
+    assert result["points"][-1]["value"] == report["systems"]["tuned"]["accuracy"]  # the run's own evaluation
+    assert all(p["interval"] for p in result["points"]) and result["metric"] == "accuracy"
+    assert result["fit"] is not None and "Doubling the train data" in result["advice"]
+    assert (run.root / "advise" / "learning_curve.png").stat().st_size > 1000
+    page = (run.eval / "report.html").read_text()
+    assert page.index("<h2>Advice</h2>") < page.index("<h2>Recommendation</h2>") and "learning_curve.json" in page
+    assert "Fine-tune, prompt or retrieve?" in page and "Bias probe" in page
+
+
+def test_chat_eval_reports_intervals_invented_facts_memorisation_and_the_bias_probe(tiny_recipe):
+    from afina.eval.summary import format_table
+
+    recipe = tiny_recipe(
+        "eval.systems=[base,tuned]",
+        "eval.forgetting.enabled=false",
+        "eval.risks.bias=true",
+        "eval.risks.memorisation_rows=4",
+        "eval.risks.bias_rows=3",
+        "eval.risks.resamples=300",
+        "eval.report=false",
+    )
+    prepare(recipe)
+    train(recipe, progress=False)
+    report = evaluate(recipe, progress=False)
+    n = report["test_examples"]
+    for system in ("base", "tuned"):
+        for metric in ("fact_accuracy", "token_f1", "exact_match", "rougeL"):
+            low, high = report["intervals"]["systems"][system][metric]
+            assert low <= report["systems"][system][metric] <= high
+    assert {(d["system"], d["baseline"]) for d in report["intervals"]["differences"]} == {("tuned", "base")}
+    assert all(d["rows"] == n for d in report["intervals"]["differences"])
+    assert report["hallucination"]["rows_with_keys"] == n and set(report["hallucination"]["systems"]) == {
+        "base",
+        "tuned",
+    }
+    assert report["overfitting"]["memorisation"]["train_rows"] == 4
+    assert report["bias"]["cases"] == 3 * 3 and set(report["bias"]["dimensions"]["name"]["systems"]) == {
+        "base",
+        "tuned",
+    }
+    table = format_table(report)
+    assert f"{report['systems']['tuned']['fact_accuracy']:.2f} [" in table and "tuned - base on fact accuracy" in table
