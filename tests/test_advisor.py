@@ -202,3 +202,23 @@ def test_power_law_fit_of_a_loss_falls_with_more_rows():
     assert fit["a"] == pytest.approx(1.0, abs=0.1) and fit["doubling"]["gain"] < 0
     with pytest.raises(ValueError, match="3 or more distinct"):
         fit_power_law([10, 10, 20], [1.0, 2.0, 3.0])
+
+
+def test_advise_command_rejects_shares_outside_0_to_1(capsys):
+    from afina.cli import main
+
+    assert main(["advise", "recipe.yaml", "--fractions", "0,0.5,1"]) == 2
+    assert "every share must be above 0 and at most 1" in capsys.readouterr().err
+    assert main(["advise", "recipe.yaml", "--fractions", "half"]) == 2
+    assert "--fractions 'half'" in capsys.readouterr().err
+
+
+def test_nested_subsets_hold_each_smaller_one():
+    from afina.advise import nested_subsets
+
+    rows = [{"id": i} for i in range(37)]
+    subsets = nested_subsets(rows, (0.1, 0.25, 0.5, 1.0), seed=3)
+    ids = [{r["id"] for r in subsets[f]} for f in (0.1, 0.25, 0.5, 1.0)]
+    assert [len(s) for s in ids] == [4, 9, 18, 37]
+    assert ids[0] < ids[1] < ids[2] < ids[3]
+    assert nested_subsets(rows, (0.25,), seed=3)[0.25] == subsets[0.25]  # seeded: the same rows again

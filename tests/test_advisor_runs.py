@@ -155,7 +155,7 @@ def test_chat_eval_reports_intervals_invented_facts_memorisation_and_the_bias_pr
         "eval.forgetting.enabled=false",
         "eval.risks.bias=true",
         "eval.risks.memorisation_rows=4",
-        "eval.risks.bias_rows=3",
+        "eval.risks.bias_rows=2",
         "eval.risks.resamples=300",
         "eval.report=false",
     )
@@ -174,7 +174,7 @@ def test_chat_eval_reports_intervals_invented_facts_memorisation_and_the_bias_pr
         "tuned",
     }
     assert report["overfitting"]["memorisation"]["train_rows"] == 4
-    assert report["bias"]["cases"] == 3 * 3 and set(report["bias"]["dimensions"]["name"]["systems"]) == {
+    assert report["bias"]["cases"] == 2 * 3 and set(report["bias"]["dimensions"]["name"]["systems"]) == {
         "base",
         "tuned",
     }

@@ -68,7 +68,7 @@ class Interval:
 
     @property
     def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
+        return bool(self.low > 0 or self.high < 0)
 
     def as_list(self, digits: int = 2) -> list[float]:
         return [round(self.low, digits), round(self.high, digits)]
@@ -111,7 +111,7 @@ def wilson_interval(successes: float, n: int, confidence: float = DEFAULT_CONFID
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
 
 
 def paired_mean_difference(
