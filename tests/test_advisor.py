@@ -222,3 +222,23 @@ def test_nested_subsets_hold_each_smaller_one():
     assert [len(s) for s in ids] == [4, 9, 18, 37]
     assert ids[0] < ids[1] < ids[2] < ids[3]
     assert nested_subsets(rows, (0.25,), seed=3)[0.25] == subsets[0.25]  # seeded: the same rows again
+
+
+def test_entity_f1_interval_matches_seqeval_on_the_whole_split():
+    from seqeval.metrics import f1_score
+
+    rng = np.random.default_rng(5)
+    refs, preds = [], []
+    for _ in range(60):
+        ref = ["B-PER", "I-PER", "O", "B-LOC", "O"]
+        pred = [t if rng.random() < 0.8 else "O" for t in ref]
+        refs.append(ref)
+        preds.append(pred)
+    predictions = [
+        {"id": i, "system": "tuned", "reference": " ".join(r), "prediction": " ".join(p)}
+        for i, (r, p) in enumerate(zip(refs, preds, strict=True))
+    ]
+    whole = 100.0 * f1_score(refs, preds)
+    out = intervals_from_predictions(predictions, {"tuned": {"entity_f1": whole}}, resamples=300)
+    low, high = out["systems"]["tuned"]["entity_f1"]
+    assert low < whole < high and high - low < 30

@@ -42,7 +42,7 @@ PER_EXAMPLE_FIELDS: dict[str, tuple[str, float]] = {
     "rougeL": ("rougeL", 1.0),
 }
 # Metrics recomputed on each resample from the (prediction, reference) pairs.
-CORPUS_METRICS = ("macro_f1", "chrf", "bleu")
+CORPUS_METRICS = ("macro_f1", "chrf", "bleu", "entity_f1")
 
 # The pairs of systems whose difference a reader asks about: (system, compared with).
 COMPARED_PAIRS = (
@@ -162,6 +162,8 @@ def _corpus_statistic(metric: str, predictions: list[str], references: list[str]
             return 100.0 * float(np.mean(f1)) if f1 else 0.0
 
         return macro_f1
+    if metric == "entity_f1":
+        return _entity_f1_statistic(predictions, references)
     import sacrebleu
 
     scorer = sacrebleu.corpus_chrf if metric == "chrf" else sacrebleu.corpus_bleu
@@ -170,6 +172,24 @@ def _corpus_statistic(metric: str, predictions: list[str], references: list[str]
         return float(scorer([predictions[i] for i in idx], [[references[i] for i in idx]]).score)
 
     return corpus
+
+
+def _entity_f1_statistic(predictions: list[str], references: list[str]) -> Callable[[np.ndarray], float]:
+    """Micro entity F1 (seqeval's entity extraction, type and span must match) from per-sentence counts, so a
+    resample only sums counts. Predictions and references are space-joined tag sequences."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    counts = []
+    for pred, ref in zip(predictions, references, strict=True):
+        p, g = set(get_entities(pred.split())), set(get_entities(ref.split()))
+        counts.append((len(p & g), len(p), len(g)))
+    tp, n_pred, n_gold = (np.array(c, dtype=float) for c in zip(*counts, strict=True))
+
+    def entity_f1(idx: np.ndarray) -> float:
+        denominator = n_pred[idx].sum() + n_gold[idx].sum()
+        return 100.0 * 2.0 * tp[idx].sum() / denominator if denominator else 0.0
+
+    return entity_f1
 
 
 def per_system_values(predictions: list[dict[str, Any]], metric: str) -> dict[str, dict[str, float]]:
