@@ -242,3 +242,32 @@ def test_entity_f1_interval_matches_seqeval_on_the_whole_split():
     out = intervals_from_predictions(predictions, {"tuned": {"entity_f1": whole}}, resamples=300)
     low, high = out["systems"]["tuned"]["entity_f1"]
     assert low < whole < high and high - low < 30
+
+
+def test_wrong_passage_prompts_give_each_question_another_questions_passages():
+    from afina.eval.hallucination import wrong_passage_prompts, wrong_passage_report
+
+    questions = ["Who built the bridge?", "When did the river flood?", "Where is the mill?"]
+    contexts = [
+        "Context:\n[1] The bridge was built by Ada.\n\n",
+        "Context:\n[1] The river flooded in 1910.\n\n",
+        "Context:\n[1] Ada also ran the mill in Oxbow.\n\n",
+    ]
+    prompts = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": c + q}]
+        for c, q in zip(contexts, questions, strict=True)
+    ]
+    references = [["Ada"], ["1910"], ["Oxbow"]]
+    kept, conversations = wrong_passage_prompts(prompts, [{}] * 3, questions, references)
+    # Row 2 would get row 0's passage ("...built by Ada"), which does not hold "Oxbow": kept. Row 0 would get row 1's
+    # passage: kept. Row 1 would get row 2's passage: kept. None holds its own answer.
+    assert kept == [0, 1, 2]
+    assert conversations[0] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": contexts[1] + questions[0]},
+    ]
+    leaky = [["Ada"], ["1910"], ["Ada"]]  # row 2's answer is in row 0's passage: left out
+    assert wrong_passage_prompts(prompts, [{}] * 3, questions, leaky)[0] == [0, 1]
+    report = wrong_passage_report({"base_rag": ["Ada did.", "I don't know.", "Bob"]}, references, 300, 0.95, 0)
+    entry = report["systems"]["base_rag"]
+    assert entry["assert_rate"] == pytest.approx(66.67, abs=0.01) and entry["contains_reference"] == 1

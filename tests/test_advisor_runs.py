@@ -151,7 +151,9 @@ def test_chat_eval_reports_intervals_invented_facts_memorisation_and_the_bias_pr
     from afina.eval.summary import format_table
 
     recipe = tiny_recipe(
-        "eval.systems=[base,tuned]",
+        "eval.systems=[base,base_rag,tuned]",
+        "eval.rag.retriever=bm25",
+        "eval.risks.unanswerable_rows=3",
         "eval.forgetting.enabled=false",
         "eval.risks.bias=true",
         "eval.risks.memorisation_rows=4",
@@ -167,7 +169,10 @@ def test_chat_eval_reports_intervals_invented_facts_memorisation_and_the_bias_pr
         for metric in ("fact_accuracy", "token_f1", "exact_match", "rougeL"):
             low, high = report["intervals"]["systems"][system][metric]
             assert low <= report["systems"][system][metric] <= high
-    assert {(d["system"], d["baseline"]) for d in report["intervals"]["differences"]} == {("tuned", "base")}
+    pairs = {(d["system"], d["baseline"]) for d in report["intervals"]["differences"]}
+    assert pairs == {("tuned", "base"), ("tuned", "base_rag")}
+    wrong = report["hallucination"]["wrong_passage"]
+    assert wrong["questions"] <= 3 and 0 <= wrong["systems"]["base_rag"]["assert_rate"] <= 100
     assert all(d["rows"] == n for d in report["intervals"]["differences"])
     assert report["hallucination"]["rows_with_keys"] == n and set(report["hallucination"]["systems"]) == {
         "base",

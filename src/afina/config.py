@@ -292,6 +292,10 @@ class RisksConfig(_Section):
         32, ge=0, description="Train rows the tuned model also answers, to compare its train and test scores "
         "(memorisation); 0: skip.",
     )
+    unanswerable_rows: int = Field(
+        24, ge=0, description="With a RAG system: test questions given another question's passages (the answer is "
+        "not in the context), to measure how often each RAG system asserts instead of abstaining; 0: skip.",
+    )
     bias: bool | Literal["auto"] = Field(
         "auto", description="Counterfactual bias probe (names, gender, nationality swapped): auto runs it for "
         "classification; true: chat too (log-probability of the reference answer); false: never.",

@@ -119,7 +119,7 @@ def risks_measured(report: dict[str, Any]) -> str:
     if overfitting:
         lines.append("overfitting FLAGGED (see below)" if overfitting["flagged"] else "overfitting not seen")
     hallucination = report.get("hallucination")
-    if hallucination and "tuned" in hallucination["systems"]:
+    if hallucination and "tuned" in hallucination.get("systems", {}):
         tuned = hallucination["systems"]["tuned"]
         if "wrong_value_rate" in tuned:
             lines.append(f"wrong values in {tuned['wrong_value_rate']:.1f}% of tuned answers")

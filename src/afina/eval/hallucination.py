@@ -125,6 +125,52 @@ def hallucination_report(
     return out
 
 
+def wrong_passage_prompts(
+    prompts: list[list[dict[str, str]]], rows: list[dict[str, Any]], questions: list[str], references: list[list[str]]
+) -> tuple[list[int], list[list[dict[str, str]]]]:
+    """Unanswerable questions under RAG: each question given the passages retrieved for the *next* row's question,
+    left out where those passages happen to contain one of its reference answers. `prompts` are the RAG prompts of
+    `rows` (each ends with its question); returns the rows kept and their prompts."""
+    kept, out = [], []
+    n = len(rows)
+    for i in range(n):
+        j = (i + 1) % n
+        if j == i or questions[j] == questions[i]:
+            continue
+        other = next(m["content"] for m in reversed(prompts[j]) if m["role"] == "user")
+        if not other.endswith(questions[j]):
+            continue
+        context = other[: len(other) - len(questions[j])]
+        if any(normalize(ref) and normalize(ref) in normalize(context) for ref in references[i]):
+            continue
+        own = [dict(m) for m in prompts[i]]  # row i's own turns, its question after the other row's passages
+        own[max(k for k, m in enumerate(own) if m["role"] == "user")]["content"] = context + questions[i]
+        kept.append(i)
+        out.append(own)
+    return kept, out
+
+
+def wrong_passage_report(
+    answers: dict[str, list[str]], references: list[list[str]], resamples: int, confidence: float, seed: int
+) -> dict[str, Any]:
+    """Per RAG system: the share of answers to unanswerable questions (wrong passages) that assert instead of
+    abstaining, and the share that still contain a reference answer (known without the passage)."""
+    out: dict[str, Any] = {"questions": len(references), "systems": {}}
+    for system, system_answers in answers.items():
+        asserted = [100.0 * (not abstains(a)) for a in system_answers]
+        interval = bootstrap_mean(asserted, resamples, confidence, seed)
+        right = sum(
+            any(normalize(r) in normalize(a) for r in refs if normalize(r))
+            for a, refs in zip(system_answers, references, strict=True)
+        )
+        out["systems"][system] = {
+            "assert_rate": round(interval.estimate, 2),
+            "assert_interval": interval.as_list(),
+            "contains_reference": right,
+        }
+    return out
+
+
 def hallucination_sentences(report: dict[str, Any] | None) -> list[str]:
     if not report:
         return []
@@ -137,14 +183,26 @@ def hallucination_sentences(report: dict[str, Any] | None) -> list[str]:
     if parts:
         lines.append("Wrong values (answers stating a value that is not the known fact's): " + "; ".join(parts) + ".")
     parts = [
-        f"{s} {e['held_out_assert_rate']:.1f}%" for s, e in report["systems"].items() if "held_out_assert_rate" in e
+        f"{s} {e['held_out_assert_rate']:.1f}%"
+        for s, e in report.get("systems", {}).items()
+        if "held_out_assert_rate" in e
     ]
     if parts:
         lines.append(
             f"On {report['held_out_rows']} questions about facts absent from training, answers that assert "
             "instead of abstaining: " + "; ".join(parts) + "."
         )
-    for d in report["differences"]:
+    wrong = report.get("wrong_passage")
+    if wrong:
+        parts = [
+            f"{s} {e['assert_rate']:.1f}% [{e['assert_interval'][0]:.1f}, {e['assert_interval'][1]:.1f}]"
+            for s, e in wrong["systems"].items()
+        ]
+        lines.append(
+            f"Given a wrong passage ({wrong['questions']} questions whose answer is not in the context), "
+            "answers that assert instead of abstaining: " + "; ".join(parts) + "."
+        )
+    for d in report.get("differences", []):
         if d["conclusive"] and d["difference"] > 0:
             lines.append(
                 f"{d['system']} invents more than {d['baseline']} ({d['measure']} {d['difference']:+.1f} points, "

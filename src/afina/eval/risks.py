@@ -16,7 +16,12 @@ from typing import Any
 
 from afina.config import Recipe
 from afina.eval.bias import bias_sentences, chat_bias, variant_rows
-from afina.eval.hallucination import hallucination_report, hallucination_sentences
+from afina.eval.hallucination import (
+    hallucination_report,
+    hallucination_sentences,
+    wrong_passage_prompts,
+    wrong_passage_report,
+)
 from afina.eval.overfitting import memorisation_gap, overfitting_report
 from afina.eval.summary import METRIC_LABELS, primary_metric
 from afina.eval.uncertainty import (
@@ -93,11 +98,35 @@ def chat_memorisation(
     return memorisation_gap(metric, train_values, test_values, cfg.resamples, cfg.confidence, recipe.seed)
 
 
-def chat_hallucination(recipe: Recipe, report: dict[str, Any], rows, train_rows, answers: dict[str, list[str]]) -> None:
+def chat_hallucination(
+    recipe: Recipe, report: dict[str, Any], rows, train_rows, answers: dict[str, list[str]], prompts, answer_as
+) -> None:
+    """Wrong values and assertions on held-out facts (must_include rows); with a RAG system, unanswerable questions:
+    answer_as(system, conversations) -> answers, on questions given another question's passages."""
     cfg = recipe.eval.risks
     report["hallucination"] = hallucination_report(
         rows, train_rows, answers, cfg.resamples, cfg.confidence, recipe.seed
     )
+    rag = [s for s in recipe.eval.systems if s.endswith("_rag")]
+    if not rag or not cfg.unanswerable_rows:
+        return
+    from afina.eval.generative import last_user_text, references_of
+
+    picked = sorted(random.Random(recipe.seed).sample(range(len(rows)), min(len(rows), cfg.unanswerable_rows)))
+    sample = [rows[i] for i in picked]
+    questions = [last_user_text(r["messages"][:-1]) for r in sample]
+    references = [references_of(r) for r in sample]
+    kept, conversations = wrong_passage_prompts([prompts[rag[0]][i] for i in picked], sample, questions, references)
+    if not kept:
+        return
+    wrong = wrong_passage_report(
+        {system: answer_as(system, conversations) for system in rag},
+        [references[i] for i in kept],
+        cfg.resamples,
+        cfg.confidence,
+        recipe.seed,
+    )
+    report["hallucination"] = {**(report["hallucination"] or {}), "wrong_passage": wrong}
 
 
 def chat_bias_probe(recipe: Recipe, report: dict[str, Any], rows, tokenizer, models, autocast) -> None:

@@ -71,7 +71,19 @@ def risks_section(report: dict[str, Any]) -> str:
             f"<h2>Overfitting {flag}</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>"
         )
     hallucination = report.get("hallucination")
-    if hallucination:
+    wrong = (hallucination or {}).get("wrong_passage")
+    if wrong:
+        rows = "".join(
+            f"<tr><td>{html.escape(s)}</td><td>{e['assert_rate']:.1f} [{e['assert_interval'][0]:.1f}, "
+            f"{e['assert_interval'][1]:.1f}]</td><td>{e['contains_reference']}</td></tr>"
+            for s, e in wrong["systems"].items()
+        )
+        parts.append(
+            f"<h2>Unanswerable questions under RAG</h2><p>{wrong['questions']} test questions given another "
+            "question's passages (none containing the answer).</p><table><tr><th>system</th>"
+            f"<th>asserts instead of abstaining (%)</th><th>answer right anyway</th></tr>{rows}</table>"
+        )
+    if hallucination and "systems" in hallucination:
         rows = "".join(
             f"<tr><td>{html.escape(s)}</td><td>{e.get('wrong_value_rate', 'n/a')}</td>"
             f"<td>{e.get('held_out_assert_rate', 'n/a')}</td>"

@@ -129,30 +129,33 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     forgetting = cfg.forgetting.enabled and models.tuned is not None
     report["forgetting"] = forgetting_probe(recipe, models, ev.tokenizer, ev.autocast) if forgetting else None
     report["training"] = training_cost(ev.run, cfg.price_per_hour)
-    chat_risks(ev, models, report, predictions, answers, progress)
+    chat_risks(ev, models, report, predictions, answers, prompts, progress)
     report["recommendation"] = recommend(report) + risk_sentences(report)
     write_eval(recipe, ev.run, report, predictions)
     return report
 
 
 def chat_risks(ev: ChatEval, models: SystemModels, report: dict[str, Any], predictions: list[dict[str, Any]],
-               answers: dict[str, list[str]], progress: bool) -> None:
+               answers: dict[str, list[str]], prompts: dict[str, Prompts], progress: bool) -> None:
     """Error bars, overfitting (with the tuned model's answers to a sample of train rows), invented facts and
     (eval.risks.bias=true) the bias probe: afina.eval.risks."""
     add_intervals(ev.recipe, report, predictions)
 
-    def answer(conversations: Prompts) -> list[str]:
-        model, context = models.get("tuned")
+    def answer_as(system: str, conversations: Prompts) -> list[str]:
+        model, context = models.get(system)
         with context():
             return generate_timed(model, ev.tokenizer, conversations, ev.recipe.eval.max_new_tokens, ev.recipe.eval.batch_size,
-                                  ev.autocast, desc="eval tuned on train rows", progress=progress).answers
+                                  ev.autocast, desc=f"eval {system} (risks)", progress=progress).answers
+
+    def answer(conversations: Prompts) -> list[str]:
+        return answer_as("tuned", conversations)
 
     def score(rows, tuned_answers):
         return score_system(rows, tuned_answers, None, [m for m in ev.metrics if m != "perplexity"], ev.recipe.eval.sandbox)[1]
 
     memorisation = chat_memorisation(ev.recipe, report, predictions, ev.train_rows, answer, score) if models.tuned else None
     add_overfitting(ev.recipe, ev.run, report, memorisation)
-    chat_hallucination(ev.recipe, report, ev.rows, ev.train_rows, answers)
+    chat_hallucination(ev.recipe, report, ev.rows, ev.train_rows, answers, prompts, answer_as)
     chat_bias_probe(ev.recipe, report, ev.rows, ev.tokenizer, models, ev.autocast)
 
 
