@@ -176,6 +176,7 @@ def test_chat_eval_reports_intervals_invented_facts_memorisation_and_the_bias_pr
     assert all(d["rows"] == n for d in report["intervals"]["differences"])
     assert report["hallucination"]["rows_with_keys"] == n and set(report["hallucination"]["systems"]) == {
         "base",
+        "base_rag",
         "tuned",
     }
     assert report["overfitting"]["memorisation"]["train_rows"] == 4
