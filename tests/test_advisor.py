@@ -271,3 +271,12 @@ def test_wrong_passage_prompts_give_each_question_another_questions_passages():
     report = wrong_passage_report({"base_rag": ["Ada did.", "I don't know.", "Bob"]}, references, 300, 0.95, 0)
     entry = report["systems"]["base_rag"]
     assert entry["assert_rate"] == pytest.approx(66.67, abs=0.01) and entry["contains_reference"] == 1
+
+
+def test_nested_subsets_of_labelled_rows_keep_every_class():
+    from afina.advise import nested_subsets
+
+    rows = [{"id": i, "label": f"c{i % 7}"} for i in range(200)]
+    subsets = nested_subsets(rows, (0.01, 0.1, 1.0), seed=0, label="label")
+    assert len(subsets[0.01]) == 7 and {r["label"] for r in subsets[0.01]} == {f"c{k}" for k in range(7)}
+    assert {r["id"] for r in subsets[0.01]} < {r["id"] for r in subsets[0.1]} and len(subsets[0.1]) == 20

@@ -37,12 +37,24 @@ CURVE_FILE = "learning_curve.json"
 
 
 def nested_subsets(
-    rows: list[dict[str, Any]], fractions: tuple[float, ...], seed: int
+    rows: list[dict[str, Any]], fractions: tuple[float, ...], seed: int, label: str | None = None
 ) -> dict[float, list[dict[str, Any]]]:
-    """{fraction: the first round(fraction * n) rows of one seeded shuffle}: each subset contains the smaller ones."""
+    """{fraction: the first round(fraction * n) rows of one seeded shuffle}: each subset contains the smaller ones.
+
+    With `label` (classification), one row of every class comes first, so that every subset can learn every
+    class (a class without rows cannot be trained, and its test rows could not be scored).
+    """
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    return {f: [rows[i] for i in sorted(order[: max(1, round(f * len(rows)))])] for f in fractions}
+    floor = 1
+    if label is not None:
+        first: dict[Any, int] = {}
+        for i in order:
+            first.setdefault(rows[i].get(label), i)
+        chosen = set(first.values())
+        order = list(first.values()) + [i for i in order if i not in chosen]
+        floor = len(first)
+    return {f: [rows[i] for i in sorted(order[: max(floor, round(f * len(rows)))])] for f in fractions}
 
 
 def subset_recipe(recipe: Recipe, fraction: float, folder: str) -> Recipe:
@@ -67,7 +79,8 @@ def learning_curve(
     train_rows = read_jsonl(run.require(run.split_path("train"), "prepare"))
     main_report = _read_report(run)
     points = []
-    for fraction, subset in nested_subsets(train_rows, tuple(sorted(fractions)), recipe.seed).items():
+    labelled = "label" if all("label" in row for row in train_rows) else None  # every class in every subset
+    for fraction, subset in nested_subsets(train_rows, tuple(sorted(fractions)), recipe.seed, labelled).items():
         if fraction == 1.0 and main_report and "tuned" in main_report["systems"]:
             echo(f"advise: {len(subset)} rows (100%): the run's own evaluation")
             points.append(_point(fraction, len(subset), main_report, None))
