@@ -11,11 +11,13 @@ The task types call these after scoring their systems; each adds one section to 
 
 from __future__ import annotations
 
+import functools
 import random
+from collections.abc import Callable
 from typing import Any
 
 from afina.config import Recipe
-from afina.eval.bias import bias_sentences, chat_bias, variant_rows
+from afina.eval.bias import bias_sentences, chat_bias, classification_bias, variant_rows
 from afina.eval.hallucination import (
     hallucination_report,
     hallucination_sentences,
@@ -61,6 +63,48 @@ def risk_sentences(report: dict[str, Any]) -> list[str]:
     lines += hallucination_sentences(report.get("hallucination"))
     lines += bias_sentences(report.get("bias"))
     return lines
+
+
+def add_classification_risks(
+    recipe: Recipe,
+    run: RunDir,
+    report: dict[str, Any],
+    predictions,
+    labels: list[str],
+    rows,
+    systems: list[str],
+    predict_labels,
+    distributions,
+) -> None:
+    """Intervals, overfitting (the tuned model's accuracy on a sample of train rows against the test rows) and the
+    bias probe (on by default). predict_labels(rows) -> labels; distributions(system, texts) -> label probabilities."""
+    cfg = recipe.eval.risks
+    add_intervals(recipe, report, predictions)
+    memorisation = None
+    train_path = run.split_path("train")
+    if cfg.memorisation_rows and train_path.is_file():
+        known = set(labels)
+        sample = [
+            r
+            for r in train_sample(recipe, read_jsonl(train_path), cfg.memorisation_rows)
+            if "text" in r and r.get("label") in known
+        ]
+        if sample:
+            train_values = [100.0 * (p == r["label"]) for p, r in zip(predict_labels(sample), sample, strict=True)]
+            test_values = [100.0 * p["correct"] for p in predictions if p["system"] == "tuned"]
+            memorisation = memorisation_gap(
+                "accuracy", train_values, test_values, cfg.resamples, cfg.confidence, recipe.seed
+            )
+    add_overfitting(recipe, run, report, memorisation)
+    if cfg.bias is False:
+        return
+    probed = rows if len(rows) <= cfg.bias_rows else random.Random(recipe.seed).sample(rows, cfg.bias_rows)
+    predict: dict[str, Callable[[list[str]], list[dict[str, float]]]] = {
+        system: functools.partial(distributions, system) for system in systems
+    }
+    report["bias"] = classification_bias(
+        [r["text"] for r in probed], predict, cfg.bias_threshold, cfg.resamples, cfg.confidence, recipe.seed
+    )
 
 
 def memorisation_metric(report: dict[str, Any]) -> str | None:

@@ -28,7 +28,7 @@ from afina.config import Recipe, RecipeError
 from afina.eval.sample import eval_rows
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
 from afina.eval.outputs import write_eval
-from afina.eval.risks import add_intervals, add_overfitting, risk_sentences, train_sample
+from afina.eval.risks import add_classification_risks, risk_sentences
 from afina.eval.summary import efficiency_of_batches, recommend, training_cost
 from afina.models import load_trained
 from afina.tasks.base import TaskType
@@ -310,43 +310,21 @@ def label_distributions(model, tokenizer, texts: list[str], labels: list[str], r
     return out
 
 
-def classification_risks(recipe: Recipe, run: RunDir, report: dict[str, Any], predictions, model, tokenizer, labels, autocast,
-                         systems: list[str], rows) -> None:
-    """Error bars, overfitting (train vs test accuracy) and the counterfactual bias probe (afina.eval.risks)."""
+def classification_risks(recipe: Recipe, run: RunDir, report: dict[str, Any], predictions, model, tokenizer, labels,
+                         autocast, systems: list[str], rows) -> None:
+    """Error bars, train vs test accuracy and the counterfactual bias probe (afina.eval.risks), given how this
+    classifier predicts: labels of rows, and each text's label probabilities under a system."""
     import contextlib
-    import random
 
-    from afina.eval.bias import classification_bias
-    from afina.eval.overfitting import memorisation_gap
+    def predict_labels(sample: list[dict[str, Any]]) -> list[str]:
+        predicted, _ = predict_batches(model, tokenizer, sample, labels, recipe, autocast, recipe.eval.batch_size)
+        return [p["predicted_label"] for p in predicted]
 
-    cfg = recipe.eval.risks
-    add_intervals(recipe, report, predictions)
-    memorisation = None
-    train_path = run.split_path("train")
-    if cfg.memorisation_rows and train_path.is_file():
-        known = set(labels)
-        sample = [r for r in train_sample(recipe, read_jsonl(train_path), cfg.memorisation_rows)
-                  if "text" in r and r.get("label") in known]
-        if sample:
-            predicted, _ = predict_batches(model, tokenizer, sample, labels, recipe, autocast, recipe.eval.batch_size)
-            train_values = [100.0 * (p["predicted_label"] == r["label"]) for p, r in zip(predicted, sample)]
-            test_values = [100.0 * p["correct"] for p in predictions if p["system"] == "tuned"]
-            memorisation = memorisation_gap("accuracy", train_values, test_values, cfg.resamples, cfg.confidence, recipe.seed)
-    add_overfitting(recipe, run, report, memorisation)
-    if cfg.bias is False:
-        return
-    probed = rows if len(rows) <= cfg.bias_rows else random.Random(recipe.seed).sample(rows, cfg.bias_rows)
+    def distributions(system: str, texts: list[str]) -> list[dict[str, float]]:
+        with (model.disable_adapter if system == "base" else contextlib.nullcontext)():
+            return label_distributions(model, tokenizer, texts, labels, recipe, autocast)
 
-    def predictor(system: str):
-        def predict(texts: list[str]) -> list[dict[str, float]]:
-            context = model.disable_adapter if system == "base" else contextlib.nullcontext
-            with context():
-                return label_distributions(model, tokenizer, texts, labels, recipe, autocast)
-
-        return predict
-
-    report["bias"] = classification_bias([r["text"] for r in probed], {s: predictor(s) for s in systems},
-                                         cfg.bias_threshold, cfg.resamples, cfg.confidence, recipe.seed)
+    add_classification_risks(recipe, run, report, predictions, labels, rows, systems, predict_labels, distributions)
 
 
 def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | None = None) -> list[dict[str, Any]]:
