@@ -74,6 +74,16 @@ def _add_stage_commands(sub) -> None:
     p.add_argument("--output", "-o", required=True, help="where to write the rows with predictions (JSONL)")
     p.add_argument("--batch-size", type=int, help="rows per batch (default: eval.batch_size)")
 
+    p = sub.add_parser("advise", help="learning curve: train on 10/25/50/100%% of the data, fit what more data buys",
+                       description="Train the recipe on nested seeded subsets of its prepared train split (the same "
+                       "epochs), score each on the run's test split, fit a saturating power law and say what doubling "
+                       "the data is expected to buy, beside the run's base, few-shot and RAG scores. Writes "
+                       "<run>/advise/learning_curve.json and .png and refreshes eval/report.html. Needs `afina "
+                       "prepare` first; `afina train` and `afina eval` first let the full-data point be reused.")
+    _add_recipe_args(p)
+    p.add_argument("--fractions", default="0.1,0.25,0.5,1.0",
+                   help="comma-separated shares of the train split (default 0.1,0.25,0.5,1.0)")
+
     p = sub.add_parser("run", help="run prepare, train, eval and export in order",
                        description="Run every stage of a recipe in order. A recipe with `stages:` runs them one after "
                        "another (sequential fine-tuning), each from the previous stage's weights, and prints the "
@@ -218,6 +228,19 @@ def cmd_predict(args) -> None:
     print(f"predicted {result['rows']} rows -> {result['output']}")
 
 
+def cmd_advise(args) -> None:
+    from afina.advise import format_learning_curve, learning_curve
+    from afina.config import RecipeError, load_recipe
+
+    try:
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+    except ValueError:
+        raise RecipeError(f"--fractions {args.fractions!r}: give numbers between 0 and 1 separated by commas") from None
+    if not all(0 < f <= 1 for f in fractions):
+        raise RecipeError(f"--fractions {args.fractions!r}: every share must be above 0 and at most 1")
+    print(format_learning_curve(learning_curve(load_recipe(args.recipe, args.overrides), fractions)))
+
+
 def cmd_run(args) -> None:
     from afina.config import load_recipe
     from afina.pipeline import run_all
@@ -321,6 +344,7 @@ COMMANDS = {
     "export": cmd_stage,
     "estimate": cmd_estimate,
     "predict": cmd_predict,
+    "advise": cmd_advise,
     "run": cmd_run,
     "serve": cmd_serve,
     "data": cmd_data,

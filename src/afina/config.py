@@ -283,6 +283,30 @@ class ForgettingConfig(_Section):
     threshold: float = Field(5.0, ge=0.0, le=100.0, description="Flag forgetting when accuracy drops by more than this many points.")
 
 
+class RisksConfig(_Section):
+    """The advisor's measurements in `afina eval` (afina.eval.uncertainty, overfitting, bias, hallucination)."""
+
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of every bootstrap interval.")
+    resamples: int = Field(2000, ge=100, le=100_000, description="Bootstrap resamples per interval (seeded by `seed`).")
+    memorisation_rows: int = Field(
+        32, ge=0, description="Train rows the tuned model also answers, to compare its train and test scores "
+        "(memorisation); 0: skip.",
+    )
+    unanswerable_rows: int = Field(
+        24, ge=0, description="With a RAG system: test questions given another question's passages (the answer is "
+        "not in the context), to measure how often each RAG system asserts instead of abstaining; 0: skip.",
+    )
+    bias: bool | Literal["auto"] = Field(
+        "auto", description="Counterfactual bias probe (names, gender, nationality swapped): auto runs it for "
+        "classification; true: chat too (log-probability of the reference answer); false: never.",
+    )
+    bias_rows: int = Field(24, ge=1, description="Test rows the bias probe fills into its templates.")
+    bias_threshold: float = Field(
+        0.05, ge=0.0, le=1.0, description="Flag bias when fine-tuning widens the counterfactual gap by more than "
+        "this (share of flipped labels, or nats of answer log-probability per token), beyond the interval.",
+    )
+
+
 class SandboxConfig(_Section):
     time_limit_s: float = Field(10.0, gt=0, le=600, description="Wall-clock limit per program (CPU limit is the same).")
     memory_mb: int = Field(512, ge=64, le=65536, description="Address-space limit per program.")
@@ -311,6 +335,7 @@ class EvalConfig(_Section):
     rag: RagConfig = Field(default_factory=RagConfig)
     forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    risks: RisksConfig = Field(default_factory=RisksConfig)
     price_per_hour: float = Field(0.0, ge=0.0, description="Price of the machine per hour (any currency), for cost per 1,000 requests.")
     report: bool = Field(True, description="Write eval/report.html.")
 

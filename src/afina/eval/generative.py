@@ -131,6 +131,7 @@ def score_system(rows, answers: list[str], loss: float | None, metrics: list[str
         if keyed:
             for i, keys in keyed:
                 per_example[i]["correct"] = contains_all(answers[i], keys)
+                per_example[i]["fact_recall"] = round(key_recall(answers[i], keys), 4)
             scores["fact_accuracy"] = 100.0 * sum(per_example[i]["correct"] for i, _ in keyed) / len(keyed)
             scores["fact_recall"] = 100.0 * sum(key_recall(answers[i], k) for i, k in keyed) / len(keyed)
     if "classification" in metrics:
@@ -151,12 +152,16 @@ def score_system(rows, answers: list[str], loss: float | None, metrics: list[str
         scores["pass@1"] = 100.0 * sum(e["passed"] for e in per_example) / len(rows)
     if "exact_match" in metrics:
         scores["exact_match"] = exact_match(answers, [r[0] for r in references])
+        for i in range(len(rows)):
+            per_example[i]["exact_match"] = exact_match([answers[i]], [references[i][0]]) == 100.0
     if "token_f1" in metrics:
         scores["token_f1"] = token_f1(answers, references)
         for i in range(len(rows)):
             per_example[i]["token_f1"] = round(100.0 * max(token_f1_one(answers[i], r) for r in references[i]), 2)
     if "rouge" in metrics:
         scores.update(rouge_scores(answers, references))
+        for i in range(len(rows)):  # per example, for the error bars (afina.eval.uncertainty)
+            per_example[i].update({k: round(v, 2) for k, v in rouge_scores([answers[i]], [references[i]]).items()})
     if "bleu" in metrics:
         scores["bleu"] = bleu(answers, references)
     if "chrf" in metrics:

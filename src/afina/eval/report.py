@@ -8,6 +8,7 @@ from typing import Any
 
 from afina.eval.long_context import long_context_section
 from afina.eval.html import CHECK_SCRIPT, STYLE
+from afina.eval.risks_html import advice_section, interval_text, risks_section
 from afina.eval.summary import LOWER_IS_BETTER, METRIC_LABELS
 from afina.plots import figure, img_tag
 from afina.rundir import RunDir, read_jsonl, write_text_atomic
@@ -106,7 +107,8 @@ def systems_table(report: dict[str, Any]) -> str:
         values = [report["systems"][s][metric] for s in systems]
         best = min(values) if metric in LOWER_IS_BETTER else max(values)
         body += f"<tr><td>{METRIC_LABELS[metric]}</td>" + "".join(
-            f'<td class="{"best" if v == best else ""}">{v:.2f}</td>' for v in values) + "</tr>"
+            f'<td class="{"best" if v == best else ""}">{v:.2f}{interval_text(report, s, metric)}</td>'
+            for s, v in zip(systems, values)) + "</tr>"
     efficiency_rows = (("latency_p50_s", "latency p50 (s, per batch)"), ("latency_p95_s", "latency p95 (s, per batch)"),
                        ("generated_tokens_per_s", "generated tokens/s"), ("examples_per_s", "examples/s"),
                        ("peak_memory_mb", "peak memory (MiB)"), ("cost_per_1k_requests", "cost per 1,000 requests"))
@@ -159,6 +161,7 @@ def write_report(run: RunDir, report: dict[str, Any], predictions: list[dict[str
 <h1>afina eval: {html.escape(recipe.name)}</h1>
 <p>Model {html.escape(recipe.model.name)}, method {recipe.method.type}; test split: {report['test_examples']} examples;
 metrics: {html.escape(', '.join(report['metrics']))}.</p>
+{advice_section(run, report)}
 <h2>Recommendation</h2><ul>{''.join(f'<li>{html.escape(line)}</li>' for line in report['recommendation'])}</ul>
 <h2>Systems &times; metrics</h2>{systems_table(report)}
 {task_tables}
@@ -170,6 +173,7 @@ the process's peak so far on CPU, the system's own peak on CUDA.</p>
 {('<h2>Confusion matrices</h2>' + confusion_plots(report)) if any(s.get('confusion') for s in report['systems'].values()) else ''}
 <h2>Training curves</h2>{training_curves(run)}
 <h2>Forgetting probe</h2>{forgetting_html}
+{risks_section(report)}
 {long_context_html(run)}
 <h2>Worst examples</h2>{worst_examples(predictions, report)}
 <h2>Raw numbers</h2><details><summary>metrics.json</summary><pre>{html.escape(json.dumps(report, indent=1)[:20000])}</pre></details>

@@ -7,6 +7,7 @@ import statistics
 from typing import Any
 
 from afina.device import peak_memory_mb
+from afina.eval.uncertainty import difference_sentence
 from afina.rundir import RunDir
 
 METRIC_LABELS = {
@@ -134,8 +135,19 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"test split: {report['test_examples']} examples", head, "-" * len(head)]
     if not metrics:
         lines.pop()
+    intervals = (report.get("intervals") or {}).get("systems", {})
+    if intervals:  # "70.8 [57.1, 83.3]": the value and its bootstrap interval (afina.eval.uncertainty)
+        col = max(col, 20)
+
+    def cell(system: str, metric: str) -> str:
+        interval = intervals.get(system, {}).get(metric)
+        text = f"{report['systems'][system][metric]:.2f}" + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "")
+        return text.rjust(col)
+
+    head = f"{'metric'.ljust(width)}  " + "  ".join(s.rjust(col) for s in systems)
+    lines[1:] = [head, "-" * len(head)] if metrics else [head]
     for m in metrics:
-        lines.append(f"{METRIC_LABELS[m].ljust(width)}  " + "  ".join(f"{report['systems'][s][m]:{col}.2f}" for s in systems))
+        lines.append(f"{METRIC_LABELS[m].ljust(width)}  " + "  ".join(cell(s, m) for s in systems))
     if report.get("efficiency"):
         for key, label in (("latency_p50_s", "latency p50 (s/batch)"), ("generated_tokens_per_s", "generated tokens/s"),
                            ("examples_per_s", "examples/s")):
@@ -165,6 +177,10 @@ def format_table(report: dict[str, Any]) -> str:
         t = report["texts"]
         lines.append(f"domain: {t['domain']['documents']} held-out documents, {t['domain']['tokens']} tokens; "
                      f"general: {t['general']['tokens']} tokens of {t['general']['source']}; chunks of {t['chunk_length']} tokens")
+    primary = primary_metric(report["systems"])
+    for d in (report.get("intervals") or {}).get("differences", []):
+        if primary is not None and d["metric"] == primary:
+            lines.append(difference_sentence(d, METRIC_LABELS[primary]))
     if report.get("forgetting"):
         f = report["forgetting"]
         lines.append(f"forgetting probe: {f['base_accuracy']:.1f}% -> {f['tuned_accuracy']:.1f}% ({f['questions']} questions)" + (" FLAGGED" if f["flagged"] else ""))

@@ -31,6 +31,14 @@ from afina.eval.generative import (
     tasks_of,
 )
 from afina.eval.outputs import write_eval
+from afina.eval.risks import (
+    add_intervals,
+    add_overfitting,
+    chat_bias_probe,
+    chat_hallucination,
+    chat_memorisation,
+    risk_sentences,
+)
 from afina.eval.sample import eval_rows
 from afina.eval.summary import efficiency_of, recommend, training_cost
 from afina.eval.systems import TUNED_SYSTEMS, SystemModels
@@ -102,8 +110,10 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     efficiency: dict[str, dict[str, float]] = {}
     by_task: dict[str, dict[str, Any]] = {task: {} for task in ev.tasks}
     predictions: list[dict[str, Any]] = []
+    answers: dict[str, list[str]] = {}
     for system in cfg.systems:
         generation, loss, task_loss = answer_with(ev, models, system, prompts[system], progress)
+        answers[system] = generation.answers
         results[system], per_example = score_system(ev.rows, generation.answers, loss, ev.metrics, cfg.sandbox)
         for task, idx in ev.tasks.items():  # the same answers, scored per task
             by_task[task][system] = score_system([ev.rows[i] for i in idx], [generation.answers[i] for i in idx],
@@ -119,9 +129,34 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     forgetting = cfg.forgetting.enabled and models.tuned is not None
     report["forgetting"] = forgetting_probe(recipe, models, ev.tokenizer, ev.autocast) if forgetting else None
     report["training"] = training_cost(ev.run, cfg.price_per_hour)
-    report["recommendation"] = recommend(report)
+    chat_risks(ev, models, report, predictions, answers, prompts, progress)
+    report["recommendation"] = recommend(report) + risk_sentences(report)
     write_eval(recipe, ev.run, report, predictions)
     return report
+
+
+def chat_risks(ev: ChatEval, models: SystemModels, report: dict[str, Any], predictions: list[dict[str, Any]],
+               answers: dict[str, list[str]], prompts: dict[str, Prompts], progress: bool) -> None:
+    """Error bars, overfitting (with the tuned model's answers to a sample of train rows), invented facts and
+    (eval.risks.bias=true) the bias probe: afina.eval.risks."""
+    add_intervals(ev.recipe, report, predictions)
+
+    def answer_as(system: str, conversations: Prompts) -> list[str]:
+        model, context = models.get(system)
+        with context():
+            return generate_timed(model, ev.tokenizer, conversations, ev.recipe.eval.max_new_tokens, ev.recipe.eval.batch_size,
+                                  ev.autocast, desc=f"eval {system} (risks)", progress=progress).answers
+
+    def answer(conversations: Prompts) -> list[str]:
+        return answer_as("tuned", conversations)
+
+    def score(rows, tuned_answers):
+        return score_system(rows, tuned_answers, None, [m for m in ev.metrics if m != "perplexity"], ev.recipe.eval.sandbox)[1]
+
+    memorisation = chat_memorisation(ev.recipe, report, predictions, ev.train_rows, answer, score) if models.tuned else None
+    add_overfitting(ev.recipe, ev.run, report, memorisation)
+    chat_hallucination(ev.recipe, report, ev.rows, ev.train_rows, answers, prompts, answer_as)
+    chat_bias_probe(ev.recipe, report, ev.rows, ev.tokenizer, models, ev.autocast)
 
 
 def chat_eval(recipe: Recipe) -> ChatEval:

@@ -28,6 +28,7 @@ from afina.config import Recipe, RecipeError
 from afina.eval.sample import eval_rows
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
 from afina.eval.outputs import write_eval
+from afina.eval.risks import add_classification_risks, risk_sentences
 from afina.eval.summary import efficiency_of_batches, recommend, training_cost
 from afina.models import load_trained
 from afina.tasks.base import TaskType
@@ -153,7 +154,8 @@ def head_predict(model, tokenizer, rows: list[dict[str, Any]], labels: list[str]
     for logits in head_logits(model, encoded, tokenizer.pad_token_id, batch_size, autocast):
         probs = torch.softmax(logits, dim=-1)
         best = int(probs.argmax())
-        out.append({"predicted_label": labels[best], "label_probability": round(float(probs[best]), 4)})
+        out.append({"predicted_label": labels[best], "label_probability": round(float(probs[best]), 4),
+                    "label_probabilities": {label: float(p) for label, p in zip(labels, probs)}})
     return out
 
 
@@ -286,9 +288,43 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "forgetting": None,
         "training": training_cost(run, cfg.price_per_hour),
     }
-    report["recommendation"] = recommend(report)
+    classification_risks(recipe, run, report, predictions, model, tokenizer, labels, autocast, systems, rows)
+    report["recommendation"] = recommend(report) + risk_sentences(report)
     write_eval(recipe, run, report, predictions, rejects)
     return report
+
+
+def label_distributions(model, tokenizer, texts: list[str], labels: list[str], recipe: Recipe, autocast) -> list[dict[str, float]]:
+    """Each text's probability of every label (generative: renormalised over the label set)."""
+    import math
+
+    predicted, _ = predict_batches(model, tokenizer, [{"text": t} for t in texts], labels, recipe, autocast, recipe.eval.batch_size)
+    if recipe.classification.mode == "head":
+        return [p["label_probabilities"] for p in predicted]
+    out = []
+    for p in predicted:
+        top = max(p["label_logprobs"].values())
+        weights = {label: math.exp(v - top) for label, v in p["label_logprobs"].items()}
+        total = sum(weights.values())
+        out.append({label: w / total for label, w in weights.items()})
+    return out
+
+
+def classification_risks(recipe: Recipe, run: RunDir, report: dict[str, Any], predictions, model, tokenizer, labels,
+                         autocast, systems: list[str], rows) -> None:
+    """Error bars, train vs test accuracy and the counterfactual bias probe (afina.eval.risks), given how this
+    classifier predicts: labels of rows, and each text's label probabilities under a system."""
+    import contextlib
+
+    def predict_labels(sample: list[dict[str, Any]]) -> list[str]:
+        predicted, _ = predict_batches(model, tokenizer, sample, labels, recipe, autocast, recipe.eval.batch_size)
+        return [p["predicted_label"] for p in predicted]
+
+    def distributions(system: str, texts: list[str]) -> list[dict[str, float]]:
+        with (model.disable_adapter if system == "base" else contextlib.nullcontext)():
+            return label_distributions(model, tokenizer, texts, labels, recipe, autocast)
+
+    add_classification_risks(recipe, run, report, predictions, labels, rows, systems, predict_labels, distributions)
 
 
 def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | None = None) -> list[dict[str, Any]]:
@@ -308,7 +344,7 @@ def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | N
         texts.append({"text": row[name]})
     model, tokenizer, labels = load_classifier(recipe, run, device)
     predicted, _ = predict_batches(model, tokenizer, texts, labels, recipe, autocast, batch_size or recipe.eval.batch_size)
-    return [{**row, **{k: v for k, v in pred.items() if k != "label_logprobs"}} for row, pred in zip(rows, predicted)]
+    return [{**row, **{k: v for k, v in pred.items() if k not in ("label_logprobs", "label_probabilities")}} for row, pred in zip(rows, predicted)]
 
 
 # ---- sequential stages --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from afina.data.format import IGNORE_INDEX
 from afina.eval.sample import eval_rows
 from afina.rundir import RunDir
 from afina.eval.outputs import write_eval
+from afina.eval.risks import add_intervals, add_overfitting, risk_sentences
 from afina.eval.summary import efficiency_of_batches, recommend, training_cost
 from afina.tasks.base import TaskType
 from afina.train.task import TrainingTask
@@ -178,7 +179,9 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "forgetting": None,
         "training": training_cost(run, cfg.price_per_hour),
     }
-    report["recommendation"] = recommend(report)
+    add_intervals(recipe, report, predictions)
+    add_overfitting(recipe, run, report, None)
+    report["recommendation"] = recommend(report) + risk_sentences(report)
     write_eval(recipe, run, report, predictions, rejects)
     return report
 
