@@ -57,16 +57,25 @@ def main() -> None:
     probe = LargestTensor()
     with probe:
         if how == "meta":
-            model = build_sharded_model(task.build_model, recipe.model.name, torch.device("cpu"), "float32",
-                                        recipe.method.type == "full", recipe.seed)
+            model = build_sharded_model(
+                task.build_model,
+                recipe.model.name,
+                torch.device("cpu"),
+                "float32",
+                recipe.method.type == "full",
+                recipe.seed,
+            )
         else:
             model = task.build_model(torch.device("cpu"))
             ddp.shard(model)
     largest_param = max(p.numel() for p in model.parameters())  # a DTensor's numel is the whole tensor's
     local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"rank-{ddp.rank}.json").write_text(json.dumps(
-        {"largest_touched": probe.numel, "op": probe.op, "largest_parameter": largest_param, "local_bytes": local}))
+    (out_dir / f"rank-{ddp.rank}.json").write_text(
+        json.dumps(
+            {"largest_touched": probe.numel, "op": probe.op, "largest_parameter": largest_param, "local_bytes": local}
+        )
+    )
     dist.barrier()
     ddp.close()
 

@@ -36,10 +36,17 @@ def real_weight_bytes(model) -> int:
     return tensor_bytes(tensors)
 
 
-@pytest.mark.parametrize("method, dtype, optimizer", [
-    ("lora", "float32", "adamw"), ("lora", "bfloat16", "adamw"), ("full", "float32", "adamw"),
-    ("full", "bfloat16", "adamw"), ("full", "float32", "adamw_8bit"), ("full", "bfloat16", "adafactor"),
-])
+@pytest.mark.parametrize(
+    "method, dtype, optimizer",
+    [
+        ("lora", "float32", "adamw"),
+        ("lora", "bfloat16", "adamw"),
+        ("full", "float32", "adamw"),
+        ("full", "bfloat16", "adamw"),
+        ("full", "float32", "adamw_8bit"),
+        ("full", "bfloat16", "adafactor"),
+    ],
+)
 def test_estimate_counts_the_bytes_of_weights_gradients_and_optimizer_state(tiny_model_dir, method, dtype, optimizer):
     if "8bit" in optimizer:
         pytest.importorskip("bitsandbytes")
@@ -69,8 +76,9 @@ def test_qlora_weights_match_the_4bit_tensors(tiny_model_dir):
     estimated = parameter_memory(meta_model(config, spec), plan)["weights"]
     model = apply_method(load_for_method(str(tiny_model_dir), spec, torch.device("cpu")), spec)
     assert estimated == pytest.approx(real_weight_bytes(model), rel=0.01)
-    full_precision = parameter_memory(meta_model(config, MethodConfig(type="lora", r=8)),
-                                      plan.replace(method=MethodConfig(type="lora", r=8)))["weights"]
+    full_precision = parameter_memory(
+        meta_model(config, MethodConfig(type="lora", r=8)), plan.replace(method=MethodConfig(type="lora", r=8))
+    )["weights"]
     assert estimated < full_precision
 
 
@@ -79,7 +87,9 @@ def test_fsdp_divides_and_activations_follow_the_batch(tiny_model_dir):
     spec = MethodConfig(type="full")
     model = meta_model(config, spec)
     one = memory_estimate(config, MemoryPlan(method=spec, rows=2, tokens=256), model=model)
-    four = memory_estimate(config, MemoryPlan(method=spec, rows=2, tokens=256, processes=4, strategy="fsdp"), model=model)
+    four = memory_estimate(
+        config, MemoryPlan(method=spec, rows=2, tokens=256, processes=4, strategy="fsdp"), model=model
+    )
     ddp = memory_estimate(config, MemoryPlan(method=spec, rows=2, tokens=256, processes=4, strategy="ddp"), model=model)
     for part in ("gradients", "optimizer"):
         assert four[part] == pytest.approx(one[part] / 4, abs=4) and ddp[part] == one[part]
@@ -90,8 +100,9 @@ def test_fsdp_divides_and_activations_follow_the_batch(tiny_model_dir):
     assert four["weights"] == pytest.approx(one["weights"] / 4 + gathered, abs=4) and ddp["weights"] == one["weights"]
     assert four["activations"] == one["activations"]  # each process's own micro-batch
     longer = memory_estimate(config, MemoryPlan(method=spec, rows=2, tokens=1024), model=model)
-    checkpointed = memory_estimate(config, MemoryPlan(method=spec, rows=2, tokens=1024, gradient_checkpointing=True),
-                                   model=model)
+    checkpointed = memory_estimate(
+        config, MemoryPlan(method=spec, rows=2, tokens=1024, gradient_checkpointing=True), model=model
+    )
     assert longer["activations"] > one["activations"] > 0 and checkpointed["activations"] < longer["activations"]
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from afina.config import MethodConfig
+from afina.device import resolve_weight_dtype
 from afina.pipeline import prepare, train
 from afina.train.methods import apply_method, load_for_method
 from afina.train.optim import MasterWeights, build_optimizer, state_bytes
-from afina.device import resolve_weight_dtype
 
 
 def optimizer_settings(name="adamw", lr=1e-2):
@@ -42,8 +42,14 @@ def test_auto_weight_dtype_follows_the_compute_precision():
 def test_bfloat16_weight_lora_lowers_validation_loss_like_the_float32_base(tiny_recipe):
     results = {}
     for dtype in ("float32", "bfloat16"):
-        recipe = tiny_recipe(f"model.dtype={dtype}", "training.precision=bf16", "training.max_steps=12",
-                             "training.tensorboard=false", "training.plots=false", f"name={dtype}")
+        recipe = tiny_recipe(
+            f"model.dtype={dtype}",
+            "training.precision=bf16",
+            "training.max_steps=12",
+            "training.tensorboard=false",
+            "training.plots=false",
+            f"name={dtype}",
+        )
         prepare(recipe)
         results[dtype] = train(recipe, progress=False)
     fp32, bf16 = results["float32"], results["bfloat16"]
@@ -68,8 +74,11 @@ def test_master_weights_keep_updates_that_bfloat16_rounds_away():
         return weight
 
     plain = trained(lambda groups: torch.optim.SGD(groups, lr=1e-4))
-    master = trained(lambda groups: build_optimizer(groups, types.SimpleNamespace(optimizer="adamw", learning_rate=1e-4,
-                                                                                   weight_decay=0.0)))
+    master = trained(
+        lambda groups: build_optimizer(
+            groups, types.SimpleNamespace(optimizer="adamw", learning_rate=1e-4, weight_decay=0.0)
+        )
+    )
     assert torch.equal(plain, torch.ones(8, dtype=torch.bfloat16))
     assert master.dtype == torch.bfloat16
     torch.testing.assert_close(master.float(), torch.full((8,), 1 - 50e-4), atol=2e-3, rtol=0)
@@ -94,12 +103,12 @@ def test_master_weights_resume_from_their_state_dict():
     expected = [p.detach().clone() for p in model.parameters()]
 
     with torch.no_grad():
-        for p, w in zip(model.parameters(), saved_weights):
+        for p, w in zip(model.parameters(), saved_weights, strict=False):
             p.copy_(w)
     resumed = build_optimizer([{"params": list(model.parameters())}], optimizer_settings())
     resumed.load_state_dict(saved)
     step(resumed)
-    for got, want in zip(model.parameters(), expected):
+    for got, want in zip(model.parameters(), expected, strict=False):
         assert torch.equal(got, want)
 
 
@@ -130,8 +139,14 @@ def test_optimizer_state_bytes_match_the_estimate(tiny_model_dir, name):
 
 def test_full_fine_tuning_with_8bit_adamw_lowers_the_loss(tiny_recipe):
     pytest.importorskip("bitsandbytes")
-    recipe = tiny_recipe("method.type=full", "training.optimizer=adamw_8bit", "training.learning_rate=0.001",
-                         "training.max_steps=8", "training.tensorboard=false", "training.plots=false")
+    recipe = tiny_recipe(
+        "method.type=full",
+        "training.optimizer=adamw_8bit",
+        "training.learning_rate=0.001",
+        "training.max_steps=8",
+        "training.tensorboard=false",
+        "training.plots=false",
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["val_loss_after"] < summary["val_loss_before"] - 0.5
@@ -142,9 +157,15 @@ def test_full_fine_tuning_in_bfloat16_trains_and_saves_bfloat16_weights(tiny_rec
 
     from afina.rundir import RunDir
 
-    recipe = tiny_recipe("method.type=full", "model.dtype=bfloat16", "training.precision=bf16",
-                         "training.learning_rate=0.001", "training.max_steps=8", "training.tensorboard=false",
-                         "training.plots=false")
+    recipe = tiny_recipe(
+        "method.type=full",
+        "model.dtype=bfloat16",
+        "training.precision=bf16",
+        "training.learning_rate=0.001",
+        "training.max_steps=8",
+        "training.tensorboard=false",
+        "training.plots=false",
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["val_loss_after"] < summary["val_loss_before"] - 0.5

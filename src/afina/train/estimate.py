@@ -16,7 +16,8 @@ import torch
 
 from afina.config import Recipe
 from afina.device import autocast_factory, peak_memory_mb, pick_device, recipe_weight_dtype, resolve_precision
-from afina.models.rope import apply_rope_settings, recipe_rope_settings
+from afina.models import recipe_rope_settings
+from afina.models.rope import apply_rope_settings
 from afina.rundir import RunDir
 from afina.train.batches import collate, epoch_batches, pack_settings
 from afina.train.loss import accumulate_gradients
@@ -36,8 +37,9 @@ def available_memory_bytes(device: torch.device) -> int:
     return 0
 
 
-def activation_bytes(config, tokens: int, label_tokens: int, checkpointing: bool, rows: int = 1,
-                     attention: str = "sdpa") -> int:
+def activation_bytes(
+    config, tokens: int, label_tokens: int, checkpointing: bool, rows: int = 1, attention: str = "sdpa"
+) -> int:
     """Activation memory of one bf16 micro-batch (train/memory.py: activation_bytes has the model)."""
     plan = MemoryPlan(method=None, rows=rows, tokens=tokens, gradient_checkpointing=checkpointing)
     return memory_activation_bytes(config, plan, label_tokens, attention)
@@ -46,7 +48,11 @@ def activation_bytes(config, tokens: int, label_tokens: int, checkpointing: bool
 def attention_flops_share(config, seq: int) -> float:
     """The share of a forward pass's matrix FLOPs spent in attention scores (QK^T and AV) at this length:
     per token 4*seq*hidden per layer against ~2*params for the weights; it grows linearly with seq."""
-    hidden, inter, layers = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size), config.num_hidden_layers
+    hidden, inter, layers = (
+        config.hidden_size,
+        getattr(config, "intermediate_size", 4 * config.hidden_size),
+        config.num_hidden_layers,
+    )
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     weights = 2 * layers * (2 * hidden * hidden + 2 * hidden * kv * head_dim + 3 * hidden * inter)
@@ -54,9 +60,16 @@ def attention_flops_share(config, seq: int) -> float:
     return attention / (weights + attention)
 
 
-def estimate(recipe: Recipe, task: TrainingTask | None = None, train_rows: list[dict[str, Any]] | None = None,
-             measure_steps: int = 3, available: int | None = None, processes: int = 1, strategy: str | None = None,
-             measure: bool = True) -> dict[str, Any]:
+def estimate(
+    recipe: Recipe,
+    task: TrainingTask | None = None,
+    train_rows: list[dict[str, Any]] | None = None,
+    measure_steps: int = 3,
+    available: int | None = None,
+    processes: int = 1,
+    strategy: str | None = None,
+    measure: bool = True,
+) -> dict[str, Any]:
     """Parameters and memory per process from the model's config (no weights read); with the prepared rows and
     the task type's TrainingTask (`afina.pipeline.estimate` builds it), the longest micro-batch sets the
     activations and (`measure`) a few timed steps give the run's duration.
@@ -70,8 +83,13 @@ def estimate(recipe: Recipe, task: TrainingTask | None = None, train_rows: list[
     config = apply_rope_settings(model_config(recipe.model.name), recipe_rope_settings(recipe))
     prepared = task is not None and train_rows is not None
     plan = MemoryPlan(
-        method=recipe.method, weight_dtype=recipe_weight_dtype(recipe, device), precision=precision,
-        optimizer=cfg.optimizer, processes=processes, strategy=strategy or cfg.distributed, rows=cfg.batch_size,
+        method=recipe.method,
+        weight_dtype=recipe_weight_dtype(recipe, device),
+        precision=precision,
+        optimizer=cfg.optimizer,
+        processes=processes,
+        strategy=strategy or cfg.distributed,
+        rows=cfg.batch_size,
         tokens=cfg.batch_size * (pack_settings(recipe)[0] or recipe.data.max_length),
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
@@ -81,7 +99,9 @@ def estimate(recipe: Recipe, task: TrainingTask | None = None, train_rows: list[
     if task is not None and train_rows is not None:
         train_set = task.encode(train_rows)
         pack_length, continuous = pack_settings(recipe)
-        collate_fn = task.collate or (lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous))
+        collate_fn = task.collate or (
+            lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous)
+        )
         batches = epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length)
         steps_per_epoch = max(1, math.ceil(len(batches) / (cfg.grad_accum * processes)))
         largest = max(batches, key=lambda rows: sum(len(train_set[i]["input_ids"]) for row in rows for i in row))
@@ -89,17 +109,23 @@ def estimate(recipe: Recipe, task: TrainingTask | None = None, train_rows: list[
         plan = plan.replace(rows=largest_batch["input_ids"].shape[0], tokens=largest_batch["input_ids"].numel())
         label_tokens = int((largest_batch["labels"] != -100).sum())
         result.update(
-            train_examples=len(train_set), tokens_per_epoch=sum(len(e["input_ids"]) for e in train_set),
+            train_examples=len(train_set),
+            tokens_per_epoch=sum(len(e["input_ids"]) for e in train_set),
             steps_per_epoch=steps_per_epoch,
             total_steps=cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs)),
         )
     # A model with a new head is counted on the real model (the head is not in the config).
-    head_task = not task.builds_on_meta if task is not None else (
-        recipe.task == "tagging" or (recipe.task == "classification" and recipe.classification.mode == "head"))
+    head_task = (
+        not task.builds_on_meta
+        if task is not None
+        else (recipe.task == "tagging" or (recipe.task == "classification" and recipe.classification.mode == "head"))
+    )
     if head_task:
         if task is None:
-            raise FileNotFoundError(f"{run.split_path('train')}: task '{recipe.task}' with a head is estimated on its "
-                                    "real model, which needs the labels: run `afina prepare` first")
+            raise FileNotFoundError(
+                f"{run.split_path('train')}: task '{recipe.task}' with a head is estimated on its "
+                "real model, which needs the labels: run `afina prepare` first"
+            )
         model = task.build_model(device)
     else:
         model = meta_model(config, recipe.method)
@@ -108,33 +134,47 @@ def estimate(recipe: Recipe, task: TrainingTask | None = None, train_rows: list[
     fits = memory["total"] < 0.9 * available
     params = {id(p): p for p in model.parameters()}.values()
     rope = recipe_rope_settings(recipe)
-    result.update({
-        "total_parameters": sum(p.numel() for p in params),
-        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
-        "memory_bytes": memory,
-        "available_bytes": available,
-        "fits": fits,
-        "plan": {"method": recipe.method.type, "dtype": plan.weight_dtype, "precision": precision,
-                 "optimizer": plan.optimizer, "processes": processes, "strategy": plan.strategy if processes > 1 else None,
-                 "rows": plan.rows, "tokens": plan.tokens, "gradient_checkpointing": plan.gradient_checkpointing},
-        "sequence_length": plan.tokens // max(plan.rows, 1),
-        "attention_flops_share": round(attention_flops_share(config, plan.tokens // max(plan.rows, 1)), 3),
-        **({"rope_scaling": rope} if rope else {}),
-        "precision": precision,
-        "device": str(device),
-    })
+    result.update(
+        {
+            "total_parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+            "memory_bytes": memory,
+            "available_bytes": available,
+            "fits": fits,
+            "plan": {
+                "method": recipe.method.type,
+                "dtype": plan.weight_dtype,
+                "precision": precision,
+                "optimizer": plan.optimizer,
+                "processes": processes,
+                "strategy": plan.strategy if processes > 1 else None,
+                "rows": plan.rows,
+                "tokens": plan.tokens,
+                "gradient_checkpointing": plan.gradient_checkpointing,
+            },
+            "sequence_length": plan.tokens // max(plan.rows, 1),
+            "attention_flops_share": round(attention_flops_share(config, plan.tokens // max(plan.rows, 1)), 3),
+            **({"rope_scaling": rope} if rope else {}),
+            "precision": precision,
+            "device": str(device),
+        }
+    )
     if not fits:
-        tries = [(label, total) for label, total in alternatives(config, plan, runtime, label_tokens,
-                                                                None if head_task else model)
-                 if total < memory["total"]]
+        tries = [
+            (label, total)
+            for label, total in alternatives(config, plan, runtime, label_tokens, None if head_task else model)
+            if total < memory["total"]
+        ]
         result["try"] = tries
         result["warning"] = (
-            f"the run needs about {memory['total'] / GIB:.1f} GiB per process but {available / GIB:.1f} GiB is available; "
-            "try " + "; ".join(f"{label} ({total / GIB:.1f} GiB)" for label, total in tries[:4])
+            f"the run needs about {memory['total'] / GIB:.1f} GiB per process but {available / GIB:.1f} GiB "
+            "is available; "
+            "try "
+            + "; ".join(f"{label} ({total / GIB:.1f} GiB)" for label, total in tries[:4])
             + ("; or a shorter data.max_length" if tries else "a shorter data.max_length or a larger device")
         )
         return result
-    if not (measure and prepared):
+    if not (measure and task is not None):
         return result
     tokenizer = task.tokenizer
     model = task.build_model(device) if not head_task else model  # the real weights, for timing
@@ -172,32 +212,45 @@ def format_estimate(result: dict[str, Any]) -> str:
     mem, plan = result["memory_bytes"], result["plan"]
     launch = f"{plan['processes']} processes ({plan['strategy']})" if plan["processes"] > 1 else "one process"
     lines = [
-        (f"parameters: {result['total_parameters']:,} total, {result['trainable_parameters']:,} trainable "
-         f"({100 * result['trainable_parameters'] / result['total_parameters']:.2f}%)"),
+        (
+            f"parameters: {result['total_parameters']:,} total, {result['trainable_parameters']:,} trainable "
+            f"({100 * result['trainable_parameters'] / result['total_parameters']:.2f}%)"
+        ),
     ]
     if "train_examples" in result:
         lines.append(
             f"data: {result['train_examples']} examples, {result['tokens_per_epoch']:,} tokens per epoch, "
-            f"{result['steps_per_epoch']} steps per epoch, {result['total_steps']} steps in the run")
+            f"{result['steps_per_epoch']} steps per epoch, {result['total_steps']} steps in the run"
+        )
     lines += [
-        (f"plan: {plan['method']}, weights {plan['dtype']}, compute {plan['precision']}, {plan['optimizer']}, {launch}, "
-         f"micro-batch {plan['rows']} x {result['sequence_length']} tokens"
-         + (", gradient checkpointing" if plan["gradient_checkpointing"] else "")),
-        "memory per process (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items() if k != "total")
+        (
+            f"plan: {plan['method']}, weights {plan['dtype']}, compute {plan['precision']}, {plan['optimizer']}, "
+            f"{launch}, "
+            f"micro-batch {plan['rows']} x {result['sequence_length']} tokens"
+            + (", gradient checkpointing" if plan["gradient_checkpointing"] else "")
+        ),
+        "memory per process (estimate): "
+        + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items() if k != "total")
         + f"; total {mem['total'] / GIB:.2f} GiB of {result['available_bytes'] / GIB:.1f} GiB: "
         + ("fits" if result["fits"] else "does not fit"),
-        (f"sequences: up to {result['sequence_length']} tokens per row; attention is "
-         f"{100 * result['attention_flops_share']:.0f}% of the forward FLOPs at that length")
-        + (f"; rope scaling {result['rope_scaling']['rope_type']} x{result['rope_scaling']['factor']:g} "
-           f"({result['rope_scaling']['original_length']} -> {result['rope_scaling']['target_length']} tokens)"
-           if result.get("rope_scaling") else ""),
+        (
+            f"sequences: up to {result['sequence_length']} tokens per row; attention is "
+            f"{100 * result['attention_flops_share']:.0f}% of the forward FLOPs at that length"
+        )
+        + (
+            f"; rope scaling {result['rope_scaling']['rope_type']} x{result['rope_scaling']['factor']:g} "
+            f"({result['rope_scaling']['original_length']} -> {result['rope_scaling']['target_length']} tokens)"
+            if result.get("rope_scaling")
+            else ""
+        ),
     ]
     if "warning" in result:
         lines.append(f"WARNING: {result['warning']}")
     elif "expected_seconds" in result:
         minutes = result["expected_seconds"] / 60
         lines.append(
-            f"time (from {result['precision']} steps measured on {result['device']}): {result['seconds_per_step']} s/step, "
+            f"time (from {result['precision']} steps measured on {result['device']}): "
+            f"{result['seconds_per_step']} s/step, "
             f"{result['tokens_per_s']} tokens/s, about {minutes:.1f} min for the run; "
             f"peak memory while measuring {result['measured_peak_memory_mb']:.0f} MiB"
         )

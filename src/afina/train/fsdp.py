@@ -28,35 +28,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-META_METHODS = ("lora", "full")
-
-
-def check_meta_method(method) -> None:
-    """The methods the meta-device FSDP path builds: LoRA (with or without rsLoRA) and full fine-tuning."""
-    from afina.config import RecipeError
-
-    if method.type not in META_METHODS or (method.type == "lora" and method.dora):
-        what = "method.dora=true" if method.type == "lora" else f"method.type={method.type}"
-        raise RecipeError(f"training.distributed=fsdp: {what} is not supported (its start values need the whole "
-                          "weights); use method.type=lora or full, or training.distributed=ddp")
-
-
-def meta_base_model(spec: str, dtype: str, rope: dict | None = None):
-    """The base model on the meta device, from its config alone (no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from afina.models import resolve_model
-
-    config = AutoConfig.from_pretrained(resolve_model(spec))
-    if rope:
-        from afina.models.rope import apply_rope_settings
-
-        config = apply_rope_settings(config, rope)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.eval()
-    return model
-
 
 def shard_model(model, param_dtype: torch.dtype | None = None) -> None:
     """fully_shard every decoder layer, then the embeddings, final norm and output layer as one group (the
@@ -66,20 +37,28 @@ def shard_model(model, param_dtype: torch.dtype | None = None) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-    options = {"mp_policy": policy} if policy else {}
+    options: dict[str, Any] = {"mp_policy": policy} if policy else {}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
     layers = list(decoder.layers)
     for layer in layers:
         fully_shard(layer, **options)
     claimed = {id(p) for layer in layers for p in layer.parameters()}
-    rest = [m for m in (decoder.get_input_embeddings(), getattr(decoder, "norm", None), base.get_output_embeddings())
-            if m is not None and any(id(p) not in claimed for p in m.parameters())]
-    leftover = [n for n, p in base.named_parameters() if id(p) not in claimed
-                and not any(p is q for m in rest for q in m.parameters())]
+    rest = [
+        m
+        for m in (decoder.get_input_embeddings(), getattr(decoder, "norm", None), base.get_output_embeddings())
+        if m is not None and any(id(p) not in claimed for p in m.parameters())
+    ]
+    leftover = [
+        n
+        for n, p in base.named_parameters()
+        if id(p) not in claimed and not any(p is q for m in rest for q in m.parameters())
+    ]
     if leftover:
-        raise ValueError(f"FSDP: parameters outside the decoder layers, embeddings, norm and output layer ({leftover[0]}, "
-                         "...) are not sharded by afina; use training.distributed=ddp for this model")
+        raise ValueError(
+            f"FSDP: parameters outside the decoder layers, embeddings, norm and output layer ({leftover[0]}, "
+            "...) are not sharded by afina; use training.distributed=ddp for this model"
+        )
     fully_shard(rest, **options)
     # A root over them all, with no parameters of its own: the loss calls the decoder and the output layer
     # apart (train/loss.py), never the root's forward, so start_root() initialises it once the weights are in.
@@ -112,9 +91,12 @@ class SafetensorsFolder:
             with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
                 weight_map = dict.fromkeys(fh.keys(), "model.safetensors")
         else:
-            raise FileNotFoundError(f"{folder}: no model.safetensors (or index); FSDP loads its shards from safetensors "
-                                    "files: convert the model to safetensors or use training.distributed=ddp")
-        self.folder, self.weight_map, self._open = folder, weight_map, {}
+            raise FileNotFoundError(
+                f"{folder}: no model.safetensors (or index); FSDP loads its shards from safetensors "
+                "files: convert the model to safetensors or use training.distributed=ddp"
+            )
+        self.folder, self.weight_map = folder, weight_map
+        self._open: dict[str, Any] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.weight_map
@@ -158,9 +140,11 @@ def load_shards(model, folder: Path, seed: int) -> None:
             elif ".lora_B." in name:
                 value = torch.zeros(stop - start, *param.shape[1:])
             else:
-                raise ValueError(f"{folder}: no tensor {key} for parameter {name}; the folder does not match the config")
+                raise ValueError(
+                    f"{folder}: no tensor {key} for parameter {name}; the folder does not match the config"
+                )
             local.copy_(value.to(local.dtype))
-        for module_name, module in model.named_modules():
+        for module in model.modules():
             if type(module).__name__.endswith("RotaryEmbedding"):  # non-persistent buffers: computed, not stored
                 fresh = type(module)(module.config)
                 for buffer_name, buffer in fresh.named_buffers(recurse=False):
@@ -207,9 +191,11 @@ def held_bytes(model, optimizer) -> dict[str, int]:
                     state += local.numel() * local.element_size()
     for master in getattr(optimizer, "master", []):
         state += local_bytes(master)
-    return {"parameters": sum(local_bytes(p) for p in params),
-            "gradients": sum(local_bytes(p.grad) for p in params if p.grad is not None),
-            "optimizer": state}
+    return {
+        "parameters": sum(local_bytes(p) for p in params),
+        "gradients": sum(local_bytes(p.grad) for p in params if p.grad is not None),
+        "optimizer": state,
+    }
 
 
 def max_over_processes(values: dict[str, int]) -> dict[str, int]:
@@ -217,20 +203,34 @@ def max_over_processes(values: dict[str, int]) -> dict[str, int]:
         return values
     t = torch.tensor(list(values.values()), dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return {key: int(v) for key, v in zip(values, t.tolist())}
+    return {key: int(v) for key, v in zip(values, t.tolist(), strict=True)}
 
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-                      torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float64: "F64",
+}
 
 
-def write_streamed_safetensors(path: Path, tensors: list[tuple[str, Any]], write: bool,
-                               dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> None:
+def write_streamed_safetensors(
+    path: Path,
+    tensors: list[tuple[str, Any]],
+    write: bool,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write (name, parameter) pairs as one safetensors file, one tensor at a time.
 
     Every process calls this (each sharded tensor is gathered with full_tensor(), a collective); the
     process with write=True writes it and drops it before the next. The header (names, dtypes, shapes,
     offsets) is known from the shapes alone, so it goes first. dtype: cast floating tensors to it."""
+
     def out_dtype(t):
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
@@ -238,8 +238,11 @@ def write_streamed_safetensors(path: Path, tensors: list[tuple[str, Any]], write
     offset = 0
     for name, t in tensors:
         size = math.prod(t.shape) * torch.empty((), dtype=out_dtype(t)).element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[out_dtype(t)], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[out_dtype(t)],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
@@ -247,7 +250,7 @@ def write_streamed_safetensors(path: Path, tensors: list[tuple[str, Any]], write
         if fh:
             fh.write(struct.pack("<Q", len(encoded)) + encoded)
         for _, t in tensors:
-            whole = t.detach().full_tensor() if isinstance(t, DTensor) else t.detach()
+            whole = t.full_tensor().detach() if isinstance(t, DTensor) else t.detach()
             if fh:
                 data = whole.to("cpu", out_dtype(t)).contiguous()
                 fh.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")

