@@ -240,3 +240,36 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_recipe):
     checkpointed = tiny_recipe("training.max_steps=2", "training.tensorboard=false", "training.plots=false",
                                "training.gradient_checkpointing=true")
     assert train(checkpointed, progress=False)["final_train_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_dora_and_rslora_change_what_trains(tiny_model_dir):
+    """The flags reach peft: DoRA adds a trained magnitude per output feature of every adapted layer; rsLoRA
+    scales the update by alpha/sqrt(r) instead of alpha/r (so a rank-16 adapter's update is 4x larger)."""
+    from afina.config import MethodConfig
+    from afina.train.methods import apply_method
+
+    def build(**flags):
+        method = MethodConfig(type="lora", r=16, alpha=32, **flags)
+        return apply_method(load_model(str(tiny_model_dir)), method)
+
+    plain, dora, rslora = build(), build(dora=True), build(rslora=True)
+
+    def trainable(model):
+        return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+
+    def adapted(model):
+        return [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+
+    magnitudes = {n: k for n, k in trainable(dora).items() if "lora_magnitude_vector" in n}
+    assert magnitudes and not any("magnitude" in n for n in trainable(plain))
+    assert sum(magnitudes.values()) == sum(m.out_features for m in adapted(dora))
+    assert sum(trainable(dora).values()) == sum(trainable(plain).values()) + sum(magnitudes.values())
+    assert {m.scaling["default"] for m in adapted(plain)} == {32 / 16}
+    assert {m.scaling["default"] for m in adapted(rslora)} == {32 / 16**0.5}
+    # The same input and adapter weights give a different output once B is non-zero.
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        for model in (plain, rslora):
+            for module in adapted(model):
+                torch.nn.init.constant_(module.lora_B["default"].weight, 0.01)
+        assert not torch.allclose(plain(input_ids=ids).logits, rslora(input_ids=ids).logits)

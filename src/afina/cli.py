@@ -61,8 +61,14 @@ def _add_stage_commands(sub) -> None:
 
     p = sub.add_parser("estimate", help="parameters, memory and time of a training run, before running it",
                        description="Count parameters, model the memory the run needs (and warn when it will not fit), "
-                       "and time a few real steps to predict the run's duration. Needs `afina prepare` first.")
+                       "and time a few real steps to predict the run's duration. Memory comes from the model's config "
+                       "alone (no weights read); with prepared data the longest micro-batch sets the activations.")
     _add_recipe_args(p)
+    p.add_argument("--device-memory", help="memory of one device, e.g. 24GB or 80GiB (default: what this device has free)")
+    p.add_argument("--processes", type=int, default=1, help="processes (devices) the run will use (default 1)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="how the processes share the model (default: "
+                   "training.distributed)")
+    p.add_argument("--memory-only", action="store_true", help="skip the timed steps (no weights are read)")
 
     p = sub.add_parser("predict", help="predict labels (classification) or entity tags (tagging) for a file",
                        description="Read rows from --input (JSONL, CSV, ...: a text field for classification, a word "
@@ -214,8 +220,12 @@ def cmd_estimate(args) -> None:
     from afina.config import load_recipe
     from afina.pipeline import estimate
     from afina.train.estimate import format_estimate
+    from afina.train.memory import parse_bytes
 
-    print(format_estimate(estimate(load_recipe(args.recipe, args.overrides))))
+    available = parse_bytes(args.device_memory) if args.device_memory else None
+    result = estimate(load_recipe(args.recipe, args.overrides), available=available, processes=args.processes,
+                      strategy=args.strategy, measure=not args.memory_only)
+    print(format_estimate(result))
 
 
 def cmd_predict(args) -> None:

@@ -36,6 +36,11 @@ class ModelConfig(_Section):
         description="A packaged model name (see `afina models`), a local Hugging Face folder, "
         "a local .gguf file, or a hub name where a hub is reachable.",
     )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="The dtype the model's weights are held in. LoRA/QLoRA: the frozen base (adapters stay "
+        "float32); full fine-tuning: the trained weights (bfloat16 keeps a float32 master copy in the optimizer). "
+        "auto: bfloat16 on GPUs and CPUs that run it natively, float16 on GPUs without bfloat16, else float32.",
+    )
 
 
 class SplitConfig(_Section):
@@ -243,6 +248,11 @@ class TrainingConfig(_Section):
         "weights, gradients and optimizer state across the processes (PyTorch FSDP2).",
     )
     compile: bool = Field(False, description="torch.compile the model (slow start, faster steps).")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor"] = Field(
+        "adamw", description="adamw: torch AdamW, 8 bytes of state per trained weight; adamw_8bit / paged_adamw_8bit: "
+        "bitsandbytes 8-bit AdamW, 2 bytes (paged: state pages out to host memory under GPU pressure); adafactor: "
+        "factored second moments, about 4/sqrt(size) bytes per weight of a matrix.",
+    )
     tensorboard: bool = Field(True, description="Write TensorBoard event files to <run>/tensorboard.")
     plots: bool = Field(True, description="Write <run>/plots/training.png (loss and learning rate).")
 

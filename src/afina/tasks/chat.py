@@ -18,7 +18,7 @@ from typing import Any
 
 from afina.config import Recipe
 from afina.data.format import Chunking, encode_split
-from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
+from afina.device import autocast_factory, peak_memory_mb, pick_device, recipe_weight_dtype, resolve_precision
 from afina.eval.forgetting import forgetting_probe
 from afina.eval.generate import generate_timed
 from afina.eval.generative import (
@@ -69,10 +69,12 @@ def chat_task(recipe: Recipe, run: RunDir, messages_of=None, chunking: Chunking 
         tokenizer=tokenizer,
         encode=encode,
         build_model=lambda device: apply_method(
-            load_for_method(recipe.model.name, recipe.method, device, recipe_rope_settings(recipe)), recipe.method
+            load_for_method(recipe.model.name, recipe.method, device, recipe_rope_settings(recipe),
+                            recipe_weight_dtype(recipe, device)), recipe.method
         ),
         output_dir=run.model if recipe.method.type == "full" else run.adapter,
         method=recipe.method.type,
+        builds_on_meta=True,
     )
 
 

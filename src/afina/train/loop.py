@@ -23,7 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from afina.config import Recipe, RecipeError
-from afina.device import autocast_factory, peak_memory_mb, pick_device, progress_interval, resolve_precision
+from afina.device import (
+    autocast_factory,
+    peak_memory_mb,
+    pick_device,
+    progress_interval,
+    recipe_weight_dtype,
+    resolve_precision,
+)
 from afina.models import recipe_rope_settings
 from afina.models.rope import save_rope_settings
 from afina.rundir import RunDir, read_jsonl
@@ -37,8 +44,18 @@ from afina.train.checkpoint import (
     trainable_state,
 )
 from afina.train.distributed import Distributed
+from afina.train.fsdp import build_sharded_model, held_bytes, max_over_processes, save_streamed_result
 from afina.train.loss import accumulate_gradients, count_label_tokens, label_token_loss, mean_label_loss
 from afina.train.monitor import TrainingMonitor
+from afina.train.optim import build_optimizer
+from afina.train.sharded_checkpoint import (
+    check_layout,
+    has_weights,
+    load_sharded_checkpoint,
+    load_sharded_weights,
+    save_sharded_checkpoint,
+    save_sharded_weights,
+)
 from afina.train.task import TrainingTask
 
 
@@ -113,6 +130,7 @@ class LoopState:
     train_time: float = 0.0  # seconds of training before the current stretch (resumes add up)
     val_before: float | None = None
     val_last: float | None = None
+    held_bytes: dict | None = None  # parameters, gradients, optimizer state after the first step (largest process)
 
 
 @dataclass
@@ -160,7 +178,12 @@ class Training:
         reports true tokens/s."""
         self.state.train_time = self.elapsed() if elapsed is None else elapsed
         self.started = time.perf_counter()
-        # Every process holds the same weights (FSDP: gathers its shards for this); one writes them.
+        if self.ddp.sharded:  # every process writes its own shards
+            save_sharded_checkpoint(self.checkpoints, step, self.model, self.optimizer, self.scheduler, self.rng,
+                                    {"loop": asdict(self.state)}, self.recipe.training.keep_checkpoints,
+                                    is_main=self.ddp.is_main)
+            return
+        # Every process holds the same weights; one writes them.
         save_checkpoint(self.checkpoints, step, self.model, self.optimizer, self.scheduler, self.rng,
                         {"loop": asdict(self.state)}, self.recipe.training.keep_checkpoints, write_files=self.ddp.is_main)
 
@@ -208,17 +231,21 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
         raise RecipeError(f"training.packing: task '{recipe.task}' with a head pools or tags per example and cannot "
                           "pack examples together; set training.packing=false")
 
-    # Master weights stay fp32; matmuls run in bf16 under autocast (faster on this CPU than a bf16 copy).
+    # Weights in model.dtype (train/precision.py); matmuls in training.precision under autocast.
     rope = recipe_rope_settings(recipe)  # context extension: scaled rotary positions, saved with the result
-    model = task.build_model(device)  # the task applies `rope` too
-    ddp.shard(model)
+    if ddp.sharded and task.builds_on_meta:  # FSDP: built on the meta device, each process loads only its shards
+        model = build_sharded_model(task.build_model, recipe.model.name, device, recipe_weight_dtype(recipe, device),
+                                    recipe.method.type == "full", recipe.seed)
+    else:
+        model = task.build_model(device)  # the task applies `rope` too
+        ddp.shard(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         model.get_decoder().compile()
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = task.param_groups(model) if task.param_groups else [{"params": trainable}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(groups, cfg)
 
     batches_per_epoch = len(epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length))
     per_step = cfg.grad_accum * ddp.world_size
@@ -236,7 +263,19 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
         save_every=cfg.save_every or eval_every, retrieval_rows=retrieval_rows, rope=rope, state=LoopState(),
     )
     if resume:
-        t.resumed_from, saved = resume_checkpoint(t.checkpoints, model, optimizer, t.scheduler, t.rng)
+        if ddp.sharded:  # every process reads its own shards
+            found = list_checkpoints(t.checkpoints)
+            if not found:
+                raise FileNotFoundError(
+                    f"no checkpoint to resume from in {t.checkpoints}; run `afina train` without --resume"
+                )
+            t.resumed_from = found[-1]
+            saved = load_sharded_checkpoint(t.resumed_from, model, optimizer, t.scheduler, t.rng)
+        else:
+            newest = list_checkpoints(t.checkpoints)
+            if newest:
+                check_layout(newest[-1], sharded=False)
+            t.resumed_from, saved = resume_checkpoint(t.checkpoints, model, optimizer, t.scheduler, t.rng)
         t.state = LoopState(**saved["loop"])
     else:
         t.state.val_before = t.validation_loss()
@@ -287,6 +326,8 @@ def training_step(t: Training) -> tuple[float, float]:
             + ". Check the data and the model weights, or lower training.learning_rate"
         )
     t.optimizer.step()
+    if state.held_bytes is None:  # what each process holds at its fullest (gradients not yet freed)
+        state.held_bytes = max_over_processes(held_bytes(t.model, t.optimizer))
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -304,7 +345,11 @@ def after_step(t: Training, step_loss: float, grad_norm: float, monitor: Trainin
         state.val_last = val_loss
         if state.best_val is None or val_loss < state.best_val:
             state.best_val, state.best_step, state.bad_evals = val_loss, step, 0
-            save_weights(t.checkpoints / "best", t.model, {"step": step, "val_loss": val_loss}, write_files=t.ddp.is_main)
+            info = {"step": step, "val_loss": val_loss}
+            if t.ddp.sharded:
+                save_sharded_weights(t.checkpoints / "best", t.model, info, is_main=t.ddp.is_main)
+            else:
+                save_weights(t.checkpoints / "best", t.model, info, write_files=t.ddp.is_main)
         else:
             state.bad_evals += 1
     if step % cfg.log_every == 0 or val_loss is not None or step == t.total_steps:
@@ -337,21 +382,28 @@ def finish(t: Training, stop_reason: str, last_loss: float) -> dict[str, Any]:
     elapsed = t.elapsed()
     t.ddp.barrier()  # the best weights are on disk before any process reads them
     best = t.checkpoints / "best"
-    if (t.recipe.training.load_best_at_end and (best / "trainable.safetensors").is_file()
-            and t.state.best_step != t.state.step):
+    load_best = t.recipe.training.load_best_at_end and t.state.best_step != t.state.step
+    if load_best and t.ddp.sharded and has_weights(best):
+        load_sharded_weights(best, t.model)
+    elif load_best and (best / "trainable.safetensors").is_file():
         from safetensors.torch import load_file
 
         load_trainable_state(t.model, load_file(str(best / "trainable.safetensors")))
     summary = training_summary(t, stop_reason, last_loss, elapsed)
     to_save = t.model
-    if t.ddp.sharded:  # gather the shards (every process) into a plain copy that peft/transformers can save
+    if t.ddp.sharded and t.task.builds_on_meta:  # written whole from the shards, one tensor at a time
+        save_streamed_result(t.model, t.task.output_dir, t.recipe.method.type, write=t.ddp.is_main,
+                             dtype=getattr(torch, recipe_weight_dtype(t.recipe, t.device)))
+        to_save = None
+    elif t.ddp.sharded:  # gather the shards (every process) into a plain copy that peft/transformers can save
         whole = trainable_state(t.model)
         if t.ddp.is_main:
             to_save = t.task.build_model(torch.device("cpu"))
             load_trainable_state(to_save, whole)
     if t.ddp.is_main:
         out_dir = t.task.output_dir
-        to_save.save_pretrained(out_dir, safe_serialization=True)
+        if to_save is not None:
+            to_save.save_pretrained(out_dir, safe_serialization=True)
         t.task.tokenizer.save_pretrained(out_dir)
         if t.task.on_save:
             t.task.on_save(out_dir)
@@ -386,6 +438,7 @@ def training_summary(t: Training, stop_reason: str, last_loss: float, elapsed: f
         "precision": t.precision,
         "device": str(t.device),
         "peak_memory_mb": round(peak_memory_mb(t.device), 1),
+        "held_bytes_per_process": state.held_bytes,  # parameters, gradients, optimizer state (the largest process)
         "output": str(t.task.output_dir),
         "processes": t.ddp.world_size,
         "distributed": t.ddp.strategy if t.ddp.world_size > 1 else None,
