@@ -45,8 +45,13 @@ def on_gpu() -> bool:
 
 def chats(n_train: int, data: Path = DATA) -> tuple[list[dict], list[dict]]:
     # Answers short enough for one 512-token row (about 4 characters a token), for both systems.
-    rows = [r for r in map(json.loads, data.open()) if len(r["instruction"]) + len(r["response"]) < 1800][: n_train + VAL_ROWS]
-    conv = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]} for r in rows]
+    rows = [r for r in map(json.loads, data.open()) if len(r["instruction"]) + len(r["response"]) < 1800][
+        : n_train + VAL_ROWS
+    ]
+    conv = [
+        {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]}
+        for r in rows
+    ]
     return conv[:n_train], conv[n_train:]
 
 
@@ -79,8 +84,8 @@ def matmul_flops(precision: str, seconds: float = 3.0) -> float:
 
 
 def validation_loss(model, tokenizer, val, precision: str) -> float:
-    from afina.device import autocast_factory
     from afina.data.format import encode_split
+    from afina.device import autocast_factory
     from afina.train.loss import mean_label_loss
 
     model.eval()
@@ -90,19 +95,36 @@ def validation_loss(model, tokenizer, val, precision: str) -> float:
 
 def worker_afina(args, train_rows, val_rows, out: dict) -> None:
     from afina.config import load_recipe
-    from afina.rundir import RunDir, write_jsonl
     from afina.pipeline import train
+    from afina.rundir import RunDir, write_jsonl
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-afina-"))
-    recipe = load_recipe(None, [
-        "name=bench", f"output_dir={tmp}", "data.max_length=512",
-        "method.r=16", "method.alpha=32", "method.target_modules=all-linear",
-        "training.packing=true", "training.pack_length=512", f"training.batch_size={args.batch}",
-        f"training.max_steps={args.steps}", "training.learning_rate=2e-4", "training.scheduler=constant",
-        "training.warmup_ratio=0", "training.log_every=1", f"training.precision={resolved_precision(args.precision)}",
-        "training.tensorboard=false", "training.plots=false", "training.load_best_at_end=false",
-        f"training.eval_every={10**6}", f"training.save_every={10**6}", f"training.compile={str(args.afina_compile).lower()}",
-    ])
+    recipe = load_recipe(
+        None,
+        [
+            "name=bench",
+            f"output_dir={tmp}",
+            "data.max_length=512",
+            "method.r=16",
+            "method.alpha=32",
+            "method.target_modules=all-linear",
+            "training.packing=true",
+            "training.pack_length=512",
+            f"training.batch_size={args.batch}",
+            f"training.max_steps={args.steps}",
+            "training.learning_rate=2e-4",
+            "training.scheduler=constant",
+            "training.warmup_ratio=0",
+            "training.log_every=1",
+            f"training.precision={resolved_precision(args.precision)}",
+            "training.tensorboard=false",
+            "training.plots=false",
+            "training.load_best_at_end=false",
+            f"training.eval_every={10**6}",
+            f"training.save_every={10**6}",
+            f"training.compile={str(args.afina_compile).lower()}",
+        ],
+    )
     run = RunDir(recipe.run_dir)
     write_jsonl(run.split_path("train"), train_rows)
     write_jsonl(run.split_path("validation"), val_rows)
@@ -134,13 +156,29 @@ def worker_trl(args, train_rows, val_rows, out: dict) -> None:
 
     tmp = tempfile.mkdtemp(prefix="bench-trl-")
     config = SFTConfig(
-        output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, bf16=precision == "bf16", use_cpu=not on_gpu(),
-        packing=True, max_length=512, completion_only_loss=True, logging_steps=1, save_strategy="no",
-        report_to=[], dataloader_num_workers=0, seed=42,
+        output_dir=tmp,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        bf16=precision == "bf16",
+        use_cpu=not on_gpu(),
+        packing=True,
+        max_length=512,
+        completion_only_loss=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        seed=42,
     )
     trainer = SFTTrainer(
-        model=model, args=config, train_dataset=Dataset.from_list(prompt_completion), processing_class=tokenizer,
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(prompt_completion),
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
         callbacks=[StepTimes()],
     )
@@ -149,7 +187,10 @@ def worker_trl(args, train_rows, val_rows, out: dict) -> None:
     packed = trainer.train_dataset
     # Tokens trained: the packed rows the sampler drew, counted without padding (padding-free packing).
     order = list(trainer.get_train_dataloader().sampler)[: args.steps * args.batch]
-    per_step = [sum(len(packed[i]["input_ids"]) for i in order[s * args.batch : (s + 1) * args.batch]) for s in range(args.steps)]
+    per_step = [
+        sum(len(packed[i]["input_ids"]) for i in order[s * args.batch : (s + 1) * args.batch])
+        for s in range(args.steps)
+    ]
     cumulative, total = [], 0
     for s, n in enumerate(per_step):
         total += n
@@ -161,8 +202,24 @@ def worker_trl(args, train_rows, val_rows, out: dict) -> None:
 def run_worker(name: str, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result_path = fh.name
-    cmd = [sys.executable, __file__, "--worker", name, "--result", result_path, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--rows", str(args.rows), "--data", str(args.data), "--precision", args.precision]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--result",
+        result_path,
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--rows",
+        str(args.rows),
+        "--data",
+        str(args.data),
+        "--precision",
+        args.precision,
+    ]
     cmd += ["--afina-compile"] if args.afina_compile else []
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -218,8 +275,10 @@ def main() -> None:
     systems = [name.strip() for name in args.systems.split(",")]
     results = {name: summarize(run_worker(name, args), params, peak) for name in systems}
     where = "GPU " + __import__("torch").cuda.get_device_name() if on_gpu() else "CPU"
-    print(f"\n{where}: {precision} matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s; "
-          f"{args.steps} steps x {args.batch} packed rows of 512, {precision}")
+    print(
+        f"\n{where}: {precision} matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s; "
+        f"{args.steps} steps x {args.batch} packed rows of 512, {precision}"
+    )
     if len(systems) == 1:
         for key, value in results[systems[0]].items():
             print(f"{systems[0]} {key}: {value:.4g}")

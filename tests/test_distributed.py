@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import support_rows, write_jsonl
 from safetensors.torch import load_file
 
 from afina.config import load_recipe
-from afina.pipeline import prepare
+from afina.pipeline import prepare, train
 from afina.rundir import RunDir
-from afina.pipeline import train
+from conftest import support_rows, write_jsonl
 
 
 def recipe_text(tmp_path, tiny_model_dir, name, grad_accum, strategy="ddp", method="lora", extra=""):
@@ -28,8 +27,12 @@ def recipe_text(tmp_path, tiny_model_dir, name, grad_accum, strategy="ddp", meth
 
 
 def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -73,7 +76,10 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, strategy, met
         held_one = RunDir(one.run_dir).read_manifest()["train"]["held_bytes_per_process"]
         held_two = summary["held_bytes_per_process"]
         assert sum(held_two.values()) <= 0.6 * sum(held_one.values())
-        assert held_two["parameters"] <= 0.6 * held_one["parameters"] and held_two["optimizer"] <= 0.6 * held_one["optimizer"]
+        assert (
+            held_two["parameters"] <= 0.6 * held_one["parameters"]
+            and held_two["optimizer"] <= 0.6 * held_one["optimizer"]
+        )
         # Checkpoints are sharded: a file per process, no gathered weights.
         last = sorted((RunDir(two.run_dir).root / "checkpoints").glob("step-*"))[-1]
         assert len(list((last / "shards").glob("*.distcp"))) == 2 and not (last / "trainable.safetensors").exists()
@@ -105,8 +111,17 @@ def test_fsdp_resumes_from_its_sharded_checkpoint(tmp_path, tiny_model_dir):
     """Two processes, checkpoints every 2 steps; the run resumed from step 4 continues the same loss curve."""
     write_jsonl(tmp_path / "rows.jsonl", support_rows(8, 4))
     path = tmp_path / "fsdp.yaml"
-    path.write_text(recipe_text(tmp_path, tiny_model_dir, "fsdp", 1, "fsdp", "full",
-                                "  save_every: 2\n  eval_every: 6\n  keep_checkpoints: 3\n"))
+    path.write_text(
+        recipe_text(
+            tmp_path,
+            tiny_model_dir,
+            "fsdp",
+            1,
+            "fsdp",
+            "full",
+            "  save_every: 2\n  eval_every: 6\n  keep_checkpoints: 3\n",
+        )
+    )
     recipe = load_recipe(path)
     prepare(recipe)
     torchrun("-m", "afina", "train", str(path))
@@ -127,7 +142,10 @@ def test_an_fsdp_checkpoint_is_not_loaded_into_an_unsharded_run():
 
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.AdamW(model.parameters())
-    fsdp_style = {"state": {"weight": {"step": torch.tensor(1.0)}}, "param_groups": optimizer.state_dict()["param_groups"]}
+    fsdp_style = {
+        "state": {"weight": {"step": torch.tensor(1.0)}},
+        "param_groups": optimizer.state_dict()["param_groups"],
+    }
     with pytest.raises(ValueError, match="written by an FSDP run"):
         load_optimizer_state(model, optimizer, fsdp_style)
     load_optimizer_state(model, optimizer, optimizer.state_dict())  # its own kind loads

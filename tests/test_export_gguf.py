@@ -5,11 +5,10 @@ import importlib.util
 import pytest
 from gguf import GGUFReader
 
-from afina.pipeline import prepare
 from afina.export.merge import export
 from afina.export.ollama import template_pieces
+from afina.pipeline import prepare, train
 from afina.rundir import RunDir
-from afina.pipeline import train
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +18,20 @@ def exported(tmp_path_factory, tiny_model_dir):
 
     tmp = tmp_path_factory.mktemp("gguf-export")
     data = write_jsonl(tmp / "support.jsonl", support_rows())
-    recipe = load_recipe(None, ["name=tiny", f"output_dir={tmp / 'runs'}", f"model.name={tiny_model_dir}",
-                                f"data.path={data}", "training.batch_size=4", "training.max_steps=4",
-                                "training.learning_rate=0.01", "training.precision=fp32", "export.formats=[gguf,ollama]"])
+    recipe = load_recipe(
+        None,
+        [
+            "name=tiny",
+            f"output_dir={tmp / 'runs'}",
+            f"model.name={tiny_model_dir}",
+            f"data.path={data}",
+            "training.batch_size=4",
+            "training.max_steps=4",
+            "training.learning_rate=0.01",
+            "training.precision=fp32",
+            "export.formats=[gguf,ollama]",
+        ],
+    )
     prepare(recipe)
     train(recipe, progress=False)
     return recipe, export(recipe)
@@ -33,7 +43,9 @@ def test_gguf_files_reload_in_transformers_and_match(exported):
         check = results[f"gguf_{outtype}"]
         assert check["ok"], check
         assert check["tokenization_equal"] and check["chat_template_equal"]
-        assert check["max_logit_diff"] <= check["logit_tolerance"] and check["greedy_margin"] <= check["logit_tolerance"]
+        assert (
+            check["max_logit_diff"] <= check["logit_tolerance"] and check["greedy_margin"] <= check["logit_tolerance"]
+        )
     assert results["gguf_f16"]["greedy_text_equal"]
     manifest = RunDir(recipe.run_dir).read_manifest()["export"]
     assert manifest["gguf_q8_0"]["ok"] and manifest["gguf_f16"]["ok"] and manifest["ollama"]["ok"]
@@ -63,7 +75,11 @@ def test_modelfile_has_chatml_template_and_stop_tokens(exported, tokenizer):
     assert '{{ if eq .Role "system" }}<|im_start|>system\n' in text
     assert text.count("TEMPLATE") == 1 and "SYSTEM" in text  # SmolLM2's template adds a default system turn
     pieces = template_pieces(tokenizer)
-    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ok"}]
+    chat = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "ok"},
+    ]
     assert pieces.render(chat) == tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
@@ -77,8 +93,9 @@ def test_llama_cpp_runs_the_gguf_file_like_transformers(exported, tokenizer):
     _, results = exported
     path = results["gguf_f16"]["path"]
     llm = llama_cpp.Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does code 2 mean?"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What does code 2 mean?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids  # same tokenizer inside the file
     llm.eval(ids)

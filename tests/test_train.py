@@ -4,14 +4,12 @@ import pytest
 import torch
 
 from afina.data.format import encode_chat
-from afina.pipeline import prepare
 from afina.device import autocast_factory
 from afina.models import load_model
+from afina.pipeline import prepare, train
 from afina.rundir import RunDir, read_jsonl
-from afina.pipeline import train
 from afina.train.batches import pad_batch
 from afina.train.loss import accumulate_gradients, label_token_loss
-
 from conftest import support_rows
 
 FP32 = autocast_factory("fp32", torch.device("cpu"))
@@ -137,7 +135,9 @@ def test_chunked_loss_equals_whole_loss(tiny_model_dir, tokenizer, monkeypatch):
 
 
 def test_packed_training_runs_and_learns(tiny_recipe):
-    recipe = tiny_recipe("training.packing=true", "training.pack_length=160", "training.batch_size=1", "training.max_steps=10")
+    recipe = tiny_recipe(
+        "training.packing=true", "training.pack_length=160", "training.batch_size=1", "training.max_steps=10"
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["packing"] and summary["val_loss_after"] < summary["val_loss_before"]
@@ -174,8 +174,14 @@ def test_monitoring_writes_tensorboard_events_and_plot(tiny_recipe):
 
 def test_early_stopping_keeps_the_best_weights(tiny_recipe):
     # A learning rate this high makes validation worse after the first evaluations.
-    recipe = tiny_recipe("training.max_steps=40", "training.eval_every=1", "training.early_stopping_patience=2",
-                         "training.learning_rate=0.5", "training.scheduler=constant", "training.warmup_ratio=0")
+    recipe = tiny_recipe(
+        "training.max_steps=40",
+        "training.eval_every=1",
+        "training.early_stopping_patience=2",
+        "training.learning_rate=0.5",
+        "training.scheduler=constant",
+        "training.warmup_ratio=0",
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["stopped"].startswith("early stopping")
@@ -185,8 +191,13 @@ def test_early_stopping_keeps_the_best_weights(tiny_recipe):
 
 def test_qlora_trains_lora_over_a_4bit_base(tiny_recipe):
     pytest.importorskip("bitsandbytes")
-    recipe = tiny_recipe("method.type=qlora", "training.max_steps=6", "training.precision=bf16",
-                         "training.tensorboard=false", "training.plots=false")
+    recipe = tiny_recipe(
+        "method.type=qlora",
+        "training.max_steps=6",
+        "training.precision=bf16",
+        "training.tensorboard=false",
+        "training.plots=false",
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["val_loss_after"] < summary["val_loss_before"]
@@ -224,12 +235,25 @@ def test_estimate_warns_when_the_run_will_not_fit(tiny_recipe):
 
 
 def test_compiled_packed_training_matches_eager(tiny_recipe):
-    eager = tiny_recipe("training.packing=true", "training.pack_length=128", "training.batch_size=1", "training.max_steps=3",
-                        "training.tensorboard=false", "training.plots=false")
+    eager = tiny_recipe(
+        "training.packing=true",
+        "training.pack_length=128",
+        "training.batch_size=1",
+        "training.max_steps=3",
+        "training.tensorboard=false",
+        "training.plots=false",
+    )
     prepare(eager)
     expected = train(eager, progress=False)["final_train_loss"]
-    compiled = tiny_recipe("training.packing=true", "training.pack_length=128", "training.batch_size=1", "training.max_steps=3",
-                           "training.tensorboard=false", "training.plots=false", "training.compile=true")
+    compiled = tiny_recipe(
+        "training.packing=true",
+        "training.pack_length=128",
+        "training.batch_size=1",
+        "training.max_steps=3",
+        "training.tensorboard=false",
+        "training.plots=false",
+        "training.compile=true",
+    )
     assert train(compiled, progress=False)["final_train_loss"] == pytest.approx(expected, rel=1e-3)
 
 
@@ -237,8 +261,12 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_recipe):
     plain = tiny_recipe("training.max_steps=2", "training.tensorboard=false", "training.plots=false")
     prepare(plain)
     expected = train(plain, progress=False)["final_train_loss"]
-    checkpointed = tiny_recipe("training.max_steps=2", "training.tensorboard=false", "training.plots=false",
-                               "training.gradient_checkpointing=true")
+    checkpointed = tiny_recipe(
+        "training.max_steps=2",
+        "training.tensorboard=false",
+        "training.plots=false",
+        "training.gradient_checkpointing=true",
+    )
     assert train(checkpointed, progress=False)["final_train_loss"] == pytest.approx(expected, rel=1e-5)
 
 

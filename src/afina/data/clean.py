@@ -23,7 +23,25 @@ CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200c\u20
 TRAILING_SPACE = re.compile(r"[ \t]+\n")
 BLANK_LINES = re.compile(r"\n{3,}")
 HTML_HINT = re.compile(r"<[A-Za-z/!][^>]*>|&[#A-Za-z0-9]+;")
-BLOCK_TAGS = {"p", "br", "div", "li", "ul", "ol", "tr", "table", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "hr"}
+BLOCK_TAGS = {
+    "p",
+    "br",
+    "div",
+    "li",
+    "ul",
+    "ol",
+    "tr",
+    "table",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "pre",
+    "blockquote",
+    "hr",
+}
 
 EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 CARD_CANDIDATE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
@@ -50,8 +68,12 @@ def _is_phone(candidate: str) -> bool:
     digits = sum(ch.isdigit() for ch in candidate)
     if not 9 <= digits <= 15:
         return False
-    return candidate.startswith("+") or "(" in candidate or bool(NANP.match(candidate)) or (
-        candidate.startswith("0") and 10 <= digits <= 11)
+    return (
+        candidate.startswith("+")
+        or "(" in candidate
+        or bool(NANP.match(candidate))
+        or (candidate.startswith("0") and 10 <= digits <= 11)
+    )
 
 
 class _TextExtractor(HTMLParser):

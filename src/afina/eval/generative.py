@@ -11,20 +11,16 @@ that `afina eval` compares (task: chat, in afina/tasks/chat.py):
 
 from __future__ import annotations
 
-import contextlib
 import random
-import statistics
 from collections.abc import Sequence
 from typing import Any
 
 from afina.config import Recipe
-from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
-from afina.eval.generate import generate_timed
 from afina.eval.metrics import (
     bleu,
+    chrf,
     classification_scores,
     contains_all,
-    chrf,
     exact_match,
     key_recall,
     perplexity,
@@ -33,9 +29,6 @@ from afina.eval.metrics import (
     token_f1,
     token_f1_one,
 )
-from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
-from afina.train.loss import label_loss_sum
-
 
 
 def resolve_metrics(requested: Sequence[str] | str, rows: list[dict[str, Any]]) -> list[str]:
@@ -52,7 +45,10 @@ def resolve_metrics(requested: Sequence[str] | str, rows: list[dict[str, Any]]) 
 
 
 def references_of(row: dict[str, Any]) -> list[str]:
-    return [row["messages"][-1]["content"], *[r for r in row.get("references", []) if r != row["messages"][-1]["content"]]]
+    return [
+        row["messages"][-1]["content"],
+        *[r for r in row.get("references", []) if r != row["messages"][-1]["content"]],
+    ]
 
 
 def last_user_text(messages: list[dict[str, str]]) -> str:
@@ -108,7 +104,8 @@ def rag_prompts(recipe: Recipe, rows, train_rows) -> tuple[list[list[dict[str, s
     prompts = []
     for row, question, found in zip(rows, questions, hits):
         context = "\n\n".join(
-            f"[{n}] {(p.title + ': ') if p.title else ''}{p.text[: cfg.max_passage_chars]}" for n, p in enumerate(found, 1)
+            f"[{n}] {(p.title + ': ') if p.title else ''}{p.text[: cfg.max_passage_chars]}"
+            for n, p in enumerate(found, 1)
         )
         content = f"Context:\n{context}\n\nUse the context above if it helps.\n\n{question}"
         messages = [dict(m) for m in row["messages"][:-1]]
@@ -121,7 +118,9 @@ def rag_prompts(recipe: Recipe, rows, train_rows) -> tuple[list[list[dict[str, s
 # ---- scoring ------------------------------------------------------------------------------------
 
 
-def score_system(rows, answers: list[str], loss: float | None, metrics: list[str], sandbox_cfg=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def score_system(
+    rows, answers: list[str], loss: float | None, metrics: list[str], sandbox_cfg=None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Corpus scores of one system, and per-example scores (for the worst-examples list)."""
     references = [references_of(row) for row in rows]
     scores: dict[str, Any] = {}
@@ -143,8 +142,15 @@ def score_system(rows, answers: list[str], loss: float | None, metrics: list[str
     if "pass@1" in metrics:
         from afina.eval.sandbox import extract_code, program_for_task, run_program
 
-        limits = ({"time_limit_s": sandbox_cfg.time_limit_s, "memory_mb": sandbox_cfg.memory_mb,
-                   "allow_weak": sandbox_cfg.allow_weak} if sandbox_cfg else {})
+        limits = (
+            {
+                "time_limit_s": sandbox_cfg.time_limit_s,
+                "memory_mb": sandbox_cfg.memory_mb,
+                "allow_weak": sandbox_cfg.allow_weak,
+            }
+            if sandbox_cfg
+            else {}
+        )
         for i, row in enumerate(rows):
             program = program_for_task(extract_code(answers[i]), row["tests"], row.get("test_setup", ""))
             result = run_program(program, **limits)
@@ -174,8 +180,6 @@ def score_system(rows, answers: list[str], loss: float | None, metrics: list[str
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()}, per_example
 
 
-
-
 # ---- multi-task rows ---------------------------------------------------------------------------
 
 
@@ -202,5 +206,3 @@ def per_task(rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], make)
         for i, item in zip(indices, made):
             out[i] = item
     return out
-
-

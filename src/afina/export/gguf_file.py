@@ -48,13 +48,21 @@ def rope_settings_of(config) -> dict | None:
     if rope_type in (None, "default"):
         return None
     if rope_type not in ("linear", "dynamic", "yarn"):
-        raise ExportError(f"GGUF export: rope scaling '{rope_type}' is not supported; export the merged HF folder instead")
+        raise ExportError(
+            f"GGUF export: rope scaling '{rope_type}' is not supported; export the merged HF folder instead"
+        )
     factor = float(params["factor"])
     target = context_length(config)
     original = params.get("original_max_position_embeddings") or (
-        config.max_position_embeddings if rope_type == "dynamic" else round(target / factor))
-    return {"rope_type": rope_type, "factor": factor, "original_length": int(original), "target_length": int(target),
-            "rope_theta": _rope_theta(config)}
+        config.max_position_embeddings if rope_type == "dynamic" else round(target / factor)
+    )
+    return {
+        "rope_type": rope_type,
+        "factor": factor,
+        "original_length": int(original),
+        "target_length": int(target),
+        "rope_theta": _rope_theta(config),
+    }
 
 
 def _add_rope_scaling(writer, settings: dict | None) -> None:
@@ -89,9 +97,13 @@ def read_gguf_rope_settings(path: Path) -> dict | None:
     rope_type = value("rope.scaling.type")
     if rope_type in (None, "none"):
         return None
-    return {"rope_type": rope_type, "factor": float(value("rope.scaling.factor")),
-            "original_length": int(value("rope.scaling.original_context_length")),
-            "target_length": int(value("context_length")), "rope_theta": float(value("rope.freq_base"))}
+    return {
+        "rope_type": rope_type,
+        "factor": float(value("rope.scaling.factor")),
+        "original_length": int(value("rope.scaling.original_context_length")),
+        "target_length": int(value("context_length")),
+        "rope_theta": float(value("rope.freq_base")),
+    }
 
 
 def _source_gguf_pre(model_dir: Path) -> str:
@@ -121,7 +133,8 @@ def _add_tokenizer(writer, tokenizer, tokenizer_dir: Path, base_model_dir: Path 
     if backend is None or backend["model"]["type"] != "BPE" or backend["model"].get("byte_fallback"):
         raise ExportError(
             "GGUF export supports byte-level BPE tokenizers (GPT-2 style, as in SmolLM2, Llama 3, Qwen2); "
-            "this tokenizer is not one: export the merged HF folder and convert it with llama.cpp's convert_hf_to_gguf.py"
+            "this tokenizer is not one: export the merged HF folder and convert it with llama.cpp's "
+            "convert_hf_to_gguf.py"
         )
     vocab = tokenizer.get_vocab()
     size = max(vocab.values()) + 1
@@ -142,8 +155,15 @@ def _add_tokenizer(writer, tokenizer, tokenizer_dir: Path, base_model_dir: Path 
     special.add_to_gguf(writer, quiet=True)
 
 
-def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, outtype: GgufType, base_model_dir: Path | None = None,
-               name: str | None = None) -> Path:
+def write_gguf(
+    model,
+    tokenizer,
+    tokenizer_dir: Path,
+    path: Path,
+    outtype: GgufType,
+    base_model_dir: Path | None = None,
+    name: str | None = None,
+) -> Path:
     """Write `model` (a plain, merged transformers Llama model) to `path`; return the path."""
     import gguf
 

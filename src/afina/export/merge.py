@@ -31,8 +31,13 @@ def _fingerprint(model, tokenizer, prompts: list[str], new_tokens: int = 16) -> 
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
         logits.append(model(input_ids=ids).logits[0, -1].float().cpu())
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
         ids_all.append(ids[0].tolist())
         sequences.append(out[0].tolist())
@@ -64,8 +69,14 @@ def _compare(expected: dict[str, Any], actual: dict[str, Any], tolerance: float)
     same_text = expected["texts"] == actual["texts"]
     same_ids = expected["input_ids"] == actual["input_ids"]
     ok = diff <= tolerance and same_text and same_ids
-    return {"max_logit_diff": diff, "logit_tolerance": tolerance, "top1_equal": top1, "greedy_text_equal": same_text,
-            "tokenization_equal": same_ids, "ok": ok}
+    return {
+        "max_logit_diff": diff,
+        "logit_tolerance": tolerance,
+        "top1_equal": top1,
+        "greedy_text_equal": same_text,
+        "tokenization_equal": same_ids,
+        "ok": ok,
+    }
 
 
 def export(recipe: Recipe) -> dict[str, Any]:
@@ -76,7 +87,9 @@ def export(recipe: Recipe) -> dict[str, Any]:
     tokenizer = load_tokenizer(recipe.model.name)
     rows = read_jsonl(run.require(run.split_path("test"), "prepare"))[:3] or read_jsonl(run.split_path("train"))[:3]
     # Chat rows: the prompt as served; text rows (domain text, context extension): the text's opening.
-    prompts = [render_prompt(tokenizer, row["messages"][:-1]) if "messages" in row else row["text"][:400] for row in rows]
+    prompts = [
+        render_prompt(tokenizer, row["messages"][:-1]) if "messages" in row else row["text"][:400] for row in rows
+    ]
 
     tuned = load_trained(run.root, recipe.model.name, device, full=recipe.method.type == "full")
     expected = _fingerprint(tuned, tokenizer, prompts)
@@ -149,16 +162,21 @@ def _export_gguf(merged, tokenizer, run, outtype, recipe, base_dir, prompts, exp
     # check below verifies the keys written (a wrong or missing key shows as a logit mismatch).
     config = AutoConfig.from_pretrained(str(target.parent), gguf_file=target.name)
     config = apply_rope_settings(config, read_gguf_rope_settings(target))
-    reloaded = AutoModelForCausalLM.from_pretrained(str(target.parent), gguf_file=target.name, config=config,
-                                                    dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        str(target.parent), gguf_file=target.name, config=config, dtype=torch.float32
+    ).eval()
     tolerance = getattr(recipe.export, f"gguf_tolerance_{outtype}")
     check = _compare(expected, _fingerprint(reloaded, gguf_tokenizer, prompts), tolerance)
     check["chat_template_equal"] = gguf_tokenizer.chat_template == tokenizer.chat_template
     # Greedy text may differ only where the trained model's choice is a near-tie in the reloaded file.
     check["greedy_margin"] = _greedy_margin(reloaded, expected)
     greedy_ok = check["greedy_text_equal"] or check["greedy_margin"] <= tolerance
-    check["ok"] = (check["max_logit_diff"] <= tolerance and greedy_ok and check["tokenization_equal"]
-                   and check["chat_template_equal"])
+    check["ok"] = (
+        check["max_logit_diff"] <= tolerance
+        and greedy_ok
+        and check["tokenization_equal"]
+        and check["chat_template_equal"]
+    )
     return {"path": str(target), "size_mb": round(target.stat().st_size / 2**20, 1), **check}
 
 
@@ -179,9 +197,13 @@ def format_export(results: dict[str, Any]) -> str:
         if "skipped" in info:
             lines.append(f"{fmt}: skipped ({info['skipped']})")
         elif "max_logit_diff" in info:
-            lines.append(f"{fmt}: {info['path']} (verified: max logit diff {info['max_logit_diff']:.2e}, "
-                         f"greedy text equal: {info['greedy_text_equal']})")
+            lines.append(
+                f"{fmt}: {info['path']} (verified: max logit diff {info['max_logit_diff']:.2e}, "
+                f"greedy text equal: {info['greedy_text_equal']})"
+            )
         else:
-            lines.append(f"{fmt}: {info['path']} (verified: template reproduces the chat template: "
-                         f"{info['template_matches_chat_template']}; stop {', '.join(info['stop'])})")
+            lines.append(
+                f"{fmt}: {info['path']} (verified: template reproduces the chat template: "
+                f"{info['template_matches_chat_template']}; stop {', '.join(info['stop'])})"
+            )
     return "\n".join(lines)

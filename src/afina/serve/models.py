@@ -60,7 +60,9 @@ def _adapter_dir(path: Path) -> Path:
     for candidate in (path / "adapter", path / "export" / "adapter", path):
         if (candidate / "adapter_config.json").is_file():
             return candidate
-    raise ServeError(f"{path}: no LoRA adapter here (looked for adapter_config.json in adapter/, export/adapter/ and the folder)")
+    raise ServeError(
+        f"{path}: no LoRA adapter here (looked for adapter_config.json in adapter/, export/adapter/ and the folder)"
+    )
 
 
 def _run_base_model(run_root: Path) -> str | None:
@@ -94,7 +96,9 @@ def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedM
     if base_spec is not None:  # a run directory
         if (root / "model" / "config.json").is_file() and not (root / "adapter").is_dir():
             if adapters:
-                raise ServeError(f"{root}: a fully fine-tuned run has no base to put adapters over; serve its base model instead")
+                raise ServeError(
+                    f"{root}: a fully fine-tuned run has no base to put adapters over; serve its base model instead"
+                )
             model = load_trained(root, base_spec, device, full=True)
             return ServedModels(model, load_tokenizer(base_spec), autocast, _context(model), root.name, root.name)
         own[root.resolve().name] = _adapter_dir(root)
@@ -111,8 +115,10 @@ def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedM
 
     ropes = {name: read_rope_settings(path) for name, path in own.items()}
     if len({json.dumps(r, sort_keys=True) for r in ropes.values()}) > 1:
-        raise ServeError("the adapters were trained with different rope scaling (afina_rope.json): they cannot share "
-                         f"one base model; serve them separately ({', '.join(f'{n}: {r}' for n, r in ropes.items())})")
+        raise ServeError(
+            "the adapters were trained with different rope scaling (afina_rope.json): they cannot share "
+            f"one base model; serve them separately ({', '.join(f'{n}: {r}' for n, r in ropes.items())})"
+        )
     base_name = Path(base_spec).name if "/" in base_spec or Path(base_spec).exists() else base_spec
     if not own:
         base = load_model(base_spec, "float32").to(device).eval()
@@ -122,8 +128,16 @@ def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedM
     model = load_adapter_over_base(base_spec, first_path, device, adapter_name=peft_names[first_name])
     for name, adapter_path in others:  # the same base (same rope settings, checked above) under every adapter
         model.load_adapter(str(adapter_path), adapter_name=peft_names[name])
-    return ServedModels(model.to(device).eval(), load_tokenizer(base_spec), autocast, _context(model.get_base_model()),
-                        base_name, first_name, peft_names, rope=next(iter(ropes.values())))
+    return ServedModels(
+        model.to(device).eval(),
+        load_tokenizer(base_spec),
+        autocast,
+        _context(model.get_base_model()),
+        base_name,
+        first_name,
+        peft_names,
+        rope=next(iter(ropes.values())),
+    )
 
 
 def _context(model) -> int:

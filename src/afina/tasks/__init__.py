@@ -20,8 +20,9 @@ from afina.config import Recipe, RecipeError
 from afina.tasks import chat, classification, domain, preference, tagging
 from afina.tasks.base import TaskType
 
-TASKS: dict[str, TaskType] = {task.name: task for task in (chat.TASK, classification.TASK, tagging.TASK, domain.TASK,
-                                                          preference.TASK)}
+TASKS: dict[str, TaskType] = {
+    task.name: task for task in (chat.TASK, classification.TASK, tagging.TASK, domain.TASK, preference.TASK)
+}
 
 
 def task_for(recipe: Recipe) -> TaskType:
@@ -37,8 +38,10 @@ def predict_file(recipe: Recipe, input_path: Path, output_path: Path, batch_size
     predict_rows = task_for(recipe).predict_rows
     if predict_rows is None:
         able = ", ".join(name for name, task in TASKS.items() if task.predict_rows)
-        raise RecipeError(f"afina predict supports task {able}; this recipe's task is '{recipe.task}' "
-                          "(chat models answer through `afina serve`)")
+        raise RecipeError(
+            f"afina predict supports task {able}; this recipe's task is '{recipe.task}' "
+            "(chat models answer through `afina serve`)"
+        )
     if output_path.resolve() == input_path.resolve():
         raise DataError(f"{output_path}: the output would overwrite the input file; name another --output")
     rows = []

@@ -45,4 +45,3 @@ class TaskType:
     carries_lm: Callable[[Recipe], bool] = _always
     chunking: Callable[[Recipe], Chunking | None] = _no_chunks
     schemas: tuple[str, ...] | None = None
-

@@ -64,8 +64,18 @@ def head_param_groups(model, learning_rate: float, head_learning_rate: float | N
     return groups + [{"params": head, "lr": head_learning_rate or learning_rate}]
 
 
-def head_training_task(recipe: Recipe, run: RunDir, head: str, labels: list[str], backbone: str, encoder: str,
-                       head_learning_rate: float | None, encode, loss_fn, count_fn) -> TrainingTask:
+def head_training_task(
+    recipe: Recipe,
+    run: RunDir,
+    head: str,
+    labels: list[str],
+    backbone: str,
+    encoder: str,
+    head_learning_rate: float | None,
+    encode,
+    loss_fn,
+    count_fn,
+) -> TrainingTask:
     """A TrainingTask for a head model; `encode(tokenizer, rows)` gives examples with `labels` lists."""
     from afina.train.batches import pad_batch
 
@@ -82,7 +92,9 @@ def head_training_task(recipe: Recipe, run: RunDir, head: str, labels: list[str]
     return TrainingTask(
         tokenizer=tokenizer,
         encode=lambda rows: encode(tokenizer, rows),
-        build_model=lambda device: build_head_model(recipe, source, head, labels, backbone, tokenizer.pad_token_id, device),
+        build_model=lambda device: build_head_model(
+            recipe, source, head, labels, backbone, tokenizer.pad_token_id, device
+        ),
         output_dir=out,
         method="full (encoder)" if backbone == "encoder" else recipe.method.type,
         collate=collate,

@@ -81,7 +81,6 @@ def estimate(
     precision = resolve_precision(cfg.precision, device)
     runtime = runtime_bytes(device)  # before anything big is loaded
     config = apply_rope_settings(model_config(recipe.model.name), recipe_rope_settings(recipe))
-    prepared = task is not None and train_rows is not None
     plan = MemoryPlan(
         method=recipe.method,
         weight_dtype=recipe_weight_dtype(recipe, device),

@@ -85,8 +85,15 @@ def add_retrieval_rows(recipe: Recipe, tokenizer, train_rows, train_set, pack_le
     cfg = recipe.context.retrieval
     count = retrieval_count(cfg.fraction, train_set, pack_length)
     if count:
-        train_set += retrieval_examples(tokenizer, row_texts(train_rows), count, pack_length or recipe.data.max_length,
-                                        cfg.min_length, cfg.facts, recipe.seed)
+        train_set += retrieval_examples(
+            tokenizer,
+            row_texts(train_rows),
+            count,
+            pack_length or recipe.data.max_length,
+            cfg.min_length,
+            cfg.facts,
+            recipe.seed,
+        )
     return count
 
 
@@ -179,33 +186,77 @@ class Training:
         self.state.train_time = self.elapsed() if elapsed is None else elapsed
         self.started = time.perf_counter()
         if self.ddp.sharded:  # every process writes its own shards
-            save_sharded_checkpoint(self.checkpoints, step, self.model, self.optimizer, self.scheduler, self.rng,
-                                    {"loop": asdict(self.state)}, self.recipe.training.keep_checkpoints,
-                                    is_main=self.ddp.is_main)
+            save_sharded_checkpoint(
+                self.checkpoints,
+                step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.rng,
+                {"loop": asdict(self.state)},
+                self.recipe.training.keep_checkpoints,
+                is_main=self.ddp.is_main,
+            )
             return
         # Every process holds the same weights; one writes them.
-        save_checkpoint(self.checkpoints, step, self.model, self.optimizer, self.scheduler, self.rng,
-                        {"loop": asdict(self.state)}, self.recipe.training.keep_checkpoints, write_files=self.ddp.is_main)
+        save_checkpoint(
+            self.checkpoints,
+            step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.rng,
+            {"loop": asdict(self.state)},
+            self.recipe.training.keep_checkpoints,
+            write_files=self.ddp.is_main,
+        )
 
     def validation_loss(self) -> float | None:
         if not self.val_set:
             return None
         self.model.eval()
-        loss = mean_label_loss(self.model, self.val_set, self.task.tokenizer.pad_token_id,
-                               self.recipe.training.batch_size, self.autocast, loss_fn=self.loss_fn,
-                               collate=self.task.collate)
+        loss = mean_label_loss(
+            self.model,
+            self.val_set,
+            self.task.tokenizer.pad_token_id,
+            self.recipe.training.batch_size,
+            self.autocast,
+            loss_fn=self.loss_fn,
+            collate=self.task.collate,
+        )
         self.model.train()
         return loss
 
 
-def train(recipe: Recipe, task: TrainingTask, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
-          progress: bool = True, resume: bool = False) -> dict[str, Any]:
+def train(
+    recipe: Recipe,
+    task: TrainingTask,
+    train_rows: list[dict[str, Any]],
+    val_rows: list[dict[str, Any]],
+    progress: bool = True,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Train `task` (from afina.tasks: `afina.pipeline.train` builds it) on the rows; returns the summary."""
     t = setup(recipe, task, train_rows, val_rows, resume)
-    monitor = (TrainingMonitor(t.run.root, t.run.metrics, t.state.step if resume else None, recipe.training.tensorboard,
-                               recipe.training.plots) if t.ddp.is_main else TrainingMonitor.silent())
-    bar = tqdm(total=t.total_steps, initial=t.state.step, desc="train", unit="step",
-               disable=not (progress and t.ddp.is_main), mininterval=progress_interval())
+    monitor = (
+        TrainingMonitor(
+            t.run.root,
+            t.run.metrics,
+            t.state.step if resume else None,
+            recipe.training.tensorboard,
+            recipe.training.plots,
+        )
+        if t.ddp.is_main
+        else TrainingMonitor.silent()
+    )
+    bar = tqdm(
+        total=t.total_steps,
+        initial=t.state.step,
+        desc="train",
+        unit="step",
+        disable=not (progress and t.ddp.is_main),
+        mininterval=progress_interval(),
+    )
     t.model.train()
     t.started = time.perf_counter()
     try:
@@ -228,14 +279,22 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
     pack_length, continuous = pack_settings(recipe)
     retrieval_rows = add_retrieval_rows(recipe, task.tokenizer, train_rows, train_set, pack_length)
     if cfg.packing and not task.supports_packing:
-        raise RecipeError(f"training.packing: task '{recipe.task}' with a head pools or tags per example and cannot "
-                          "pack examples together; set training.packing=false")
+        raise RecipeError(
+            f"training.packing: task '{recipe.task}' with a head pools or tags per example and cannot "
+            "pack examples together; set training.packing=false"
+        )
 
     # Weights in model.dtype (train/precision.py); matmuls in training.precision under autocast.
     rope = recipe_rope_settings(recipe)  # context extension: scaled rotary positions, saved with the result
     if ddp.sharded and task.builds_on_meta:  # FSDP: built on the meta device, each process loads only its shards
-        model = build_sharded_model(task.build_model, recipe.model.name, device, recipe_weight_dtype(recipe, device),
-                                    recipe.method.type == "full", recipe.seed)
+        model = build_sharded_model(
+            task.build_model,
+            recipe.model.name,
+            device,
+            recipe_weight_dtype(recipe, device),
+            recipe.method.type == "full",
+            recipe.seed,
+        )
     else:
         model = task.build_model(device)  # the task applies `rope` too
         ddp.shard(model)
@@ -253,14 +312,33 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     eval_every = cfg.eval_every or steps_per_epoch
     t = Training(
-        recipe=recipe, task=task, run=RunDir(recipe.run_dir), ddp=ddp, device=device, precision=precision,
-        autocast=autocast_factory(precision, device), model=model, trainable=trainable, optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, recipe, total_steps), rng=random.Random(recipe.seed),
-        train_set=train_set, val_set=val_set, pack_length=pack_length,
-        collate_fn=task.collate or (lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous)),
-        loss_fn=task.loss_fn or label_token_loss, count_fn=task.count_fn or count_label_tokens,
-        per_step=per_step, steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_every=eval_every,
-        save_every=cfg.save_every or eval_every, retrieval_rows=retrieval_rows, rope=rope, state=LoopState(),
+        recipe=recipe,
+        task=task,
+        run=RunDir(recipe.run_dir),
+        ddp=ddp,
+        device=device,
+        precision=precision,
+        autocast=autocast_factory(precision, device),
+        model=model,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, recipe, total_steps),
+        rng=random.Random(recipe.seed),
+        train_set=train_set,
+        val_set=val_set,
+        pack_length=pack_length,
+        collate_fn=task.collate
+        or (lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous)),
+        loss_fn=task.loss_fn or label_token_loss,
+        count_fn=task.count_fn or count_label_tokens,
+        per_step=per_step,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        eval_every=eval_every,
+        save_every=cfg.save_every or eval_every,
+        retrieval_rows=retrieval_rows,
+        rope=rope,
+        state=LoopState(),
     )
     if resume:
         if ddp.sharded:  # every process reads its own shards
@@ -295,8 +373,12 @@ def run_steps(t: Training, monitor: TrainingMonitor, bar) -> tuple[str, float]:
                 )
             last_loss, grad_norm = training_step(t)
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{t.state.tokens / t.elapsed():.0f}",
-                            mem=f"{peak_memory_mb(t.device):.0f}MB", refresh=False)
+            bar.set_postfix(
+                loss=f"{last_loss:.3f}",
+                tok_s=f"{t.state.tokens / t.elapsed():.0f}",
+                mem=f"{peak_memory_mb(t.device):.0f}MB",
+                refresh=False,
+            )
             stop_reason = after_step(t, last_loss, grad_norm, monitor)
             if stop_reason != "finished":
                 break
@@ -312,8 +394,9 @@ def training_step(t: Training) -> tuple[float, float]:
     del state.queue[: t.per_step]
     group = [t.collate_fn(t.train_set, rows, t.task.tokenizer.pad_token_id, t.pack_length) for rows in step_rows]
     local = group[t.ddp.rank :: t.ddp.world_size]
-    step_loss, _ = accumulate_gradients(t.model, local, t.autocast, denominator=t.count_fn(group), loss_fn=t.loss_fn,
-                                        count_fn=t.count_fn)
+    step_loss, _ = accumulate_gradients(
+        t.model, local, t.autocast, denominator=t.count_fn(group), loss_fn=t.loss_fn, count_fn=t.count_fn
+    )
     step_loss = t.ddp.sum_scalar(step_loss)
     t.ddp.sum_gradients(t.trainable)
     grad_norm = t.ddp.clip_grad_norm(t.trainable, cfg.max_grad_norm)
@@ -353,17 +436,19 @@ def after_step(t: Training, step_loss: float, grad_norm: float, monitor: Trainin
         else:
             state.bad_evals += 1
     if step % cfg.log_every == 0 or val_loss is not None or step == t.total_steps:
-        monitor.log({
-            "step": step,
-            "epoch": round(step / t.steps_per_epoch, 3),
-            "loss": round(step_loss, 5),
-            "lr": t.scheduler.get_last_lr()[0],
-            "grad_norm": round(grad_norm, 4),
-            "tokens": state.tokens,
-            "tokens_per_s": round(state.tokens / elapsed, 1),
-            "peak_memory_mb": round(peak_memory_mb(t.device), 1),
-            **({"val_loss": val_loss} if val_loss is not None else {}),
-        })
+        monitor.log(
+            {
+                "step": step,
+                "epoch": round(step / t.steps_per_epoch, 3),
+                "loss": round(step_loss, 5),
+                "lr": t.scheduler.get_last_lr()[0],
+                "grad_norm": round(grad_norm, 4),
+                "tokens": state.tokens,
+                "tokens_per_s": round(state.tokens / elapsed, 1),
+                "peak_memory_mb": round(peak_memory_mb(t.device), 1),
+                **({"val_loss": val_loss} if val_loss is not None else {}),
+            }
+        )
     if val_loss is not None:
         monitor.plot()
     stop_reason = "finished"
@@ -392,8 +477,13 @@ def finish(t: Training, stop_reason: str, last_loss: float) -> dict[str, Any]:
     summary = training_summary(t, stop_reason, last_loss, elapsed)
     to_save = t.model
     if t.ddp.sharded and t.task.builds_on_meta:  # written whole from the shards, one tensor at a time
-        save_streamed_result(t.model, t.task.output_dir, t.recipe.method.type, write=t.ddp.is_main,
-                             dtype=getattr(torch, recipe_weight_dtype(t.recipe, t.device)))
+        save_streamed_result(
+            t.model,
+            t.task.output_dir,
+            t.recipe.method.type,
+            write=t.ddp.is_main,
+            dtype=getattr(torch, recipe_weight_dtype(t.recipe, t.device)),
+        )
         to_save = None
     elif t.ddp.sharded:  # gather the shards (every process) into a plain copy that peft/transformers can save
         whole = trainable_state(t.model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Any
 
 import torch
 
@@ -92,23 +93,51 @@ def apply_method(model, method: MethodConfig, task_type: str = "CAUSAL_LM"):
         n_layers = model.config.num_hidden_layers
         options["layers_to_transform"] = list(range(max(0, n_layers - method.last_layers), n_layers))
         if targets == "all-linear":  # peft needs module names with layers_to_transform: the layers' linear ones
-            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                              if isinstance(module, torch.nn.Linear) and ".layers." in name})
+            targets = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear) and ".layers." in name
+                }
+            )
+    alpha: Any = method.alpha  # peft annotates alpha as an int; any float scale works (alpha / r)
+    config: peft.PeftConfig
     if method.type in ("lora", "qlora"):
         config = peft.LoraConfig(
-            r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, target_modules=targets,
-            use_rslora=method.rslora, use_dora=method.dora, task_type=task_type, **options,
+            r=method.r,
+            lora_alpha=alpha,
+            lora_dropout=method.dropout,
+            target_modules=targets,
+            use_rslora=method.rslora,
+            use_dora=method.dora,
+            task_type=task_type,
+            **options,
         )
     elif method.type == "loha":
-        config = peft.LoHaConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type, **options)
+        config = peft.LoHaConfig(
+            r=method.r,
+            alpha=alpha,
+            module_dropout=method.dropout,
+            target_modules=targets,
+            task_type=task_type,
+            **options,
+        )
     elif method.type == "lokr":
-        config = peft.LoKrConfig(r=method.r, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, task_type=task_type, **options)
+        config = peft.LoKrConfig(
+            r=method.r,
+            alpha=alpha,
+            module_dropout=method.dropout,
+            target_modules=targets,
+            task_type=task_type,
+            **options,
+        )
     else:  # ia3: learned rescaling vectors; the feed-forward modules are scaled on their input
         ia3_targets = ["k_proj", "v_proj", "down_proj"] if targets == "all-linear" else targets
         config = peft.IA3Config(
             target_modules=ia3_targets,
             feedforward_modules=[t for t in ia3_targets if t in ("down_proj", "up_proj", "gate_proj")],
-            task_type=task_type, **options,
+            task_type=task_type,
+            **options,
         )
     from afina.train.precision import keep_trainable_in_float32
 
