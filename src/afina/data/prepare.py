@@ -167,7 +167,7 @@ def prepare_data(recipe: Recipe, strict: bool = False, chunking: Chunking | None
     sources = data_sources(recipe)
     run = RunDir(recipe.run_dir)
     run.data.mkdir(parents=True, exist_ok=True)
-    intake = Intake(recipe, load_tokenizer(recipe.model.name), Ledger(run.data / "rejects.jsonl", strict),
+    intake = Intake(recipe, load_tokenizer(recipe.model.name, recipe.model.chat_template), Ledger(run.data / "rejects.jsonl", strict),
                     long_documents=chunking is not None)
     spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=run.data, prefix=".kept-")
     try:

@@ -96,12 +96,19 @@ def stop_tokens(tokenizer, pieces: TemplatePieces) -> list[str]:
     return sorted(set(stops + start_marker))
 
 
-def write_modelfile(path: Path, gguf_path: Path, tokenizer) -> dict:
-    """Write the Modelfile; verify the template pieces against apply_chat_template; return the check."""
+def _file_ref(path: Path, folder: Path) -> str:
+    return f"./{path.relative_to(folder)}" if path.parent == folder else str(path)
+
+
+def write_modelfile(path: Path, gguf_path: Path, tokenizer, adapter: Path | None = None) -> dict:
+    """Write the Modelfile (FROM the GGUF file; ADAPTER a GGUF LoRA adapter over it when given); verify the
+    template pieces against apply_chat_template; return the check."""
     pieces = template_pieces(tokenizer)
     stops = stop_tokens(tokenizer, pieces)
-    lines = [f"FROM ./{gguf_path.relative_to(path.parent)}" if gguf_path.parent == path.parent else f"FROM {gguf_path}",
-             f'TEMPLATE """{go_template(pieces)}"""']
+    lines = [f"FROM {_file_ref(gguf_path, path.parent)}"]
+    if adapter is not None:
+        lines.append(f"ADAPTER {_file_ref(adapter, path.parent)}")
+    lines.append(f'TEMPLATE """{go_template(pieces)}"""')
     if pieces.default_system is not None:
         lines.append(f'SYSTEM """{pieces.default_system}"""')
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
