@@ -1,13 +1,16 @@
 """Tiny models (2 layers, random weights) of each architecture family users fine-tune, built in code.
 
-Every family shares one tokenizer (the default model's byte-level BPE, plus the special tokens of the
-families' chat formats) and gets its own family's real chat template (tests/fixtures/chat_templates),
-its BOS/EOS and its architecture's particulars (Qwen's q/k/v biases, Qwen3's q/k norms, Gemma's
-soft-capping and sliding windows, Phi-3's fused projections, MoE experts).
+The byte-level BPE families share one tokenizer (the default model's, plus the special tokens of the
+families' chat formats); the Gemma families get a SentencePiece BPE tokenizer with byte fallback trained
+here in a second (as Gemma's own is, and as llama.cpp's converter requires for Gemma: tokenizer.model).
+Each family gets its own real chat template (tests/fixtures/chat_templates), its BOS/EOS and its
+architecture's particulars (Qwen's q/k/v biases, Qwen3's q/k norms, Gemma's soft-capping and sliding
+windows, Phi-3's fused projections, MoE experts).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
@@ -29,19 +32,49 @@ FAMILIES = {
     "qwen2_moe": ("qwen2.jinja", None, "<|im_end|>"),
 }
 ARCHS = list(FAMILIES)
+SENTENCEPIECE_FAMILIES = {"gemma2", "gemma3_text"}
 
 
-def family_tokenizer(base_tokenizer, arch: str):
-    """A copy of the shared tokenizer with the family's markers, template, BOS and EOS."""
+def sentencepiece_tokenizer(folder: Path):
+    """A SentencePiece BPE tokenizer (byte fallback, Gemma's special pieces) trained on the test chats, loaded
+    by transformers from its tokenizer.model as a Gemma checkpoint's is."""
+    import io
+
+    import sentencepiece as spm
+    from conftest import SYSTEM, support_rows
+    from transformers import AutoTokenizer
+
+    texts = [m["content"] for row in support_rows(12, 4) for m in row["messages"]] + [SYSTEM, "Hello there, how are you?"]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts * 20), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+         "unk_token": "<unk>", "add_bos_token": True}))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def family_tokenizer(base_tokenizer, arch: str, folder: Path):
+    """A copy of the shared tokenizer (a SentencePiece one for Gemma) with the family's markers, template, BOS, EOS."""
     import copy
 
-    tokenizer = copy.deepcopy(base_tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": FORMAT_TOKENS})
+    if arch in SENTENCEPIECE_FAMILIES:
+        tokenizer = sentencepiece_tokenizer(folder)
+    else:
+        tokenizer = copy.deepcopy(base_tokenizer)
+        tokenizer.add_special_tokens({"additional_special_tokens": FORMAT_TOKENS})
     template, bos, eos = FAMILIES[arch]
     tokenizer.chat_template = (TEMPLATES / template).read_text(encoding="utf-8")
     tokenizer.bos_token = bos  # None: the family has none in its prompts (Qwen, Phi-3)
     tokenizer.eos_token = eos
-    tokenizer.pad_token = eos
+    if arch not in SENTENCEPIECE_FAMILIES:
+        tokenizer.pad_token = eos
     return tokenizer
 
 
@@ -75,7 +108,7 @@ def build_tiny_model(arch: str, base_tokenizer, path: Path, seed: int = 0) -> Pa
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = family_tokenizer(base_tokenizer, arch)
+    tokenizer = family_tokenizer(base_tokenizer, arch, path)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer))
     # Random init (std 0.02) gives near-uniform next-token distributions; a larger embedding scale gives the
@@ -84,4 +117,11 @@ def build_tiny_model(arch: str, base_tokenizer, path: Path, seed: int = 0) -> Pa
         model.get_input_embeddings().weight.normal_(0, 1.0)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    # The shared BPE tokenizer as it is (llama.cpp recognises its pre-tokenizer): transformers would otherwise
+    # rebuild it as Qwen2Tokenizer with Qwen2's own pre-tokenizer for a qwen2 config; GPT2Tokenizer is also
+    # Phi-4's class (a byte-level BPE on the phi3 architecture), which llama.cpp's phi3 converter reads.
+    if arch in ("phi3", "qwen2"):
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}, indent=2))
     return path
