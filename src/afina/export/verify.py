@@ -191,3 +191,19 @@ def failure_message(results: dict[str, dict[str, Any]]) -> str | None:
             "\nRaise the type's threshold with export.gguf_max_kl.<type>=<value> if the difference is acceptable, "
             "or export a less aggressive type (q8_0, f16).")
 
+
+
+def describe_export(fmt: str, info: dict[str, Any]) -> str:
+    """One line per export for the console: where it is and what its check measured."""
+    if "skipped" in info:
+        return f"{fmt}: skipped ({info['skipped']})"
+    if "template_matches_chat_template" in info:
+        return (f"{fmt}: {info['path']} (verified: template reproduces the chat template: "
+                f"{info['template_matches_chat_template']}; stop {', '.join(info['stop'])})")
+    measured = info.get("llama_cpp", info)
+    if "kl_mean" not in measured:
+        return f"{fmt}: {info.get('path', '')} ({info.get('failed', 'not verified')})"
+    where = " in llama.cpp" if "llama_cpp" in info else ""
+    size = f", {info['size_mb']} MB" if "size_mb" in info else ""
+    return (f"{fmt}: {info['path']} (verified{where}: KL {measured['kl_mean']:.2e} nats, greedy agreement "
+            f"{measured['top1_agreement']:.0%}, greedy text equal: {measured['greedy_text_equal']}{size})")
