@@ -191,12 +191,12 @@ def write_sentencepiece_model(gguf_path: Path, target: Path) -> bool:
         return field.contents() if field is not None else default
 
     tokens, scores, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.scores"), value("tokenizer.ggml.token_type")
-    proto = sp_pb2.ModelProto()
+    proto = sp_pb2.ModelProto()  # type: ignore[attr-defined]  # generated protobuf code, no stubs
     for piece, score, kind in zip(tokens, scores, types):
         entry = proto.pieces.add()
         entry.piece, entry.score, entry.type = piece, float(score), int(kind)
     trainer = proto.trainer_spec
-    trainer.model_type = sp_pb2.TrainerSpec.BPE
+    trainer.model_type = sp_pb2.TrainerSpec.BPE  # type: ignore[attr-defined]
     trainer.vocab_size = len(tokens)
     trainer.byte_fallback = any(int(k) == 6 for k in types)
     trainer.unk_id = int(value("tokenizer.ggml.unknown_token_id", 0))

@@ -205,5 +205,7 @@ def describe_export(fmt: str, info: dict[str, Any]) -> str:
         return f"{fmt}: {info.get('path', '')} ({info.get('failed', 'not verified')})"
     where = " in llama.cpp" if "llama_cpp" in info else ""
     size = f", {info['size_mb']} MB" if "size_mb" in info else ""
+    hf = info.get("transformers") or {}
+    also = f"; transformers: {hf['failed']}" if hf.get("ok") is False else ""
     return (f"{fmt}: {info['path']} (verified{where}: KL {measured['kl_mean']:.2e} nats, greedy agreement "
-            f"{measured['top1_agreement']:.0%}, greedy text equal: {measured['greedy_text_equal']}{size})")
+            f"{measured['top1_agreement']:.0%}, greedy text equal: {measured['greedy_text_equal']}{size}{also})")
