@@ -158,6 +158,7 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
     return {"architecture": value("general.architecture"), "name": value("general.name"),
             "chat_template": value("tokenizer.chat_template"), "tokenizer_model": value("tokenizer.ggml.model"),
             "bos_token_id": value("tokenizer.ggml.bos_token_id"), "eos_token_id": value("tokenizer.ggml.eos_token_id"),
+            "add_bos_token": value("tokenizer.ggml.add_bos_token"),
             "file_type": value("general.file_type")}
 
 

@@ -65,6 +65,12 @@ def verify_gguf_file(path: Path, outtype: str, tokenizer, reference: Reference, 
                              "architecture": meta["architecture"], **tensor_types(path, outtype)}
     check["chat_template_equal"] = (meta["chat_template"] or None) == (tokenizer.chat_template or None)
     check["eos_token_id_equal"] = meta["eos_token_id"] == tokenizer.eos_token_id
+    # A template that starts with BOS relies on the runtime adding it (the Modelfile TEMPLATE leaves it out).
+    from afina.export.ollama import starts_with_bos
+
+    needs_bos = bool(tokenizer.chat_template) and starts_with_bos(tokenizer)
+    check["bos_added_by_runtime"] = meta["add_bos_token"]
+    check["bos_equal"] = not needs_bos or (meta["add_bos_token"] is not False and meta["bos_token_id"] == tokenizer.bos_token_id)
     # Short prompts do not reach the scaled positions: check the keys themselves.
     written = read_gguf_rope_settings(path)
     keys = ("rope_type", "factor", "original_length")
@@ -81,6 +87,9 @@ def verify_gguf_file(path: Path, outtype: str, tokenizer, reference: Reference, 
         failed.append("the chat template in the file differs from the trained tokenizer's")
     if not check["rope_scaling_equal"]:
         failed.append(f"rope scaling in the file {written} differs from the model's {rope}")
+    if not check["bos_equal"]:
+        failed.append(f"the chat template starts with BOS {tokenizer.bos_token!r} (id {tokenizer.bos_token_id}) but the "
+                      f"file has bos_token_id {meta['bos_token_id']}, add_bos_token {meta['add_bos_token']}")
     if not check["eos_token_id_equal"]:
         failed.append(f"eos_token_id {meta['eos_token_id']} in the file, {tokenizer.eos_token_id} in the tokenizer")
     check["ok"] = not failed

@@ -34,7 +34,18 @@ class TemplatePieces:
 
 
 def _render(tokenizer, messages, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    """The chat template's text without a leading BOS token: Ollama (llama.cpp) puts BOS in front of every prompt
+    itself when the GGUF file says add_bos_token, so a TEMPLATE that wrote it too would double it."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return text[len(tokenizer.bos_token):] if starts_with_bos(tokenizer, text) else text
+
+
+def starts_with_bos(tokenizer, text: str | None = None) -> bool:
+    """Whether the chat template puts the BOS token first (Gemma, Llama 3, Mistral do; ChatML does not)."""
+    if text is None:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                             add_generation_prompt=True)
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
 
 
 def template_pieces(tokenizer) -> TemplatePieces:
