@@ -16,8 +16,8 @@ from conftest import support_rows, write_jsonl
 
 from afina.config import load_recipe
 from afina.data.prepare import prepare
-from afina.pipeline import evaluate
 from afina.export.merge import export
+from afina.pipeline import evaluate
 from afina.rundir import RunDir
 from afina.train.loop import train
 

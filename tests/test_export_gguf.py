@@ -6,11 +6,10 @@ import pytest
 import yaml
 from gguf import GGUFReader
 
-from afina.pipeline import prepare
 from afina.export.merge import export
 from afina.export.ollama import template_pieces
+from afina.pipeline import prepare, train
 from afina.rundir import RunDir
-from afina.pipeline import train
 
 TYPES = ["f16", "q8_0", "q4_k_m"]
 
