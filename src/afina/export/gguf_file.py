@@ -26,15 +26,14 @@ def rope_settings_of(config) -> dict | None:
 
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type") or (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
-    if rope_type in (None, "default"):
-        return None
-    if rope_type not in ("linear", "yarn"):
-        raise ExportError(f"GGUF export: rope scaling '{rope_type}' is not supported by llama.cpp (linear and yarn are); "
-                          "use context.rope_scaling=linear or yarn for GGUF, or export the merged HF folder")
+    if rope_type in (None, "default") or rope_type not in ("linear", "dynamic", "yarn"):
+        return None  # plain rotary, or a model's own scheme (llama3, longrope, ...) that llama.cpp's converter writes
+    if rope_type == "dynamic":
+        raise ExportError("GGUF export: llama.cpp has no dynamic NTK rope scaling (its rope.scaling.type is none, "
+                          "linear or yarn); use context.rope_scaling=linear or yarn for GGUF, or export the merged HF folder")
     factor = float(params["factor"])
     target = context_length(config)
-    original = params.get("original_max_position_embeddings") or (
-        config.max_position_embeddings if rope_type == "dynamic" else round(target / factor))
+    original = params.get("original_max_position_embeddings") or round(target / factor)
     return {"rope_type": rope_type, "factor": factor, "original_length": int(original), "target_length": int(target),
             "rope_theta": _rope_theta(config)}
 
