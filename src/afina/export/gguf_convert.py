@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -76,12 +77,17 @@ def _run_script(args: list[str], what: str) -> None:
 def convert_hf_folder(model_dir: Path, outfile: Path, outtype: str = "f16", vocab_source: Path | None = None) -> Path:
     """Convert a Hugging Face folder (config, safetensors, tokenizer) with llama.cpp's converter.
 
-    `vocab_source`: the GGUF file the model came from; a SentencePiece vocabulary is given back to the
-    converter from it as tokenizer.model (write_sentencepiece_model) where the folder has none.
+    `vocab_source`: where a SentencePiece vocabulary comes from when the folder has no tokenizer.model
+    (transformers' save_pretrained writes tokenizer.json only, and llama.cpp's converter reads Gemma's
+    vocabulary from tokenizer.model): the base model's tokenizer.model, copied, or the GGUF file the
+    model came from, given back as tokenizer.model (write_sentencepiece_model).
     """
     script = converter_dir() / "convert_hf_to_gguf.py"
     if vocab_source is not None and not (model_dir / "tokenizer.model").is_file():
-        write_sentencepiece_model(vocab_source, model_dir / "tokenizer.model")
+        if vocab_source.suffix == ".model":  # the base folder's own SentencePiece model (save_pretrained drops it)
+            shutil.copyfile(vocab_source, model_dir / "tokenizer.model")
+        else:
+            write_sentencepiece_model(vocab_source, model_dir / "tokenizer.model")
     outfile.parent.mkdir(parents=True, exist_ok=True)
     tmp = outfile.with_name(outfile.name + ".tmp")
     _run_script([str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
@@ -160,6 +166,14 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
             "bos_token_id": value("tokenizer.ggml.bos_token_id"), "eos_token_id": value("tokenizer.ggml.eos_token_id"),
             "add_bos_token": value("tokenizer.ggml.add_bos_token"),
             "file_type": value("general.file_type")}
+
+
+def vocab_source(model_dir: Path) -> Path | None:
+    """Where the base model's SentencePiece vocabulary is, for convert_hf_folder: its tokenizer.model, or the GGUF
+    file it was converted from (afina.models.loader.convert_gguf); None when neither."""
+    if (model_dir / "tokenizer.model").is_file():
+        return model_dir / "tokenizer.model"
+    return source_gguf(model_dir)
 
 
 def source_gguf(model_dir: Path) -> Path | None:

@@ -19,8 +19,8 @@ from afina.export.gguf_convert import (
     convert_lora_adapter,
     gguf_metadata,
     quantize,
-    source_gguf,
     tensor_types,
+    vocab_source,
 )
 from afina.export.gguf_file import ExportError
 from afina.export.verify import Reference, judge, transformers_candidate
@@ -41,7 +41,7 @@ def export_gguf_files(merged_dir: Path, tokenizer, out_dir: Path, name: str, typ
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
         # Everything is quantized from one F16 file, as llama.cpp's own workflow does.
         source = f16 if "f16" in types else Path(scratch) / f"{name}-f16.gguf"
-        convert_hf_folder(merged_dir, source, "f16", source_gguf(base_dir) if base_dir else None)
+        convert_hf_folder(merged_dir, source, "f16", vocab_source(base_dir) if base_dir else None)
         for outtype in types:
             if outtype not in GGUF_TYPES:
                 raise ExportError(f"export.gguf_types: unknown type '{outtype}' (known: {', '.join(GGUF_TYPES)})")
@@ -135,7 +135,7 @@ def verify_gguf_adapter(adapter: dict[str, Any], base_dir: Path, base_gguf: Path
     from afina.export.llama_cpp_run import llama_cpp_candidate
 
     if not base_gguf.is_file():
-        convert_hf_folder(base_dir, base_gguf, "f16", source_gguf(base_dir))
+        convert_hf_folder(base_dir, base_gguf, "f16", vocab_source(base_dir))
     check = judge(reference, "f16", llama_cpp_candidate(base_gguf, reference, tokenizer, Path(adapter["path"])), max_kl)
     return {**adapter, "base_path": str(base_gguf), "base_size_mb": round(base_gguf.stat().st_size / 2**20, 2),
             "llama_cpp": check, "ok": check["ok"], **({"failed": f"llama.cpp: {check['failed']}"} if not check["ok"] else {})}
