@@ -15,11 +15,9 @@ from archs import ARCHS, build_tiny_model
 from conftest import support_rows, write_jsonl
 
 from afina.config import load_recipe
-from afina.data.prepare import prepare
 from afina.export.merge import export
-from afina.pipeline import evaluate
+from afina.pipeline import evaluate, prepare, train
 from afina.rundir import RunDir
-from afina.train.loop import train
 
 # Families whose Ollama TEMPLATE cannot be cut from their chat template, and why (recorded, not written wrong).
 NO_MODELFILE = {

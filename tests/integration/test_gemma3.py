@@ -28,10 +28,8 @@ def test_gemma3_is_listed_and_loads_with_the_gemma_turn_format():
 
 def test_gemma3_trains_and_exports_gguf_verified_in_llama_cpp(tmp_path):
     from afina.config import load_recipe
-    from afina.data.prepare import prepare
     from afina.export.merge import export
-    from afina.pipeline import bundled_recipe_path
-    from afina.train.loop import train
+    from afina.pipeline import bundled_recipe_path, prepare, train
 
     recipe = load_recipe(str(bundled_recipe_path("quickstart")), [
         f"output_dir={tmp_path}", "model.name=gemma3-270m", "training.max_steps=4", "training.batch_size=4",
