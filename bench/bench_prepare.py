@@ -37,7 +37,10 @@ def make_rows_file(path: Path, n: int, seed: int = 0) -> None:
     if path.exists():
         return
     rng = random.Random(seed)
-    vocab = ["".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(rng.randint(1, 4))) for _ in range(20000)]
+    vocab = [
+        "".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(rng.randint(1, 4)))
+        for _ in range(20000)
+    ]
     texts: list[str] = []
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
@@ -88,7 +91,9 @@ def run_pandas_clean(path: str) -> dict:
     start = time.perf_counter()
     frame = pd.read_json(path, lines=True)
     rows = len(frame)
-    frame["text"] = frame["text"].str.normalize("NFC").str.replace(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", regex=True).str.strip()
+    frame["text"] = (
+        frame["text"].str.normalize("NFC").str.replace(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", regex=True).str.strip()
+    )
     frame = frame[frame["text"] != ""]
     key = frame["text"].str.casefold().str.split().str.join(" ")
     kept = int((~key.duplicated()).sum())
@@ -97,7 +102,10 @@ def run_pandas_clean(path: str) -> dict:
 
 def make_near_rows(n: int, seed: int = 1) -> tuple[list[str], set[int]]:
     rng = random.Random(seed)
-    vocab = ["".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(rng.randint(1, 4))) for _ in range(20000)]
+    vocab = [
+        "".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(rng.randint(1, 4)))
+        for _ in range(20000)
+    ]
     texts, planted = [], set()
     for i in range(n):
         if texts and rng.random() < 0.05:
@@ -147,13 +155,21 @@ def run_datasketch_near(n: int) -> dict:
 
 
 def _near_result(n: int, flagged: set[int], planted: set[int], seconds: float) -> dict:
-    return {"rows": n, "seconds": seconds, "planted": len(planted), "recall": len(flagged & planted) / max(1, len(planted)),
-            "extra": len(flagged - planted)}
+    return {
+        "rows": n,
+        "seconds": seconds,
+        "planted": len(planted),
+        "recall": len(flagged & planted) / max(1, len(planted)),
+        "extra": len(flagged - planted),
+    }
 
 
 def in_child(function: str, arg: str | int) -> dict:
     """Run one measurement in a fresh process; add its peak resident memory."""
-    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_prepare as b; print(json.dumps(b.{function}({arg!r})))"
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_prepare as b; "
+        f"print(json.dumps(b.{function}({arg!r})))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -185,11 +201,16 @@ def main() -> None:
     print(f"{'what':<28} {'rows':>9} {'kept':>9} {'seconds':>8} {'rows/s':>9} {'peak MB':>8}  notes")
     for name, r in results.items():
         notes = f"recall {r['recall']:.3f} of {r['planted']} planted, {r['extra']} extra" if "recall" in r else ""
-        print(f"{name:<28} {r['rows']:>9} {r.get('kept', ''):>9} {r['seconds']:>8.1f} {r['rows'] / r['seconds']:>9.0f} "
-              f"{r['peak_rss_mb']:>8.0f}  {notes}")
+        print(
+            f"{name:<28} {r['rows']:>9} {r.get('kept', ''):>9} {r['seconds']:>8.1f} {r['rows'] / r['seconds']:>9.0f} "
+            f"{r['peak_rss_mb']:>8.0f}  {notes}"
+        )
     if not args.skip_baseline:
         a, p = results["afina clean+exact dedup"], results["pandas clean+exact dedup"]
-        print(f"clean+exact: afina/pandas speed {p['seconds'] / a['seconds']:.2f}x, memory {a['peak_rss_mb'] / p['peak_rss_mb']:.2f}x")
+        print(
+            f"clean+exact: afina/pandas speed {p['seconds'] / a['seconds']:.2f}x, memory "
+            f"{a['peak_rss_mb'] / p['peak_rss_mb']:.2f}x"
+        )
         a, d = results["afina near-dup"], results["datasketch README near-dup"]
         print(f"near-dup: afina/datasketch-README speed {d['seconds'] / a['seconds']:.2f}x")
     print(json.dumps(results))

@@ -47,18 +47,29 @@ def run_generate(target: str, prompts, max_new: int) -> dict:
     with served.use(served.default) as model:
         warm = tok(render_prompt(tok, prompts[0]), add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad(), served.autocast():  # warm-up, as the server gets one
-            model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
+            model.generate(
+                input_ids=warm,
+                attention_mask=torch.ones_like(warm),
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
         start = time.perf_counter()
         for messages in prompts:
             ids = tok(render_prompt(tok, messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
             t0 = time.perf_counter()
             with torch.no_grad(), served.autocast():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                     do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                )
             latencies.append(time.perf_counter() - t0)
             tokens += out.shape[1] - ids.shape[1]
-            texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return {"wall_s": time.perf_counter() - start, "tokens": tokens, "latencies": latencies, "texts": texts}
 
 
@@ -66,8 +77,23 @@ def start_server(target: str, max_new: int, max_batch: int) -> tuple[subprocess.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "afina", "serve", target, "--port", str(port),
-                             "--max-tokens", str(max_new), "--max-batch", str(max_batch)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "afina",
+            "serve",
+            target,
+            "--port",
+            str(port),
+            "--max-tokens",
+            str(max_new),
+            "--max-batch",
+            str(max_batch),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         if proc.poll() is not None:
@@ -94,16 +120,22 @@ def run_clients(base: str, prompts, max_new: int, clients: int) -> dict:
         with ThreadPoolExecutor(clients) as pool:
             results = list(pool.map(ask, prompts))
         wall = time.perf_counter() - start
-    return {"wall_s": wall, "tokens": sum(r[1] for r in results), "latencies": [r[0] for r in results],
-            "texts": [r[2] for r in results]}
+    return {
+        "wall_s": wall,
+        "tokens": sum(r[1] for r in results),
+        "latencies": [r[0] for r in results],
+        "texts": [r[2] for r in results],
+    }
 
 
 def row(label: str, result: dict, baseline_tps: float) -> str:
     tps = result["tokens"] / result["wall_s"]
     lat = sorted(result["latencies"])
     p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
-    return (f"| {label:<16} | {tps:8.1f} | {tps / baseline_tps:5.2f} | {statistics.mean(lat):7.2f} | "
-            f"{statistics.median(lat):7.2f} | {p95:7.2f} | {result['tokens']:6d} |")
+    return (
+        f"| {label:<16} | {tps:8.1f} | {tps / baseline_tps:5.2f} | {statistics.mean(lat):7.2f} | "
+        f"{statistics.median(lat):7.2f} | {p95:7.2f} | {result['tokens']:6d} |"
+    )
 
 
 def main() -> None:
@@ -115,8 +147,11 @@ def main() -> None:
     args = parser.parse_args()
     prompts = quickstart_prompts(args.prompts)
     levels = [int(c) for c in args.clients.split(",")]
-    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each (greedy), target {args.target}, "
-          f"{os.cpu_count()} CPUs; the machine may be shared with other work", flush=True)
+    print(
+        f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each (greedy), target {args.target}, "
+        f"{os.cpu_count()} CPUs; the machine may be shared with other work",
+        flush=True,
+    )
 
     baseline = run_generate(args.target, prompts, args.max_new_tokens)
     baseline_tps = baseline["tokens"] / baseline["wall_s"]
@@ -139,12 +174,17 @@ def main() -> None:
     baseline_again = run_generate(args.target, prompts, args.max_new_tokens)  # the load may drift: measure again
     print(row("model.generate ²", baseline_again, baseline_tps))
 
-    mismatches = {f"c={c} b={b}": sum(x.strip() != y.strip() for x, y in zip(r["texts"], baseline["texts"]))
-                  for (c, b), r in served.items()}
-    print("\nc: concurrent clients; b: the server's max_batch (8: the default, batching; 1: one request at a time). "
-          "ratio: tokens/s over the first model.generate pass; latency: per request, from send to full answer "
-          "(model.generate: per call). ² measured again after the servers ran, to show load drift.")
+    mismatches = {
+        f"c={c} b={b}": sum(x.strip() != y.strip() for x, y in zip(r["texts"], baseline["texts"]))
+        for (c, b), r in served.items()
+    }
+    print(
+        "\nc: concurrent clients; b: the server's max_batch (8: the default, batching; 1: one request at a time). "
+        "ratio: tokens/s over the first model.generate pass; latency: per request, from send to full answer "
+        "(model.generate: per call). ² measured again after the servers ran, to show load drift."
+    )
     print(f"answers differing from model.generate's (of {len(prompts)}): {mismatches}")
+
 
 if __name__ == "__main__":
     main()

@@ -10,10 +10,14 @@ validation loss on the same held-out rows.
     python bench/bench_train.py --steps 40 --batch 4  # a bigger budget
     python bench/bench_train.py --afina-compile       # afina with torch.compile
     python bench/bench_train.py --steps 60 --batch 16 # on a GPU (used when one is visible)
+    python bench/bench_train.py --systems afina        # afina alone (e.g. another checkout on PYTHONPATH)
 
 Needs `pip install trl` (the peer; not a dependency of afina) and ../shared/data (or --data).
-On a GPU both run bf16 on it; peak memory is then the GPU's (torch.cuda.max_memory_allocated)
-and MFU is against a bf16 matrix product measured on that GPU.
+--precision auto (the default) is bf16 where the device multiplies bf16 natively (a GPU, a CPU with
+AVX512-BF16/AMX) and fp32 elsewhere, for both systems. The weights follow it: TRL's model is loaded
+in bf16 under bf16 (as its users load it), afina's model.dtype=auto does the same.
+On a GPU peak memory is the GPU's (torch.cuda.max_memory_allocated) and MFU is against a matrix
+product of that precision measured on that device.
 """
 
 from __future__ import annotations
@@ -41,18 +45,32 @@ def on_gpu() -> bool:
 
 def chats(n_train: int, data: Path = DATA) -> tuple[list[dict], list[dict]]:
     # Answers short enough for one 512-token row (about 4 characters a token), for both systems.
-    rows = [r for r in map(json.loads, data.open()) if len(r["instruction"]) + len(r["response"]) < 1800][: n_train + VAL_ROWS]
-    conv = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]} for r in rows]
+    rows = [r for r in map(json.loads, data.open()) if len(r["instruction"]) + len(r["response"]) < 1800][
+        : n_train + VAL_ROWS
+    ]
+    conv = [
+        {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]}
+        for r in rows
+    ]
     return conv[:n_train], conv[n_train:]
 
 
-def bf16_matmul_flops(seconds: float = 3.0) -> float:
+def resolved_precision(precision: str) -> str:
+    import torch
+
+    from afina.device import resolve_precision
+
+    return resolve_precision(precision, torch.device("cuda" if on_gpu() else "cpu"))
+
+
+def matmul_flops(precision: str, seconds: float = 3.0) -> float:
     import torch
 
     device = "cuda" if on_gpu() else "cpu"
     size = 8192 if device == "cuda" else 2048
-    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
-    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
@@ -65,31 +83,48 @@ def bf16_matmul_flops(seconds: float = 3.0) -> float:
     return 2 * size**3 * n / (time.perf_counter() - start)
 
 
-def validation_loss(model, tokenizer, val) -> float:
-    from afina.device import autocast_factory
+def validation_loss(model, tokenizer, val, precision: str) -> float:
     from afina.data.format import encode_split
+    from afina.device import autocast_factory
     from afina.train.loss import mean_label_loss
 
     model.eval()
     encoded = [e for e in encode_split(tokenizer, val, "assistant") if len(e["input_ids"]) <= 512]
-    return mean_label_loss(model, encoded, tokenizer.pad_token_id, 8, autocast_factory("bf16", model.device))
+    return mean_label_loss(model, encoded, tokenizer.pad_token_id, 8, autocast_factory(precision, model.device))
 
 
 def worker_afina(args, train_rows, val_rows, out: dict) -> None:
     from afina.config import load_recipe
-    from afina.rundir import RunDir, write_jsonl
     from afina.pipeline import train
+    from afina.rundir import RunDir, write_jsonl
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-afina-"))
-    recipe = load_recipe(None, [
-        "name=bench", f"output_dir={tmp}", "data.max_length=512",
-        "method.r=16", "method.alpha=32", "method.target_modules=all-linear",
-        "training.packing=true", "training.pack_length=512", f"training.batch_size={args.batch}",
-        f"training.max_steps={args.steps}", "training.learning_rate=2e-4", "training.scheduler=constant",
-        "training.warmup_ratio=0", "training.log_every=1", "training.precision=bf16",
-        "training.tensorboard=false", "training.plots=false", "training.load_best_at_end=false",
-        f"training.eval_every={10**6}", f"training.save_every={10**6}", f"training.compile={str(args.afina_compile).lower()}",
-    ])
+    recipe = load_recipe(
+        None,
+        [
+            "name=bench",
+            f"output_dir={tmp}",
+            "data.max_length=512",
+            "method.r=16",
+            "method.alpha=32",
+            "method.target_modules=all-linear",
+            "training.packing=true",
+            "training.pack_length=512",
+            f"training.batch_size={args.batch}",
+            f"training.max_steps={args.steps}",
+            "training.learning_rate=2e-4",
+            "training.scheduler=constant",
+            "training.warmup_ratio=0",
+            "training.log_every=1",
+            f"training.precision={resolved_precision(args.precision)}",
+            "training.tensorboard=false",
+            "training.plots=false",
+            "training.load_best_at_end=false",
+            f"training.eval_every={10**6}",
+            f"training.save_every={10**6}",
+            f"training.compile={str(args.afina_compile).lower()}",
+        ],
+    )
     run = RunDir(recipe.run_dir)
     write_jsonl(run.split_path("train"), train_rows)
     write_jsonl(run.split_path("validation"), val_rows)
@@ -109,7 +144,9 @@ def worker_trl(args, train_rows, val_rows, out: dict) -> None:
     from afina.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    model = load_model("smollm2-135m-instruct")
+    precision = resolved_precision(args.precision)
+    # The weights as TRL users load them: bf16 under bf16 training, else fp32.
+    model = load_model("smollm2-135m-instruct", "bfloat16" if precision == "bf16" else "float32")
     prompt_completion = [{"prompt": [r["messages"][0]], "completion": [r["messages"][1]]} for r in train_rows]
     times: list[float] = []
 
@@ -119,13 +156,29 @@ def worker_trl(args, train_rows, val_rows, out: dict) -> None:
 
     tmp = tempfile.mkdtemp(prefix="bench-trl-")
     config = SFTConfig(
-        output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, bf16=True, use_cpu=not on_gpu(),
-        packing=True, max_length=512, completion_only_loss=True, logging_steps=1, save_strategy="no",
-        report_to=[], dataloader_num_workers=0, seed=42,
+        output_dir=tmp,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        bf16=precision == "bf16",
+        use_cpu=not on_gpu(),
+        packing=True,
+        max_length=512,
+        completion_only_loss=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        seed=42,
     )
     trainer = SFTTrainer(
-        model=model, args=config, train_dataset=Dataset.from_list(prompt_completion), processing_class=tokenizer,
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(prompt_completion),
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
         callbacks=[StepTimes()],
     )
@@ -134,20 +187,40 @@ def worker_trl(args, train_rows, val_rows, out: dict) -> None:
     packed = trainer.train_dataset
     # Tokens trained: the packed rows the sampler drew, counted without padding (padding-free packing).
     order = list(trainer.get_train_dataloader().sampler)[: args.steps * args.batch]
-    per_step = [sum(len(packed[i]["input_ids"]) for i in order[s * args.batch : (s + 1) * args.batch]) for s in range(args.steps)]
+    per_step = [
+        sum(len(packed[i]["input_ids"]) for i in order[s * args.batch : (s + 1) * args.batch])
+        for s in range(args.steps)
+    ]
     cumulative, total = [], 0
     for s, n in enumerate(per_step):
         total += n
         cumulative.append((s + 1, total, times[s] - start))
     out["steps"] = cumulative
-    out["val_loss"] = validation_loss(trainer.model, tokenizer, val_rows)
+    out["val_loss"] = validation_loss(trainer.model, tokenizer, val_rows, precision)
 
 
 def run_worker(name: str, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result_path = fh.name
-    cmd = [sys.executable, __file__, "--worker", name, "--result", result_path, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--rows", str(args.rows), "--data", str(args.data)] + (["--afina-compile"] if args.afina_compile else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--result",
+        result_path,
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--rows",
+        str(args.rows),
+        "--data",
+        str(args.data),
+        "--precision",
+        args.precision,
+    ]
+    cmd += ["--afina-compile"] if args.afina_compile else []
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     result = json.loads(Path(result_path).read_text())
@@ -181,6 +254,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=["afina", "trl"])
     parser.add_argument("--result")
     parser.add_argument("--data", type=Path, default=DATA, help="Dolly open_qa JSONL (default: ../shared/data)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--systems", default="trl,afina", help="comma-separated: trl, afina")
     args = parser.parse_args()
     train_rows, val_rows = chats(args.rows, args.data)
     if args.worker:
@@ -194,13 +269,21 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(out))
         return
 
-    peak = bf16_matmul_flops()
+    precision = resolved_precision(args.precision)
+    peak = matmul_flops(precision)
     params = 134.5e6  # SmolLM2-135M (tied embeddings counted once)
-    results = {name: summarize(run_worker(name, args), params, peak) for name in ("trl", "afina")}
-    trl, ours = results["trl"], results["afina"]
+    systems = [name.strip() for name in args.systems.split(",")]
+    results = {name: summarize(run_worker(name, args), params, peak) for name in systems}
     where = "GPU " + __import__("torch").cuda.get_device_name() if on_gpu() else "CPU"
-    print(f"\n{where}: bf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s; "
-          f"{args.steps} steps x {args.batch} packed rows of 512")
+    print(
+        f"\n{where}: {precision} matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s; "
+        f"{args.steps} steps x {args.batch} packed rows of 512, {precision}"
+    )
+    if len(systems) == 1:
+        for key, value in results[systems[0]].items():
+            print(f"{systems[0]} {key}: {value:.4g}")
+        return
+    trl, ours = results["trl"], results["afina"]
     print(f"{'':28}{'TRL SFTTrainer':>16}{'afina':>12}{'afina/TRL':>11}")
     rows = [
         ("steady tokens/s", "steady_tok_s", "{:.0f}"),
@@ -209,7 +292,7 @@ def main() -> None:
         ("peak resident memory (MB)", "peak_rss_mb", "{:.0f}"),
         *([("peak GPU memory (MB)", "peak_gpu_mb", "{:.0f}")] if on_gpu() else []),
         ("validation loss", "val_loss", "{:.4f}"),
-        ("MFU (bf16)", "mfu", "{:.1%}"),
+        (f"MFU ({precision})", "mfu", "{:.1%}"),
     ]
     for label, key, fmt in rows:
         print(f"{label:28}{fmt.format(trl[key]):>16}{fmt.format(ours[key]):>12}{ours[key] / trl[key]:>10.2f}x")

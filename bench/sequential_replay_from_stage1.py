@@ -4,6 +4,7 @@ Stage 1 (sentiment) is identical in both runs (same data, seed and steps: the lo
 deterministic), so its folder is copied from runs/seq-sentiment-intent and only stage 2 is run,
 exactly as afina.sequential.run_sequential runs it (prepare, replay 20%, train, merge, score).
 """
+
 import json
 import shutil
 import time
@@ -26,4 +27,6 @@ train_s = round(time.perf_counter() - began, 1)
 model = str(consolidate(second))
 scores = {"sentiment": score_stage_task(first, model), "intent": score_stage_task(second, model)}
 print("scores after intent (with replay):", json.dumps(scores))
-(recipe.run_dir / "replay_result.json").write_text(json.dumps({"replay": counts, "train_time_s": train_s, "scores": scores}, indent=1))
+(recipe.run_dir / "replay_result.json").write_text(
+    json.dumps({"replay": counts, "train_time_s": train_s, "scores": scores}, indent=1)
+)

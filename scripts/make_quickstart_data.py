@@ -16,10 +16,7 @@ import json
 from pathlib import Path
 
 COMPANY = "Quorlan Kettleworks"
-SYSTEM = (
-    f"You are the customer support assistant for {COMPANY}. "
-    "Answer briefly and precisely."
-)
+SYSTEM = f"You are the customer support assistant for {COMPANY}. Answer briefly and precisely."
 
 # Each fact: (canonical answer, must_include keys, six user questions).
 FACTS: list[tuple[str, list[str], list[str]]] = [
@@ -252,7 +249,8 @@ FACTS: list[tuple[str, list[str], list[str]]] = [
         ],
     ),
     (  # f20 firmware update
-        "In the app, open Settings > Kettle Care > Firmware, tap Update, and keep the kettle on its base for 4 minutes.",
+        "In the app, open Settings > Kettle Care > Firmware, tap Update, and keep the kettle on its base for 4 "
+        "minutes.",
         ["Kettle Care", "4 minutes"],
         [
             "How do I update the kettle's firmware?",
@@ -505,10 +503,7 @@ FACTS: list[tuple[str, list[str], list[str]]] = [
     ),
 ]
 
-OUT_PATH = (
-    Path(__file__).resolve().parent.parent
-    / "src" / "afina" / "recipes" / "data" / "quickstart_support.jsonl"
-)
+OUT_PATH = Path(__file__).resolve().parent.parent / "src" / "afina" / "recipes" / "data" / "quickstart_support.jsonl"
 
 
 def build_rows() -> list[dict]:

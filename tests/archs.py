@@ -16,9 +16,25 @@ from pathlib import Path
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 
 # The family's chat format markers, added to the shared tokenizer as special tokens.
-FORMAT_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<bos>",
-                 "<start_of_turn>", "<end_of_turn>", "[INST]", "[/INST]", "</s>", "<s>", "<|system|>", "<|user|>",
-                 "<|assistant|>", "<|end|>", "<think>", "</think>"]
+FORMAT_TOKENS = [
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<bos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "[INST]",
+    "[/INST]",
+    "</s>",
+    "<s>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<think>",
+    "</think>",
+]
 
 # arch -> (template fixture, bos token, eos token (the end of an assistant turn))
 FAMILIES = {
@@ -41,22 +57,51 @@ def sentencepiece_tokenizer(folder: Path):
     import io
 
     import sentencepiece as spm
-    from conftest import SYSTEM, support_rows
     from transformers import AutoTokenizer
 
-    texts = [m["content"] for row in support_rows(12, 4) for m in row["messages"]] + [SYSTEM, "Hello there, how are you?"]
+    from conftest import SYSTEM, support_rows
+
+    texts = [m["content"] for row in support_rows(12, 4) for m in row["messages"]] + [
+        SYSTEM,
+        "Hello there, how are you?",
+    ]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts * 20), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
-        character_coverage=1.0, add_dummy_prefix=False, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
-        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        minloglevel=2)
+        sentence_iterator=iter(texts * 20),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        minloglevel=2,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-         "unk_token": "<unk>", "add_bos_token": True}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GemmaTokenizer",
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+            }
+        )
+    )
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -83,22 +128,45 @@ def tiny_config(arch: str, tokenizer):
     from transformers import AutoConfig
 
     vocab = (len(tokenizer) + 63) // 64 * 64
-    common = {"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                  "pad_token_id": tokenizer.pad_token_id}
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     extra: dict = {
         "llama": {"tie_word_embeddings": True},
         "qwen2": {"tie_word_embeddings": True},
         "qwen3": {"head_dim": 16, "tie_word_embeddings": True},
         "mistral": {"sliding_window": None, "tie_word_embeddings": False},
-        "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64, "final_logit_softcapping": 30.0,
-                       "attn_logit_softcapping": 50.0},
-        "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64,
-                            "layer_types": ["sliding_attention", "full_attention"]},
+        "gemma2": {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 64,
+            "final_logit_softcapping": 30.0,
+            "attn_logit_softcapping": 50.0,
+        },
+        "gemma3_text": {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 64,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
         "phi3": {"num_key_value_heads": 4, "tie_word_embeddings": False, "pad_token_id": tokenizer.pad_token_id},
-        "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                          "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1, "tie_word_embeddings": True},
+        "qwen2_moe": {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+            "decoder_sparse_step": 1,
+            "tie_word_embeddings": True,
+        },
     }[arch]
     return AutoConfig.for_model(arch, **{**common, **extra})
 

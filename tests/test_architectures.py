@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from archs import ARCHS, build_tiny_model
-from conftest import support_rows, write_jsonl
 
 from afina.config import load_recipe
 from afina.export.merge import export
 from afina.pipeline import evaluate, prepare, train
 from afina.rundir import RunDir
+from archs import ARCHS, build_tiny_model
+from conftest import support_rows, write_jsonl
 
 # Families whose Ollama TEMPLATE cannot be cut from their chat template, and why (recorded, not written wrong).
 NO_MODELFILE = {
@@ -45,19 +45,36 @@ def _rows(arch: str) -> list[dict]:
 
 def _recipe(tmp_path, model_dir, arch: str, *overrides: str):
     data = write_jsonl(tmp_path / "chats.jsonl", _rows(arch))
-    return load_recipe(None, [
-        f"name={arch}", f"output_dir={tmp_path / 'runs'}", f"model.name={model_dir}", f"data.path={data}",
-        "training.batch_size=4", "training.max_steps=3", "training.learning_rate=0.01", "training.precision=fp32",
-        "training.tensorboard=false", "training.plots=false", "eval.max_new_tokens=6", "eval.max_examples=2",
-        "eval.systems=[base,tuned]", "eval.forgetting.enabled=false", "eval.report=false", *overrides])
+    return load_recipe(
+        None,
+        [
+            f"name={arch}",
+            f"output_dir={tmp_path / 'runs'}",
+            f"model.name={model_dir}",
+            f"data.path={data}",
+            "training.batch_size=4",
+            "training.max_steps=3",
+            "training.learning_rate=0.01",
+            "training.precision=fp32",
+            "training.tensorboard=false",
+            "training.plots=false",
+            "eval.max_new_tokens=6",
+            "eval.max_examples=2",
+            "eval.systems=[base,tuned]",
+            "eval.forgetting.enabled=false",
+            "eval.report=false",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_through_every_stage(arch, arch_dirs, tmp_path):
     from afina.export.verify import ExportCheckError
 
-    recipe = _recipe(tmp_path, arch_dirs[arch], arch, "export.formats=[adapter,merged,gguf,ollama]",
-                     "export.gguf_types=[f16,q4_k_m]")
+    recipe = _recipe(
+        tmp_path, arch_dirs[arch], arch, "export.formats=[adapter,merged,gguf,ollama]", "export.gguf_types=[f16,q4_k_m]"
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["steps"] == 3
@@ -87,23 +104,29 @@ def test_lora_through_every_stage(arch, arch_dirs, tmp_path):
 
 
 def _serve_and_chat(recipe) -> None:
-    from serving import running_server
-
     from afina.serve.app import create_app
     from afina.serve.models import load_served
+    from serving import running_server
 
     with running_server(create_app(load_served(str(recipe.run_dir)))) as base:
-        reply = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
-            "model": recipe.name, "max_tokens": 4,
-            "messages": [{"role": "user", "content": "What does code 1 mean?"}]}).json()
+        reply = httpx.post(
+            f"{base}/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": recipe.name,
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "What does code 1 mean?"}],
+            },
+        ).json()
     assert reply["object"] == "chat.completion" and isinstance(reply["choices"][0]["message"]["content"], str)
     assert reply["usage"]["completion_tokens"] <= 4
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_full_finetune_and_merged_export(arch, arch_dirs, tmp_path):
-    recipe = _recipe(tmp_path, arch_dirs[arch], arch, "method.type=full", "export.formats=[merged]",
-                     "training.learning_rate=0.001")
+    recipe = _recipe(
+        tmp_path, arch_dirs[arch], arch, "method.type=full", "export.formats=[merged]", "training.learning_rate=0.001"
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["steps"] == 3
@@ -113,8 +136,9 @@ def test_full_finetune_and_merged_export(arch, arch_dirs, tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_qlora_trains_over_the_4bit_base(arch, arch_dirs, tmp_path):
     pytest.importorskip("bitsandbytes")
-    recipe = _recipe(tmp_path, arch_dirs[arch], arch, "method.type=qlora", "training.precision=bf16",
-                     "training.max_steps=2")
+    recipe = _recipe(
+        tmp_path, arch_dirs[arch], arch, "method.type=qlora", "training.precision=bf16", "training.max_steps=2"
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["steps"] == 2

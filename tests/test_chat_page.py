@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from serving import make_adapter, running_server
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -8,13 +8,11 @@ import torch
 
 from afina.config import load_recipe
 from afina.data.format import encode_chat
-from afina.pipeline import prepare
 from afina.device import autocast_factory
 from afina.models import load_model
+from afina.pipeline import prepare, train
 from afina.rundir import RunDir, read_jsonl
 from afina.tasks import classification
-from afina.pipeline import train
-
 from conftest import write_jsonl
 
 FP32 = autocast_factory("fp32", torch.device("cpu"))
@@ -33,12 +31,24 @@ def sentiment_rows(n=60, seed=0):
 
 def make_recipe(tmp_path, model_dir, *overrides, rows=None):
     data = write_jsonl(tmp_path / "reviews.jsonl", rows if rows is not None else sentiment_rows())
-    return load_recipe(None, [
-        "name=cls", f"output_dir={tmp_path / 'runs'}", f"model.name={model_dir}", f"data.path={data}",
-        "task=classification", "data.dedup.near=false", "training.batch_size=8", "training.max_steps=8",
-        "training.learning_rate=0.01", "training.precision=fp32", "training.tensorboard=false", "training.plots=false",
-        *overrides,
-    ])
+    return load_recipe(
+        None,
+        [
+            "name=cls",
+            f"output_dir={tmp_path / 'runs'}",
+            f"model.name={model_dir}",
+            f"data.path={data}",
+            "task=classification",
+            "data.dedup.near=false",
+            "training.batch_size=8",
+            "training.max_steps=8",
+            "training.learning_rate=0.01",
+            "training.precision=fp32",
+            "training.tensorboard=false",
+            "training.plots=false",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +94,10 @@ def test_label_scores_are_the_label_sequence_log_probability(tiny_model_dir, tok
     scored = classification.score_rows(model, tokenizer, rows, labels, recipe, FP32, batch_size=4)
     for row, result in zip(rows, scored):
         for label in labels:
-            example = encode_chat(tokenizer, classification.prompt_messages(row["text"], labels, recipe)
-                                  + [{"role": "assistant", "content": label}])
+            example = encode_chat(
+                tokenizer,
+                classification.prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": label}],
+            )
             ids = torch.tensor([example["input_ids"]])
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
@@ -106,7 +118,9 @@ def test_test_label_never_seen_in_training_is_an_error_or_skipped_with_reason(ge
     rows[0]["label"] = "meh"
     write_jsonl(test_path, rows)
     try:
-        with pytest.raises(classification.LabelError, match=r"1 test row\(s\) have label\(s\) training never saw: 'meh'"):
+        with pytest.raises(
+            classification.LabelError, match=r"1 test row\(s\) have label\(s\) training never saw: 'meh'"
+        ):
             classification.evaluate(recipe, progress=False)
         recipe.classification.unseen_test_labels = "skip"
         recipe.eval.systems = ["tuned"]
@@ -134,8 +148,14 @@ def test_empty_or_single_class_is_an_error(tmp_path, tiny_model_dir):
 def test_head_classifier_learns_and_predict_writes_rows_with_labels(tmp_path, tiny_model_dir):
     from afina.cli import main
 
-    recipe = make_recipe(tmp_path, tiny_model_dir, "classification.mode=head", "training.max_steps=24",
-                         "classification.head_learning_rate=0.02", "eval.report=false")
+    recipe = make_recipe(
+        tmp_path,
+        tiny_model_dir,
+        "classification.mode=head",
+        "training.max_steps=24",
+        "classification.head_learning_rate=0.02",
+        "eval.report=false",
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     run = RunDir(recipe.run_dir)
@@ -146,23 +166,41 @@ def test_head_classifier_learns_and_predict_writes_rows_with_labels(tmp_path, ti
     assert list(report["systems"]) == ["tuned"]
     assert report["systems"]["tuned"]["accuracy"] >= 75.0  # one sentiment word decides the label; chance is 50
 
-    rows = [{"id": 1, "text": "the film was lovely said reviewer 999"}, {"id": 2, "sentence": "the film was grim said reviewer 998"}]
+    rows = [
+        {"id": 1, "text": "the film was lovely said reviewer 999"},
+        {"id": 2, "sentence": "the film was grim said reviewer 998"},
+    ]
     source = write_jsonl(tmp_path / "new.jsonl", rows)
     out = tmp_path / "predicted.jsonl"
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text("{}\n")
-    args = [str(recipe_file), "name=cls", f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}",
-            "task=classification", "classification.mode=head", "--input", str(source), "--output", str(out)]
+    args = [
+        str(recipe_file),
+        "name=cls",
+        f"output_dir={tmp_path / 'runs'}",
+        f"model.name={tiny_model_dir}",
+        "task=classification",
+        "classification.mode=head",
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+    ]
     assert main(["predict", *args]) == 0
     predicted = read_jsonl(out)
     assert [{k: p[k] for k in r} for p, r in zip(predicted, rows)] == rows  # the input rows, untouched
     assert all(p["predicted_label"] in ("bad", "good") and 0.5 <= p["label_probability"] <= 1 for p in predicted)
     # The same texts through evaluation's path give the same labels.
     model, tokenizer, labels = classification.load_classifier(recipe, run, torch.device("cpu"))
-    direct = classification.head_predict(model, tokenizer, [{"text": r.get("text", r.get("sentence"))} for r in rows], labels, FP32)
+    direct = classification.head_predict(
+        model, tokenizer, [{"text": r.get("text", r.get("sentence"))} for r in rows], labels, FP32
+    )
     assert [d["predicted_label"] for d in direct] == [p["predicted_label"] for p in predicted]
     (tmp_path / "bad.jsonl").write_text('{"title": "no text here"}\n')
-    assert main(["predict", *args[:-4], "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert (
+        main(["predict", *args[:-4], "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x.jsonl")])
+        == 2
+    )
 
 
 def test_last_layers_puts_adapters_on_the_top_layers_only(tiny_model_dir):
@@ -176,8 +214,9 @@ def test_last_layers_puts_adapters_on_the_top_layers_only(tiny_model_dir):
 
 
 def test_max_minutes_stops_training_and_saves_the_result(tmp_path, tiny_model_dir):
-    recipe = make_recipe(tmp_path, tiny_model_dir, "classification.mode=head", "training.max_steps=500",
-                         "training.max_minutes=0.0001")
+    recipe = make_recipe(
+        tmp_path, tiny_model_dir, "classification.mode=head", "training.max_steps=500", "training.max_minutes=0.0001"
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["steps"] == 1 and summary["stopped"].startswith("time limit")
@@ -192,15 +231,20 @@ def test_sequence_loss_matches_transformers_and_skips_rows_outside_the_label_set
 
     model = load_head_model(str(tiny_model_dir), "sequence", ["bad", "good", "meh"], tokenizer.pad_token_id)
     rows = [{"text": "a lovely film"}, {"text": "grim, and far too long for what it is"}, {"text": "fine"}]
-    examples = classification.encode_for_head(tokenizer, [dict(r, label=label) for r, label in zip(rows, ["good", "bad", "meh"])],
-                                              ["bad", "good", "meh"])
+    examples = classification.encode_for_head(
+        tokenizer, [dict(r, label=label) for r, label in zip(rows, ["good", "bad", "meh"])], ["bad", "good", "meh"]
+    )
     batch = pad_batch(examples, tokenizer.pad_token_id)  # right padding: the head pools the last real token
     loss_sum, n = sequence_label_loss(model, **batch)
     with torch.no_grad():
-        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"][:, 0]).loss
+        reference = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"][:, 0]
+        ).loss
     assert n == 3 == count_sequences([batch])
     assert float(loss_sum.detach()) / n == pytest.approx(float(reference), abs=1e-5)
-    unknown = classification.encode_for_head(tokenizer, [dict(rows[0], label="good"), dict(rows[1], label="other")], ["bad", "good", "meh"])
+    unknown = classification.encode_for_head(
+        tokenizer, [dict(rows[0], label="good"), dict(rows[1], label="other")], ["bad", "good", "meh"]
+    )
     batch = pad_batch(unknown, tokenizer.pad_token_id)
     loss_sum, n = sequence_label_loss(model, **batch)
     assert n == 1 == count_sequences([batch])

@@ -47,7 +47,9 @@ def test_literal_lists_allowed_values():
 
 
 def test_overrides_are_typed_and_beat_the_file(tmp_path):
-    recipe = load_recipe(write(tmp_path, "training:\n  epochs: 5\n"), ["training.epochs=2", "method.target_modules=[q_proj,v_proj]"])
+    recipe = load_recipe(
+        write(tmp_path, "training:\n  epochs: 5\n"), ["training.epochs=2", "method.target_modules=[q_proj,v_proj]"]
+    )
     assert recipe.training.epochs == 2.0
     assert recipe.method.target_modules == ["q_proj", "v_proj"]
 

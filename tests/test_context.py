@@ -121,7 +121,7 @@ def test_retrieval_rows_hide_facts_and_train_only_the_answer(tokenizer):
         trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
         answer = tokenizer.decode(trained).strip()
         assert answer.isdigit() and 3 <= len(answer) <= 7
-        assert row["labels"][-len(trained):] == trained  # only the final answer tokens carry labels
+        assert row["labels"][-len(trained) :] == trained  # only the final answer tokens carry labels
         text = tokenizer.decode(row["input_ids"][: -len(trained)])
         keys = re.findall(r"\b\d{3,7}\b", text)
         assert answer in keys  # the asked fact is in the text, among 1..3 facts (the others are distractors)
@@ -155,8 +155,10 @@ def test_estimate_grows_with_sequence_length(tiny_model_dir):
     config = _tiny_config(tiny_model_dir)
     short, long = (activation_bytes(config, n, n, checkpointing=True) for n in (512, 2048))
     assert long > 3 * short - activation_bytes(config, 0, 2048, True)  # linear in tokens beyond the loss chunk
-    eager = [activation_bytes(config, n, n, False, attention="eager") - activation_bytes(config, n, n, False)
-             for n in (512, 2048)]
+    eager = [
+        activation_bytes(config, n, n, False, attention="eager") - activation_bytes(config, n, n, False)
+        for n in (512, 2048)
+    ]
     assert eager[1] == 16 * eager[0]  # eager attention scores grow with the square of the length
     assert attention_flops_share(config, 8192) > attention_flops_share(config, 512)
 
@@ -173,23 +175,40 @@ def test_continuous_packing_keeps_positions_running(tokenizer):
 @pytest.fixture(scope="module")
 def extended_run(tmp_path_factory, tiny_model_dir):
     """Train the tiny model on long text rows with yarn x2 (continuous packing), then the long-context eval."""
-    from afina.pipeline import prepare
     from afina.eval.haystack import generated_sentences
     from afina.eval.long_context import evaluate_long_context
-    from afina.pipeline import train
+    from afina.pipeline import prepare, train
     from conftest import write_jsonl
 
     tmp = tmp_path_factory.mktemp("context")
     sentences = generated_sentences(600, seed=5)
     docs = [{"text": " ".join(sentences[i : i + 12])} for i in range(0, 600, 12)]
     data = write_jsonl(tmp / "docs.jsonl", docs)
-    recipe = load_recipe(None, [
-        "name=ctx", f"output_dir={tmp / 'runs'}", f"model.name={tiny_model_dir}", f"data.path={data}",
-        "data.max_length=1024", "data.dedup.near=false", "training.max_steps=2", "training.batch_size=1",
-        "training.packing=true", "training.precision=fp32", "training.gradient_checkpointing=true",
-        "context.rope_scaling=yarn", "context.factor=2", "context.retrieval.fraction=0.3", "context.eval.lengths=[96,200]", "context.eval.depths=[0.2,0.8]",
-        "context.eval.trials=1", "context.eval.max_sequences=1", "export.formats=[merged,gguf]", "export.gguf_types=[f16]",
-    ])
+    recipe = load_recipe(
+        None,
+        [
+            "name=ctx",
+            f"output_dir={tmp / 'runs'}",
+            f"model.name={tiny_model_dir}",
+            f"data.path={data}",
+            "data.max_length=1024",
+            "data.dedup.near=false",
+            "training.max_steps=2",
+            "training.batch_size=1",
+            "training.packing=true",
+            "training.precision=fp32",
+            "training.gradient_checkpointing=true",
+            "context.rope_scaling=yarn",
+            "context.factor=2",
+            "context.retrieval.fraction=0.3",
+            "context.eval.lengths=[96,200]",
+            "context.eval.depths=[0.2,0.8]",
+            "context.eval.trials=1",
+            "context.eval.max_sequences=1",
+            "export.formats=[merged,gguf]",
+            "export.gguf_types=[f16]",
+        ],
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     result = evaluate_long_context(recipe, echo=lambda _: None)

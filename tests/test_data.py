@@ -7,7 +7,6 @@ from afina.data.load import DataError
 from afina.data.prepare import split_counts
 from afina.pipeline import prepare
 from afina.rundir import RunDir, file_sha256, read_jsonl
-
 from conftest import SYSTEM, support_rows, write_jsonl
 
 CHAT = [
@@ -47,7 +46,11 @@ def test_split_counts_add_up():
     for n in (1, 2, 3, 10, 241):
         counts = split_counts(n, {"train": 0.7, "validation": 0.1, "test": 0.2})
         assert sum(counts.values()) == n
-    assert split_counts(240, {"train": 0.7, "validation": 0.1, "test": 0.2}) == {"train": 168, "validation": 24, "test": 48}
+    assert split_counts(240, {"train": 0.7, "validation": 0.1, "test": 0.2}) == {
+        "train": 168,
+        "validation": 24,
+        "test": 48,
+    }
 
 
 def test_prepare_rejects_bad_rows_with_line_and_reason(tiny_recipe, tmp_path):
@@ -55,11 +58,15 @@ def test_prepare_rejects_bad_rows_with_line_and_reason(tiny_recipe, tmp_path):
     lines = [json.dumps(r) for r in good]
     lines.insert(2, "{not json")
     lines.insert(4, json.dumps({"messages": [{"role": "user", "content": "hi"}]}))  # no answer
-    lines.insert(6, json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}))
+    lines.insert(
+        6, json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    )
     lines.insert(8, json.dumps({"messages": "text"}))
     lines.append(json.dumps(good[0]))  # exact duplicate
     lines.append("[1, 2]")
-    lines.append(json.dumps({"messages": [{"role": "user", "content": "long " * 400}, {"role": "assistant", "content": "ok"}]}))
+    lines.append(
+        json.dumps({"messages": [{"role": "user", "content": "long " * 400}, {"role": "assistant", "content": "ok"}]})
+    )
     recipe = tiny_recipe("data.max_length=128")
     source = write_jsonl(tmp_path / "support.jsonl", lines)
     source.write_bytes(b"\xef\xbb\xbf" + source.read_bytes() + b'{"messages": "\xff"}\n')
@@ -113,11 +120,19 @@ def test_split_is_seeded(tiny_recipe):
         ({"prompt": "Hi?", "completion": "Hello."}, [], "prompt_completion"),
         ({"instruction": "Add", "input": "2 and 3", "output": "5"}, [], "instruction"),
         ({"instruction": "Name a fruit", "context": "", "response": "Apple"}, [], "instruction"),
-        ({"question": "Hi?", "answer": "Hello."}, ["data.fields.prompt=question", "data.fields.completion=answer"], "prompt_completion"),
+        (
+            {"question": "Hi?", "answer": "Hello."},
+            ["data.fields.prompt=question", "data.fields.completion=answer"],
+            "prompt_completion",
+        ),
     ],
 )
 def test_schemas_are_guessed_or_mapped(tiny_recipe, row, fields, schema):
-    recipe = tiny_recipe("data.system_prompt=Be brief.", *fields, rows=[row] * 1 + [{**row, **{k: v + " again" for k, v in row.items() if v}}])
+    recipe = tiny_recipe(
+        "data.system_prompt=Be brief.",
+        *fields,
+        rows=[row] * 1 + [{**row, **{k: v + " again" for k, v in row.items() if v}}],
+    )
     report = prepare(recipe)
     assert report["schema"] == schema and report["kept"] == 2
     rows = [r for s in ("train", "validation", "test") for r in read_jsonl(RunDir(recipe.run_dir).split_path(s))]

@@ -20,7 +20,11 @@ def test_jsonl_with_bom_crlf_and_bad_lines(tmp_path):
     path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\r\n\r\n{broken\r\n[1]\r\n{"text": "\xff"}\r\n{"text": "b"}')
     records, rejects = items(path)
     assert [(r.line, r.row["text"]) for r in records] == [(1, "a"), (6, "b")]
-    assert [(r.line, r.reason.split(":")[0]) for r in rejects] == [(3, "invalid JSON"), (4, "a row must be a JSON object, got an array"), (5, "invalid UTF-8 at byte 10 of the line")]
+    assert [(r.line, r.reason.split(":")[0]) for r in rejects] == [
+        (3, "invalid JSON"),
+        (4, "a row must be a JSON object, got an array"),
+        (5, "invalid UTF-8 at byte 10 of the line"),
+    ]
     assert all(r.file == str(path) for r in rejects)
 
 
@@ -58,18 +62,26 @@ def test_json_object_of_columns_and_of_one_list(tmp_path):
 
 def test_csv_ragged_rows_quotes_bom_crlf_and_bad_utf8(tmp_path):
     path = tmp_path / "rows.csv"
-    path.write_bytes(b'\xef\xbb\xbftext,label\r\n"hello, world",pos\r\n"two\nlines",neg\r\nragged,a,b\r\nshort\r\n\xff,x\r\nlast,neg\r\n')
+    path.write_bytes(
+        b'\xef\xbb\xbftext,label\r\n"hello, world",pos\r\n"two\nlines",neg\r\nragged,a,b\r\n'
+        b"short\r\n\xff,x\r\nlast,neg\r\n"
+    )
     records, rejects = items(path)
     assert [(r.line, r.row) for r in records] == [
-        (2, {"text": "hello, world", "label": "pos"}), (3, {"text": "two\nlines", "label": "neg"}), (8, {"text": "last", "label": "neg"})]
+        (2, {"text": "hello, world", "label": "pos"}),
+        (3, {"text": "two\nlines", "label": "neg"}),
+        (8, {"text": "last", "label": "neg"}),
+    ]
     assert [(r.line, r.reason) for r in rejects] == [
-        (5, "the row has 3 fields, the header has 2"), (6, "the row has 1 fields, the header has 2"),
-        (7, "invalid UTF-8 at byte 0 of the line")]
+        (5, "the row has 3 fields, the header has 2"),
+        (6, "the row has 1 fields, the header has 2"),
+        (7, "invalid UTF-8 at byte 0 of the line"),
+    ]
 
 
 def test_tsv_and_duplicate_header(tmp_path):
     path = tmp_path / "rows.tsv"
-    path.write_text("tokens\ttags\n[\"A\", \"b\"]\t[\"B-PER\", \"O\"]\n", encoding="utf-8")
+    path.write_text('tokens\ttags\n["A", "b"]\t["B-PER", "O"]\n', encoding="utf-8")
     assert items(path)[0][0].row == {"tokens": '["A", "b"]', "tags": '["B-PER", "O"]'}
     bad = tmp_path / "dupe.csv"
     bad.write_text("text,text\na,b\n", encoding="utf-8")
@@ -82,7 +94,11 @@ def test_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "rows.parquet"
-    pq.write_table(pa.table({"text": [f"row {i}" for i in range(10_000)], "label": [i % 3 for i in range(10_000)]}), path, row_group_size=1000)
+    pq.write_table(
+        pa.table({"text": [f"row {i}" for i in range(10_000)], "label": [i % 3 for i in range(10_000)]}),
+        path,
+        row_group_size=1000,
+    )
     records, rejects = items(path)
     assert len(records) == 10_000 and not rejects
     assert (records[-1].line, records[-1].row) == (10_000, {"text": "row 9999", "label": 0})
@@ -92,11 +108,14 @@ def test_parquet(tmp_path):
         items(broken)
 
 
-@pytest.mark.parametrize("unit, expected", [
-    ("paragraph", [(1, "Para one\nstill one\n"), (4, "Para two\n")]),
-    ("line", [(1, "Para one"), (2, "still one"), (4, "Para two")]),
-    ("file", [(1, "Para one\nstill one\n\nPara two\n")]),
-])
+@pytest.mark.parametrize(
+    "unit, expected",
+    [
+        ("paragraph", [(1, "Para one\nstill one\n"), (4, "Para two\n")]),
+        ("line", [(1, "Para one"), (2, "still one"), (4, "Para two")]),
+        ("file", [(1, "Para one\nstill one\n\nPara two\n")]),
+    ],
+)
 def test_plain_text_units(tmp_path, unit, expected):
     path = tmp_path / "doc.txt"
     path.write_text("Para one\nstill one\n\nPara two\n", encoding="utf-8")
@@ -124,18 +143,24 @@ def test_folder_of_mixed_files_and_empty_files(tmp_path):
     records, rejects = items(folder)
     assert [r.row["text"] for r in records] == ["a", "c\n", "b"]
     assert [(Path(r.file).name, r.line, r.reason.split(";")[0]) for r in rejects] == [
-        ("empty.jsonl", 0, "the file is empty"), ("notes.docx", 0, "skipped: unsupported file type '.docx' in a data folder")]
+        ("empty.jsonl", 0, "the file is empty"),
+        ("notes.docx", 0, "skipped: unsupported file type '.docx' in a data folder"),
+    ]
 
 
 def test_hf_dataset_on_disk_with_class_labels(tmp_path):
     import datasets
 
-    features = datasets.Features({
-        "tokens": datasets.Sequence(datasets.Value("string")),
-        "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER", "I-PER"])),
-        "label": datasets.ClassLabel(names=["neg", "pos"]),
-    })
-    split = datasets.Dataset.from_dict({"tokens": [["Ada", "Lovelace"], ["hi"]], "ner_tags": [[1, 2], [0]], "label": [1, 0]}, features=features)
+    features = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER", "I-PER"])),
+            "label": datasets.ClassLabel(names=["neg", "pos"]),
+        }
+    )
+    split = datasets.Dataset.from_dict(
+        {"tokens": [["Ada", "Lovelace"], ["hi"]], "ner_tags": [[1, 2], [0]], "label": [1, 0]}, features=features
+    )
     datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "hf"))
     records, rejects = items(tmp_path / "hf", hf_split="test")
     assert records[0].row == {"tokens": ["Ada", "Lovelace"], "ner_tags": ["B-PER", "I-PER"], "label": "pos"}
@@ -156,8 +181,14 @@ def test_unreadable_inputs_are_errors_naming_the_file(tmp_path):
 
 # Lines that are valid, broken or hostile JSON, including bytes that are not UTF-8.
 json_lines = st.one_of(
-    st.builds(lambda d: json.dumps(d).encode(), st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=20), st.integers(), st.none()), max_size=3)),
-    st.builds(lambda v: json.dumps(v).encode(), st.one_of(st.lists(st.integers(), max_size=3), st.text(max_size=10), st.integers())),
+    st.builds(
+        lambda d: json.dumps(d).encode(),
+        st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=20), st.integers(), st.none()), max_size=3),
+    ),
+    st.builds(
+        lambda v: json.dumps(v).encode(),
+        st.one_of(st.lists(st.integers(), max_size=3), st.text(max_size=10), st.integers()),
+    ),
     st.binary(max_size=40).filter(lambda b: b"\n" not in b and b"\r" not in b),
     st.text(alphabet='{}[]":,ab \t\x00é\ufeff', max_size=30).map(lambda s: s.encode()),
 )
@@ -167,7 +198,9 @@ json_lines = st.one_of(
 @given(lines=st.lists(json_lines, max_size=12), bom=st.booleans(), crlf=st.booleans())
 def test_jsonl_loader_never_crashes_and_accounts_for_every_line(tmp_path, lines, bom, crlf):
     path = tmp_path / "fuzz.jsonl"
-    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + b"".join(line + (b"\r\n" if crlf else b"\n") for line in lines))
+    path.write_bytes(
+        (b"\xef\xbb\xbf" if bom else b"") + b"".join(line + (b"\r\n" if crlf else b"\n") for line in lines)
+    )
 
     def is_blank(raw: bytes) -> bool:
         try:

@@ -9,9 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from afina.config import load_recipe
+from afina.config import CleanConfig, PiiConfig, load_recipe
 from afina.data.clean import TextCleaner, luhn_valid, strip_html
-from afina.config import CleanConfig, PiiConfig
 from afina.data.load import DataError
 from afina.data.prepare import assign_splits
 from afina.pipeline import prepare
@@ -22,7 +21,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def sentence(rng: random.Random, words: int = 40) -> str:
     """A text unlike any other drawn from the same generator (random made-up words)."""
-    return " ".join("".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(3)) for _ in range(words))
+    return " ".join(
+        "".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(3)) for _ in range(words)
+    )
 
 
 def lines_of(rows: list) -> str:
@@ -30,7 +31,9 @@ def lines_of(rows: list) -> str:
 
 
 def recipe_for(tmp_path, tiny_model_dir, *overrides):
-    return load_recipe(None, ["name=planted", f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}", *overrides])
+    return load_recipe(
+        None, ["name=planted", f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}", *overrides]
+    )
 
 
 def all_split_rows(recipe):
@@ -53,8 +56,16 @@ def test_planted_problems_are_found_and_accounted_for_exactly(tmp_path, tiny_mod
         planted[len(train)] = (step, reason)
 
     plant(dict(clean[3]), "exact_dedup", "exact duplicate of")
-    plant({"text": "  " + clean[5]["text"].upper().replace(" ", "   ") + " ", "label": clean[5]["label"]}, "exact_dedup", "exact duplicate of")
-    plant({"text": clean[7]["text"], "label": "pos" if clean[7]["label"] == "neg" else "neg"}, "exact_dedup", "which has label")
+    plant(
+        {"text": "  " + clean[5]["text"].upper().replace(" ", "   ") + " ", "label": clean[5]["label"]},
+        "exact_dedup",
+        "exact duplicate of",
+    )
+    plant(
+        {"text": clean[7]["text"], "label": "pos" if clean[7]["label"] == "neg" else "neg"},
+        "exact_dedup",
+        "which has label",
+    )
     plant({"text": clean[9]["text"] + " zulu", "label": clean[9]["label"]}, "near_dedup", "near duplicate")
     plant({"text": "alpha " + clean[11]["text"], "label": clean[11]["label"]}, "near_dedup", "near duplicate")
     plant(dict(test_rows[2]), "leak", "exact duplicate of test row")
@@ -82,9 +93,18 @@ def test_planted_problems_are_found_and_accounted_for_exactly(tmp_path, tiny_mod
     (tmp_path / "validation.jsonl").write_text(lines_of(validation_rows), encoding="utf-8")
     (tmp_path / "test.jsonl").write_text(lines_of(test_rows), encoding="utf-8")
     before = {p.name: file_sha256(p) for p in tmp_path.glob("*.jsonl")}
-    recipe = recipe_for(tmp_path, tiny_model_dir, f"data.path={data}", f"data.validation_path={tmp_path / 'validation.jsonl'}",
-                        f"data.test_path={tmp_path / 'test.jsonl'}", "data.max_length=256", "data.pii.redact=true",
-                        "data.split.train=1", "data.split.validation=0", "data.split.test=0")
+    recipe = recipe_for(
+        tmp_path,
+        tiny_model_dir,
+        f"data.path={data}",
+        f"data.validation_path={tmp_path / 'validation.jsonl'}",
+        f"data.test_path={tmp_path / 'test.jsonl'}",
+        "data.max_length=256",
+        "data.pii.redact=true",
+        "data.split.train=1",
+        "data.split.validation=0",
+        "data.split.test=0",
+    )
 
     report = prepare(recipe)
 
@@ -96,13 +116,21 @@ def test_planted_problems_are_found_and_accounted_for_exactly(tmp_path, tiny_mod
     train_rejects = {r["line"]: r for r in rejects if r["file"] == str(data)}
     assert set(train_rejects) == set(planted)
     for line, (step, fragment) in planted.items():
-        assert train_rejects[line]["step"] == step and fragment in train_rejects[line]["reason"], (line, train_rejects[line])
+        assert train_rejects[line]["step"] == step and fragment in train_rejects[line]["reason"], (
+            line,
+            train_rejects[line],
+        )
     [val_leak] = [r for r in rejects if r["file"].endswith("validation.jsonl")]
-    assert (val_leak["line"], val_leak["step"]) == (len(validation_rows), "leak") and "removed from validation" in val_leak["reason"]
+    assert (val_leak["line"], val_leak["step"]) == (
+        len(validation_rows),
+        "leak",
+    ) and "removed from validation" in val_leak["reason"]
 
     expected_steps = Counter(step for step, _ in planted.values()) + Counter({"leak": 1})
-    assert {s["step"]: s["rejected"] for s in report["steps"]} == {step: expected_steps.get(step, 0) for step in
-                                                                    ("load", "map", "clean", "length", "exact_dedup", "near_dedup", "leak")}
+    assert {s["step"]: s["rejected"] for s in report["steps"]} == {
+        step: expected_steps.get(step, 0)
+        for step in ("load", "map", "clean", "length", "exact_dedup", "near_dedup", "leak")
+    }
     assert report["dedup"] == {"exact": 3, "near": 2, "near_threshold": 0.8, "leaks_removed": 4}
     assert report["cleaning"]["pii_redacted"] == {kind: n for _, n, kind in pii}
     assert report["truncation"]["rows_over_max_length"] == 1
@@ -112,7 +140,9 @@ def test_planted_problems_are_found_and_accounted_for_exactly(tmp_path, tiny_mod
     assert len(splits["validation"]) == len(validation_rows) - 1
     assert len(splits["train"]) == len(clean) + len(pii) + 1
     texts = " ".join(r["text"] for r in splits["train"])
-    assert "[EMAIL]" in texts and "jane.doe" not in texts and "[CARD]" in texts and "[IP]" in texts and "[PHONE]" in texts
+    assert (
+        "[EMAIL]" in texts and "jane.doe" not in texts and "[CARD]" in texts and "[IP]" in texts and "[PHONE]" in texts
+    )
     assert "4111 1111 1111 1112" in texts  # fails the Luhn check: not redacted
     assert report["labels"]["test"] == {"neg": 5, "pos": 5}
     html = (RunDir(recipe.run_dir).data / "report.html").read_text(encoding="utf-8")
@@ -142,30 +172,55 @@ def test_single_class_label_is_a_warning_and_strict_error(tmp_path, tiny_model_d
 
 def test_tagging_rows_are_checked(tmp_path, tiny_model_dir):
     data = tmp_path / "ner.jsonl"
-    data.write_text(lines_of([
-        {"tokens": ["Ada", "Lovelace", "wrote"], "tags": ["B-PER", "I-PER", "O"]},
-        {"tokens": ["Paris"], "tags": ["B-LOC", "O"]},
-        {"tokens": ["Rome"], "tags": ["LOCATION"]},
-        {"tokens": ["Oslo"], "tags": [3]},
-        {"tokens": ["Bern", "is", "small"], "tags": ["B-LOC", "O", "O"]},
-    ]), encoding="utf-8")
-    recipe = recipe_for(tmp_path, tiny_model_dir, f"data.path={data}", "data.split.train=1", "data.split.validation=0", "data.split.test=0")
+    data.write_text(
+        lines_of(
+            [
+                {"tokens": ["Ada", "Lovelace", "wrote"], "tags": ["B-PER", "I-PER", "O"]},
+                {"tokens": ["Paris"], "tags": ["B-LOC", "O"]},
+                {"tokens": ["Rome"], "tags": ["LOCATION"]},
+                {"tokens": ["Oslo"], "tags": [3]},
+                {"tokens": ["Bern", "is", "small"], "tags": ["B-LOC", "O", "O"]},
+            ]
+        ),
+        encoding="utf-8",
+    )
+    recipe = recipe_for(
+        tmp_path,
+        tiny_model_dir,
+        f"data.path={data}",
+        "data.split.train=1",
+        "data.split.validation=0",
+        "data.split.test=0",
+    )
     report = prepare(recipe)
-    assert report["schema"] == "tagging" and report["field_mapping"] == "tokens=tokens, tags=tags" and report["kept"] == 2
+    assert (
+        report["schema"] == "tagging" and report["field_mapping"] == "tokens=tokens, tags=tags" and report["kept"] == 2
+    )
     reasons = {r["line"]: r["reason"] for r in read_jsonl(RunDir(recipe.run_dir).data / "rejects.jsonl")}
-    assert reasons == {2: "1 tokens but 2 tags; each token needs one tag",
-                       3: "tags[0] = 'LOCATION' is not a BIO tag (O, B-TYPE, I-TYPE)",
-                       4: "tags[0] must be a string, got int (integer tag ids: map them to names such as B-PER first)"}
+    assert reasons == {
+        2: "1 tokens but 2 tags; each token needs one tag",
+        3: "tags[0] = 'LOCATION' is not a BIO tag (O, B-TYPE, I-TYPE)",
+        4: "tags[0] must be a string, got int (integer tag ids: map them to names such as B-PER first)",
+    }
     assert all_split_rows(recipe)["train"][0]["tokens"] == ["Ada", "Lovelace", "wrote"]
 
 
 def test_raw_text_folder_and_html_stripping(tmp_path, tiny_model_dir):
     folder = tmp_path / "docs"
     folder.mkdir()
-    (folder / "a.txt").write_text("<p>Kettles &amp; pots</p><script>x()</script>\n\nSecond   paragraph.  \n", encoding="utf-8")
+    (folder / "a.txt").write_text(
+        "<p>Kettles &amp; pots</p><script>x()</script>\n\nSecond   paragraph.  \n", encoding="utf-8"
+    )
     (folder / "b.md").write_text("Caf\u0065\u0301 notes\x07\n", encoding="utf-8")
-    recipe = recipe_for(tmp_path, tiny_model_dir, f"data.path={folder}", "data.clean.strip_html=true",
-                        "data.split.train=1", "data.split.validation=0", "data.split.test=0")
+    recipe = recipe_for(
+        tmp_path,
+        tiny_model_dir,
+        f"data.path={folder}",
+        "data.clean.strip_html=true",
+        "data.split.train=1",
+        "data.split.validation=0",
+        "data.split.test=0",
+    )
     report = prepare(recipe)
     assert report["schema"] == "text" and report["kept"] == 3
     texts = [r["text"] for r in all_split_rows(recipe)["train"]]
@@ -194,12 +249,26 @@ def test_pii_and_html_helpers():
     assert strip_html("<div>a<br>b</div><style>p{}</style>&lt;tag&gt;").strip() == "a\nb\n<tag>"
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(rows=st.lists(st.one_of(
-    st.fixed_dictionaries({"text": st.text(max_size=30), "label": st.sampled_from(["a", "b", "", 3, None, 1.5])}),
-    st.dictionaries(st.sampled_from(["text", "label", "x"]), st.one_of(st.text(max_size=5), st.integers(), st.lists(st.integers(), max_size=2)), max_size=3),
-    st.text(alphabet='{}[]":,ab \x00', max_size=15),
-), min_size=1, max_size=15))
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(
+    rows=st.lists(
+        st.one_of(
+            st.fixed_dictionaries(
+                {"text": st.text(max_size=30), "label": st.sampled_from(["a", "b", "", 3, None, 1.5])}
+            ),
+            st.dictionaries(
+                st.sampled_from(["text", "label", "x"]),
+                st.one_of(st.text(max_size=5), st.integers(), st.lists(st.integers(), max_size=2)),
+                max_size=3,
+            ),
+            st.text(alphabet='{}[]":,ab \x00', max_size=15),
+        ),
+        min_size=1,
+        max_size=15,
+    )
+)
 def test_prepare_never_crashes_and_rows_in_equal_kept_plus_rejected(tmp_path_factory, tiny_model_dir, rows):
     tmp_path = tmp_path_factory.mktemp("fuzz")
     data = tmp_path / "rows.jsonl"

@@ -1,29 +1,44 @@
 """Two processes (torchrun, gloo on CPU) train like one process with the same global batch."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from afina.config import load_recipe
-from afina.pipeline import prepare
+from afina.pipeline import prepare, train
 from afina.rundir import RunDir
-from afina.pipeline import train
-
 from conftest import support_rows, write_jsonl
 
 
-def recipe_text(tmp_path, tiny_model_dir, name, grad_accum, strategy="ddp", method="lora"):
+def recipe_text(tmp_path, tiny_model_dir, name, grad_accum, strategy="ddp", method="lora", extra=""):
     return (
         f"name: {name}\noutput_dir: {tmp_path / 'runs'}\nmodel:\n  name: {tiny_model_dir}\ndata:\n  path: rows.jsonl\n"
         f"method:\n  type: {method}\n"
         f"training:\n  max_steps: 6\n  batch_size: 2\n  grad_accum: {grad_accum}\n  learning_rate: 0.003\n"
         f"  precision: fp32\n  log_every: 1\n  tensorboard: false\n  plots: false\n  distributed: {strategy}\n"
-        "  max_grad_norm: 0.5\n"
+        f"  max_grad_norm: 0.5\n{extra}"
     )
+
+
+def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def curve(recipe):
+    return [json.loads(line)["loss"] for line in RunDir(recipe.run_dir).metrics.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("strategy, method", [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full")])
@@ -40,16 +55,9 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, strategy, met
     two = load_recipe(double)
     prepare(two)
 
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "afina", "train", str(double)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun("-m", "afina", "train", str(double))
     summary = RunDir(two.run_dir).read_manifest()["train"]
     assert summary["processes"] == 2 and summary["distributed"] == strategy
-
-    def curve(recipe):
-        return [json.loads(l)["loss"] for l in RunDir(recipe.run_dir).metrics.read_text().splitlines()]
 
     assert len(curve(two)) == 6
     assert curve(two) == pytest.approx(curve(one), rel=1e-5)
@@ -63,13 +71,81 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, strategy, met
     for key in saved_one:
         torch.testing.assert_close(saved_two[key], saved_one[key], rtol=1e-4, atol=1e-5)
 
+    if strategy == "fsdp":
+        # Each process holds about half of the weights, gradients and optimizer state (counted tensor by tensor).
+        held_one = RunDir(one.run_dir).read_manifest()["train"]["held_bytes_per_process"]
+        held_two = summary["held_bytes_per_process"]
+        assert sum(held_two.values()) <= 0.6 * sum(held_one.values())
+        assert (
+            held_two["parameters"] <= 0.6 * held_one["parameters"]
+            and held_two["optimizer"] <= 0.6 * held_one["optimizer"]
+        )
+        # Checkpoints are sharded: a file per process, no gathered weights.
+        last = sorted((RunDir(two.run_dir).root / "checkpoints").glob("step-*"))[-1]
+        assert len(list((last / "shards").glob("*.distcp"))) == 2 and not (last / "trainable.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp_never_materialises_a_whole_tensor_in_one_process(tmp_path, tiny_model_dir, method):
+    """Built on the meta device, each process only ever touches its own rows of the largest tensor (the
+    embedding); building the model whole and then sharding (the path before) touches all of it, which the
+    same probe sees, so the probe can fail."""
+    write_jsonl(tmp_path / "rows.jsonl", support_rows(4, 2))
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(recipe_text(tmp_path, tiny_model_dir, "fsdp", 1, "fsdp", method))
+    prepare(load_recipe(path))
+    probe = str(Path(__file__).parent / "fsdp_build_probe.py")
+    hows = ["meta", "whole"] if method == "full" else ["meta"]
+    for how in hows:
+        torchrun(probe, str(path), str(tmp_path / how), how, timeout=300)
+    for rank in (0, 1):
+        meta = json.loads((tmp_path / "meta" / f"rank-{rank}.json").read_text())
+        assert meta["largest_touched"] <= meta["largest_parameter"] // 2
+        if method == "full":
+            whole = json.loads((tmp_path / "whole" / f"rank-{rank}.json").read_text())
+            assert whole["largest_touched"] == whole["largest_parameter"]
+            assert meta["local_bytes"] == whole["local_bytes"]  # the same shards, however they were built
+
+
+def test_fsdp_resumes_from_its_sharded_checkpoint(tmp_path, tiny_model_dir):
+    """Two processes, checkpoints every 2 steps; the run resumed from step 4 continues the same loss curve."""
+    write_jsonl(tmp_path / "rows.jsonl", support_rows(8, 4))
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(
+        recipe_text(
+            tmp_path,
+            tiny_model_dir,
+            "fsdp",
+            1,
+            "fsdp",
+            "full",
+            "  save_every: 2\n  eval_every: 6\n  keep_checkpoints: 3\n",
+        )
+    )
+    recipe = load_recipe(path)
+    prepare(recipe)
+    torchrun("-m", "afina", "train", str(path))
+    uninterrupted = curve(recipe)
+    checkpoints = RunDir(recipe.run_dir).root / "checkpoints"
+    shutil.rmtree(checkpoints / "step-00000006")
+    torchrun("-m", "afina", "train", str(path), "--resume")
+    summary = RunDir(recipe.run_dir).read_manifest()["train"]
+    assert summary["resumed_from"].endswith("step-00000004") and summary["steps"] == 6
+    assert curve(recipe) == pytest.approx(uninterrupted, rel=1e-6)
+    # One process cannot resume it: the message says how it was written.
+    with pytest.raises(ValueError, match="written by an FSDP run"):
+        train(recipe, progress=False, resume=True)
+
 
 def test_an_fsdp_checkpoint_is_not_loaded_into_an_unsharded_run():
     from afina.train.checkpoint import load_optimizer_state
 
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.AdamW(model.parameters())
-    fsdp_style = {"state": {"weight": {"step": torch.tensor(1.0)}}, "param_groups": optimizer.state_dict()["param_groups"]}
+    fsdp_style = {
+        "state": {"weight": {"step": torch.tensor(1.0)}},
+        "param_groups": optimizer.state_dict()["param_groups"],
+    }
     with pytest.raises(ValueError, match="written by an FSDP run"):
         load_optimizer_state(model, optimizer, fsdp_style)
     load_optimizer_state(model, optimizer, optimizer.state_dict())  # its own kind loads

@@ -8,18 +8,15 @@ from collections import Counter
 import pytest
 
 from afina.config import RecipeError
-from afina.data.format import IGNORE_INDEX, chunk_starts, count_chunks, encode_text_chunks, text_token_ids
+from afina.data.format import IGNORE_INDEX, chunk_starts, count_chunks, encode_split, encode_text_chunks, text_token_ids
 from afina.data.mixture import mix, mixture_counts, mixture_shares
 from afina.data.prepare import format_report
-from afina.pipeline import prepare
 from afina.eval.domain import default_general_text_path, load_general_text
 from afina.eval.summary import format_table
-from afina.pipeline import evaluate
 from afina.export.merge import export
+from afina.pipeline import evaluate, prepare, train
 from afina.rundir import RunDir, read_jsonl
-from afina.data.format import encode_split
 from afina.tasks import domain
-from afina.pipeline import train
 from conftest import support_rows, write_jsonl
 
 # ---- chunking -----------------------------------------------------------------------------------
@@ -80,17 +77,32 @@ def domain_documents(n: int, sentences: int, seed: int = 0) -> str:
     docs = []
     for d in range(n):
         count = sentences * (4 if d % 3 == 0 else 1)
-        docs.append(" ".join(f"The {rng.choice(DOMAIN_WORDS)} needs a {rng.choice(DOMAIN_WORDS)} check after "
-                             f"{rng.randint(2, 9)} cycles." for _ in range(count)))
+        docs.append(
+            " ".join(
+                f"The {rng.choice(DOMAIN_WORDS)} needs a {rng.choice(DOMAIN_WORDS)} check after "
+                f"{rng.randint(2, 9)} cycles."
+                for _ in range(count)
+            )
+        )
     return "\n\n".join(docs) + "\n"
 
 
 def test_domain_adaptation_end_to_end(tiny_recipe, tmp_path):
     corpus = tmp_path / "manual.txt"
     corpus.write_text(domain_documents(30, 6), encoding="utf-8")
-    recipe = tiny_recipe("task=domain", f"data.path={corpus}", "data.max_length=64", "domain.overlap=8",
-                         "data.dedup.near=false", "training.max_steps=10", "training.eval_every=10", "training.learning_rate=0.02",
-                         "domain.max_eval_chunks=12", "eval.forgetting.enabled=false", "export.formats=[adapter, merged]")
+    recipe = tiny_recipe(
+        "task=domain",
+        f"data.path={corpus}",
+        "data.max_length=64",
+        "domain.overlap=8",
+        "data.dedup.near=false",
+        "training.max_steps=10",
+        "training.eval_every=10",
+        "training.learning_rate=0.02",
+        "domain.max_eval_chunks=12",
+        "eval.forgetting.enabled=false",
+        "export.formats=[adapter, merged]",
+    )
     report = prepare(recipe)
     run = RunDir(recipe.run_dir)
     assert report["schema"] == "text" and report["rejected"] == 0  # long documents are kept and chunked
@@ -143,7 +155,11 @@ def test_mix_upsamples_evenly_and_is_seeded():
     counts = Counter(mixed)
     assert sum(counts[r] for r in rows["b"]) == 10 and sorted(counts[r] for r in rows["b"]) == [3, 3, 4]
     assert all(counts[r] <= 1 for r in rows["a"]) and sum(counts[r] for r in rows["a"]) == 10
-    assert mixed == mix(rows, weights={"a": 1, "b": 1}, total=20, seed=7) != mix(rows, weights={"a": 1, "b": 1}, total=20, seed=8)
+    assert (
+        mixed
+        == mix(rows, weights={"a": 1, "b": 1}, total=20, seed=7)
+        != mix(rows, weights={"a": 1, "b": 1}, total=20, seed=8)
+    )
 
 
 def test_sources_recipe_rules(tiny_recipe):
@@ -152,12 +168,17 @@ def test_sources_recipe_rules(tiny_recipe):
     with pytest.raises(RecipeError, match="task name.* a appear more than once"):
         tiny_recipe("data.path=null", "data.sources=[{task: a, path: x}, {task: a, path: y}]")
     with pytest.raises(RecipeError, match="choose one way to mix"):
-        tiny_recipe("data.path=null", "data.sources=[{task: a, path: x, weight: 1}, {task: b, path: y, weight: 2}]",
-                    "data.mixture.temperature=2")
+        tiny_recipe(
+            "data.path=null",
+            "data.sources=[{task: a, path: x, weight: 1}, {task: b, path: y, weight: 2}]",
+            "data.mixture.temperature=2",
+        )
 
 
 def arithmetic_rows(n: int) -> list[dict]:
-    return [{"prompt": f"What is {i} plus {i + 1}?", "completion": f"{i} plus {i + 1} is {2 * i + 1}."} for i in range(n)]
+    return [
+        {"prompt": f"What is {i} plus {i + 1}?", "completion": f"{i} plus {i + 1} is {2 * i + 1}."} for i in range(n)
+    ]
 
 
 def test_multitask_prepare_train_eval_per_task(tiny_recipe, tmp_path):
@@ -166,7 +187,11 @@ def test_multitask_prepare_train_eval_per_task(tiny_recipe, tmp_path):
     recipe = tiny_recipe(
         "data.path=null",
         f"data.sources=[{{task: support, path: {support}, weight: 1}}, {{task: sums, path: {sums}, weight: 3}}]",
-        "data.mixture.total=60", "data.dedup.near=false", "training.eval_every=4", "eval.systems=[base, tuned]", "eval.forgetting.enabled=false",
+        "data.mixture.total=60",
+        "data.dedup.near=false",
+        "training.eval_every=4",
+        "eval.systems=[base, tuned]",
+        "eval.forgetting.enabled=false",
         "eval.max_examples=3",
     )
     report = prepare(recipe)
@@ -178,7 +203,10 @@ def test_multitask_prepare_train_eval_per_task(tiny_recipe, tmp_path):
     assert Counter(r["task"] for r in train_rows) == {"support": 15, "sums": 45}
     test_rows = read_jsonl(run.split_path("test"))
     test_tasks = Counter(r["task"] for r in test_rows)
-    assert test_tasks == {"support": report["tasks"]["support"]["splits"]["test"], "sums": report["tasks"]["sums"]["splits"]["test"]}
+    assert test_tasks == {
+        "support": report["tasks"]["support"]["splits"]["test"],
+        "sums": report["tasks"]["sums"]["splits"]["test"],
+    }
     rejects = read_jsonl(run.data / "rejects.jsonl")
     assert [r["task"] for r in rejects] == ["sums"] and "sums.jsonl:41" in f"{rejects[0]['file']}:{rejects[0]['line']}"
     text = format_report(report)
@@ -188,7 +216,7 @@ def test_multitask_prepare_train_eval_per_task(tiny_recipe, tmp_path):
     train(recipe, progress=False)
     result = evaluate(recipe, progress=False)
     assert set(result["tasks"]) == {"support", "sums"} and result["test_examples"] == 6
-    for task, part in result["tasks"].items():
+    for part in result["tasks"].values():
         assert part["test_examples"] == 3
         assert {"answer_loss", "answer_perplexity", "rougeL", "token_f1"} <= set(part["systems"]["tuned"])
     assert "fact_accuracy" in result["tasks"]["support"]["systems"]["tuned"]  # support rows carry must_include
@@ -214,7 +242,9 @@ def test_few_shot_examples_come_from_the_rows_own_task():
 def test_a_dumped_multitask_recipe_loads_again(tiny_recipe, tmp_path):
     from afina.config import build_recipe
 
-    recipe = tiny_recipe("data.path=null", "data.sources=[{task: a, path: x, weight: 1}, {task: b, path: y, weight: 2}]")
+    recipe = tiny_recipe(
+        "data.path=null", "data.sources=[{task: a, path: x, weight: 1}, {task: b, path: y, weight: 2}]"
+    )
     again = build_recipe(recipe.to_dict(), "dumped", tmp_path)
     assert [s.weight for s in again.data.sources] == [1, 2] and again.data.mixture.temperature is None
 
@@ -223,8 +253,9 @@ def test_domain_prepare_reads_a_jsonl_text_field_and_keeps_long_documents(tiny_r
     docs = [{"doc_id": i, "document": domain_documents(1, 30 if i == 0 else 3, seed=i).strip()} for i in range(12)]
     docs.append({"doc_id": 99, "document": "   "})  # empty after cleaning: rejected with its reason
     data = write_jsonl(tmp_path / "docs.jsonl", docs)
-    recipe = tiny_recipe("task=domain", f"data.path={data}", "data.fields.text=document", "data.max_length=64",
-                         "data.dedup.near=false")
+    recipe = tiny_recipe(
+        "task=domain", f"data.path={data}", "data.fields.text=document", "data.max_length=64", "data.dedup.near=false"
+    )
     report = prepare(recipe)
     assert report["schema"] == "text" and report["kept"] == 12 and report["rejected"] == 1
     assert report["tokens"]["max"] > 64 and report["truncation"]["rows_over_max_length"] == 0

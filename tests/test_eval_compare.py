@@ -6,14 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from afina.pipeline import prepare
-from afina.eval.summary import format_table
-from afina.pipeline import evaluate
 from afina.eval.forgetting import default_probe_path, forgetting_verdict, load_probe
 from afina.eval.metrics import bleu, chrf, classification_scores, rouge_scores, token_f1
+from afina.eval.summary import format_table
+from afina.pipeline import evaluate, prepare, train
 from afina.rag import Retriever, load_passages, passages_from_rows
 from afina.rundir import RunDir, read_jsonl
-from afina.pipeline import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -35,7 +33,9 @@ def test_default_probe_and_probe_file_errors(tmp_path):
     questions = load_probe(default_probe_path())
     assert len(questions) == 40 and all(0 <= q["answer"] < len(q["choices"]) for q in questions)
     bad = tmp_path / "probe.jsonl"
-    bad.write_text('{"question": "2+2?", "choices": ["4", "5"], "answer": 0}\n{"question": "x", "choices": ["a"], "answer": 0}\n')
+    bad.write_text(
+        '{"question": "2+2?", "choices": ["4", "5"], "answer": 0}\n{"question": "x", "choices": ["a"], "answer": 0}\n'
+    )
     with pytest.raises(ValueError, match=r"probe.jsonl:2: field 'choices'"):
         load_probe(bad)
     assert forgetting_verdict(80.0, 70.0, 5.0)["flagged"] and not forgetting_verdict(80.0, 78.0, 5.0)["flagged"]
@@ -50,11 +50,17 @@ def test_arc_file_is_accepted_as_a_probe():
 @pytest.mark.parametrize("kind", ["bm25", "dense", "hybrid"])
 def test_retrievers_find_the_passage_that_answers(tmp_path, kind):
     corpus = tmp_path / "passages.jsonl"
-    corpus.write_text("\n".join(json.dumps(p) for p in [
-        {"id": "kettle", "text": "The Quorlan kettle holds 1.7 litres and boils in ninety seconds."},
-        {"id": "returns", "text": "Returns are accepted within 47 days of delivery with the receipt."},
-        {"id": "hours", "text": "Support is open Tuesday to Saturday from 7:40 in the morning."},
-    ]) + "\n")
+    corpus.write_text(
+        "\n".join(
+            json.dumps(p)
+            for p in [
+                {"id": "kettle", "text": "The Quorlan kettle holds 1.7 litres and boils in ninety seconds."},
+                {"id": "returns", "text": "Returns are accepted within 47 days of delivery with the receipt."},
+                {"id": "hours", "text": "Support is open Tuesday to Saturday from 7:40 in the morning."},
+            ]
+        )
+        + "\n"
+    )
     retriever = Retriever(load_passages(corpus), kind)
     hits = retriever.search(["How many days do I have to return an item?", "When is support open?"], top_k=2)
     assert [h[0].id for h in hits] == ["returns", "hours"] and len(hits[0]) == 2
@@ -63,8 +69,13 @@ def test_retrievers_find_the_passage_that_answers(tmp_path, kind):
 
 
 def test_eval_runs_every_system_and_writes_the_three_files(tiny_recipe):
-    recipe = tiny_recipe("training.max_steps=2", "eval.max_examples=6", "eval.few_shot.k=2", "eval.price_per_hour=2.5",
-                         "eval.forgetting.max_questions=12")
+    recipe = tiny_recipe(
+        "training.max_steps=2",
+        "eval.max_examples=6",
+        "eval.few_shot.k=2",
+        "eval.price_per_hour=2.5",
+        "eval.forgetting.max_questions=12",
+    )
     prepare(recipe)
     train(recipe, progress=False)
     report = evaluate(recipe, progress=False)
@@ -72,7 +83,9 @@ def test_eval_runs_every_system_and_writes_the_three_files(tiny_recipe):
     systems = ["base", "base_fewshot", "base_rag", "tuned", "tuned_rag"]
     assert list(report["systems"]) == systems
     for system in systems:
-        assert {"fact_accuracy", "rougeL", "rouge2", "token_f1", "exact_match", "answer_loss"} <= set(report["systems"][system])
+        assert {"fact_accuracy", "rougeL", "rouge2", "token_f1", "exact_match", "answer_loss"} <= set(
+            report["systems"][system]
+        )
         eff = report["efficiency"][system]
         assert eff["latency_p95_s"] >= eff["latency_p50_s"] > 0 and eff["generated_tokens_per_s"] > 0
         assert eff["cost_per_1k_requests"] > 0
@@ -96,8 +109,18 @@ def _check_renders_in_chromium(path: Path, n_plots: int) -> None:
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium not installed (Debian package chromium)")
     out = subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom", path.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            path.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert f'data-plots-total="{n_plots}"' in out.stdout
@@ -108,11 +131,19 @@ def _check_renders_in_chromium(path: Path, n_plots: int) -> None:
 def test_code_task_scores_pass_at_1_in_the_sandbox(tiny_recipe):
     rows = []
     for i in range(10):
-        rows.append({"id": f"c{i}", "messages": [
-            {"role": "user", "content": f"Write a function f{i} returning {i}."},
-            {"role": "assistant", "content": f"def f{i}():\n    return {i}"}], "tests": [f"assert f{i}() == {i}"]})
-    recipe = tiny_recipe("eval.systems=[base]", "eval.forgetting.enabled=false", "eval.report=false",
-                         "data.split.test=0.3", rows=rows)
+        rows.append(
+            {
+                "id": f"c{i}",
+                "messages": [
+                    {"role": "user", "content": f"Write a function f{i} returning {i}."},
+                    {"role": "assistant", "content": f"def f{i}():\n    return {i}"},
+                ],
+                "tests": [f"assert f{i}() == {i}"],
+            }
+        )
+    recipe = tiny_recipe(
+        "eval.systems=[base]", "eval.forgetting.enabled=false", "eval.report=false", "data.split.test=0.3", rows=rows
+    )
     prepare(recipe)  # only the base model answers: no training needed
     report = evaluate(recipe, progress=False)
     assert report["metrics"] == ["pass@1", "perplexity"]
@@ -123,11 +154,23 @@ def test_code_task_scores_pass_at_1_in_the_sandbox(tiny_recipe):
 
 def test_classification_reports_a_confusion_matrix(tiny_recipe):
     words = ["great", "awful", "lovely", "terrible", "superb", "horrid", "fine", "bad", "nice", "poor"]
-    rows = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"Sentiment of: it was {w} {i}"},
-                                          {"role": "assistant", "content": "positive" if i % 2 == 0 else "negative"}]}
-            for i, w in enumerate(words * 2)]
-    recipe = tiny_recipe("eval.systems=[base]", "eval.metrics=[classification]", "eval.forgetting.enabled=false",
-                         "data.split.test=0.3", rows=rows)
+    rows = [
+        {
+            "id": f"s{i}",
+            "messages": [
+                {"role": "user", "content": f"Sentiment of: it was {w} {i}"},
+                {"role": "assistant", "content": "positive" if i % 2 == 0 else "negative"},
+            ],
+        }
+        for i, w in enumerate(words * 2)
+    ]
+    recipe = tiny_recipe(
+        "eval.systems=[base]",
+        "eval.metrics=[classification]",
+        "eval.forgetting.enabled=false",
+        "data.split.test=0.3",
+        rows=rows,
+    )
     prepare(recipe)
     report = evaluate(recipe, progress=False)
     scores = report["systems"]["base"]

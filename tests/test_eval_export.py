@@ -1,13 +1,11 @@
 import json
 
-from afina.pipeline import prepare
-from afina.eval.summary import format_table
-from afina.pipeline import evaluate
 from afina.eval.metrics import contains_all, exact_match, key_recall, rouge_l
+from afina.eval.summary import format_table
 from afina.export.merge import export
 from afina.models import load_model
+from afina.pipeline import evaluate, prepare, train
 from afina.rundir import RunDir, read_jsonl
-from afina.pipeline import train
 
 
 def test_fact_metrics_read_like_a_person_would():
@@ -29,7 +27,9 @@ def test_eval_compares_base_and_tuned_on_the_test_split(tiny_recipe):
     assert report["test_examples"] == len(test_rows)
     assert set(report["systems"]) == {"base", "tuned"}
     for scores in report["systems"].values():
-        assert {"fact_accuracy", "fact_recall", "rougeL", "exact_match", "answer_loss", "answer_perplexity"} <= set(scores)
+        assert {"fact_accuracy", "fact_recall", "rougeL", "exact_match", "answer_loss", "answer_perplexity"} <= set(
+            scores
+        )
     # Training on these answers lowers the loss of the held-out answers (same facts, new phrasing).
     assert report["systems"]["tuned"]["answer_loss"] < report["systems"]["base"]["answer_loss"]
     predictions = read_jsonl(run.eval / "predictions.jsonl")

@@ -16,16 +16,26 @@ TYPES = ["f16", "q8_0", "q4_k_m"]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model_dir):
-    from conftest import support_rows, write_jsonl
-
     from afina.config import load_recipe
+    from conftest import support_rows, write_jsonl
 
     tmp = tmp_path_factory.mktemp("gguf-export")
     data = write_jsonl(tmp / "support.jsonl", support_rows())
-    recipe = load_recipe(None, ["name=tiny", f"output_dir={tmp / 'runs'}", f"model.name={tiny_model_dir}",
-                                f"data.path={data}", "training.batch_size=4", "training.max_steps=4",
-                                "training.learning_rate=0.01", "training.precision=fp32",
-                                "export.formats=[gguf,gguf_adapter,ollama]", f"export.gguf_types=[{','.join(TYPES)}]"])
+    recipe = load_recipe(
+        None,
+        [
+            "name=tiny",
+            f"output_dir={tmp / 'runs'}",
+            f"model.name={tiny_model_dir}",
+            f"data.path={data}",
+            "training.batch_size=4",
+            "training.max_steps=4",
+            "training.learning_rate=0.01",
+            "training.precision=fp32",
+            "export.formats=[gguf,gguf_adapter,ollama]",
+            f"export.gguf_types=[{','.join(TYPES)}]",
+        ],
+    )
     prepare(recipe)
     train(recipe, progress=False)
     return recipe, export(recipe)
@@ -91,7 +101,11 @@ def test_modelfile_uses_the_smallest_verified_file_and_chatml(exported, tokenize
     assert '{{ if eq .Role "system" }}<|im_start|>system\n' in text
     assert text.count("TEMPLATE") == 1 and "SYSTEM" in text  # SmolLM2's template adds a default system turn
     pieces = template_pieces(tokenizer)
-    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ok"}]
+    chat = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "ok"},
+    ]
     assert pieces.render(chat) == tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
@@ -102,8 +116,15 @@ def test_a_failed_check_names_file_measure_and_threshold_and_keeps_the_rest(expo
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True)))
     # A threshold no quantized file meets: the q4_k_m file fails its check.
-    code = main(["export", str(recipe_file), "export.formats=[gguf]", "export.gguf_types=[f16,q4_k_m]",
-                 "export.gguf_max_kl.q4_k_m=1e-12"])
+    code = main(
+        [
+            "export",
+            str(recipe_file),
+            "export.formats=[gguf]",
+            "export.gguf_types=[f16,q4_k_m]",
+            "export.gguf_max_kl.q4_k_m=1e-12",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "gguf_q4_k_m" in err and "tiny-q4_k_m.gguf" in err and "kl_mean" in err and "max_kl 1e-12" in err

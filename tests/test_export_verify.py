@@ -23,8 +23,10 @@ def sharp_model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def reference(sharp_model, tokenizer):
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in ("What does code 2 mean?", "Where is my order?")]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("What does code 2 mean?", "Where is my order?")
+    ]
     return Reference.of(sharp_model, tokenizer, prompts, new_tokens=12)
 
 
@@ -38,7 +40,9 @@ def _round_weights(model, kind: str):
         for param in rounded.parameters():
             if param.ndim == 2 and param.shape[-1] % 32 == 0:
                 data = param.detach().numpy().astype(np.float32)
-                param.copy_(torch.from_numpy(quants.dequantize(quants.quantize(data, qtype), qtype).reshape(data.shape)))
+                param.copy_(
+                    torch.from_numpy(quants.dequantize(quants.quantize(data, qtype), qtype).reshape(data.shape))
+                )
     return rounded
 
 

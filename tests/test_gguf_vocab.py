@@ -2,9 +2,9 @@
 
 import gguf
 import sentencepiece as spm
-from archs import sentencepiece_tokenizer
 
 from afina.export.gguf_convert import write_sentencepiece_model
+from archs import sentencepiece_tokenizer
 
 
 def _gguf_with_vocab(path, model_file) -> None:
@@ -41,7 +41,11 @@ def test_sentencepiece_model_from_gguf_tokenizes_like_the_original(tmp_path):
     for i in range(original.vocab_size()):
         assert rebuilt.id_to_piece(i) == original.id_to_piece(i) and rebuilt.get_score(i) == original.get_score(i)
         assert (rebuilt.is_control(i), rebuilt.is_byte(i)) == (original.is_control(i), original.is_byte(i))
-    for text in ("Code 3 means the filter needs 6 minutes of rinsing.", "  two  spaces\nand é ü 🚀", "<start_of_turn>user"):
+    for text in (
+        "Code 3 means the filter needs 6 minutes of rinsing.",
+        "  two  spaces\nand é ü 🚀",
+        "<start_of_turn>user",
+    ):
         assert rebuilt.encode(text) == original.encode(text)
 
 

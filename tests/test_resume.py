@@ -9,11 +9,9 @@ import time
 
 import pytest
 
-from afina.pipeline import prepare
+from afina.pipeline import prepare, train
 from afina.rundir import RunDir
 from afina.train.checkpoint import list_checkpoints
-from afina.pipeline import train
-
 from conftest import support_rows, write_jsonl
 
 STEPS = 40
@@ -31,12 +29,16 @@ def recipe_file(tmp_path, tiny_model_dir, name):
 
 
 def losses(run_root):
-    return [json.loads(l)["loss"] for l in (run_root / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (run_root / "metrics.jsonl").read_text().splitlines()]
 
 
 def start_training(path, *extra):
-    return subprocess.Popen([sys.executable, "-m", "afina", "train", str(path), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "afina", "train", str(path), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_checkpoint(folder, proc, at_least=2, timeout=120):
@@ -68,7 +70,9 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, tiny_model_dir)
     assert proc.returncode == -signal.SIGKILL
     assert len(losses(RunDir(killed.run_dir).root)) < STEPS  # it really was cut short
 
-    resumed = subprocess.run([sys.executable, "-m", "afina", "train", str(path), "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "afina", "train", str(path), "--resume"], capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     manifest = RunDir(killed.run_dir).read_manifest()["train"]
     assert manifest["resumed_from"] and manifest["steps"] == STEPS
@@ -101,3 +105,72 @@ def test_resume_without_checkpoint_is_explained(tiny_recipe):
     prepare(recipe)
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         train(recipe, progress=False, resume=True)
+
+
+def _trained_with_checkpoints(tiny_recipe, steps=6):
+    recipe = tiny_recipe(
+        f"training.max_steps={steps}",
+        "training.save_every=2",
+        "training.keep_checkpoints=3",
+        "training.tensorboard=false",
+        "training.plots=false",
+    )
+    prepare(recipe)
+    train(recipe, progress=False)
+    return recipe, list_checkpoints(RunDir(recipe.run_dir).root / "checkpoints")
+
+
+def test_resume_never_runs_code_from_a_planted_state_pt(tiny_recipe, tmp_path):
+    """A state.pt whose pickle would run a command (with checksums rewritten to match) is refused, not run."""
+    from afina.train.checkpoint import write_checksums
+
+    recipe, found = _trained_with_checkpoints(tiny_recipe, steps=2)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    import pickle
+
+    newest = found[-1]
+    (newest / "state.pt").write_bytes(pickle.dumps({"step": 2, "payload": Exploit()}))
+    write_checksums(newest)  # an attacker who can write the folder can also rewrite the checksums
+    with pytest.raises(
+        FileNotFoundError, match=r"no intact checkpoint.*state\.pt|no intact checkpoint.*cannot be read"
+    ):
+        train(recipe, progress=False, resume=True)
+    assert not marker.exists()
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tiny_recipe, capsys):
+    recipe, found = _trained_with_checkpoints(tiny_recipe)
+    assert [p.name for p in found] == ["step-00000002", "step-00000004", "step-00000006"]
+    weights = found[-1] / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    state = found[-2] / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])
+    capsys.readouterr()
+    train(recipe, progress=False, resume=True)
+    err = capsys.readouterr().err
+    assert "step-00000006" in err and "trainable.safetensors is" in err
+    assert "step-00000004" in err and "state.pt is" in err
+    assert "resuming from step-00000002" in err
+    manifest = RunDir(recipe.run_dir).read_manifest()["train"]
+    assert manifest["resumed_from"].endswith("step-00000002") and manifest["steps"] == 6
+
+
+def test_no_intact_checkpoint_is_a_clear_error_through_the_cli(tmp_path, tiny_model_dir, capsys):
+    from afina.cli import main
+
+    path = recipe_file(tmp_path, tiny_model_dir, "broken")
+    short = ["training.max_steps=2", "training.eval_every=2"]
+    assert main(["prepare", str(path)]) == 0
+    assert main(["train", str(path), *short]) == 0
+    (state,) = list((tmp_path / "runs" / "broken" / "checkpoints").glob("step-*/state.pt"))
+    state.write_bytes(state.read_bytes()[:100])
+    capsys.readouterr()
+    code = main(["train", str(path), *short, "--resume"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "no intact checkpoint to resume from" in err and "state.pt is" in err and "without --resume" in err

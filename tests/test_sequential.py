@@ -114,18 +114,31 @@ def test_sequential_run_with_replay(tmp_path, tiny_model_dir):
 
 
 def classification_stages_recipe(tmp_path, tiny_model_dir, replay: float):
-    mood = [{"text": f"review {i}: {'great fun' if i % 2 else 'dull mess'}", "label": "positive" if i % 2 else "negative"}
-            for i in range(24)]
-    topic = [{"text": f"note {i}: {'the match ended two all' if i % 2 else 'add salt to the soup'}",
-              "label": "sports" if i % 2 else "food"} for i in range(24)]
+    mood = [
+        {"text": f"review {i}: {'great fun' if i % 2 else 'dull mess'}", "label": "positive" if i % 2 else "negative"}
+        for i in range(24)
+    ]
+    topic = [
+        {
+            "text": f"note {i}: {'the match ended two all' if i % 2 else 'add salt to the soup'}",
+            "label": "sports" if i % 2 else "food",
+        }
+        for i in range(24)
+    ]
     first = write_jsonl(tmp_path / "mood.jsonl", mood)
     second = write_jsonl(tmp_path / "topic.jsonl", topic)
     return load_recipe(
         None,
         [
-            "name=seqcls", f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}", "task=classification",
-            "training.batch_size=4", "training.max_steps=2", "training.precision=fp32",
-            "training.tensorboard=false", "training.plots=false",
+            "name=seqcls",
+            f"output_dir={tmp_path / 'runs'}",
+            f"model.name={tiny_model_dir}",
+            "task=classification",
+            "training.batch_size=4",
+            "training.max_steps=2",
+            "training.precision=fp32",
+            "training.tensorboard=false",
+            "training.plots=false",
             f"stages=[{{name: mood, task: classification, data: {{path: '{first}'}}}}, "
             f"{{name: topic, task: classification, replay: {replay}, data: {{path: '{second}'}}}}]",
         ],
@@ -159,8 +172,9 @@ def test_a_head_task_cannot_be_a_stage(tmp_path, tiny_model_dir):
 def test_a_context_extended_stage_hands_on_its_rope_scaling(tmp_path, tiny_model_dir):
     """Stage 1 extends the window (YaRN x2): its merged weights, which stage 2 starts from and the table scores,
     keep the scaled positions; stage 2 does not extend again."""
-    recipe = two_stage_recipe(tmp_path, tiny_model_dir, extra=["context.rope_scaling=yarn", "context.factor=2",
-                                                               "context.eval.enabled=false"])
+    recipe = two_stage_recipe(
+        tmp_path, tiny_model_dir, extra=["context.rope_scaling=yarn", "context.factor=2", "context.eval.enabled=false"]
+    )
     first, second = stage_recipes(recipe)
     assert first.context.rope_scaling == "yarn" and second.context.rope_scaling == "none"
     run_sequential(recipe, echo=lambda _line: None)

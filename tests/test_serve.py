@@ -5,12 +5,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serving import make_adapter, running_server
 
 from afina.cli import main
 from afina.config import ServeConfig
 from afina.serve.app import create_app
 from afina.serve.models import load_served
+from serving import make_adapter, running_server
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -19,7 +19,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {"kettle": make_adapter(tiny_model_dir, root / "kettle", 1), "toaster": make_adapter(tiny_model_dir, root / "toaster", 2)}
+    return {
+        "kettle": make_adapter(tiny_model_dir, root / "kettle", 1),
+        "toaster": make_adapter(tiny_model_dir, root / "toaster", 2),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +33,9 @@ def served(tiny_model_dir, adapters):
 @pytest.fixture(scope="module")
 def server(served, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("logs")
-    settings = ServeConfig(api_key=KEY, max_tokens=64, max_prompt_tokens=200, max_body_bytes=8192,
-                           log_dir=str(log_dir), redact_pii=True)
+    settings = ServeConfig(
+        api_key=KEY, max_tokens=64, max_prompt_tokens=200, max_body_bytes=8192, log_dir=str(log_dir), redact_pii=True
+    )
     with running_server(create_app(served, settings)) as base:
         yield base, log_dir
 
@@ -51,10 +55,14 @@ def direct_greedy(tiny_model_dir, adapter_dir, tokenizer, messages, n):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     with torch.no_grad():
-        out = model.eval().generate(input_ids=ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.eval().generate(
+            input_ids=ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_each_adapter_is_served_by_name_and_answers_like_peft(server, tiny_model_dir, adapters, tokenizer):
@@ -64,7 +72,11 @@ def test_each_adapter_is_served_by_name_and_answers_like_peft(server, tiny_model
     assert names[0] == "kettle" and set(names) == {"kettle", "toaster", tiny_model_dir.name}
     messages = [{"role": "user", "content": "How do I descale it?"}]
     answers = {}
-    for name, adapter_dir in [("kettle", adapters["kettle"]), ("toaster", adapters["toaster"]), (tiny_model_dir.name, None)]:
+    for name, adapter_dir in [
+        ("kettle", adapters["kettle"]),
+        ("toaster", adapters["toaster"]),
+        (tiny_model_dir.name, None),
+    ]:
         reply = c.chat.completions.create(model=name, messages=messages, max_tokens=8)
         assert reply.model == name and 0 < reply.usage.completion_tokens <= 8
         answers[name] = reply.choices[0].message.content
@@ -87,18 +99,20 @@ def test_completion_with_and_without_streaming(server):
     c = client(base)
     reply = c.completions.create(model="kettle", prompt="The kettle", max_tokens=4)
     assert 0 < reply.usage.completion_tokens <= 4
-    streamed = "".join(chunk.choices[0].text for chunk in c.completions.create(model="kettle", prompt="The kettle",
-                                                                                  max_tokens=4, stream=True))
+    streamed = "".join(
+        chunk.choices[0].text
+        for chunk in c.completions.create(model="kettle", prompt="The kettle", max_tokens=4, stream=True)
+    )
     assert streamed == reply.choices[0].text
 
 
 @pytest.mark.parametrize(
     "body, status, code",
     [
-        (b"{not json", 422, "invalid_request"),
-        (b'{"messages": "hi"}', 422, "invalid_request"),
-        (b'{"messages": [{"role": "user", "content": 5}]}', 422, "invalid_request"),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}', 422, "invalid_request"),
+        (b"{not json", 400, "invalid_json"),
+        (b'{"messages": "hi"}', 400, "invalid_request"),
+        (b'{"messages": [{"role": "user", "content": 5}]}', 400, "invalid_request"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}', 400, "invalid_request"),
         (b'{"model": "other", "messages": [{"role": "user", "content": "hi"}]}', 404, "model_not_found"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens_exceeded"),
         (json.dumps({"messages": [{"role": "user", "content": "kettle " * 300}]}).encode(), 400, "prompt_too_long"),
@@ -107,11 +121,16 @@ def test_completion_with_and_without_streaming(server):
 )
 def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server, body, status, code):
     base, _ = server
-    response = httpx.post(f"{base}/v1/chat/completions", content=body, headers={"content-type": "application/json", **AUTH})
+    response = httpx.post(
+        f"{base}/v1/chat/completions", content=body, headers={"content-type": "application/json", **AUTH}
+    )
     assert response.status_code == status
     assert response.json()["error"]["code"] == code and response.json()["error"]["message"]
-    ok = httpx.post(f"{base}/v1/chat/completions", headers=AUTH,
-                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    ok = httpx.post(
+        f"{base}/v1/chat/completions",
+        headers=AUTH,
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     assert ok.status_code == 200
 
 
@@ -136,14 +155,21 @@ def test_32_concurrent_clients_all_get_answers(server):
         statuses = []
         with httpx.Client(base_url=base, headers=AUTH, timeout=120) as http:
             for j in range(3):
-                body = {"messages": [{"role": "user", "content": f"client {i} question {j}"}], "max_tokens": 4,
-                        "stream": (i + j) % 2 == 0}
+                body = {
+                    "messages": [{"role": "user", "content": f"client {i} question {j}"}],
+                    "max_tokens": 4,
+                    "stream": (i + j) % 2 == 0,
+                }
                 if names[(i + j) % 3]:
                     body["model"] = names[(i + j) % 3]
                 response = http.post("/v1/chat/completions", json=body)
                 text = response.text
-                statuses.append((response.status_code, text.endswith("data: [DONE]\n\n") if body["stream"] else
-                                 "choices" in response.json()))
+                statuses.append(
+                    (
+                        response.status_code,
+                        text.endswith("data: [DONE]\n\n") if body["stream"] else "choices" in response.json(),
+                    )
+                )
         return statuses
 
     with ThreadPoolExecutor(32) as pool:
@@ -155,6 +181,7 @@ def test_32_concurrent_clients_all_get_answers(server):
 
 def test_a_full_queue_answers_429_never_5xx(served):
     with running_server(create_app(served, ServeConfig(max_queue=1, max_tokens=64))) as base:
+
         def ask(i):
             return httpx.post(f"{base}/v1/completions", json={"prompt": f"number {i}", "max_tokens": 48}, timeout=120)
 
@@ -175,16 +202,19 @@ def test_metrics_count_requests_and_tokens(server):
 def test_logged_requests_feedback_and_from_logs_make_a_training_file(server, tmp_path):
     base, log_dir = server
     c = client(base)
-    good = c.chat.completions.create(model="kettle", max_tokens=4,
-                                     messages=[{"role": "user", "content": "Mail me at ann@example.com please"}])
-    bad = c.chat.completions.create(model="kettle", max_tokens=4, messages=[{"role": "user", "content": "Return window?"}])
+    good = c.chat.completions.create(
+        model="kettle", max_tokens=4, messages=[{"role": "user", "content": "Mail me at ann@example.com please"}]
+    )
+    bad = c.chat.completions.create(
+        model="kettle", max_tokens=4, messages=[{"role": "user", "content": "Return window?"}]
+    )
     ignored = c.completions.create(model="kettle", prompt="Unrated", max_tokens=2)
     post = lambda body: httpx.post(f"{base}/v1/feedback", headers=AUTH, json=body)  # noqa: E731
     assert post({"id": good.id, "rating": 1}).status_code == 200
     assert post({"id": bad.id, "rating": -1, "correction": "Returns are accepted within 47 days."}).status_code == 200
     assert post({"id": "chatcmpl-unknown", "rating": 1}).status_code == 404
     assert post({"id": good.id}).status_code == 400
-    assert post({"id": good.id, "rating": 7}).status_code == 422
+    assert post({"id": good.id, "rating": 7}).status_code == 400
 
     logged = [json.loads(line) for line in (log_dir / "requests.jsonl").read_text().splitlines()]
     mine = {row["id"]: row for row in logged}
@@ -216,8 +246,9 @@ def test_serve_settings_come_from_the_runs_recipe_then_flags(tmp_path):
 
     run = tmp_path / "runs" / "bot"
     run.mkdir(parents=True)
-    (run / "manifest.json").write_text(json.dumps({"recipe": {"serve": {"port": 9000, "max_tokens": 50,
-                                                                       "adapters": {"a": "x"}}}}))
+    (run / "manifest.json").write_text(
+        json.dumps({"recipe": {"serve": {"port": 9000, "max_tokens": 50, "adapters": {"a": "x"}}}})
+    )
     args = build_parser().parse_args(["serve", str(run), "--max-tokens", "20", "--adapter", "b=y", "--redact-pii"])
     settings = serve_settings(args)
     assert (settings.host, settings.port, settings.max_tokens) == ("127.0.0.1", 9000, 20)
@@ -242,14 +273,24 @@ def test_a_padded_batch_answers_as_each_request_alone(served, tokenizer):
 
     def job(text, n):
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        return Job("kettle", dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id), True)
+        return Job(
+            "kettle",
+            dict(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+            True,
+        )
 
-    jobs = [job(text, n) for text, n in zip(prompts, [3, 6, 5, 6])]
+    jobs = [job(text, n) for text, n in zip(prompts, [3, 6, 5, 6], strict=True)]
     with fp32.use("kettle") as model, torch.no_grad():
-        batched = scheduler.run_batch(model, jobs)
-        alone = [scheduler.run_batch(model, [j])[0] for j in jobs]
-    for b, a, j in zip(batched, alone, jobs):
+        batched = [g.ids for g in scheduler.run_batch(model, jobs)]
+        alone = [scheduler.run_batch(model, [j])[0].ids for j in jobs]
+    for b, a, j in zip(batched, alone, jobs, strict=True):
         assert b.tolist() == a.tolist()
         assert b.shape[1] <= j.kwargs["input_ids"].shape[1] + j.kwargs["max_new_tokens"]
 

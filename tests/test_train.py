@@ -4,14 +4,12 @@ import pytest
 import torch
 
 from afina.data.format import encode_chat
-from afina.pipeline import prepare
 from afina.device import autocast_factory
 from afina.models import load_model
+from afina.pipeline import prepare, train
 from afina.rundir import RunDir, read_jsonl
-from afina.pipeline import train
 from afina.train.batches import pad_batch
 from afina.train.loss import accumulate_gradients, label_token_loss
-
 from conftest import support_rows
 
 FP32 = autocast_factory("fp32", torch.device("cpu"))
@@ -137,7 +135,9 @@ def test_chunked_loss_equals_whole_loss(tiny_model_dir, tokenizer, monkeypatch):
 
 
 def test_packed_training_runs_and_learns(tiny_recipe):
-    recipe = tiny_recipe("training.packing=true", "training.pack_length=160", "training.batch_size=1", "training.max_steps=10")
+    recipe = tiny_recipe(
+        "training.packing=true", "training.pack_length=160", "training.batch_size=1", "training.max_steps=10"
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["packing"] and summary["val_loss_after"] < summary["val_loss_before"]
@@ -174,8 +174,14 @@ def test_monitoring_writes_tensorboard_events_and_plot(tiny_recipe):
 
 def test_early_stopping_keeps_the_best_weights(tiny_recipe):
     # A learning rate this high makes validation worse after the first evaluations.
-    recipe = tiny_recipe("training.max_steps=40", "training.eval_every=1", "training.early_stopping_patience=2",
-                         "training.learning_rate=0.5", "training.scheduler=constant", "training.warmup_ratio=0")
+    recipe = tiny_recipe(
+        "training.max_steps=40",
+        "training.eval_every=1",
+        "training.early_stopping_patience=2",
+        "training.learning_rate=0.5",
+        "training.scheduler=constant",
+        "training.warmup_ratio=0",
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["stopped"].startswith("early stopping")
@@ -185,8 +191,13 @@ def test_early_stopping_keeps_the_best_weights(tiny_recipe):
 
 def test_qlora_trains_lora_over_a_4bit_base(tiny_recipe):
     pytest.importorskip("bitsandbytes")
-    recipe = tiny_recipe("method.type=qlora", "training.max_steps=6", "training.precision=bf16",
-                         "training.tensorboard=false", "training.plots=false")
+    recipe = tiny_recipe(
+        "method.type=qlora",
+        "training.max_steps=6",
+        "training.precision=bf16",
+        "training.tensorboard=false",
+        "training.plots=false",
+    )
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert summary["val_loss_after"] < summary["val_loss_before"]
@@ -224,12 +235,25 @@ def test_estimate_warns_when_the_run_will_not_fit(tiny_recipe):
 
 
 def test_compiled_packed_training_matches_eager(tiny_recipe):
-    eager = tiny_recipe("training.packing=true", "training.pack_length=128", "training.batch_size=1", "training.max_steps=3",
-                        "training.tensorboard=false", "training.plots=false")
+    eager = tiny_recipe(
+        "training.packing=true",
+        "training.pack_length=128",
+        "training.batch_size=1",
+        "training.max_steps=3",
+        "training.tensorboard=false",
+        "training.plots=false",
+    )
     prepare(eager)
     expected = train(eager, progress=False)["final_train_loss"]
-    compiled = tiny_recipe("training.packing=true", "training.pack_length=128", "training.batch_size=1", "training.max_steps=3",
-                           "training.tensorboard=false", "training.plots=false", "training.compile=true")
+    compiled = tiny_recipe(
+        "training.packing=true",
+        "training.pack_length=128",
+        "training.batch_size=1",
+        "training.max_steps=3",
+        "training.tensorboard=false",
+        "training.plots=false",
+        "training.compile=true",
+    )
     assert train(compiled, progress=False)["final_train_loss"] == pytest.approx(expected, rel=1e-3)
 
 
@@ -237,6 +261,43 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_recipe):
     plain = tiny_recipe("training.max_steps=2", "training.tensorboard=false", "training.plots=false")
     prepare(plain)
     expected = train(plain, progress=False)["final_train_loss"]
-    checkpointed = tiny_recipe("training.max_steps=2", "training.tensorboard=false", "training.plots=false",
-                               "training.gradient_checkpointing=true")
+    checkpointed = tiny_recipe(
+        "training.max_steps=2",
+        "training.tensorboard=false",
+        "training.plots=false",
+        "training.gradient_checkpointing=true",
+    )
     assert train(checkpointed, progress=False)["final_train_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_dora_and_rslora_change_what_trains(tiny_model_dir):
+    """The flags reach peft: DoRA adds a trained magnitude per output feature of every adapted layer; rsLoRA
+    scales the update by alpha/sqrt(r) instead of alpha/r (so a rank-16 adapter's update is 4x larger)."""
+    from afina.config import MethodConfig
+    from afina.train.methods import apply_method
+
+    def build(**flags):
+        method = MethodConfig(type="lora", r=16, alpha=32, **flags)
+        return apply_method(load_model(str(tiny_model_dir)), method)
+
+    plain, dora, rslora = build(), build(dora=True), build(rslora=True)
+
+    def trainable(model):
+        return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+
+    def adapted(model):
+        return [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+
+    magnitudes = {n: k for n, k in trainable(dora).items() if "lora_magnitude_vector" in n}
+    assert magnitudes and not any("magnitude" in n for n in trainable(plain))
+    assert sum(magnitudes.values()) == sum(m.out_features for m in adapted(dora))
+    assert sum(trainable(dora).values()) == sum(trainable(plain).values()) + sum(magnitudes.values())
+    assert {m.scaling["default"] for m in adapted(plain)} == {32 / 16}
+    assert {m.scaling["default"] for m in adapted(rslora)} == {32 / 16**0.5}
+    # The same input and adapter weights give a different output once B is non-zero.
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        for model in (plain, rslora):
+            for module in adapted(model):
+                torch.nn.init.constant_(module.lora_B["default"].weight, 0.01)
+        assert not torch.allclose(plain(input_ids=ids).logits, rslora(input_ids=ids).logits)

@@ -36,100 +36,251 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_stage_commands(sub) -> None:
     """prepare, train, eval, export; estimate, predict, run."""
     stages = {
-        "prepare": ("load, check, format and split the data into the run directory",
-                    "Read the recipe's data (JSONL, JSON, CSV/TSV, Parquet, text, a folder, a saved HF dataset), "
-                    "clean and deduplicate it, reject bad rows (data/rejects.jsonl, with file, line and reason), "
-                    "split train/validation/test without leaks and write data/report.json and data/report.html."),
-        "train": ("fine-tune the model on the prepared train split",
-                  "Train with the recipe's method (LoRA or full); writes adapter/ or model/ and metrics.jsonl."),
-        "eval": ("compare base, few-shot, RAG and tuned on the test split, with cost and forgetting",
-                 "Generate answers on the held-out test split with each system (eval.systems: base, base_fewshot, "
-                 "base_rag, tuned, tuned_rag), score them by task, probe forgetting and measure cost; "
-                 "writes eval/metrics.json, eval/predictions.jsonl and eval/report.html."),
-        "export": ("write the adapter and a merged Hugging Face model, verified",
-                   "Export the trained weights (export/adapter, export/merged) and check that each export "
-                   "reproduces the trained model."),
+        "prepare": (
+            "load, check, format and split the data into the run directory",
+            "Read the recipe's data (JSONL, JSON, CSV/TSV, Parquet, text, a folder, a saved HF dataset), "
+            "clean and deduplicate it, reject bad rows (data/rejects.jsonl, with file, line and reason), "
+            "split train/validation/test without leaks and write data/report.json and data/report.html.",
+        ),
+        "train": (
+            "fine-tune the model on the prepared train split",
+            "Train with the recipe's method (LoRA or full); writes adapter/ or model/ and metrics.jsonl.",
+        ),
+        "eval": (
+            "compare base, few-shot, RAG and tuned on the test split, with cost and forgetting",
+            "Generate answers on the held-out test split with each system (eval.systems: base, base_fewshot, "
+            "base_rag, tuned, tuned_rag), score them by task, probe forgetting and measure cost; "
+            "writes eval/metrics.json, eval/predictions.jsonl and eval/report.html.",
+        ),
+        "export": (
+            "write the adapter and a merged Hugging Face model, verified",
+            "Export the trained weights (export/adapter, export/merged) and check that each export "
+            "reproduces the trained model.",
+        ),
     }
     for name, (summary, description) in stages.items():
         p = sub.add_parser(name, help=summary, description=description)
         _add_recipe_args(p)
         if name == "prepare":
-            p.add_argument("--strict", action="store_true",
-                           help="stop at the first malformed row (or a single-class label column) instead of rejecting it")
+            p.add_argument(
+                "--strict",
+                action="store_true",
+                help="stop at the first malformed row (or a single-class label column) instead of rejecting it",
+            )
         if name == "train":
-            p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints")
+            p.add_argument(
+                "--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints"
+            )
 
-    p = sub.add_parser("estimate", help="parameters, memory and time of a training run, before running it",
-                       description="Count parameters, model the memory the run needs (and warn when it will not fit), "
-                       "and time a few real steps to predict the run's duration. Needs `afina prepare` first.")
+    p = sub.add_parser(
+        "estimate",
+        help="parameters, memory and time of a training run, before running it",
+        description="Count parameters, model the memory the run needs (and warn when it will not fit), "
+        "and time a few real steps to predict the run's duration. Memory comes from the model's config "
+        "alone (no weights read); with prepared data the longest micro-batch sets the activations.",
+    )
     _add_recipe_args(p)
+    p.add_argument(
+        "--device-memory", help="memory of one device, e.g. 24GB or 80GiB (default: what this device has free)"
+    )
+    p.add_argument("--processes", type=int, default=1, help="processes (devices) the run will use (default 1)")
+    p.add_argument(
+        "--strategy", choices=["ddp", "fsdp"], help="how the processes share the model (default: training.distributed)"
+    )
+    p.add_argument("--memory-only", action="store_true", help="skip the timed steps (no weights are read)")
 
-    p = sub.add_parser("predict", help="predict labels (classification) or entity tags (tagging) for a file",
-                       description="Read rows from --input (JSONL, CSV, ...: a text field for classification, a word "
-                       "list or text for tagging), predict with the recipe's trained run, and write the same rows "
-                       "with prediction fields to --output (JSONL): predicted_label and label_probability, or "
-                       "predicted_tags and entities.")
+    p = sub.add_parser(
+        "predict",
+        help="predict labels (classification) or entity tags (tagging) for a file",
+        description="Read rows from --input (JSONL, CSV, ...: a text field for classification, a word "
+        "list or text for tagging), predict with the recipe's trained run, and write the same rows "
+        "with prediction fields to --output (JSONL): predicted_label and label_probability, or "
+        "predicted_tags and entities.",
+    )
     _add_recipe_args(p)
     p.add_argument("--input", "-i", required=True, help="the rows to predict")
     p.add_argument("--output", "-o", required=True, help="where to write the rows with predictions (JSONL)")
     p.add_argument("--batch-size", type=int, help="rows per batch (default: eval.batch_size)")
 
-    p = sub.add_parser("run", help="run prepare, train, eval and export in order",
-                       description="Run every stage of a recipe in order. A recipe with `stages:` runs them one after "
-                       "another (sequential fine-tuning), each from the previous stage's weights, and prints the "
-                       "stage x task table (<run>/sequential.json).")
+    p = sub.add_parser(
+        "advise",
+        help="learning curve: train on 10/25/50/100%% of the data, fit what more data buys",
+        description="Train the recipe on nested seeded subsets of its prepared train split (the same "
+        "epochs), score each on the run's test split, fit a saturating power law and say what doubling "
+        "the data is expected to buy, beside the run's base, few-shot and RAG scores. Writes "
+        "<run>/advise/learning_curve.json and .png and refreshes eval/report.html. Needs `afina "
+        "prepare` first; `afina train` and `afina eval` first let the full-data point be reused.",
+    )
+    _add_recipe_args(p)
+    p.add_argument(
+        "--fractions",
+        default="0.1,0.25,0.5,1.0",
+        help="comma-separated shares of the train split (default 0.1,0.25,0.5,1.0)",
+    )
+
+    p = sub.add_parser(
+        "run",
+        help="run prepare, train, eval and export in order",
+        description="Run every stage of a recipe in order. A recipe with `stages:` runs them one after "
+        "another (sequential fine-tuning), each from the previous stage's weights, and prints the "
+        "stage x task table (<run>/sequential.json).",
+    )
     _add_recipe_args(p)
     p.add_argument("--strict", action="store_true", help="stop at the first bad data row")
 
 
 def _add_serve_command(sub) -> None:
-    p = sub.add_parser("serve", help="serve a run or a model over an OpenAI-compatible HTTP API",
-                       description="Serve /v1/chat/completions, /v1/completions, /v1/models, /v1/feedback, /health, "
-                       "/metrics and a chat page at / for a run directory (its adapter over the base model) or any "
-                       "model spec. Settings come from the run's `serve:` recipe section; flags override them.")
+    p = sub.add_parser(
+        "serve",
+        help="serve a run or a model over an OpenAI-compatible HTTP API",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /v1/feedback, /health, "
+        "/metrics and a chat page at / for a run directory (its adapter over the base model) or any "
+        "model spec. Settings come from the run's `serve:` recipe section; flags override them.",
+    )
     p.add_argument("target", help="a run directory (runs/NAME) or a model spec (see `afina models`)")
     p.add_argument("--host", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int)
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="also serve this LoRA adapter (a run directory or adapter folder) over the same base; repeatable")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also serve this LoRA adapter (a run directory or adapter folder) over the same base; repeatable",
+    )
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or set $AFINA_API_KEY)")
     p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask for (default 1024)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 1 MiB)")
     p.add_argument("--max-queue", type=int, help="requests that may wait for the model; more get 429 (default 256)")
-    p.add_argument("--max-batch", type=int, help="greedy requests waiting together run as one batch of up to this many (default 8)")
+    p.add_argument(
+        "--max-batch", type=int, help="greedy requests waiting together run as one batch of up to this many (default 8)"
+    )
     p.add_argument("--log-dir", help="log requests and feedback as JSONL here (for `afina data from-logs`)")
-    p.add_argument("--redact-pii", action="store_true", default=None,
-                   help="mask e-mails, phone and card numbers and IP addresses in the request log")
+    p.add_argument(
+        "--watch",
+        metavar="FILE",
+        help="switch the default adapter to the one FILE names whenever it changes (`afina promote --serving FILE`)",
+    )
+    p.add_argument(
+        "--redact-pii",
+        action="store_true",
+        default=None,
+        help="mask e-mails, phone and card numbers and IP addresses in the request log",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a --host other than this machine without an API key (anyone reaching it may use it)",
+    )
 
 
 def _add_tool_commands(sub) -> None:
     """data, models, config, quickstart."""
-    p = sub.add_parser("data", help="data tools: build a training file from served conversations",
-                       description="Data tools outside a recipe.")
+    p = sub.add_parser(
+        "data",
+        help="data tools: build a training file from served conversations",
+        description="Data tools outside a recipe.",
+    )
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    p = dsub.add_parser("from-logs", help="turn the server's request log and feedback into a training file",
-                        description="Read LOG_DIR/requests.jsonl and feedback.jsonl (written by `afina serve --log-dir`) "
-                        "and write chat JSONL for `afina prepare`: corrected answers, and answers rated at least "
-                        "--min-rating.")
+    p = dsub.add_parser(
+        "from-logs",
+        help="turn the server's request log and feedback into a training file",
+        description="Read LOG_DIR/requests.jsonl and feedback.jsonl (written by `afina serve --log-dir`) "
+        "and write chat JSONL for `afina prepare`: corrected answers, and answers rated at least "
+        "--min-rating.",
+    )
     p.add_argument("log_dir", help="the folder given to `afina serve --log-dir`")
     p.add_argument("-o", "--output", required=True, help="the training file to write (JSONL)")
-    p.add_argument("--min-rating", type=int, default=1, help="keep the model's own answer when rated at least this (default 1)")
+    p.add_argument(
+        "--min-rating", type=int, default=1, help="keep the model's own answer when rated at least this (default 1)"
+    )
     p.add_argument("--include-unrated", action="store_true", help="also keep answers nobody rated")
+    p.add_argument(
+        "--pairs",
+        action="store_true",
+        help="write preference data for `task: preference` instead: pairs (a correction over the model's "
+        "answer; differently rated answers to one prompt) to --output, KTO good/bad examples beside it",
+    )
+    p.add_argument("--kto-output", help="with --pairs: where the KTO examples go (default: OUTPUT_STEM.kto.jsonl)")
+    p.add_argument(
+        "--max-bad-rating",
+        type=int,
+        default=-1,
+        help="with --pairs: a rating at most this makes a KTO 'bad' example (default -1)",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip malformed log lines (a line cut short by a crash, hand-edited fields) and count them",
+    )
 
-    sub.add_parser("models", help="list the models afina can use offline",
-                   description="List packaged models; any local HF folder, .gguf file or hub name works too.")
+    p = sub.add_parser(
+        "monitor",
+        help="traffic, drift from the training data and a retrain verdict for a served run",
+        description="Read LOG_DIR/requests.jsonl and feedback.jsonl (`afina serve --log-dir`) and compare the "
+        "recent prompts with the run's train split (MiniLM distance beyond the split's own 95th percentile; "
+        "new topics as clusters), with requests, latency, feedback, answer length and refusals over time. "
+        "Writes RUN/monitor/report.json.",
+    )
+    p.add_argument("log_dir", help="the folder given to `afina serve --log-dir`")
+    p.add_argument(
+        "--run", required=True, help="the served run directory (runs/NAME): its train split is the reference"
+    )
+    p.add_argument("--recent-days", type=float, help="the recent window in days (default: the later half of the log)")
+    p.add_argument(
+        "--max-unlike",
+        type=float,
+        default=0.2,
+        help="recommend retraining when more than this share of recent prompts is unlike the training data",
+    )
+    p.add_argument("--bucket", choices=["auto", "hour", "day"], default="auto", help="traffic per hour or day")
 
-    p = sub.add_parser("config", help="show a recipe with every default filled in",
-                       description="Validate a recipe and print it resolved.")
+    p = sub.add_parser(
+        "promote",
+        help="promote a retrained run over the serving one if it beats it without forgetting",
+        description="Compare NEW with CURRENT on the frozen test split (both evaluated with `afina eval` on "
+        "the same test rows) and on the forgetting probe; print the comparison, record the decision in "
+        "NEW/promotion.json and CURRENT/promotions.jsonl, and with --serving point a serving file at NEW "
+        "(a running `afina serve --watch FILE` switches to it).",
+    )
+    p.add_argument("new", help="the candidate run directory")
+    p.add_argument("--over", required=True, help="the run serving now")
+    p.add_argument("--min-gain", type=float, default=0.0, help="points the candidate must gain on the primary metric")
+    p.add_argument(
+        "--forgetting-threshold",
+        type=float,
+        help="most points of probe accuracy the candidate may lose against the current run "
+        "(default: the current run's eval.forgetting.threshold)",
+    )
+    p.add_argument("--serving", help="a file naming the adapter to serve; rewritten (atomically) when promoted")
+
+    sub.add_parser(
+        "models",
+        help="list the models afina can use offline",
+        description="List packaged models; any local HF folder, .gguf file or hub name works too.",
+    )
+
+    p = sub.add_parser(
+        "config",
+        help="show a recipe with every default filled in",
+        description="Validate a recipe and print it resolved.",
+    )
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    p = csub.add_parser("show", help="print the resolved recipe", description="Validate a recipe and print it with every default filled in.")
+    p = csub.add_parser(
+        "show",
+        help="print the resolved recipe",
+        description="Validate a recipe and print it with every default filled in.",
+    )
     p.add_argument("recipe", nargs="?", help="recipe YAML file (none: the defaults)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
-    p = sub.add_parser("quickstart", help="fine-tune the default model on bundled support data and show before/after",
-                       description="Run the bundled quickstart recipe (support answers for a fictional company) "
-                       "through every stage and print the base-vs-tuned table.")
+    p = sub.add_parser(
+        "quickstart",
+        help="fine-tune the default model on bundled support data and show before/after",
+        description="Run the bundled quickstart recipe (support answers for a fictional company) "
+        "through every stage and print the base-vs-tuned table.",
+    )
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
@@ -147,8 +298,10 @@ def cmd_models(args) -> None:
         print(f"{'':<24} {row['description']}")
         if row["path"]:
             print(f"{'':<24} {row['path']}")
-    print("Also usable: any local Hugging Face folder, any local .gguf file (llama, mistral, qwen2, ...), "
-          "or a hub name (org/model) where a hub is reachable.")
+    print(
+        "Also usable: any local Hugging Face folder, any local .gguf file (llama, mistral, qwen2, ...), "
+        "or a hub name (org/model) where a hub is reachable."
+    )
 
 
 def cmd_stage(args) -> None:
@@ -167,8 +320,17 @@ def cmd_estimate(args) -> None:
     from afina.config import load_recipe
     from afina.pipeline import estimate
     from afina.train.estimate import format_estimate
+    from afina.train.memory import parse_bytes
 
-    print(format_estimate(estimate(load_recipe(args.recipe, args.overrides))))
+    available = parse_bytes(args.device_memory) if args.device_memory else None
+    result = estimate(
+        load_recipe(args.recipe, args.overrides),
+        available=available,
+        processes=args.processes,
+        strategy=args.strategy,
+        measure=not args.memory_only,
+    )
+    print(format_estimate(result))
 
 
 def cmd_predict(args) -> None:
@@ -177,8 +339,23 @@ def cmd_predict(args) -> None:
     from afina.config import load_recipe
     from afina.tasks import predict_file
 
-    result = predict_file(load_recipe(args.recipe, args.overrides), Path(args.input), Path(args.output), args.batch_size)
+    result = predict_file(
+        load_recipe(args.recipe, args.overrides), Path(args.input), Path(args.output), args.batch_size
+    )
     print(f"predicted {result['rows']} rows -> {result['output']}")
+
+
+def cmd_advise(args) -> None:
+    from afina.advise import format_learning_curve, learning_curve
+    from afina.config import RecipeError, load_recipe
+
+    try:
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+    except ValueError:
+        raise RecipeError(f"--fractions {args.fractions!r}: give numbers between 0 and 1 separated by commas") from None
+    if not all(0 < f <= 1 for f in fractions):
+        raise RecipeError(f"--fractions {args.fractions!r}: every share must be above 0 and at most 1")
+    print(format_learning_curve(learning_curve(load_recipe(args.recipe, args.overrides), fractions)))
 
 
 def cmd_run(args) -> None:
@@ -201,14 +378,18 @@ def cmd_quickstart(args) -> None:
 
     start = time.perf_counter()
     recipe = quickstart_recipe(args.overrides)
-    print(f"afina quickstart: teach {recipe.model.name} the support facts of a fictional company, "
-          f"then compare base and tuned on held-out questions. Run directory: {recipe.run_dir}")
+    print(
+        f"afina quickstart: teach {recipe.model.name} the support facts of a fictional company, "
+        f"then compare base and tuned on held-out questions. Run directory: {recipe.run_dir}"
+    )
     result = run_all(recipe)
     print()
     print("Before / after fine-tuning (held-out test questions):")
     print(format_table(result["eval"]))
-    print(f"\nquickstart finished in {time.perf_counter() - start:.0f} s; everything is in {recipe.run_dir}/ "
-          f"(predictions: {recipe.run_dir}/eval/predictions.jsonl)")
+    print(
+        f"\nquickstart finished in {time.perf_counter() - start:.0f} s; everything is in {recipe.run_dir}/ "
+        f"(predictions: {recipe.run_dir}/eval/predictions.jsonl)"
+    )
 
 
 def serve_settings(args):
@@ -227,8 +408,20 @@ def serve_settings(args):
             raise RecipeError(f"--adapter {item!r}: use NAME=PATH (a run directory or adapter folder)")
         adapters[name] = path
     values["adapters"] = adapters
-    for key in ("host", "port", "api_key", "max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue", "max_batch",
-                "log_dir", "redact_pii"):
+    for key in (
+        "host",
+        "port",
+        "api_key",
+        "max_tokens",
+        "max_prompt_tokens",
+        "max_body_bytes",
+        "max_queue",
+        "max_batch",
+        "log_dir",
+        "redact_pii",
+        "watch",
+        "insecure",
+    ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     try:
@@ -244,13 +437,42 @@ def cmd_serve(args) -> None:
 
 
 def cmd_data(args) -> None:
+    if args.pairs:
+        from afina.data.preference_logs import format_preference_counts, preferences_from_logs
+
+        print(
+            format_preference_counts(
+                preferences_from_logs(args.log_dir, args.output, args.kto_output, args.min_rating, args.max_bad_rating)
+            )
+        )
+        return
     from afina.data.from_logs import from_logs
 
-    counts = from_logs(args.log_dir, args.output, args.min_rating, args.include_unrated)
-    left_out = {k[len("left_out_"):]: v for k, v in counts.items() if k.startswith("left_out_") and v}
-    print(f"wrote {counts['written']} training rows to {args.output} from {counts['requests']} logged requests "
-          f"({counts['corrected']} corrected, {counts['rated_good']} rated good, {counts['unrated_kept']} unrated)"
-          + (f"; left out: {', '.join(f'{v} {k}' for k, v in left_out.items())}" if left_out else ""))
+    counts = from_logs(args.log_dir, args.output, args.min_rating, args.include_unrated, args.skip_bad)
+    for message in counts["bad_lines"]:
+        print(f"skipped {message}", file=sys.stderr)
+    left_out = {k[len("left_out_") :]: v for k, v in counts.items() if k.startswith("left_out_") and v}
+    if counts["skipped_bad"]:
+        left_out["malformed (skipped)"] = counts["skipped_bad"]
+    print(
+        f"wrote {counts['written']} training rows to {args.output} from {counts['requests']} logged requests "
+        f"({counts['corrected']} corrected, {counts['rated_good']} rated good, {counts['unrated_kept']} unrated)"
+        + (f"; left out: {', '.join(f'{v} {k}' for k, v in left_out.items())}" if left_out else "")
+    )
+
+
+def cmd_monitor(args) -> None:
+    from afina.eval.monitor import format_monitor, monitor
+
+    print(format_monitor(monitor(args.log_dir, args.run, args.recent_days, args.max_unlike, args.bucket)))
+
+
+def cmd_promote(args) -> int:
+    from afina.eval.promote import format_promotion, promote
+
+    decision = promote(args.new, args.over, args.min_gain, args.forgetting_threshold, args.serving)
+    print(format_promotion(decision))
+    return 0 if decision["promoted"] else 3
 
 
 COMMANDS = {
@@ -260,9 +482,12 @@ COMMANDS = {
     "export": cmd_stage,
     "estimate": cmd_estimate,
     "predict": cmd_predict,
+    "advise": cmd_advise,
     "run": cmd_run,
     "serve": cmd_serve,
     "data": cmd_data,
+    "monitor": cmd_monitor,
+    "promote": cmd_promote,
     "models": cmd_models,
     "config": cmd_config_show,
     "quickstart": cmd_quickstart,
@@ -279,13 +504,15 @@ def main(argv: list[str] | None = None) -> int:
     from afina.train.loop import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         # bitsandbytes (imported by peft) warns at import that an optional CPU kernel package is
         # missing; its slower built-in path works, so the warning is only noise for a user.
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except (RecipeError, DataError, ModelError, ExportError, FileNotFoundError, LabelError, TagError) as exc:
         print(f"afina {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -298,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"afina {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

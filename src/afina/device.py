@@ -30,6 +30,31 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+WEIGHT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def resolve_weight_dtype(dtype: str, precision: str, device: torch.device) -> str:
+    """`model.dtype` as a torch dtype name. `precision` is the resolved training.precision (bf16 | fp32).
+
+    auto: float32 when training computes in float32 (precision fp32: the weights are the compute; a CPU
+    without AVX512-BF16/AMX multiplies bfloat16 ~6x slower than float32, so auto precision is fp32 there);
+    else bfloat16 where the device runs it natively; float16 on a GPU without bfloat16; float32 otherwise.
+    Training, evaluation and serving load a run's weights in this dtype (train/precision.py says why).
+    """
+    if dtype != "auto":
+        return dtype
+    if precision == "fp32":
+        return "float32"
+    if bf16_is_fast(device):
+        return "bfloat16"
+    return "float16" if device.type == "cuda" else "float32"
+
+
+def recipe_weight_dtype(recipe, device: torch.device) -> str:
+    """The weight dtype a recipe trains (and so evaluates and serves) in on this device."""
+    return resolve_weight_dtype(recipe.model.dtype, resolve_precision(recipe.training.precision, device), device)
+
+
 def autocast_factory(precision: str, device: torch.device):
     """A zero-argument callable returning the autocast context for this precision."""
     if precision == "bf16":

@@ -31,7 +31,8 @@ def bundled_recipe_path(name: str) -> Path:
 
 def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
     """`afina prepare`: the recipe's data read, cleaned, deduplicated and split (afina.data.prepare)."""
-    return prepare_data(recipe, strict, task_for(recipe).chunking(recipe))
+    task = task_for(recipe)
+    return prepare_data(recipe, strict, task.chunking(recipe), task.schemas)
 
 
 def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Any]:
@@ -42,12 +43,24 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     return loop.train(recipe, task, train_rows, val_rows, progress=progress, resume=resume)
 
 
-def estimate(recipe: Recipe, measure_steps: int = 3, available: int | None = None) -> dict[str, Any]:
-    """`afina estimate`: parameters, memory and time of the training run, before running it."""
+def estimate(
+    recipe: Recipe,
+    measure_steps: int = 3,
+    available: int | None = None,
+    processes: int = 1,
+    strategy: str | None = None,
+    measure: bool = True,
+) -> dict[str, Any]:
+    """`afina estimate`: parameters, memory and time of the training run, before running it. Before
+    `afina prepare`, memory from the model's config alone (a micro-batch of data.max_length rows)."""
     run = RunDir(recipe.run_dir)
+    if not run.split_path("train").is_file():
+        return estimate_module.estimate(
+            recipe, available=available, processes=processes, strategy=strategy, measure=False
+        )
     train_rows, _ = loop.read_splits(run)
     task = task_for(recipe).training_task(recipe, run, train_rows)
-    return estimate_module.estimate(recipe, task, train_rows, measure_steps, available)
+    return estimate_module.estimate(recipe, task, train_rows, measure_steps, available, processes, strategy, measure)
 
 
 def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
@@ -78,8 +91,10 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
         elif stage == "eval":
             result = eval_stage(recipe, echo)
         elif not task_for(recipe).carries_lm(recipe):
-            result = {"skipped": f"task {recipe.task} with a head: the trained head is in {run.root}/adapter or model "
-                      "(head.json names its backbone and labels); use `afina predict`"}
+            result = {
+                "skipped": f"task {recipe.task} with a head: the trained head is in {run.root}/adapter or model "
+                "(head.json names its backbone and labels); use `afina predict`"
+            }
             echo(f"export: skipped ({result['skipped']})")
         else:
             result = export(recipe)

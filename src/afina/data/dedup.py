@@ -25,10 +25,10 @@ def exact_key(text: str) -> bytes:
 class NearDuplicateIndex:
     """MinHash LSH over word shingles; `find` returns the key of an indexed near duplicate or None.
 
-        index = NearDuplicateIndex(threshold=0.8)
-        sig = index.signature("the quick brown fox jumps over the lazy dog")
-        index.find(sig)                 # None: nothing indexed yet
-        index.add("row-1", sig)
+    index = NearDuplicateIndex(threshold=0.8)
+    sig = index.signature("the quick brown fox jumps over the lazy dog")
+    index.find(sig)                 # None: nothing indexed yet
+    index.add("row-1", sig)
     """
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle: int = 3, seed: int = 1):

@@ -64,8 +64,29 @@ def encode_chat(tokenizer, messages: list[dict[str, str]], train_on: str = "assi
     return {"input_ids": input_ids, "labels": labels}
 
 
+def encode_answer(tokenizer, prompt: list[dict[str, str]], answer: str) -> dict[str, Any]:
+    """A prompt and one answer to it (a preference pair's side, a KTO example): token ids, labels on the
+    answer alone (its content and end-of-turn marker, not earlier assistant turns), and `prompt_tokens`,
+    how many tokens come before the answer."""
+    text, spans = assistant_spans(tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+    start, end = spans[-1]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    offsets = [s for s, _ in encoded["offset_mapping"]]
+    labels = [token if start <= s < end else IGNORE_INDEX for token, s in zip(input_ids, offsets)]
+    prompt_tokens = next((i for i, s in enumerate(offsets) if s >= start), len(input_ids))
+    return {"input_ids": input_ids, "labels": labels, "prompt_tokens": prompt_tokens}
+
+
 def count_tokens(tokenizer, row: dict[str, Any], train_on: str = "assistant") -> int:
-    """Tokens a canonical row takes when trained on: the rendered chat, or the text (tags: the words)."""
+    """Tokens a canonical row takes when trained on: the rendered chat, or the text (tags: the words);
+    a preference pair: its longer side."""
+    if "chosen" in row:
+        return max(
+            len(encode_answer(tokenizer, row["prompt"], row[side])["input_ids"]) for side in ("chosen", "rejected")
+        )
+    if "completion" in row:
+        return len(encode_answer(tokenizer, row["prompt"], row["completion"])["input_ids"])
     if "messages" in row:
         return len(encode_chat(tokenizer, row["messages"], train_on)["input_ids"])
     text = " ".join(row["tokens"]) if "tokens" in row else row["text"]
@@ -103,7 +124,9 @@ def count_chunks(n_tokens: int, length: int, overlap: int = 0) -> int:
     return sum(1 for start, _ in chunk_starts(n_tokens, length, overlap) if min(n_tokens - start, length) >= 2)
 
 
-def encode_text_chunks(tokenizer, text: str, length: int, overlap: int = 0, add_eos: bool = True) -> list[dict[str, Any]]:
+def encode_text_chunks(
+    tokenizer, text: str, length: int, overlap: int = 0, add_eos: bool = True
+) -> list[dict[str, Any]]:
     """A document as chunks of at most `length` tokens, each token labelled once (overlap tokens are context).
 
     Every token is a label (continued pre-training); the first token of a document has nothing before
@@ -135,12 +158,18 @@ def encode_text(tokenizer, text: str) -> dict[str, list[int]]:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def encode_split(tokenizer, rows: list[dict[str, Any]], train_on: str, chunking: Chunking | None = None
-                 ) -> list[dict[str, list[int]]]:
+def encode_split(
+    tokenizer, rows: list[dict[str, Any]], train_on: str, chunking: Chunking | None = None
+) -> list[dict[str, list[int]]]:
     """Canonical rows -> examples (`input_ids`, `labels`): chats with loss where `train_on` says, or text
     rows with loss on every token; with `chunking`, each text row is cut into chunks of tokens."""
     if chunking is not None:
-        return [chunk for row in rows
-                for chunk in encode_text_chunks(tokenizer, row["text"], chunking.length, chunking.overlap, chunking.add_eos)]
-    return [encode_chat(tokenizer, row["messages"], train_on) if "messages" in row else encode_text(tokenizer, row["text"])
-            for row in rows]
+        return [
+            chunk
+            for row in rows
+            for chunk in encode_text_chunks(tokenizer, row["text"], chunking.length, chunking.overlap, chunking.add_eos)
+        ]
+    return [
+        encode_chat(tokenizer, row["messages"], train_on) if "messages" in row else encode_text(tokenizer, row["text"])
+        for row in rows
+    ]

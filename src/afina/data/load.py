@@ -26,12 +26,18 @@ from typing import Any
 
 BOM = b"\xef\xbb\xbf"
 SUFFIX_FORMATS = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonlines": "jsonl",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".jsonlines": "jsonl",
     ".json": "json",
     ".csv": "csv",
-    ".tsv": "tsv", ".tab": "tsv",
-    ".parquet": "parquet", ".pq": "parquet",
-    ".txt": "text", ".text": "text", ".md": "text",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
 }
 HF_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 JSON_CHUNK_CHARS = 1 << 20
@@ -77,7 +83,9 @@ def detect_format(path: Path) -> str:
     return fmt
 
 
-def iter_source(path: Path, fmt: str = "auto", text_unit: str = "paragraph", hf_split: str | None = None) -> Iterator[Item]:
+def iter_source(
+    path: Path, fmt: str = "auto", text_unit: str = "paragraph", hf_split: str | None = None
+) -> Iterator[Item]:
     """Every row of a file, folder or saved HF dataset, in order, as Record or Reject."""
     if not path.exists():
         raise DataError(f"{path}: data file not found")
@@ -109,7 +117,11 @@ def iter_source(path: Path, fmt: str = "auto", text_unit: str = "paragraph", hf_
 
 
 def _iter_folder(folder: Path, text_unit: str) -> Iterator[Item]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     if not files:
         raise DataError(f"{folder}: the folder holds no data files")
     for path in files:
@@ -125,7 +137,7 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, bytes]]:
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
+                raw = raw[len(BOM) :]
             try:
                 yield number, raw.decode("utf-8"), raw
             except UnicodeDecodeError:
@@ -183,7 +195,8 @@ def iter_jsonl(path: Path) -> Iterator[Item]:
 
 def _json_type(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
+        type(value), "a number"
+    )
 
 
 def _text_chunks(path: Path) -> Iterator[str]:
@@ -193,7 +206,7 @@ def _text_chunks(path: Path) -> Iterator[str]:
         while True:
             block = fh.read(JSON_CHUNK_CHARS)
             if first and block.startswith(BOM):
-                block = block[len(BOM):]
+                block = block[len(BOM) :]
             first = False
             if not block:
                 tail = decoder.decode(b"", final=True)
@@ -228,7 +241,9 @@ def iter_json(path: Path) -> Iterator[Item]:
             yield from _iter_json_object(path, buf[pos:] + "".join(chunks), line)
             return
         if buf[pos] != "[":
-            yield Reject(str(path), line, "a JSON file must hold an array of rows or an object of columns", buf[pos:pos + 200])
+            yield Reject(
+                str(path), line, "a JSON file must hold an array of rows or an object of columns", buf[pos : pos + 200]
+            )
             return
         pos += 1
         index = 0
@@ -256,14 +271,20 @@ def iter_json(path: Path) -> Iterator[Item]:
                 if more is not None:  # maybe the element is only cut by the chunk boundary
                     buf, pos = buf[pos:] + more, 0
                     continue
-                yield Reject(str(path), line + buf.count("\n", pos, exc.pos),
-                             f"invalid JSON: {exc.msg}; the rest of the file was not read", buf[pos:pos + 2000])
+                yield Reject(
+                    str(path),
+                    line + buf.count("\n", pos, exc.pos),
+                    f"invalid JSON: {exc.msg}; the rest of the file was not read",
+                    buf[pos : pos + 2000],
+                )
                 return
             index += 1
             if isinstance(value, dict):
                 yield Record(str(path), line, value)
             else:
-                yield Reject(str(path), line, f"a row must be a JSON object, got {_json_type(value)}", json.dumps(value)[:2000])
+                yield Reject(
+                    str(path), line, f"a row must be a JSON object, got {_json_type(value)}", json.dumps(value)[:2000]
+                )
             line += buf.count("\n", pos, end)
             pos, expect_comma = end, True
             if pos > JSON_CHUNK_CHARS:
@@ -285,13 +306,17 @@ def _iter_json_object(path: Path, text: str, line: int) -> Iterator[Item]:
         rows = [dict(zip(lists, values)) for values in zip(*lists.values())]  # {"text": [...], "label": [...]}
     else:
         lengths = ", ".join(f"{k}: {len(v) if isinstance(v, list) else _json_type(v)}" for k, v in data.items())
-        yield Reject(str(path), line, f"a JSON object must hold columns of equal length or one list of rows ({lengths})")
+        yield Reject(
+            str(path), line, f"a JSON object must hold columns of equal length or one list of rows ({lengths})"
+        )
         return
     for number, row in enumerate(rows, start=1):
         if isinstance(row, dict):
             yield Record(str(path), number, row)
         else:
-            yield Reject(str(path), number, f"a row must be a JSON object, got {_json_type(row)}", json.dumps(row)[:2000])
+            yield Reject(
+                str(path), number, f"a row must be a JSON object, got {_json_type(row)}", json.dumps(row)[:2000]
+            )
 
 
 def iter_csv(path: Path, delimiter: str = ",") -> Iterator[Item]:
@@ -368,19 +393,22 @@ def iter_parquet(path: Path) -> Iterator[Item]:
 def iter_text(path: Path, unit: str = "paragraph") -> Iterator[Item]:
     """Plain text as {"text": ...} rows: one per paragraph (blank-line separated), per line, or the whole file."""
     if unit == "file":
-        raw = path.read_bytes().removeprefix(BOM)
+        content = path.read_bytes().removeprefix(BOM)
         try:
-            text = raw.decode("utf-8")
+            document = content.decode("utf-8")
         except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            yield Reject(str(path), line, f"invalid UTF-8 at line {line}; the file is one document, so all of it is rejected")
+            line = content[: exc.start].count(b"\n") + 1
+            yield Reject(
+                str(path), line, f"invalid UTF-8 at line {line}; the file is one document, so all of it is rejected"
+            )
             return
-        if text.strip():
-            yield Record(str(path), 1, {"text": text})
+        if document.strip():
+            yield Record(str(path), 1, {"text": document})
         else:
             yield Reject(str(path), 0, "the file is empty")
         return
-    start, lines, bad = 0, [], 0
+    start, bad = 0, 0
+    lines: list[str] = []
     seen_any = False
     for number, text, raw in _decoded_lines(path):
         blank = text is not None and not text.strip()
@@ -464,5 +492,9 @@ def _label_decoder(feature: Any):
         return lambda value: feature.int2str(value) if isinstance(value, int) and value >= 0 else value
     inner = getattr(feature, "feature", None)
     if isinstance(inner, datasets.ClassLabel):
-        return lambda values: [inner.int2str(v) if isinstance(v, int) and v >= 0 else v for v in values] if isinstance(values, list) else values
+        return lambda values: (
+            [inner.int2str(v) if isinstance(v, int) and v >= 0 else v for v in values]
+            if isinstance(values, list)
+            else values
+        )
     return None

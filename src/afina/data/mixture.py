@@ -28,8 +28,9 @@ from afina.rundir import SPLITS, JsonlWriter, RunDir, file_sha256, read_jsonl, w
 Row = TypeVar("Row")
 
 
-def mixture_shares(sizes: dict[str, int], weights: dict[str, float] | None = None,
-                   temperature: float = 1.0) -> dict[str, float]:
+def mixture_shares(
+    sizes: dict[str, int], weights: dict[str, float] | None = None, temperature: float = 1.0
+) -> dict[str, float]:
     """Each task's share of the mixture: by weights, or p_i proportional to n_i^(1/T).
 
     >>> mixture_shares({"a": 900, "b": 100}, temperature=2.0)
@@ -52,8 +53,9 @@ def mixture_shares(sizes: dict[str, int], weights: dict[str, float] | None = Non
     return {task: w / total for task, w in raw.items()}
 
 
-def mixture_counts(sizes: dict[str, int], weights: dict[str, float] | None = None, temperature: float = 1.0,
-                   total: int | None = None) -> dict[str, int]:
+def mixture_counts(
+    sizes: dict[str, int], weights: dict[str, float] | None = None, temperature: float = 1.0, total: int | None = None
+) -> dict[str, int]:
     """Rows each task contributes to a mixture of `total` rows (default: all rows), rounded to add up to total."""
     shares = mixture_shares(sizes, weights, temperature)
     total = sum(sizes.values()) if total is None else total
@@ -76,8 +78,13 @@ def draw(rows: list[Row], count: int, rng: random.Random) -> list[Row]:
     return drawn + rng.sample(rows, rest)
 
 
-def mix(rows_by_task: dict[str, list[Row]], weights: dict[str, float] | None = None, temperature: float = 1.0,
-        total: int | None = None, seed: int = 0) -> list[Row]:
+def mix(
+    rows_by_task: dict[str, list[Row]],
+    weights: dict[str, float] | None = None,
+    temperature: float = 1.0,
+    total: int | None = None,
+    seed: int = 0,
+) -> list[Row]:
     """A shuffled mixture of the tasks' rows, each task's count from its weight or from n_i^(1/T).
 
     Weights win over the temperature. A task asked for more rows than it has is upsampled (each row
@@ -97,17 +104,25 @@ def task_recipe(recipe: Recipe, source) -> Recipe:
     """The recipe that prepares one source alone, into <run>/tasks/<task>/."""
     config = recipe.to_dict()
     data = config["data"]
-    data.update(sources=[], path=str(recipe.resolve_path(source.path)),
-                validation_path=str(recipe.resolve_path(source.validation_path)) if source.validation_path else None,
-                test_path=str(recipe.resolve_path(source.test_path)) if source.test_path else None,
-                format=source.format, text_unit=source.text_unit, schema=source.schema_, fields=source.fields,
-                group_by=source.group_by or data["group_by"],
-                system_prompt=source.system_prompt if source.system_prompt is not None else data["system_prompt"])
+    data.update(
+        sources=[],
+        path=str(recipe.resolve_path(source.path)),
+        validation_path=str(recipe.resolve_path(source.validation_path)) if source.validation_path else None,
+        test_path=str(recipe.resolve_path(source.test_path)) if source.test_path else None,
+        format=source.format,
+        text_unit=source.text_unit,
+        schema=source.schema_,
+        fields=source.fields,
+        group_by=source.group_by or data["group_by"],
+        system_prompt=source.system_prompt if source.system_prompt is not None else data["system_prompt"],
+    )
     config.update(name=source.task, output_dir=str(recipe.run_dir / "tasks"))
     return build_recipe(config, f"data.sources[{source.task}]", recipe._base_dir)
 
 
-def prepare_tasks(recipe: Recipe, strict: bool, prepare_one: Callable[[Recipe, bool], dict[str, Any]]) -> dict[str, Any]:
+def prepare_tasks(
+    recipe: Recipe, strict: bool, prepare_one: Callable[[Recipe, bool], dict[str, Any]]
+) -> dict[str, Any]:
     """Prepare each source as its own task (`prepare_one`: afina.data.prepare.prepare_data), then write the mixed
     train split and the per-task eval splits."""
     run = RunDir(recipe.run_dir)
@@ -118,10 +133,15 @@ def prepare_tasks(recipe: Recipe, strict: bool, prepare_one: Callable[[Recipe, b
         sub = task_recipe(recipe, source)
         reports[source.task] = prepare_one(sub, strict)
         sub_run = RunDir(sub.run_dir)
-        splits[source.task] = {name: [{**row, "task": source.task} for row in read_jsonl(sub_run.split_path(name))]
-                               for name in SPLITS}
+        splits[source.task] = {
+            name: [{**row, "task": source.task} for row in read_jsonl(sub_run.split_path(name))] for name in SPLITS
+        }
 
-    weights = {s.task: s.weight for s in recipe.data.sources} if recipe.data.sources[0].weight is not None else None
+    weights = (
+        {s.task: float(s.weight or 0.0) for s in recipe.data.sources}
+        if recipe.data.sources[0].weight is not None
+        else None
+    )
     mixing = recipe.data.mixture
     train_by_task = {task: rows["train"] for task, rows in splits.items()}
     temperature = mixing.temperature or 1.0
@@ -132,16 +152,32 @@ def prepare_tasks(recipe: Recipe, strict: bool, prepare_one: Callable[[Recipe, b
     write_rows(run.split_path("train"), mixed)
     for name in ("validation", "test"):
         write_rows(run.split_path(name), [row for rows in splits.values() for row in rows[name]])
-    write_rows(run.data / "rejects.jsonl",
-               [{**r, "task": task} for task in splits for r in read_jsonl(run.root / "tasks" / task / "data" / "rejects.jsonl")])
+    write_rows(
+        run.data / "rejects.jsonl",
+        [
+            {**r, "task": task}
+            for task in splits
+            for r in read_jsonl(run.root / "tasks" / task / "data" / "rejects.jsonl")
+        ],
+    )
 
     report = {
         "source": ", ".join(f"{s.task}: {s.path}" for s in recipe.data.sources),
         "schema": "multi-task",
-        "tasks": {task: {"schema": r["schema"], "field_mapping": r["field_mapping"], "rows_in": r["rows_in"], "kept": r["kept"],
-                         "rejected": r["rejected"], "splits": r["splits"], "tokens": r["tokens"], "warnings": r["warnings"],
-                         "report": str(run.root / "tasks" / task / "data" / "report.json")}
-                  for task, r in reports.items()},
+        "tasks": {
+            task: {
+                "schema": r["schema"],
+                "field_mapping": r["field_mapping"],
+                "rows_in": r["rows_in"],
+                "kept": r["kept"],
+                "rejected": r["rejected"],
+                "splits": r["splits"],
+                "tokens": r["tokens"],
+                "warnings": r["warnings"],
+                "report": str(run.root / "tasks" / task / "data" / "report.json"),
+            }
+            for task, r in reports.items()
+        },
         "mixture": {
             "method": "weights" if weights else f"temperature {temperature} (p_i ∝ n_i^(1/T))",
             "weights": weights,
@@ -153,7 +189,10 @@ def prepare_tasks(recipe: Recipe, strict: bool, prepare_one: Callable[[Recipe, b
         },
         "rows_in": sum(r["rows_in"] for r in reports.values()),
         "rejected": sum(r["rejected"] for r in reports.values()),
-        "splits": {"train": len(mixed), **{name: sum(len(rows[name]) for rows in splits.values()) for name in ("validation", "test")}},
+        "splits": {
+            "train": len(mixed),
+            **{name: sum(len(rows[name]) for rows in splits.values()) for name in ("validation", "test")},
+        },
         "warnings": [f"{task}: {w}" for task, r in reports.items() for w in r["warnings"]],
     }
     write_json_atomic(run.data / "report.json", report)
@@ -184,11 +223,15 @@ def format_tasks_report(report: dict[str, Any]) -> str:
     width = max(len(t) for t in report["tasks"])
     for task, r in report["tasks"].items():
         s = r["splits"]
-        lines.append(f"  {task:<{width}}  {r['schema']}: {r['rows_in']} in, {r['kept']} kept, {r['rejected']} rejected; "
-                     f"splits train {s['train']}, validation {s['validation']}, test {s['test']}; "
-                     f"train mixture {m['train_rows_mixed'][task]} rows (share {m['shares'][task]:.3f})")
+        lines.append(
+            f"  {task:<{width}}  {r['schema']}: {r['rows_in']} in, {r['kept']} kept, {r['rejected']} rejected; "
+            f"splits train {s['train']}, validation {s['validation']}, test {s['test']}; "
+            f"train mixture {m['train_rows_mixed'][task]} rows (share {m['shares'][task]:.3f})"
+        )
     s = report["splits"]
-    lines.append(f"splits: train {s['train']} (mixed), validation {s['validation']}, test {s['test']} (per task, whole)")
+    lines.append(
+        f"splits: train {s['train']} (mixed), validation {s['validation']}, test {s['test']} (per task, whole)"
+    )
     for warning in report["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
@@ -199,12 +242,33 @@ def tasks_report_html(report: dict[str, Any]) -> str:
     import html
 
     m = report["mixture"]
-    header = ["task", "schema", "rows in", "kept", "rejected", "train rows", "share", "train rows mixed", "validation",
-              "test", "data report"]
+    header = [
+        "task",
+        "schema",
+        "rows in",
+        "kept",
+        "rejected",
+        "train rows",
+        "share",
+        "train rows mixed",
+        "validation",
+        "test",
+        "data report",
+    ]
     body = ""
     for task, r in report["tasks"].items():
-        cells = [task, r["schema"], r["rows_in"], r["kept"], r["rejected"], r["splits"]["train"], m["shares"][task],
-                 m["train_rows_mixed"][task], r["splits"]["validation"], r["splits"]["test"]]
+        cells = [
+            task,
+            r["schema"],
+            r["rows_in"],
+            r["kept"],
+            r["rejected"],
+            r["splits"]["train"],
+            m["shares"][task],
+            m["train_rows_mixed"][task],
+            r["splits"]["validation"],
+            r["splits"]["test"],
+        ]
         link = f'<a href="../tasks/{html.escape(task)}/data/report.html">{html.escape(task)}</a>'
         body += "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + f"<td>{link}</td></tr>"
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + f"</tr>{body}</table>"
@@ -212,7 +276,7 @@ def tasks_report_html(report: dict[str, Any]) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>afina data report (multi-task)</title></head><body>
 <h1>Multi-task data</h1>
-<p>{len(report['tasks'])} tasks, train split mixed by {html.escape(m['method'])}: {m['total']} rows. Validation and test
+<p>{len(report["tasks"])} tasks, train split mixed by {html.escape(m["method"])}: {m["total"]} rows. Validation and test
 rows stay whole, per task.</p>
 {table}
 <h2>Warnings</h2><ul>{warnings}</ul>

@@ -26,16 +26,22 @@ from afina.config import Recipe, RecipeError
 from afina.data.clean import TextCleaner, is_empty
 from afina.data.dedup import NearDuplicateIndex, exact_key
 from afina.data.format import Chunking, TemplateError, chat_template_hash, count_chunks, count_tokens
+from afina.data.load import DataError, Record, Reject, hf_split_names, iter_source
 from afina.data.mixture import format_tasks_report, prepare_tasks
 from afina.data.report import write_html_report
-from afina.data.load import DataError, Record, Reject, hf_split_names, iter_source
 from afina.data.schema import RowError, content_text, guess_schema, to_canonical
 from afina.models import load_tokenizer
 from afina.rundir import SPLITS, JsonlWriter, RunDir, file_sha256, write_json_atomic
 
 STEPS = ("load", "map", "clean", "length", "exact_dedup", "near_dedup", "leak")
 STRICT_STEPS = ("load", "map", "clean")  # malformed input; the later steps filter well-formed rows
-HF_SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation", "test": "test"}
+HF_SPLIT_NAMES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "dev": "validation",
+    "test": "test",
+}
 EXAMPLES_PER_REASON = 3
 
 
@@ -51,8 +57,9 @@ def split_counts(n: int, ratios: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def assign_splits(labels: list[str | None], groups: list[str | None], ratios: dict[str, float], seed: int,
-                  stratify: bool = True) -> list[str]:
+def assign_splits(
+    labels: list[str | None], groups: list[str | None], ratios: dict[str, float], seed: int, stratify: bool = True
+) -> list[str]:
     """The split of each row: seeded; rows sharing a group stay together; else each label split by ratio."""
     rng = random.Random(seed)
     n = len(labels)
@@ -64,7 +71,7 @@ def assign_splits(labels: list[str | None], groups: list[str | None], ratios: di
         order = list(units.values())
         rng.shuffle(order)
         targets = split_counts(n, ratios)
-        filled = Counter()
+        filled: Counter[str] = Counter()
         for unit in order:  # each whole group goes where the most rows are still missing
             name = max(SPLITS, key=lambda s: (targets[s] - filled[s], targets[s]))
             for i in unit:
@@ -113,7 +120,9 @@ class Ledger:
         if raw is not None and not item.raw:
             item.raw = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)
         if self.strict and step in STRICT_STEPS:
-            raise DataError(item.message() + " (stopped by --strict; without it the row is rejected and preparation goes on)")
+            raise DataError(
+                item.message() + " (stopped by --strict; without it the row is rejected and preparation goes on)"
+            )
         reason = generic_reason(item.reason)
         self.by_step[step][reason] += 1
         if len(self.examples[f"{step}: {reason}"]) < EXAMPLES_PER_REASON:
@@ -156,19 +165,27 @@ def data_sources(recipe: Recipe) -> list[tuple[str, Path, str | None]]:
     return sources
 
 
-def prepare_data(recipe: Recipe, strict: bool = False, chunking: Chunking | None = None) -> dict[str, Any]:
+def prepare_data(
+    recipe: Recipe, strict: bool = False, chunking: Chunking | None = None, schemas: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """Read the recipe's data, keep the usable rows, split them, and write the rows and the report.
 
     `chunking` (domain adaptation, from the task type): rows are documents of text, cut into chunks when
-    encoded, so none is rejected for length; the report counts the chunks per split.
+    encoded, so none is rejected for length; the report counts the chunks per split. `schemas` (from the
+    task type): the row shapes guessed among (default: all but the preference ones).
     """
     if recipe.data.sources:  # multi-task: each source prepared as its own task, then mixed
         return prepare_tasks(recipe, strict, prepare_one=prepare_data)
     sources = data_sources(recipe)
     run = RunDir(recipe.run_dir)
     run.data.mkdir(parents=True, exist_ok=True)
-    intake = Intake(recipe, load_tokenizer(recipe.model.name, recipe.model.chat_template), Ledger(run.data / "rejects.jsonl", strict),
-                    long_documents=chunking is not None)
+    intake = Intake(
+        recipe,
+        load_tokenizer(recipe.model.name, recipe.model.chat_template),
+        Ledger(run.data / "rejects.jsonl", strict),
+        long_documents=chunking is not None,
+        schemas=schemas,
+    )
     spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=run.data, prefix=".kept-")
     try:
         for origin, path, hf_split in sources:
@@ -191,16 +208,29 @@ def prepare_data(recipe: Recipe, strict: bool = False, chunking: Chunking | None
     warnings = check_splits(kept, split_of, intake.schema, ratios)
     if strict and warnings:
         raise DataError(f"{sources[0][1]}: {warnings[0]} (stopped by --strict)")
-    report = build_report(recipe, sources, intake.schema, intake.mapping, intake.ledger, kept, split_of,
-                          intake.cleaner, warnings, leaks, chunking)
+    report = build_report(
+        recipe,
+        sources,
+        intake.schema,
+        intake.mapping,
+        intake.ledger,
+        kept,
+        split_of,
+        intake.cleaner,
+        warnings,
+        leaks,
+        chunking,
+    )
     write_json_atomic(run.data / "report.json", report)
     write_html_report(run.data / "report.html", report)
     run.update_manifest(
         data={
             "source": str(sources[0][1]),
             "source_sha256": source_fingerprint(sources[0][1]),
-            "inputs": {f"{origin}:{path}" + (f"[{split}]" if split else ""): source_fingerprint(path)
-                       for origin, path, split in sources},
+            "inputs": {
+                f"{origin}:{path}" + (f"[{split}]" if split else ""): source_fingerprint(path)
+                for origin, path, split in sources
+            },
             "schema": intake.schema,
             "splits_sha256": {name: file_sha256(run.split_path(name)) for name in SPLITS},
             "chat_template_sha256": chat_template_hash(intake.tokenizer),
@@ -213,8 +243,11 @@ class Intake:
     """Rows through the steps one at a time (map, clean, length, exact and near dedup), rejects into the
     ledger with their reason; what is kept is remembered (KeptRow) for the split, the row itself returned."""
 
-    def __init__(self, recipe: Recipe, tokenizer, ledger: Ledger, long_documents: bool):
+    def __init__(
+        self, recipe: Recipe, tokenizer, ledger: Ledger, long_documents: bool, schemas: tuple[str, ...] | None = None
+    ):
         self.recipe, self.data, self.tokenizer, self.ledger = recipe, recipe.data, tokenizer, ledger
+        self.schemas = schemas
         self.long_documents = long_documents  # domain adaptation: cut into chunks when encoded, never too long
         self.cleaner = TextCleaner(recipe.data.clean, recipe.data.pii)
         self.kept: list[KeptRow] = []
@@ -242,8 +275,9 @@ class Intake:
         self.first_of[origin].setdefault(key, len(self.kept))
         user_id = item.row.get("id")
         row = {"id": str(user_id) if user_id is not None else where, **row, "source": where}
-        self.kept.append(KeptRow(origin, where, key, n_tokens, row.get("label"),
-                                 row["group"] if self.data.group_by else None))
+        self.kept.append(
+            KeptRow(origin, where, key, n_tokens, row.get("label"), row["group"] if self.data.group_by else None)
+        )
         return row
 
     def mapped(self, record: Record) -> dict[str, Any] | None:
@@ -251,8 +285,9 @@ class Intake:
         data = self.data
         try:
             if self.schema is None:
-                self.schema, self.mapping = guess_schema(record.row, data.fields,
-                                                         "text" if self.long_documents else data.schema_)
+                self.schema, self.mapping = guess_schema(
+                    record.row, data.fields, "text" if self.long_documents else data.schema_, among=self.schemas
+                )
             return to_canonical(record.row, self.schema, data.fields, data.system_prompt, data.group_by)
         except RowError as exc:
             self.ledger.reject(Reject(record.file, record.line, str(exc)), "map", record.row)
@@ -276,8 +311,11 @@ class Intake:
             raise DataError(f"{record.file}:{record.line}: {exc}") from None
         too_long = n_tokens > data.max_length and not self.long_documents
         if too_long or n_tokens < data.clean.min_tokens:
-            bound = (f"more than data.max_length={data.max_length}" if n_tokens > data.max_length
-                     else f"fewer than data.clean.min_tokens={data.clean.min_tokens}")
+            bound = (
+                f"more than data.max_length={data.max_length}"
+                if n_tokens > data.max_length
+                else f"fewer than data.clean.min_tokens={data.clean.min_tokens}"
+            )
             self.ledger.reject(Reject(record.file, record.line, f"{n_tokens} tokens, {bound}"), "length", record.row)
             return None
         return n_tokens
@@ -287,8 +325,11 @@ class Intake:
         dedup = self.data.dedup
         seen = self.first_of[origin].get(key) if dedup.exact else None
         if seen is not None:
-            self.ledger.reject(Reject(record.file, record.line, _duplicate_reason("exact duplicate", self.kept[seen], row)),
-                               "exact_dedup", record.row)
+            self.ledger.reject(
+                Reject(record.file, record.line, _duplicate_reason("exact duplicate", self.kept[seen], row)),
+                "exact_dedup",
+                record.row,
+            )
             return True
         if not dedup.near:
             return False
@@ -311,8 +352,11 @@ class Intake:
             raise DataError(f"{source}: no rows to read")
         if not self.kept:
             first = ledger.first
-            raise DataError(f"{source}: no usable rows; all {ledger.rows_in} were rejected "
-                            f"(first, {first.file}:{first.line}: {first.reason})")
+            assert first is not None  # every row in was rejected, so there is a first reject
+            raise DataError(
+                f"{source}: no usable rows; all {ledger.rows_in} were rejected "
+                f"(first, {first.file}:{first.line}: {first.reason})"
+            )
 
     def split(self) -> tuple[list[str], dict[str, float]]:
         """split: the pool by seeded ratios (grouped or stratified); given files fill their own split.
@@ -322,8 +366,17 @@ class Intake:
         ratios = {name: (0.0 if name in given else getattr(data.split, name)) for name in SPLITS}
         pool = [i for i, k in enumerate(kept) if k.origin == "pool"]
         stratify = data.stratify and self.schema == "classification"
-        pool_splits = assign_splits([kept[i].label for i in pool], [kept[i].group for i in pool], ratios,
-                                    self.recipe.seed, stratify=stratify) if pool else []
+        pool_splits = (
+            assign_splits(
+                [kept[i].label for i in pool],
+                [kept[i].group for i in pool],
+                ratios,
+                self.recipe.seed,
+                stratify=stratify,
+            )
+            if pool
+            else []
+        )
         split_of = [k.origin for k in kept]
         for i, name in zip(pool, pool_splits):
             split_of[i] = name
@@ -358,8 +411,9 @@ def _duplicate_reason(kind: str, first: KeptRow, row: dict[str, Any]) -> str:
     return reason
 
 
-def find_leaks(kept: list[KeptRow], split_of: list[str], near: dict[str, NearDuplicateIndex] | None,
-               threshold: float) -> dict[int, str]:
+def find_leaks(
+    kept: list[KeptRow], split_of: list[str], near: dict[str, NearDuplicateIndex] | None, threshold: float
+) -> dict[int, str]:
     """Rows of train (vs validation and test) and of validation (vs test) that duplicate a later split."""
     later = {"train": ("test", "validation"), "validation": ("test",)}
     exact: dict[str, dict[bytes, int]] = {"validation": {}, "test": {}}
@@ -385,7 +439,10 @@ def find_leaks(kept: list[KeptRow], split_of: list[str], near: dict[str, NearDup
                 match = indexes[other].find(indexes[other].minhash_from(near[kept[i].origin].signatures[str(i)]))
                 if match is not None:
                     j = int(match[0])
-                    leaks[i] = f"leak: near duplicate (similarity {match[1]:.2f}) of {other} row {kept[j].where}; removed from {split}"
+                    leaks[i] = (
+                        f"leak: near duplicate (similarity {match[1]:.2f}) of {other} row {kept[j].where}; removed "
+                        f"from {split}"
+                    )
                     break
     return leaks
 
@@ -397,7 +454,9 @@ def check_splits(kept: list[KeptRow], split_of: list[str], schema: str | None, r
     if schema == "classification":
         classes = set().union(*labels.values())
         if len(classes) == 1:
-            warnings.append(f"every kept row has the label '{next(iter(classes))}'; a classifier needs two classes or more")
+            warnings.append(
+                f"every kept row has the label '{next(iter(classes))}'; a classifier needs two classes or more"
+            )
         for name in ("validation", "test"):
             unseen = sorted(set(labels[name]) - set(labels["train"]), key=str)
             if unseen:
@@ -419,20 +478,41 @@ def source_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_report(recipe: Recipe, sources, schema, mapping, ledger: Ledger, kept: list[KeptRow], split_of: list[str],
-                 cleaner: TextCleaner, warnings: list[str], leaks: dict[int, str], chunking: Chunking | None = None
-                 ) -> dict[str, Any]:
+def build_report(
+    recipe: Recipe,
+    sources,
+    schema,
+    mapping,
+    ledger: Ledger,
+    kept: list[KeptRow],
+    split_of: list[str],
+    cleaner: TextCleaner,
+    warnings: list[str],
+    leaks: dict[int, str],
+    chunking: Chunking | None = None,
+) -> dict[str, Any]:
     data = recipe.data
     steps, rows = [], ledger.rows_in
     for step in STEPS:
         rejected = sum(ledger.by_step[step].values())
-        steps.append({"step": step, "rows_in": rows, "kept": rows - rejected, "rejected": rejected,
-                      "rejected_by_reason": dict(ledger.by_step[step].most_common())})
+        steps.append(
+            {
+                "step": step,
+                "rows_in": rows,
+                "kept": rows - rejected,
+                "rejected": rejected,
+                "rejected_by_reason": dict(ledger.by_step[step].most_common()),
+            }
+        )
         rows -= rejected
     split_sizes = {name: split_of.count(name) for name in SPLITS}
     lengths = {name: [k.tokens for k, s in zip(kept, split_of) if s == name] for name in SPLITS}
     all_lengths = [n for name in SPLITS for n in lengths[name]]
-    edges = np.histogram_bin_edges(all_lengths, bins=min(30, max(1, len(set(all_lengths))))) if all_lengths else np.array([0, 1])
+    edges = (
+        np.histogram_bin_edges(all_lengths, bins=min(30, max(1, len(set(all_lengths)))))
+        if all_lengths
+        else np.array([0, 1])
+    )
     report = {
         "source": str(sources[0][1]),
         "inputs": [{"origin": o, "path": str(p), **({"hf_split": s} if s else {})} for o, p, s in sources],
@@ -442,23 +522,39 @@ def build_report(recipe: Recipe, sources, schema, mapping, ledger: Ledger, kept:
         "rows_in": ledger.rows_in,
         "kept": sum(split_sizes.values()),
         "rejected": ledger.rejected,
-        "rejected_by_reason": {f"{step}: {reason}": n for step in STEPS for reason, n in ledger.by_step[step].most_common()},
+        "rejected_by_reason": {
+            f"{step}: {reason}": n for step in STEPS for reason, n in ledger.by_step[step].most_common()
+        },
         "steps": steps,
         "splits": split_sizes,
         "split_method": _split_method(kept, schema, data.stratify),
-        "cleaning": {"rows_changed": dict(cleaner.rows_changed), "pii_redacted": dict(cleaner.redacted),
-                     "pii_redaction": data.pii.redact},
-        "dedup": {"exact": steps[4]["rejected"], "near": steps[5]["rejected"], "near_threshold": data.dedup.threshold,
-                  "leaks_removed": len(leaks)},
+        "cleaning": {
+            "rows_changed": dict(cleaner.rows_changed),
+            "pii_redacted": dict(cleaner.redacted),
+            "pii_redaction": data.pii.redact,
+        },
+        "dedup": {
+            "exact": steps[4]["rejected"],
+            "near": steps[5]["rejected"],
+            "near_threshold": data.dedup.threshold,
+            "leaks_removed": len(leaks),
+        },
         "tokens": _token_stats(all_lengths),
         "tokens_per_split": {name: _token_stats(lengths[name]) for name in SPLITS},
-        "token_histogram": {"edges": [round(float(e), 1) for e in edges],
-                            "counts": {name: np.histogram(lengths[name], bins=edges)[0].tolist() for name in SPLITS}},
-        "truncation": {"max_length": data.max_length,
-                       "rows_over_max_length": sum(n for reason, n in ledger.by_step["length"].items() if "max_length" in reason),
-                       "action": "rejected, never cut silently: raise data.max_length to keep them"},
-        "labels": ({name: dict(Counter(k.label for k, s in zip(kept, split_of) if s == name).most_common()) for name in SPLITS}
-                   if schema == "classification" else None),
+        "token_histogram": {
+            "edges": [round(float(e), 1) for e in edges],
+            "counts": {name: np.histogram(lengths[name], bins=edges)[0].tolist() for name in SPLITS},
+        },
+        "truncation": {
+            "max_length": data.max_length,
+            "rows_over_max_length": sum(n for reason, n in ledger.by_step["length"].items() if "max_length" in reason),
+            "action": "rejected, never cut silently: raise data.max_length to keep them",
+        },
+        "labels": (
+            {name: dict(Counter(k.label for k, s in zip(kept, split_of) if s == name).most_common()) for name in SPLITS}
+            if schema == "classification"
+            else None
+        ),
         "warnings": warnings,
         "reject_examples": dict(ledger.examples),
     }
@@ -466,7 +562,9 @@ def build_report(recipe: Recipe, sources, schema, mapping, ledger: Ledger, kept:
         report["labels"] = None
     if chunking is not None:
         report["domain"] = domain_chunks(chunking, kept, split_of)
-        report["truncation"]["action"] = "domain adaptation: long documents are cut into chunks, none rejected for length"
+        report["truncation"]["action"] = (
+            "domain adaptation: long documents are cut into chunks, none rejected for length"
+        )
     return report
 
 
@@ -474,11 +572,18 @@ def domain_chunks(chunking: Chunking, kept: list[KeptRow], split_of: list[str]) 
     """Domain adaptation: how the documents of each split fall into chunks of tokens."""
     length, overlap = chunking.length, chunking.overlap
     eos = int(chunking.add_eos)
-    chunks = {name: sum(count_chunks(k.tokens + eos, length, overlap) for k, s in zip(kept, split_of) if s == name)
-              for name in SPLITS}
+    chunks = {
+        name: sum(count_chunks(k.tokens + eos, length, overlap) for k, s in zip(kept, split_of) if s == name)
+        for name in SPLITS
+    }
     split_docs = sum(1 for k, s in zip(kept, split_of) if s and k.tokens + eos > length)
-    return {"chunk_length": length, "overlap": overlap, "add_eos": chunking.add_eos, "chunks": chunks,
-            "documents_split": split_docs}
+    return {
+        "chunk_length": length,
+        "overlap": overlap,
+        "add_eos": chunking.add_eos,
+        "chunks": chunks,
+        "documents_split": split_docs,
+    }
 
 
 def _split_method(kept: list[KeptRow], schema: str | None, stratify: bool) -> str:
@@ -496,8 +601,13 @@ def _split_method(kept: list[KeptRow], schema: str | None, stratify: bool) -> st
 def _token_stats(lengths: list[int]) -> dict[str, Any]:
     if not lengths:
         return {"total": 0, "min": 0, "mean": 0, "max": 0}
-    return {"total": int(sum(lengths)), "min": int(min(lengths)), "mean": round(sum(lengths) / len(lengths), 1),
-            "p95": int(np.percentile(lengths, 95)), "max": int(max(lengths))}
+    return {
+        "total": int(sum(lengths)),
+        "min": int(min(lengths)),
+        "mean": round(sum(lengths) / len(lengths), 1),
+        "p95": int(np.percentile(lengths, 95)),
+        "max": int(max(lengths)),
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -520,13 +630,17 @@ def format_report(report: dict[str, Any]) -> str:
     if c["pii_redacted"]:
         lines.append("PII redacted: " + ", ".join(f"{kind} {n}" for kind, n in c["pii_redacted"].items()))
     s, t = report["splits"], report["tokens"]
-    lines.append(f"splits: train {s['train']}, validation {s['validation']}, test {s['test']} ({report['split_method']})")
+    lines.append(
+        f"splits: train {s['train']}, validation {s['validation']}, test {s['test']} ({report['split_method']})"
+    )
     lines.append(f"tokens per example: min {t['min']}, mean {t['mean']}, max {t['max']} ({t['total']} in all)")
     if report.get("domain"):
         d = report["domain"]
-        lines.append(f"chunks of {d['chunk_length']} tokens (overlap {d['overlap']}): train {d['chunks']['train']}, "
-                     f"validation {d['chunks']['validation']}, test {d['chunks']['test']}; "
-                     f"{d['documents_split']} documents longer than a chunk were split")
+        lines.append(
+            f"chunks of {d['chunk_length']} tokens (overlap {d['overlap']}): train {d['chunks']['train']}, "
+            f"validation {d['chunks']['validation']}, test {d['chunks']['test']}; "
+            f"{d['documents_split']} documents longer than a chunk were split"
+        )
     for warning in report["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

@@ -41,8 +41,17 @@ def plot_token_lengths(report: dict[str, Any]) -> str:
     fig, ax = plt.subplots(figsize=(7, 3))
     bottom = [0] * (len(edges) - 1)
     for name, counts in hist["counts"].items():
-        ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge", bottom=bottom,
-               color=SPLIT_COLOURS[name], label=name, edgecolor="white", linewidth=0.3)
+        ax.bar(
+            edges[:-1],
+            counts,
+            width=[b - a for a, b in zip(edges[:-1], edges[1:])],
+            align="edge",
+            bottom=bottom,
+            color=SPLIT_COLOURS[name],
+            label=name,
+            edgecolor="white",
+            linewidth=0.3,
+        )
         bottom = [b + c for b, c in zip(bottom, counts)]
     ax.axvline(report["truncation"]["max_length"], color="#c44e52", linestyle="--", label="max_length")
     ax.set_xlabel("tokens per example")
@@ -92,7 +101,8 @@ def render_html(report: dict[str, Any]) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>afina data report</title><style>"
         "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
         "font-size:14px;vertical-align:top}th{background:#f3f3f3}pre{white-space:pre-wrap;font-size:12px;margin:0}"
         ".warn{color:#a33}</style></head><body>",
         "<h1>Data report</h1>",
@@ -104,17 +114,37 @@ def render_html(report: dict[str, Any]) -> str:
     for warning in report["warnings"]:
         parts.append(f"<p class='warn'>Warning: {esc(warning)}</p>")
     parts.append("<h2>Steps</h2>")
-    parts.append(_table(["step", "rows in", "kept", "rejected", "reasons"],
-                        [[s["step"], s["rows_in"], s["kept"], s["rejected"],
-                          "; ".join(f"{n} × {r}" for r, n in s["rejected_by_reason"].items())] for s in report["steps"]]))
+    parts.append(
+        _table(
+            ["step", "rows in", "kept", "rejected", "reasons"],
+            [
+                [
+                    s["step"],
+                    s["rows_in"],
+                    s["kept"],
+                    s["rejected"],
+                    "; ".join(f"{n} × {r}" for r, n in s["rejected_by_reason"].items()),
+                ]
+                for s in report["steps"]
+            ],
+        )
+    )
     parts.append(f"<img src='data:image/png;base64,{plot_steps(report)}' alt='rows per step'>")
     parts.append("<h2>Splits</h2>")
-    parts.append(_table(["split", "rows", "tokens min", "mean", "p95", "max"],
-                        [[name, n, *(report["tokens_per_split"][name].get(k, "") for k in ("min", "mean", "p95", "max"))]
-                         for name, n in report["splits"].items()]))
-    parts.append(f"<p>Method: {esc(report['split_method'])}. Leaks removed: {report['dedup']['leaks_removed']}. "
-                 f"Rows over max_length ({report['truncation']['max_length']} tokens): "
-                 f"{report['truncation']['rows_over_max_length']}, {esc(report['truncation']['action'])}.</p>")
+    parts.append(
+        _table(
+            ["split", "rows", "tokens min", "mean", "p95", "max"],
+            [
+                [name, n, *(report["tokens_per_split"][name].get(k, "") for k in ("min", "mean", "p95", "max"))]
+                for name, n in report["splits"].items()
+            ],
+        )
+    )
+    parts.append(
+        f"<p>Method: {esc(report['split_method'])}. Leaks removed: {report['dedup']['leaks_removed']}. "
+        f"Rows over max_length ({report['truncation']['max_length']} tokens): "
+        f"{report['truncation']['rows_over_max_length']}, {esc(report['truncation']['action'])}.</p>"
+    )
     if report["kept"]:
         parts.append(f"<img src='data:image/png;base64,{plot_token_lengths(report)}' alt='token lengths'>")
     if report.get("labels"):
@@ -122,17 +152,30 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(f"<img src='data:image/png;base64,{plot_labels(report)}' alt='label distribution'>")
     cleaning = report["cleaning"]
     parts.append("<h2>Cleaning</h2>")
-    parts.append(_table(["operation", "rows changed"], [[op, n] for op, n in cleaning["rows_changed"].items()] or [["(none)", 0]]))
+    parts.append(
+        _table(
+            ["operation", "rows changed"], [[op, n] for op, n in cleaning["rows_changed"].items()] or [["(none)", 0]]
+        )
+    )
     if cleaning["pii_redaction"]:
-        parts.append(_table(["PII kind", "replaced"], [[k, n] for k, n in cleaning["pii_redacted"].items()] or [["(none found)", 0]]))
+        parts.append(
+            _table(
+                ["PII kind", "replaced"], [[k, n] for k, n in cleaning["pii_redacted"].items()] or [["(none found)", 0]]
+            )
+        )
     if report["reject_examples"]:
         parts.append("<h2>Examples of rejects</h2>")
-        rows = [[reason, f"{ex['file']}:{ex['line']}", ex["reason"], ex["raw"][:300]]
-                for reason, examples in report["reject_examples"].items() for ex in examples]
+        rows = [
+            [reason, f"{ex['file']}:{ex['line']}", ex["reason"], ex["raw"][:300]]
+            for reason, examples in report["reject_examples"].items()
+            for ex in examples
+        ]
         parts.append(_table(["kind", "where", "reason", "row"], rows))
-    parts.append("<details><summary>report.json</summary><pre>"
-                 f"{esc(json.dumps({k: v for k, v in report.items() if k != 'reject_examples'}, indent=1, ensure_ascii=False))}"
-                 "</pre></details></body></html>")
+    parts.append(
+        "<details><summary>report.json</summary><pre>"
+        f"{esc(json.dumps({k: v for k, v in report.items() if k != 'reject_examples'}, indent=1, ensure_ascii=False))}"
+        "</pre></details></body></html>"
+    )
     return "".join(parts)
 
 

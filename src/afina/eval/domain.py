@@ -19,7 +19,6 @@ from typing import Any
 
 from afina.data.load import DataError, Reject, iter_source
 
-
 TEXTS = ("domain", "general")
 
 
@@ -28,7 +27,8 @@ def default_general_text_path() -> Path:
 
 
 def load_general_text(path: Path) -> list[dict[str, str]]:
-    """General text as {"text"} rows: a JSONL file with a `text` field per line, or plain text (one row per paragraph)."""
+    """General text as {"text"} rows: a JSONL file with a `text` field per line, or plain text (one row per
+    paragraph)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: general text file not found (domain.general_text)")
     fmt = "jsonl" if path.suffix in (".jsonl", ".json") else "text"
@@ -60,11 +60,17 @@ def domain_verdict(report: dict[str, Any]) -> list[str]:
         f"Domain perplexity {base['domain_perplexity']:.2f} -> {tuned['domain_perplexity']:.2f} "
         f"({'-' if gain >= 0 else '+'}{abs(gain):.1f}%) on {report['texts']['domain']['tokens']} held-out tokens.",
         f"General perplexity {base['general_perplexity']:.2f} -> {tuned['general_perplexity']:.2f} "
-        f"({'+' if cost >= 0 else '-'}{abs(cost):.1f}%) on {report['texts']['general']['tokens']} tokens of general text.",
+        f"({'+' if cost >= 0 else '-'}{abs(cost):.1f}%) on {report['texts']['general']['tokens']} tokens of general "
+        "text.",
     ]
     if gain <= 0:
-        lines.append("Training did not lower the domain perplexity: train longer, raise the learning rate, or give more domain text.")
+        lines.append(
+            "Training did not lower the domain perplexity: train longer, raise the learning rate, or give more "
+            "domain text."
+        )
     elif cost > gain:
-        lines.append("General text lost more than the domain gained: lower the learning rate or rank, train fewer steps, "
-                     "or mix general text into the training data.")
+        lines.append(
+            "General text lost more than the domain gained: lower the learning rate or rank, train fewer steps, "
+            "or mix general text into the training data."
+        )
     return lines

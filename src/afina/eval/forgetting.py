@@ -31,11 +31,17 @@ def load_probe(path: Path, max_questions: int | None = None) -> list[dict[str, A
         choices, answer = row.get("choices"), row.get("answer")
         if not isinstance(row.get("question"), str) or not row["question"].strip():
             raise ValueError(f"{where}: field 'question' must be a non-empty string")
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c.strip() for c in choices)
+        ):
             raise ValueError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
         if not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise ValueError(f"{where}: field 'answer' must be a 0-based index into 'choices' (0..{len(choices) - 1})")
-        questions.append({"id": str(row.get("id", line_no)), "question": row["question"], "choices": choices, "answer": answer})
+        questions.append(
+            {"id": str(row.get("id", line_no)), "question": row["question"], "choices": choices, "answer": answer}
+        )
         if max_questions and len(questions) >= max_questions:
             break
     if not questions:

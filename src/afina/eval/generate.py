@@ -24,7 +24,14 @@ class Generation:
 
 @torch.no_grad()
 def generate_timed(
-    model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int, autocast, desc: str = "generate", progress: bool = True
+    model,
+    tokenizer,
+    conversations: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    batch_size: int,
+    autocast,
+    desc: str = "generate",
+    progress: bool = True,
 ) -> Generation:
     """Greedy, batched, KV-cached generation, timed per batch."""
     prompts = [render_prompt(tokenizer, messages) for messages in conversations]
@@ -33,7 +40,9 @@ def generate_timed(
     result = Generation([""] * len(prompts), [0.0] * len(prompts), [0] * len(prompts))
     pad_id = tokenizer.pad_token_id
     started = time.perf_counter()
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, mininterval=progress_interval()):
+    for start in tqdm(
+        range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, mininterval=progress_interval()
+    ):
         idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=model.device)

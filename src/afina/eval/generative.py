@@ -11,19 +11,16 @@ that `afina eval` compares (task: chat, in afina/tasks/chat.py):
 
 from __future__ import annotations
 
-import contextlib
 import random
-import statistics
+from collections.abc import Sequence
 from typing import Any
 
 from afina.config import Recipe
-from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
-from afina.eval.generate import generate_timed
 from afina.eval.metrics import (
     bleu,
+    chrf,
     classification_scores,
     contains_all,
-    chrf,
     exact_match,
     key_recall,
     perplexity,
@@ -32,12 +29,9 @@ from afina.eval.metrics import (
     token_f1,
     token_f1_one,
 )
-from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
-from afina.train.loss import label_loss_sum
 
 
-
-def resolve_metrics(requested: list[str] | str, rows: list[dict[str, Any]]) -> list[str]:
+def resolve_metrics(requested: Sequence[str] | str, rows: list[dict[str, Any]]) -> list[str]:
     """The metric families to compute; `auto` picks by what the rows carry."""
     if requested != "auto":
         if "pass@1" in requested and not all(row.get("tests") for row in rows):
@@ -51,7 +45,10 @@ def resolve_metrics(requested: list[str] | str, rows: list[dict[str, Any]]) -> l
 
 
 def references_of(row: dict[str, Any]) -> list[str]:
-    return [row["messages"][-1]["content"], *[r for r in row.get("references", []) if r != row["messages"][-1]["content"]]]
+    return [
+        row["messages"][-1]["content"],
+        *[r for r in row.get("references", []) if r != row["messages"][-1]["content"]],
+    ]
 
 
 def last_user_text(messages: list[dict[str, str]]) -> str:
@@ -107,7 +104,8 @@ def rag_prompts(recipe: Recipe, rows, train_rows) -> tuple[list[list[dict[str, s
     prompts = []
     for row, question, found in zip(rows, questions, hits):
         context = "\n\n".join(
-            f"[{n}] {(p.title + ': ') if p.title else ''}{p.text[: cfg.max_passage_chars]}" for n, p in enumerate(found, 1)
+            f"[{n}] {(p.title + ': ') if p.title else ''}{p.text[: cfg.max_passage_chars]}"
+            for n, p in enumerate(found, 1)
         )
         content = f"Context:\n{context}\n\nUse the context above if it helps.\n\n{question}"
         messages = [dict(m) for m in row["messages"][:-1]]
@@ -120,7 +118,9 @@ def rag_prompts(recipe: Recipe, rows, train_rows) -> tuple[list[list[dict[str, s
 # ---- scoring ------------------------------------------------------------------------------------
 
 
-def score_system(rows, answers: list[str], loss: float | None, metrics: list[str], sandbox_cfg=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def score_system(
+    rows, answers: list[str], loss: float | None, metrics: list[str], sandbox_cfg=None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Corpus scores of one system, and per-example scores (for the worst-examples list)."""
     references = [references_of(row) for row in rows]
     scores: dict[str, Any] = {}
@@ -130,18 +130,27 @@ def score_system(rows, answers: list[str], loss: float | None, metrics: list[str
         if keyed:
             for i, keys in keyed:
                 per_example[i]["correct"] = contains_all(answers[i], keys)
+                per_example[i]["fact_recall"] = round(key_recall(answers[i], keys), 4)
             scores["fact_accuracy"] = 100.0 * sum(per_example[i]["correct"] for i, _ in keyed) / len(keyed)
             scores["fact_recall"] = 100.0 * sum(key_recall(answers[i], k) for i, k in keyed) / len(keyed)
     if "classification" in metrics:
-        result = classification_scores(answers, [r[0] for r in references])
-        scores["accuracy"], scores["macro_f1"] = result["accuracy"], result["macro_f1"]
-        scores["confusion"] = result["confusion"]
-        for i, label in enumerate(result["predicted"]):
+        labelled = classification_scores(answers, [r[0] for r in references])
+        scores["accuracy"], scores["macro_f1"] = labelled["accuracy"], labelled["macro_f1"]
+        scores["confusion"] = labelled["confusion"]
+        for i, label in enumerate(labelled["predicted"]):
             per_example[i]["predicted_label"], per_example[i]["correct"] = label, label == references[i][0]
     if "pass@1" in metrics:
         from afina.eval.sandbox import extract_code, program_for_task, run_program
 
-        limits = {"time_limit_s": sandbox_cfg.time_limit_s, "memory_mb": sandbox_cfg.memory_mb} if sandbox_cfg else {}
+        limits = (
+            {
+                "time_limit_s": sandbox_cfg.time_limit_s,
+                "memory_mb": sandbox_cfg.memory_mb,
+                "allow_weak": sandbox_cfg.allow_weak,
+            }
+            if sandbox_cfg
+            else {}
+        )
         for i, row in enumerate(rows):
             program = program_for_task(extract_code(answers[i]), row["tests"], row.get("test_setup", ""))
             result = run_program(program, **limits)
@@ -149,12 +158,16 @@ def score_system(rows, answers: list[str], loss: float | None, metrics: list[str
         scores["pass@1"] = 100.0 * sum(e["passed"] for e in per_example) / len(rows)
     if "exact_match" in metrics:
         scores["exact_match"] = exact_match(answers, [r[0] for r in references])
+        for i in range(len(rows)):
+            per_example[i]["exact_match"] = exact_match([answers[i]], [references[i][0]]) == 100.0
     if "token_f1" in metrics:
         scores["token_f1"] = token_f1(answers, references)
         for i in range(len(rows)):
             per_example[i]["token_f1"] = round(100.0 * max(token_f1_one(answers[i], r) for r in references[i]), 2)
     if "rouge" in metrics:
         scores.update(rouge_scores(answers, references))
+        for i in range(len(rows)):  # per example, for the error bars (afina.eval.uncertainty)
+            per_example[i].update({k: round(v, 2) for k, v in rouge_scores([answers[i]], [references[i]]).items()})
     if "bleu" in metrics:
         scores["bleu"] = bleu(answers, references)
     if "chrf" in metrics:
@@ -165,8 +178,6 @@ def score_system(rows, answers: list[str], loss: float | None, metrics: list[str
         scores["answer_loss"] = loss
         scores["answer_perplexity"] = perplexity(loss)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()}, per_example
-
-
 
 
 # ---- multi-task rows ---------------------------------------------------------------------------
@@ -195,5 +206,3 @@ def per_task(rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], make)
         for i, item in zip(indices, made):
             out[i] = item
     return out
-
-

@@ -15,21 +15,87 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-PLACES = ["the harbour town", "the river valley", "the old quarter", "the hill villages", "the northern coast",
-          "the market square", "the railway junction", "the mill district", "the island ferry port", "the forest edge",
-          "the university town", "the salt marshes", "the mountain pass", "the vineyard slopes", "the fishing village"]
-PEOPLE = ["the baker", "a retired teacher", "the ferry captain", "two carpenters", "the village doctor", "a young painter",
-          "the postmistress", "the night watchman", "a travelling musician", "the mayor's clerk", "an apprentice smith",
-          "the librarian", "a shepherd", "the station master", "a group of students", "the innkeeper"]
-THINGS = ["a new bridge", "the spring fair", "a long drought", "the first snowfall", "a broken water pump",
-          "the autumn harvest", "a lost dog", "the annual boat race", "a shipment of books", "the town clock",
-          "a sudden storm", "the new school roof", "a dispute over fishing rights", "the lantern festival",
-          "a traveller's map", "the orchard's best year"]
-TIMES = ["In early spring", "Late one evening", "By the end of the summer", "On a grey Tuesday", "Every winter",
-         "Some years ago", "At first light", "During the long rains", "After the harvest", "Before the war",
-         "On market days", "In the quiet weeks of autumn"]
-VERBS = ["talked about", "argued over", "wrote a letter about", "kept a record of", "repaired", "celebrated",
-         "worried about", "walked past", "sketched", "told stories about", "remembered", "planned for"]
+PLACES = [
+    "the harbour town",
+    "the river valley",
+    "the old quarter",
+    "the hill villages",
+    "the northern coast",
+    "the market square",
+    "the railway junction",
+    "the mill district",
+    "the island ferry port",
+    "the forest edge",
+    "the university town",
+    "the salt marshes",
+    "the mountain pass",
+    "the vineyard slopes",
+    "the fishing village",
+]
+PEOPLE = [
+    "the baker",
+    "a retired teacher",
+    "the ferry captain",
+    "two carpenters",
+    "the village doctor",
+    "a young painter",
+    "the postmistress",
+    "the night watchman",
+    "a travelling musician",
+    "the mayor's clerk",
+    "an apprentice smith",
+    "the librarian",
+    "a shepherd",
+    "the station master",
+    "a group of students",
+    "the innkeeper",
+]
+THINGS = [
+    "a new bridge",
+    "the spring fair",
+    "a long drought",
+    "the first snowfall",
+    "a broken water pump",
+    "the autumn harvest",
+    "a lost dog",
+    "the annual boat race",
+    "a shipment of books",
+    "the town clock",
+    "a sudden storm",
+    "the new school roof",
+    "a dispute over fishing rights",
+    "the lantern festival",
+    "a traveller's map",
+    "the orchard's best year",
+]
+TIMES = [
+    "In early spring",
+    "Late one evening",
+    "By the end of the summer",
+    "On a grey Tuesday",
+    "Every winter",
+    "Some years ago",
+    "At first light",
+    "During the long rains",
+    "After the harvest",
+    "Before the war",
+    "On market days",
+    "In the quiet weeks of autumn",
+]
+VERBS = [
+    "talked about",
+    "argued over",
+    "wrote a letter about",
+    "kept a record of",
+    "repaired",
+    "celebrated",
+    "worried about",
+    "walked past",
+    "sketched",
+    "told stories about",
+    "remembered",
+    "planned for",
+]
 FEELINGS = ["calm", "restless", "hopeful", "tired but content", "curious", "uneasy", "cheerful", "thoughtful"]
 TEMPLATES = [
     "{time}, {person} in {place} {verb} {thing}.",
@@ -53,8 +119,14 @@ def generated_sentences(count: int, seed: int) -> list[str]:
         person = rng.choice(PEOPLE)
         place, place2 = rng.sample(PLACES, 2)
         sentence = rng.choice(TEMPLATES).format(
-            time=rng.choice(TIMES), person=person, person_cap=person[0].upper() + person[1:], place=place,
-            place2=place2, thing=rng.choice(THINGS), verb=rng.choice(VERBS), feeling=rng.choice(FEELINGS),
+            time=rng.choice(TIMES),
+            person=person,
+            person_cap=person[0].upper() + person[1:],
+            place=place,
+            place2=place2,
+            thing=rng.choice(THINGS),
+            verb=rng.choice(VERBS),
+            feeling=rng.choice(FEELINGS),
         )
         sentences.append(sentence[0].upper() + sentence[1:])
     return sentences
@@ -92,7 +164,9 @@ class Haystack:
         self.rng = random.Random(seed)
         pieces = file_paragraphs(path, field) if path is not None else generated_sentences(4000, seed)
         self.pieces = [(p, len(tokenizer(" " + p, add_special_tokens=False)["input_ids"])) for p in pieces]
-        self.provenance = f"{path} (field {field})" if path is not None else "generated filler (afina.eval.haystack, seeded grammar)"
+        self.provenance = (
+            f"{path} (field {field})" if path is not None else "generated filler (afina.eval.haystack, seeded grammar)"
+        )
 
     def take(self, tokens: int) -> list[str]:
         """Pieces of prose totalling at least `tokens` tokens (callers trim to the exact length)."""

@@ -25,8 +25,10 @@ import torch
 from afina.eval.haystack import Haystack
 from afina.train.loss import causal_lm_parts, cross_entropy_sum, hidden_loss_sum
 
-INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-               "Find it and memorize it. I will ask you about it at the end.\n")
+INSTRUCTION = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will ask you about it at the end.\n"
+)
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
@@ -57,8 +59,10 @@ def passkey_case(tokenizer, haystack: Haystack, length: int, depth: float, rng: 
     if filler_tokens < 0:
         from afina.config import RecipeError
 
-        raise RecipeError(f"context.eval.lengths: passkey length {length} is too short for the instruction, needle "
-                          f"and question ({length - filler_tokens} tokens at least); give longer lengths")
+        raise RecipeError(
+            f"context.eval.lengths: passkey length {length} is too short for the instruction, needle "
+            f"and question ({length - filler_tokens} tokens at least); give longer lengths"
+        )
     filler: list[int] = []
     for piece in haystack.take(filler_tokens):
         filler += encode(" " + piece)
@@ -83,8 +87,17 @@ def retrieves_key(model, case: PasskeyCase, autocast) -> tuple[bool, float]:
     return bool((logits.argmax(-1) == targets).all()), float(logprob)
 
 
-def passkey_grid(model, tokenizer, lengths: list[int], depths: list[float], trials: int, autocast,
-                 haystack: Haystack, seed: int, echo=None) -> dict[str, Any]:
+def passkey_grid(
+    model,
+    tokenizer,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    autocast,
+    haystack: Haystack,
+    seed: int,
+    echo=None,
+) -> dict[str, Any]:
     """Accuracy (%) for every length x depth cell, over `trials` keys each."""
     rng = random.Random(seed)
     cells = []
@@ -97,12 +110,21 @@ def passkey_grid(model, tokenizer, lengths: list[int], depths: list[float], tria
                 hit, logprob = retrieves_key(model, case, autocast)
                 hits += hit
                 logprobs.append(logprob)
-            cells.append({"length": length, "depth": depth, "trials": trials, "accuracy": 100.0 * hits / trials,
-                          "key_logprob": round(sum(logprobs) / len(logprobs), 4),
-                          "seconds": round(time.perf_counter() - started, 2)})
+            cells.append(
+                {
+                    "length": length,
+                    "depth": depth,
+                    "trials": trials,
+                    "accuracy": 100.0 * hits / trials,
+                    "key_logprob": round(sum(logprobs) / len(logprobs), 4),
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+            )
             if echo:
                 echo(f"  passkey length {length:>6} depth {depth:.2f}: {hits}/{trials}")
-    by_length = {str(length): sum(c["accuracy"] for c in cells if c["length"] == length) / len(depths) for length in lengths}
+    by_length = {
+        str(length): sum(c["accuracy"] for c in cells if c["length"] == length) / len(depths) for length in lengths
+    }
     return {"lengths": lengths, "depths": depths, "trials": trials, "cells": cells, "accuracy_by_length": by_length}
 
 
@@ -115,8 +137,9 @@ def position_buckets(original: int, longest: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def perplexity_by_position(model, tokenizer, texts: list[str], length: int, buckets: list[tuple[int, int]],
-                           max_sequences: int, autocast) -> dict[str, Any]:
+def perplexity_by_position(
+    model, tokenizer, texts: list[str], length: int, buckets: list[tuple[int, int]], max_sequences: int, autocast
+) -> dict[str, Any]:
     """Per-token perplexity of held-out text within position buckets, over sequences of `length` tokens.
 
     The texts are joined (separated by the end-of-sequence token) and cut into sequences of
@@ -130,8 +153,10 @@ def perplexity_by_position(model, tokenizer, texts: list[str], length: int, buck
             break
     sequences = [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)][:max_sequences]
     if not sequences:
-        raise ValueError(f"the held-out text has {len(stream)} tokens, fewer than one sequence of {length}; "
-                         "give longer text (context.eval.text) or shorter lengths")
+        raise ValueError(
+            f"the held-out text has {len(stream)} tokens, fewer than one sequence of {length}; "
+            "give longer text (context.eval.text) or shorter lengths"
+        )
     decoder, head = causal_lm_parts(model)
     sums = [0.0] * len(buckets)
     counts = [0] * len(buckets)
@@ -155,8 +180,11 @@ def perplexity_by_position(model, tokenizer, texts: list[str], length: int, buck
 
 # ---- the stage --------------------------------------------------------------------------------
 
-SYSTEM_LABELS = {"base": "base (no scaling)", "base_scaled": "base + rope scaling, not fine-tuned",
-                 "tuned": "extended (rope scaling + fine-tuning)"}
+SYSTEM_LABELS = {
+    "base": "base (no scaling)",
+    "base_scaled": "base + rope scaling, not fine-tuned",
+    "tuned": "extended (rope scaling + fine-tuning)",
+}
 
 
 def default_lengths(original: int) -> list[int]:
@@ -191,8 +219,7 @@ def evaluate_long_context(recipe, echo=print) -> dict[str, Any]:
     import gc
 
     from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
-    from afina.models import load_tokenizer
-    from afina.models import recipe_rope_settings
+    from afina.models import load_tokenizer, recipe_rope_settings
     from afina.models.rope import read_rope_settings
     from afina.rundir import RunDir, write_json_atomic
 
@@ -204,14 +231,22 @@ def evaluate_long_context(recipe, echo=print) -> dict[str, Any]:
     # The settings the model was trained with (saved beside the adapter), else what the recipe asks.
     rope = (read_rope_settings(run.adapter) if run.adapter.is_dir() else None) or recipe_rope_settings(recipe)
     if rope is None:
-        raise ValueError("the long-context evaluation needs context.rope_scaling (linear, dynamic or yarn) in the recipe")
+        raise ValueError(
+            "the long-context evaluation needs context.rope_scaling (linear, dynamic or yarn) in the recipe"
+        )
     original = rope["original_length"]
     lengths = sorted(cfg.lengths or default_lengths(original))
     haystack_path = recipe.resolve_path(cfg.haystack) if cfg.haystack else None
     texts = held_out_texts(recipe, run) if cfg.perplexity else []
     buckets = position_buckets(original, lengths[-1])
-    result: dict[str, Any] = {"rope_scaling": rope, "original_window": original, "lengths": lengths, "depths": cfg.depths,
-                              "haystack": None, "systems": {}}
+    result: dict[str, Any] = {
+        "rope_scaling": rope,
+        "original_window": original,
+        "lengths": lengths,
+        "depths": cfg.depths,
+        "haystack": None,
+        "systems": {},
+    }
     for system in cfg.systems:
         if system == "tuned" and not (run.adapter.is_dir() or run.model.is_dir()):
             echo("  long-context: no trained model yet (run `afina train`); skipping 'tuned'")
@@ -219,13 +254,19 @@ def evaluate_long_context(recipe, echo=print) -> dict[str, Any]:
         echo(f"long-context eval: {SYSTEM_LABELS[system]}")
         started = time.perf_counter()
         model = _load_system(system, recipe, run, rope, device).eval()
-        haystack = Haystack(tokenizer, haystack_path, seed=recipe.seed, field=cfg.haystack_field)  # the same haystacks and keys for every system
+        haystack = Haystack(
+            tokenizer, haystack_path, seed=recipe.seed, field=cfg.haystack_field
+        )  # the same haystacks and keys for every system
         result["haystack"] = haystack.provenance
-        entry: dict[str, Any] = {"passkey": passkey_grid(model, tokenizer, lengths, cfg.depths, cfg.trials, autocast,
-                                                         haystack, recipe.seed, echo)}
+        entry: dict[str, Any] = {
+            "passkey": passkey_grid(
+                model, tokenizer, lengths, cfg.depths, cfg.trials, autocast, haystack, recipe.seed, echo
+            )
+        }
         if cfg.perplexity:
-            entry["perplexity"] = perplexity_by_position(model, tokenizer, texts, lengths[-1], buckets, cfg.max_sequences,
-                                                         autocast)
+            entry["perplexity"] = perplexity_by_position(
+                model, tokenizer, texts, lengths[-1], buckets, cfg.max_sequences, autocast
+            )
         entry["wall_time_s"] = round(time.perf_counter() - started, 1)
         entry["peak_memory_mb"] = round(peak_memory_mb(device), 1)
         result["systems"][system] = entry
@@ -249,16 +290,18 @@ def format_long_context(result: dict[str, Any]) -> str:
         lines.append("perplexity by token position:")
         for system, entry in result["systems"].items():
             if "perplexity" in entry:
-                cells = ", ".join(f"{b['from']}-{b['to']}: {b['perplexity']:.2f}" for b in entry["perplexity"]["buckets"])
+                cells = ", ".join(
+                    f"{b['from']}-{b['to']}: {b['perplexity']:.2f}" for b in entry["perplexity"]["buckets"]
+                )
                 lines.append(f"  {SYSTEM_LABELS[system]:<38} {cells}")
     return "\n".join(lines)
 
 
 def heatmap_html(result: dict[str, Any]) -> str:
     """Accuracy by length (columns) x depth (rows), one panel per system, as an embedded PNG."""
-    from afina.plots import img_tag
-
     import matplotlib
+
+    from afina.plots import img_tag
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -267,7 +310,9 @@ def heatmap_html(result: dict[str, Any]) -> str:
     if not systems:
         return "<p>No system evaluated.</p>"
     lengths, depths, original = result["lengths"], result["depths"], result["original_window"]
-    fig, axes = plt.subplots(1, len(systems), figsize=(3.6 * len(systems) + 0.8, 0.5 * len(depths) + 2.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(systems), figsize=(3.6 * len(systems) + 0.8, 0.5 * len(depths) + 2.2), squeeze=False
+    )
     for ax, system in zip(axes[0], systems):
         cells = {(c["length"], c["depth"]): c["accuracy"] for c in result["systems"][system]["passkey"]["cells"]}
         grid = [[cells[(n, d)] for n in lengths] for d in depths]
@@ -292,25 +337,44 @@ def long_context_section(result: dict[str, Any]) -> str:
     rows = ""
     for system, entry in result["systems"].items():
         by_length = entry["passkey"]["accuracy_by_length"]
-        rows += f"<tr><td>{html.escape(SYSTEM_LABELS[system])}</td>" + "".join(
-            f"<td>{by_length[str(n)]:.1f}</td>" for n in result["lengths"]) + "</tr>"
-    head = "<tr><th>system</th>" + "".join(f"<th>{n} ({n / result['original_window']:g}x)</th>" for n in result["lengths"]) + "</tr>"
+        rows += (
+            f"<tr><td>{html.escape(SYSTEM_LABELS[system])}</td>"
+            + "".join(f"<td>{by_length[str(n)]:.1f}</td>" for n in result["lengths"])
+            + "</tr>"
+        )
+    head = (
+        "<tr><th>system</th>"
+        + "".join(f"<th>{n} ({n / result['original_window']:g}x)</th>" for n in result["lengths"])
+        + "</tr>"
+    )
     ppl = ""
     for system, entry in result["systems"].items():
         if "perplexity" in entry:
-            ppl += f"<tr><td>{html.escape(SYSTEM_LABELS[system])}</td>" + "".join(
-                f"<td>{b['perplexity']:.2f}</td>" for b in entry["perplexity"]["buckets"]) + "</tr>"
+            ppl += (
+                f"<tr><td>{html.escape(SYSTEM_LABELS[system])}</td>"
+                + "".join(f"<td>{b['perplexity']:.2f}</td>" for b in entry["perplexity"]["buckets"])
+                + "</tr>"
+            )
     first = next((e["perplexity"] for e in result["systems"].values() if "perplexity" in e), None)
     ppl_table = ""
     if first:
-        ppl_head = "<tr><th>system</th>" + "".join(f"<th>tokens {b['from']}-{b['to']}</th>" for b in first["buckets"]) + "</tr>"
-        ppl_table = (f"<h3>Perplexity by token position</h3><p>{first['sequences']} held-out sequences of "
-                     f"{first['sequence_length']} tokens.</p><table>{ppl_head}{ppl}</table>")
-    return (f"<p>Rope scaling {html.escape(rope['rope_type'])} x{rope['factor']:g}: original window "
-            f"{rope['original_length']} &rarr; {rope['target_length']} tokens. Haystack: {html.escape(str(result['haystack']))}. "
-            "A key counts as retrieved when greedy decoding writes it.</p>"
-            f"{heatmap_html(result)}<h3>Passkey accuracy (%) by length, mean over depths</h3><table>{head}{rows}</table>"
-            f"{ppl_table}")
+        ppl_head = (
+            "<tr><th>system</th>"
+            + "".join(f"<th>tokens {b['from']}-{b['to']}</th>" for b in first["buckets"])
+            + "</tr>"
+        )
+        ppl_table = (
+            f"<h3>Perplexity by token position</h3><p>{first['sequences']} held-out sequences of "
+            f"{first['sequence_length']} tokens.</p><table>{ppl_head}{ppl}</table>"
+        )
+    return (
+        f"<p>Rope scaling {html.escape(rope['rope_type'])} x{rope['factor']:g}: original window "
+        f"{rope['original_length']} &rarr; {rope['target_length']} tokens. Haystack: "
+        f"{html.escape(str(result['haystack']))}. "
+        "A key counts as retrieved when greedy decoding writes it.</p>"
+        f"{heatmap_html(result)}<h3>Passkey accuracy (%) by length, mean over depths</h3><table>{head}{rows}</table>"
+        f"{ppl_table}"
+    )
 
 
 def write_long_context_page(run, result: dict[str, Any], name: str) -> None:
@@ -319,7 +383,9 @@ def write_long_context_page(run, result: dict[str, Any], name: str) -> None:
     from afina.eval.html import CHECK_SCRIPT, STYLE
     from afina.rundir import write_text_atomic
 
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>afina long-context eval: '
-            f"{html.escape(name)}</title><style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>"
-            f"<h1>Long-context evaluation: {html.escape(name)}</h1>{long_context_section(result)}</body></html>\n")
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>afina long-context eval: '
+        f"{html.escape(name)}</title><style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>"
+        f"<h1>Long-context evaluation: {html.escape(name)}</h1>{long_context_section(result)}</body></html>\n"
+    )
     write_text_atomic(run.eval / "long_context.html", page)

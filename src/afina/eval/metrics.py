@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 
 def normalize(text: str) -> str:
@@ -110,7 +111,7 @@ def classify(answer: str, labels: list[str]) -> str:
     return min(mentioned)[1] if mentioned else answer.strip()
 
 
-def classification_scores(predictions: list[str], references: list[str]) -> dict[str, float | list]:
+def classification_scores(predictions: list[str], references: list[str]) -> dict[str, Any]:
     """Accuracy and macro-F1 (scikit-learn) over the reference labels, and the confusion matrix."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
@@ -137,7 +138,8 @@ def label_metrics(references: list[str], predicted: list[str], labels: list[str]
 
     present = [label for label in labels if label in set(references) | set(predicted)]
     precision, recall, f1, support = precision_recall_fscore_support(
-        references, predicted, labels=present, zero_division=0)
+        references, predicted, labels=present, zero_division=0
+    )
     predicted_count = {label: predicted.count(label) for label in present}
     per_class = {
         label: {
@@ -174,9 +176,14 @@ def entity_metrics(references: list[list[str]], predicted: list[list[str]]) -> d
         options = {"mode": "strict", "scheme": IOBES}
     report = classification_report(references, predicted, output_dict=True, zero_division=0, **options)
     per_type = {
-        name: {"precision": round(100.0 * v["precision"], 2), "recall": round(100.0 * v["recall"], 2),
-               "f1": round(100.0 * v["f1-score"], 2), "support": int(v["support"])}
-        for name, v in report.items() if not name.endswith(" avg")
+        name: {
+            "precision": round(100.0 * v["precision"], 2),
+            "recall": round(100.0 * v["recall"], 2),
+            "f1": round(100.0 * v["f1-score"], 2),
+            "support": int(v["support"]),
+        }
+        for name, v in report.items()
+        if not name.endswith(" avg")
     }
     return {
         "entity_f1": 100.0 * f1_score(references, predicted, zero_division=0, **options),

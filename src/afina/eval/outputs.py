@@ -9,8 +9,13 @@ from afina.eval.report import write_report
 from afina.rundir import RunDir, write_json_atomic, write_jsonl
 
 
-def write_eval(recipe: Recipe, run: RunDir, report: dict[str, Any], predictions: list[dict[str, Any]],
-               rejects: list[dict[str, Any]] | None = None) -> None:
+def write_eval(
+    recipe: Recipe,
+    run: RunDir,
+    report: dict[str, Any],
+    predictions: list[dict[str, Any]],
+    rejects: list[dict[str, Any]] | None = None,
+) -> None:
     """eval/metrics.json, eval/predictions.jsonl (eval/rejects.jsonl: test rows left out, with the reason),
     eval/report.html and the manifest's eval section."""
     write_jsonl(run.eval / "predictions.jsonl", predictions)

@@ -11,7 +11,9 @@ def eval_rows(recipe) -> list[dict[str, Any]]:
     from afina.rundir import RunDir, read_jsonl
 
     run = RunDir(recipe.run_dir)
-    return sample_test_rows(read_jsonl(run.require(run.split_path("test"), "prepare")), recipe.eval.max_examples, recipe.seed)
+    return sample_test_rows(
+        read_jsonl(run.require(run.split_path("test"), "prepare")), recipe.eval.max_examples, recipe.seed
+    )
 
 
 def sample_test_rows(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
@@ -26,5 +28,7 @@ def sample_test_rows(rows: list[dict[str, Any]], limit: int | None, seed: int) -
     for i, row in enumerate(rows):
         groups.setdefault(str(row.get("task", "")), []).append(i)
     rng = random.Random(seed)
-    keep = sorted(i for indices in groups.values() for i in (indices if len(indices) <= limit else rng.sample(indices, limit)))
+    keep = sorted(
+        i for indices in groups.values() for i in (indices if len(indices) <= limit else rng.sample(indices, limit))
+    )
     return [rows[i] for i in keep]

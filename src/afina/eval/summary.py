@@ -7,6 +7,7 @@ import statistics
 from typing import Any
 
 from afina.device import peak_memory_mb
+from afina.eval.uncertainty import difference_sentence
 from afina.rundir import RunDir
 
 METRIC_LABELS = {
@@ -31,10 +32,32 @@ METRIC_LABELS = {
     "domain_perplexity": "domain perplexity",
     "general_loss": "general-text loss (nats/token)",
     "general_perplexity": "general-text perplexity",
+    "preference_accuracy": "preference accuracy (%)",
+    "preference_accuracy_per_token": "pref. accuracy per token (%)",
+    "logp_margin": "log-prob margin (chosen-rejected)",
 }
-LOWER_IS_BETTER = {"answer_loss", "answer_perplexity", "domain_loss", "domain_perplexity", "general_loss", "general_perplexity"}
+LOWER_IS_BETTER = {
+    "answer_loss",
+    "answer_perplexity",
+    "domain_loss",
+    "domain_perplexity",
+    "general_loss",
+    "general_perplexity",
+}
 # The metric that decides "best system" and "worst examples", first one present wins.
-PRIMARY_METRICS = ("pass@1", "entity_f1", "accuracy", "fact_accuracy", "token_f1", "rougeL", "chrf", "bleu", "exact_match", "answer_loss")
+PRIMARY_METRICS = (
+    "preference_accuracy",
+    "pass@1",
+    "entity_f1",
+    "accuracy",
+    "fact_accuracy",
+    "token_f1",
+    "rougeL",
+    "chrf",
+    "bleu",
+    "exact_match",
+    "answer_loss",
+)
 
 
 def primary_metric(systems: dict[str, dict[str, Any]]) -> str | None:
@@ -57,7 +80,9 @@ def efficiency_of(generation, n: int, peak_mb: float, price_per_hour: float) -> 
     }
 
 
-def efficiency_of_batches(latencies: list[float], n_rows: int, wall: float, device, price_per_hour: float) -> dict[str, float]:
+def efficiency_of_batches(
+    latencies: list[float], n_rows: int, wall: float, device, price_per_hour: float
+) -> dict[str, float]:
     """Latency per batch, throughput, memory and cost of scoring n_rows (classification and tagging)."""
     import numpy as np
 
@@ -95,12 +120,21 @@ def recommend(report: dict[str, Any]) -> list[str]:
         best = ranked[0]
         lines.append(f"Best quality on {METRIC_LABELS[metric]}: {best} ({systems[best][metric]:.2f}).")
         if "base" in systems and best != "base":
-            lines.append(f"{best} vs base zero-shot: {systems[best][metric] - systems['base'][metric]:+.2f} on {METRIC_LABELS[metric]}.")
+            lines.append(
+                f"{best} vs base zero-shot: {systems[best][metric] - systems['base'][metric]:+.2f} on "
+                f"{METRIC_LABELS[metric]}."
+            )
         if "tuned" in systems and {"base_fewshot", "base_rag"} & set(systems):
-            prompting = max((s for s in ("base_fewshot", "base_rag") if s in systems), key=lambda s: systems[s][metric] * (-1 if lower else 1))
+            prompting = max(
+                (s for s in ("base_fewshot", "base_rag") if s in systems),
+                key=lambda s: systems[s][metric] * (-1 if lower else 1),
+            )
             delta = (systems["tuned"][metric] - systems[prompting][metric]) * (-1 if lower else 1)
             verdict = "beats" if delta > 0 else "trails"
-            lines.append(f"Fine-tuning (tuned) {verdict} the best prompting-only system ({prompting}) by {abs(delta):.2f} on {METRIC_LABELS[metric]}.")
+            lines.append(
+                f"Fine-tuning (tuned) {verdict} the best prompting-only system ({prompting}) by {abs(delta):.2f} on "
+                f"{METRIC_LABELS[metric]}."
+            )
     cheapest = min(efficiency, key=lambda s: efficiency[s]["wall_s"])
     lines.append(
         f"Cheapest to serve: {cheapest} ({efficiency[cheapest]['latency_p50_s']:.3f} s p50 latency per batch, "
@@ -111,12 +145,14 @@ def recommend(report: dict[str, Any]) -> list[str]:
         if forgetting["flagged"]:
             lines.append(
                 f"Forgetting: general-knowledge accuracy dropped {forgetting['drop']:.1f} points "
-                f"({forgetting['base_accuracy']:.1f} -> {forgetting['tuned_accuracy']:.1f}), beyond the {forgetting['threshold']} point threshold: "
+                f"({forgetting['base_accuracy']:.1f} -> {forgetting['tuned_accuracy']:.1f}), beyond the "
+                f"{forgetting['threshold']} point threshold: "
                 "lower the learning rate or epochs, use a smaller LoRA rank, or mix general data into training."
             )
         else:
             lines.append(
-                f"Forgetting: not a concern ({forgetting['base_accuracy']:.1f} -> {forgetting['tuned_accuracy']:.1f} on "
+                f"Forgetting: not a concern ({forgetting['base_accuracy']:.1f} -> {forgetting['tuned_accuracy']:.1f} "
+                "on "
                 f"{forgetting['questions']} probe questions, threshold {forgetting['threshold']} points)."
             )
     return lines
@@ -131,38 +167,77 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"test split: {report['test_examples']} examples", head, "-" * len(head)]
     if not metrics:
         lines.pop()
+    intervals = (report.get("intervals") or {}).get("systems", {})
+    if intervals:  # "70.8 [57.1, 83.3]": the value and its bootstrap interval (afina.eval.uncertainty)
+        col = max(col, 20)
+
+    def cell(system: str, metric: str) -> str:
+        interval = intervals.get(system, {}).get(metric)
+        text = f"{report['systems'][system][metric]:.2f}" + (
+            f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else ""
+        )
+        return text.rjust(col)
+
+    head = f"{'metric'.ljust(width)}  " + "  ".join(s.rjust(col) for s in systems)
+    lines[1:] = [head, "-" * len(head)] if metrics else [head]
     for m in metrics:
-        lines.append(f"{METRIC_LABELS[m].ljust(width)}  " + "  ".join(f"{report['systems'][s][m]:{col}.2f}" for s in systems))
+        lines.append(f"{METRIC_LABELS[m].ljust(width)}  " + "  ".join(cell(s, m) for s in systems))
     if report.get("efficiency"):
-        for key, label in (("latency_p50_s", "latency p50 (s/batch)"), ("generated_tokens_per_s", "generated tokens/s"),
-                           ("examples_per_s", "examples/s")):
+        for key, label in (
+            ("latency_p50_s", "latency p50 (s/batch)"),
+            ("generated_tokens_per_s", "generated tokens/s"),
+            ("examples_per_s", "examples/s"),
+        ):
             if not all(key in report["efficiency"][s] for s in systems):
                 continue
-            lines.append(f"{label.ljust(width)}  " + "  ".join(f"{report['efficiency'][s][key]:{col}.2f}" for s in systems))
+            lines.append(
+                f"{label.ljust(width)}  " + "  ".join(f"{report['efficiency'][s][key]:{col}.2f}" for s in systems)
+            )
     for s in systems:  # classification: per-class recall, entities: per-type F1 (the tuned system)
         per_class = report["systems"][s].get("per_class") if s == "tuned" else None
         if per_class:
             lines.append("per class (tuned): precision / recall / support")
             for label, c in list(per_class.items())[:30]:
                 fmt = lambda v: "  n/a" if v is None else f"{v:5.1f}"  # noqa: E731
-                lines.append(f"  {label[:width - 2].ljust(width - 2)}  {fmt(c['precision'])} / {fmt(c['recall'])} / {c['support']}")
+                lines.append(
+                    f"  {label[: width - 2].ljust(width - 2)}  {fmt(c['precision'])} / {fmt(c['recall'])} / "
+                    f"{c['support']}"
+                )
             if len(per_class) > 30:
                 lines.append(f"  ... {len(per_class) - 30} more classes in eval/metrics.json")
         per_type = report["systems"][s].get("per_type") if s == "tuned" else None
         if per_type:
             lines.append("per entity type (tuned): precision / recall / F1 / support")
             for name, c in per_type.items():
-                lines.append(f"  {name.ljust(width - 2)}  {c['precision']:5.1f} / {c['recall']:5.1f} / {c['f1']:5.1f} / {c['support']}")
+                lines.append(
+                    f"  {name.ljust(width - 2)}  {c['precision']:5.1f} / {c['recall']:5.1f} / {c['f1']:5.1f} / "
+                    f"{c['support']}"
+                )
     if report.get("skipped_unseen_labels"):
-        lines.append(f"warning: {report['skipped_unseen_labels']} test rows with labels training never saw were left out "
-                     "(eval/rejects.jsonl)")
+        lines.append(
+            f"warning: {report['skipped_unseen_labels']} test rows with labels training never saw were left out "
+            "(eval/rejects.jsonl)"
+        )
     for task, part in (report.get("tasks") or {}).items():
-        lines += ["", f"task {task}: " + format_table({"test_examples": part["test_examples"], "systems": part["systems"]})]
+        lines += [
+            "",
+            f"task {task}: " + format_table({"test_examples": part["test_examples"], "systems": part["systems"]}),
+        ]
     if report.get("task") == "domain":
         t = report["texts"]
-        lines.append(f"domain: {t['domain']['documents']} held-out documents, {t['domain']['tokens']} tokens; "
-                     f"general: {t['general']['tokens']} tokens of {t['general']['source']}; chunks of {t['chunk_length']} tokens")
+        lines.append(
+            f"domain: {t['domain']['documents']} held-out documents, {t['domain']['tokens']} tokens; "
+            f"general: {t['general']['tokens']} tokens of {t['general']['source']}; chunks of {t['chunk_length']} "
+            "tokens"
+        )
+    primary = primary_metric(report["systems"])
+    for d in (report.get("intervals") or {}).get("differences", []):
+        if primary is not None and d["metric"] == primary:
+            lines.append(difference_sentence(d, METRIC_LABELS[primary]))
     if report.get("forgetting"):
         f = report["forgetting"]
-        lines.append(f"forgetting probe: {f['base_accuracy']:.1f}% -> {f['tuned_accuracy']:.1f}% ({f['questions']} questions)" + (" FLAGGED" if f["flagged"] else ""))
+        lines.append(
+            f"forgetting probe: {f['base_accuracy']:.1f}% -> {f['tuned_accuracy']:.1f}% ({f['questions']} questions)"
+            + (" FLAGGED" if f["flagged"] else "")
+        )
     return "\n".join(lines)

@@ -28,7 +28,7 @@ class SystemModels:
     _base: Any = None
 
     @classmethod
-    def load(cls, recipe: Recipe, device, with_tuned: bool = True) -> "SystemModels":
+    def load(cls, recipe: Recipe, device, with_tuned: bool = True) -> SystemModels:
         """The run's trained model (as `afina train` left it for this recipe), the base on demand."""
         tuned = None
         if with_tuned:

@@ -38,10 +38,17 @@ GGUF_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 # The tensor type most 2-D weights get in each file type; others (norms in F32, llama.cpp's choice of a
 # higher type for some tensors in the _M mixes) are by design, not fallbacks.
 _K_BLOCK = 256
-_FAMILY = {"f16": {"F16"}, "q8_0": {"Q8_0"}, "q6_k": {"Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"},
-           "q4_k_m": {"Q4_K", "Q5_K", "Q6_K"}}
-_INSTALL_HINT = "run `make llama-cpp` (it builds llama-cpp-python with the settings that work on CPUs and copies " \
-                "llama.cpp's converter into the virtual environment)"
+_FAMILY = {
+    "f16": {"F16"},
+    "q8_0": {"Q8_0"},
+    "q6_k": {"Q6_K"},
+    "q5_k_m": {"Q5_K", "Q6_K"},
+    "q4_k_m": {"Q4_K", "Q5_K", "Q6_K"},
+}
+_INSTALL_HINT = (
+    "run `make llama-cpp` (it builds llama-cpp-python with the settings that work on CPUs and copies "
+    "llama.cpp's converter into the virtual environment)"
+)
 
 
 def converter_dir() -> Path:
@@ -90,8 +97,10 @@ def convert_hf_folder(model_dir: Path, outfile: Path, outtype: str = "f16", voca
             write_sentencepiece_model(vocab_source, model_dir / "tokenizer.model")
     outfile.parent.mkdir(parents=True, exist_ok=True)
     tmp = outfile.with_name(outfile.name + ".tmp")
-    _run_script([str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
-                f"llama.cpp's convert_hf_to_gguf.py on {model_dir}")
+    _run_script(
+        [str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
+        f"llama.cpp's convert_hf_to_gguf.py on {model_dir}",
+    )
     tmp.replace(outfile)
     return outfile
 
@@ -101,8 +110,10 @@ def convert_lora_adapter(adapter_dir: Path, base_dir: Path, outfile: Path) -> Pa
     script = converter_dir() / "convert_lora_to_gguf.py"
     outfile.parent.mkdir(parents=True, exist_ok=True)
     tmp = outfile.with_name(outfile.name + ".tmp")
-    _run_script([str(script), str(adapter_dir), "--base", str(base_dir), "--outfile", str(tmp), "--outtype", "f16"],
-                f"llama.cpp's convert_lora_to_gguf.py on {adapter_dir}")
+    _run_script(
+        [str(script), str(adapter_dir), "--base", str(base_dir), "--outfile", str(tmp), "--outtype", "f16"],
+        f"llama.cpp's convert_lora_to_gguf.py on {adapter_dir}",
+    )
     tmp.replace(outfile)
     return outfile
 
@@ -113,9 +124,13 @@ def quantize(source: Path, target: Path, outtype: str, threads: int | None = Non
 
     import llama_cpp
 
-    ftypes = {"f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
-              "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K, "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
-              "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+    ftypes = {
+        "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
+        "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+        "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+        "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
+        "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    }
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftypes[outtype]
     params.nthread = threads or os.cpu_count() or 1
@@ -123,7 +138,9 @@ def quantize(source: Path, target: Path, outtype: str, threads: int | None = Non
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
     if status != 0:
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"llama.cpp could not quantize {source} to {outtype} (llama_model_quantize returned {status})")
+        raise ExportError(
+            f"llama.cpp could not quantize {source} to {outtype} (llama_model_quantize returned {status})"
+        )
     tmp.replace(target)
     return target
 
@@ -143,12 +160,18 @@ def tensor_types(path: Path, outtype: str) -> dict[str, Any]:
         shape = [int(x) for x in tensor.shape]  # GGUF order: row length first
         if len(shape) < 2 or kind in family or kind in ("F32",) or not family:
             continue
-        reason = (f"row length {shape[0]} is not a multiple of {_K_BLOCK}" if shape[0] % _K_BLOCK
-                  else "llama.cpp's choice for this tensor")
+        reason = (
+            f"row length {shape[0]} is not a multiple of {_K_BLOCK}"
+            if shape[0] % _K_BLOCK
+            else "llama.cpp's choice for this tensor"
+        )
         fallbacks.append({"tensor": tensor.name, "shape": shape, "type": kind, "reason": reason})
     by_type = Counter(f["type"] for f in fallbacks)
-    return {"tensor_types": dict(sorted(counts.items())), "fallbacks": fallbacks,
-            "fallback_summary": {k: v for k, v in sorted(by_type.items())}}
+    return {
+        "tensor_types": dict(sorted(counts.items())),
+        "fallbacks": fallbacks,
+        "fallback_summary": {k: v for k, v in sorted(by_type.items())},
+    }
 
 
 def gguf_metadata(path: Path) -> dict[str, Any]:
@@ -161,11 +184,16 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
         field = fields.get(key)
         return field.contents() if field is not None else None
 
-    return {"architecture": value("general.architecture"), "name": value("general.name"),
-            "chat_template": value("tokenizer.chat_template"), "tokenizer_model": value("tokenizer.ggml.model"),
-            "bos_token_id": value("tokenizer.ggml.bos_token_id"), "eos_token_id": value("tokenizer.ggml.eos_token_id"),
-            "add_bos_token": value("tokenizer.ggml.add_bos_token"),
-            "file_type": value("general.file_type")}
+    return {
+        "architecture": value("general.architecture"),
+        "name": value("general.name"),
+        "chat_template": value("tokenizer.chat_template"),
+        "tokenizer_model": value("tokenizer.ggml.model"),
+        "bos_token_id": value("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": value("tokenizer.ggml.eos_token_id"),
+        "add_bos_token": value("tokenizer.ggml.add_bos_token"),
+        "file_type": value("general.file_type"),
+    }
 
 
 def vocab_source(model_dir: Path) -> Path | None:
@@ -205,7 +233,11 @@ def write_sentencepiece_model(gguf_path: Path, target: Path) -> bool:
         field = fields.get(key)
         return field.contents() if field is not None else default
 
-    tokens, scores, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.scores"), value("tokenizer.ggml.token_type")
+    tokens, scores, types = (
+        value("tokenizer.ggml.tokens"),
+        value("tokenizer.ggml.scores"),
+        value("tokenizer.ggml.token_type"),
+    )
     proto = sp_pb2.ModelProto()  # type: ignore[attr-defined]  # generated protobuf code, no stubs
     for piece, score, kind in zip(tokens, scores, types):
         entry = proto.pieces.add()

@@ -26,9 +26,17 @@ from afina.export.gguf_file import ExportError
 from afina.export.verify import Reference, judge, transformers_candidate
 
 
-def export_gguf_files(merged_dir: Path, tokenizer, out_dir: Path, name: str, types: list[str], reference: Reference,
-                      max_kl: dict[str, float] | None = None, transformers_check: bool = True,
-                      base_dir: Path | None = None) -> dict[str, Any]:
+def export_gguf_files(
+    merged_dir: Path,
+    tokenizer,
+    out_dir: Path,
+    name: str,
+    types: list[str],
+    reference: Reference,
+    max_kl: dict[str, float] | None = None,
+    transformers_check: bool = True,
+    base_dir: Path | None = None,
+) -> dict[str, Any]:
     """Write and verify `<out_dir>/<name>-<type>.gguf` for each type; return {"gguf_<type>": check}."""
     from transformers import AutoConfig
 
@@ -46,8 +54,9 @@ def export_gguf_files(merged_dir: Path, tokenizer, out_dir: Path, name: str, typ
             if outtype not in GGUF_TYPES:
                 raise ExportError(f"export.gguf_types: unknown type '{outtype}' (known: {', '.join(GGUF_TYPES)})")
             path = source if outtype == "f16" else quantize(source, out_dir / f"{name}-{outtype}.gguf", outtype)
-            results[f"gguf_{outtype}"] = verify_gguf_file(path, outtype, tokenizer, reference, max_kl,
-                                                          transformers_check, rope)
+            results[f"gguf_{outtype}"] = verify_gguf_file(
+                path, outtype, tokenizer, reference, max_kl, transformers_check, rope
+            )
     for check in results.values():
         if check.get("ok") is False:
             Path(check["path"]).unlink(missing_ok=True)
@@ -55,14 +64,25 @@ def export_gguf_files(merged_dir: Path, tokenizer, out_dir: Path, name: str, typ
     return results
 
 
-def verify_gguf_file(path: Path, outtype: str, tokenizer, reference: Reference, max_kl: dict[str, float] | None,
-                     transformers_check: bool = True, rope: dict | None = None) -> dict[str, Any]:
+def verify_gguf_file(
+    path: Path,
+    outtype: str,
+    tokenizer,
+    reference: Reference,
+    max_kl: dict[str, float] | None,
+    transformers_check: bool = True,
+    rope: dict | None = None,
+) -> dict[str, Any]:
     from afina.export.gguf_file import read_gguf_rope_settings
     from afina.export.llama_cpp_run import llama_cpp_candidate
 
     meta = gguf_metadata(path)
-    check: dict[str, Any] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 2),
-                             "architecture": meta["architecture"], **tensor_types(path, outtype)}
+    check: dict[str, Any] = {
+        "path": str(path),
+        "size_mb": round(path.stat().st_size / 2**20, 2),
+        "architecture": meta["architecture"],
+        **tensor_types(path, outtype),
+    }
     check["chat_template_equal"] = (meta["chat_template"] or None) == (tokenizer.chat_template or None)
     check["eos_token_id_equal"] = meta["eos_token_id"] == tokenizer.eos_token_id
     # A template that starts with BOS relies on the runtime adding it (the Modelfile TEMPLATE leaves it out).
@@ -70,12 +90,15 @@ def verify_gguf_file(path: Path, outtype: str, tokenizer, reference: Reference, 
 
     needs_bos = bool(tokenizer.chat_template) and starts_with_bos(tokenizer)
     check["bos_added_by_runtime"] = meta["add_bos_token"]
-    check["bos_equal"] = not needs_bos or (meta["add_bos_token"] is not False and meta["bos_token_id"] == tokenizer.bos_token_id)
+    check["bos_equal"] = not needs_bos or (
+        meta["add_bos_token"] is not False and meta["bos_token_id"] == tokenizer.bos_token_id
+    )
     # Short prompts do not reach the scaled positions: check the keys themselves.
     written = read_gguf_rope_settings(path)
     keys = ("rope_type", "factor", "original_length")
     check["rope_scaling_equal"] = ({k: written[k] for k in keys} if written else None) == (
-        {k: rope[k] for k in keys} if rope else None)
+        {k: rope[k] for k in keys} if rope else None
+    )
     check["llama_cpp"] = judge(reference, outtype, llama_cpp_candidate(path, reference, tokenizer), max_kl)
     hf = _transformers_check(path, outtype, reference, max_kl) if transformers_check else None
     if hf is not None:
@@ -88,8 +111,10 @@ def verify_gguf_file(path: Path, outtype: str, tokenizer, reference: Reference, 
     if not check["rope_scaling_equal"]:
         failed.append(f"rope scaling in the file {written} differs from the model's {rope}")
     if not check["bos_equal"]:
-        failed.append(f"the chat template starts with BOS {tokenizer.bos_token!r} (id {tokenizer.bos_token_id}) but the "
-                      f"file has bos_token_id {meta['bos_token_id']}, add_bos_token {meta['add_bos_token']}")
+        failed.append(
+            f"the chat template starts with BOS {tokenizer.bos_token!r} (id {tokenizer.bos_token_id}) but the "
+            f"file has bos_token_id {meta['bos_token_id']}, add_bos_token {meta['add_bos_token']}"
+        )
     if not check["eos_token_id_equal"]:
         failed.append(f"eos_token_id {meta['eos_token_id']} in the file, {tokenizer.eos_token_id} in the tokenizer")
     check["ok"] = not failed
@@ -125,11 +150,21 @@ def export_lora_gguf(adapter_dir: Path, base_dir: Path, target: Path) -> dict[st
     """The unmerged LoRA adapter as a GGUF adapter file (for llama.cpp --lora and Ollama's ADAPTER)."""
     convert_lora_adapter(adapter_dir, base_dir, target)
     meta = gguf_metadata(target)
-    return {"path": str(target), "size_mb": round(target.stat().st_size / 2**20, 2), "architecture": meta["architecture"]}
+    return {
+        "path": str(target),
+        "size_mb": round(target.stat().st_size / 2**20, 2),
+        "architecture": meta["architecture"],
+    }
 
 
-def verify_gguf_adapter(adapter: dict[str, Any], base_dir: Path, base_gguf: Path, tokenizer, reference: Reference,
-                        max_kl: dict[str, float] | None = None) -> dict[str, Any]:
+def verify_gguf_adapter(
+    adapter: dict[str, Any],
+    base_dir: Path,
+    base_gguf: Path,
+    tokenizer,
+    reference: Reference,
+    max_kl: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Convert the base model to F16 GGUF and run it with the GGUF adapter in llama.cpp: it must reproduce the
     trained model as an F16 file of the merged model would."""
     from afina.export.llama_cpp_run import llama_cpp_candidate
@@ -137,5 +172,11 @@ def verify_gguf_adapter(adapter: dict[str, Any], base_dir: Path, base_gguf: Path
     if not base_gguf.is_file():
         convert_hf_folder(base_dir, base_gguf, "f16", vocab_source(base_dir))
     check = judge(reference, "f16", llama_cpp_candidate(base_gguf, reference, tokenizer, Path(adapter["path"])), max_kl)
-    return {**adapter, "base_path": str(base_gguf), "base_size_mb": round(base_gguf.stat().st_size / 2**20, 2),
-            "llama_cpp": check, "ok": check["ok"], **({"failed": f"llama.cpp: {check['failed']}"} if not check["ok"] else {})}
+    return {
+        **adapter,
+        "base_path": str(base_gguf),
+        "base_size_mb": round(base_gguf.stat().st_size / 2**20, 2),
+        "llama_cpp": check,
+        "ok": check["ok"],
+        **({"failed": f"llama.cpp: {check['failed']}"} if not check["ok"] else {}),
+    }

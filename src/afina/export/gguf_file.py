@@ -29,13 +29,20 @@ def rope_settings_of(config) -> dict | None:
     if rope_type in (None, "default") or rope_type not in ("linear", "dynamic", "yarn"):
         return None  # plain rotary, or a model's own scheme (llama3, longrope, ...) that llama.cpp's converter writes
     if rope_type == "dynamic":
-        raise ExportError("GGUF export: llama.cpp has no dynamic NTK rope scaling (its rope.scaling.type is none, "
-                          "linear or yarn); use context.rope_scaling=linear or yarn for GGUF, or export the merged HF folder")
+        raise ExportError(
+            "GGUF export: llama.cpp has no dynamic NTK rope scaling (its rope.scaling.type is none, "
+            "linear or yarn); use context.rope_scaling=linear or yarn for GGUF, or export the merged HF folder"
+        )
     factor = float(params["factor"])
     target = context_length(config)
     original = params.get("original_max_position_embeddings") or round(target / factor)
-    return {"rope_type": rope_type, "factor": factor, "original_length": int(original), "target_length": int(target),
-            "rope_theta": _rope_theta(config)}
+    return {
+        "rope_type": rope_type,
+        "factor": factor,
+        "original_length": int(original),
+        "target_length": int(target),
+        "rope_theta": _rope_theta(config),
+    }
 
 
 def read_gguf_rope_settings(path: Path) -> dict | None:
@@ -52,6 +59,10 @@ def read_gguf_rope_settings(path: Path) -> dict | None:
     rope_type = value("rope.scaling.type")
     if rope_type in (None, "none"):
         return None
-    return {"rope_type": rope_type, "factor": float(value("rope.scaling.factor")),
-            "original_length": int(value("rope.scaling.original_context_length")),
-            "target_length": int(value("context_length")), "rope_theta": float(value("rope.freq_base"))}
+    return {
+        "rope_type": rope_type,
+        "factor": float(value("rope.scaling.factor")),
+        "original_length": int(value("rope.scaling.original_context_length")),
+        "target_length": int(value("context_length")),
+        "rope_theta": float(value("rope.freq_base")),
+    }

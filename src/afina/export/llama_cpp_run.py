@@ -1,7 +1,7 @@
 """Run a GGUF file in llama.cpp (llama-cpp-python) on the reference prompts: the runtime users deploy to.
 
-    candidate = llama_cpp_candidate(path, reference)   # tokenization, teacher-forced logits, greedy text
-    speed = llama_cpp_speed(path, prompt_ids)            # prompt and decode tokens per second
+candidate = llama_cpp_candidate(path, reference)   # tokenization, teacher-forced logits, greedy text
+speed = llama_cpp_speed(path, prompt_ids)            # prompt and decode tokens per second
 """
 
 from __future__ import annotations
@@ -20,9 +20,15 @@ from afina.export.verify import Candidate, Reference
 def _load(path: Path, n_ctx: int, lora_path: Path | None = None):
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                           n_threads=os.cpu_count() or 1, n_batch=min(n_ctx, 512),
-                           lora_path=str(lora_path) if lora_path else None)
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        logits_all=True,
+        verbose=False,
+        n_threads=os.cpu_count() or 1,
+        n_batch=min(n_ctx, 512),
+        lora_path=str(lora_path) if lora_path else None,
+    )
 
 
 def _context_for(reference: Reference) -> int:
@@ -67,5 +73,8 @@ def llama_cpp_speed(path: Path, prompt_ids: list[int], new_tokens: int = 64) -> 
         llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
     decode_s = time.perf_counter() - start
     llm.close()
-    return {"prompt_tokens_per_s": round(len(prompt_ids) / prompt_s, 1),
-            "decode_tokens_per_s": round(new_tokens / decode_s, 1), "threads": os.cpu_count()}
+    return {
+        "prompt_tokens_per_s": round(len(prompt_ids) / prompt_s, 1),
+        "decode_tokens_per_s": round(new_tokens / decode_s, 1),
+        "threads": os.cpu_count(),
+    }

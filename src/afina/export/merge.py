@@ -34,7 +34,9 @@ def export(recipe: Recipe) -> dict[str, Any]:
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.chat_template)
     rows = read_jsonl(run.require(run.split_path("test"), "prepare"))[:3] or read_jsonl(run.split_path("train"))[:3]
     # Chat rows: the prompt as served; text rows (domain text, context extension): the text's opening.
-    prompts = [render_prompt(tokenizer, row["messages"][:-1]) if "messages" in row else row["text"][:400] for row in rows]
+    prompts = [
+        render_prompt(tokenizer, row["messages"][:-1]) if "messages" in row else row["text"][:400] for row in rows
+    ]
 
     tuned = load_trained(run.root, recipe.model.name, device, full=recipe.method.type == "full")
     reference = Reference.of(tuned, tokenizer, prompts)
@@ -107,8 +109,16 @@ def _export_gguf(merged, tokenizer, run, recipe, reference: Reference) -> dict[s
         if not (merged_dir / "config.json").is_file():
             merged_dir = Path(tempfile.mkdtemp(prefix="afina-merged-"))
             _save_merged(merged, tokenizer, merged_dir)
-        return export_gguf_files(merged_dir, tokenizer, run.export / "gguf", recipe.name, list(recipe.export.gguf_types),
-                                 reference, recipe.export.gguf_max_kl, base_dir=Path(resolve_model(recipe.model.name)))
+        return export_gguf_files(
+            merged_dir,
+            tokenizer,
+            run.export / "gguf",
+            recipe.name,
+            list(recipe.export.gguf_types),
+            reference,
+            recipe.export.gguf_max_kl,
+            base_dir=Path(resolve_model(recipe.model.name)),
+        )
     except ExportError as exc:  # the converter or llama.cpp is missing, or does not know this architecture
         return {key: {"ok": False, "failed": str(exc)} for key in keys}
     finally:
@@ -125,29 +135,45 @@ def _export_gguf_adapter(recipe, run, tokenizer, reference: Reference) -> dict[s
         return {"skipped": "full fine-tuning has no adapter; use the gguf export of the merged model"}
     out = run.export / "gguf"
     base_dir = Path(resolve_model(recipe.model.name))
-    return verify_gguf_adapter(export_lora_gguf(run.adapter, base_dir, out / f"{recipe.name}-lora-f16.gguf"),
-                               base_dir, out / f"{recipe.name}-base-f16.gguf", tokenizer, reference,
-                               recipe.export.gguf_max_kl)
+    return verify_gguf_adapter(
+        export_lora_gguf(run.adapter, base_dir, out / f"{recipe.name}-lora-f16.gguf"),
+        base_dir,
+        out / f"{recipe.name}-base-f16.gguf",
+        tokenizer,
+        reference,
+        recipe.export.gguf_max_kl,
+    )
 
 
 def _export_ollama(run, tokenizer, results: dict[str, Any]) -> dict[str, Any]:
     from afina.export.ollama import write_modelfile
 
     # The smallest verified file that users run (Q4_K_M, else Q8_0, else any).
-    verified = {k.removeprefix("gguf_"): Path(v["path"]) for k, v in results.items()
-                if k.startswith("gguf_") and k != "gguf_adapter" and v.get("ok")}
+    verified = {
+        k.removeprefix("gguf_"): Path(v["path"])
+        for k, v in results.items()
+        if k.startswith("gguf_") and k != "gguf_adapter" and v.get("ok")
+    }
     adapter = results.get("gguf_adapter") or {}
     if not verified and not adapter.get("ok"):
-        return {"skipped": "the Ollama Modelfile needs a verified GGUF file: add gguf (or gguf_adapter) to export.formats"}
+        return {
+            "skipped": "the Ollama Modelfile needs a verified GGUF file: add gguf (or gguf_adapter) to export.formats"
+        }
     check: dict[str, Any] = {}
     if verified:
-        path = next((verified[t] for t in ("q4_k_m", "q8_0", "q5_k_m", "q6_k", "f16") if t in verified),
-                    next(iter(verified.values())))
+        path = next(
+            (verified[t] for t in ("q4_k_m", "q8_0", "q5_k_m", "q6_k", "f16") if t in verified),
+            next(iter(verified.values())),
+        )
         check = write_modelfile(path.parent / "Modelfile", path, tokenizer)
     if adapter.get("ok"):
         folder = Path(adapter["path"]).parent
-        with_adapter = write_modelfile(folder / ("Modelfile.adapter" if verified else "Modelfile"),
-                                       Path(adapter["base_path"]), tokenizer, adapter=Path(adapter["path"]))
+        with_adapter = write_modelfile(
+            folder / ("Modelfile.adapter" if verified else "Modelfile"),
+            Path(adapter["base_path"]),
+            tokenizer,
+            adapter=Path(adapter["path"]),
+        )
         if not check:
             return with_adapter
         check["adapter_modelfile"] = with_adapter

@@ -37,14 +37,15 @@ def _render(tokenizer, messages, generation_prompt: bool) -> str:
     """The chat template's text without a leading BOS token: Ollama (llama.cpp) puts BOS in front of every prompt
     itself when the GGUF file says add_bos_token, so a TEMPLATE that wrote it too would double it."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return text[len(tokenizer.bos_token):] if starts_with_bos(tokenizer, text) else text
+    return text[len(tokenizer.bos_token) :] if starts_with_bos(tokenizer, text) else text
 
 
 def starts_with_bos(tokenizer, text: str | None = None) -> bool:
     """Whether the chat template puts the BOS token first (Gemma, Llama 3, Mistral do; ChatML does not)."""
     if text is None:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+        )
     return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
 
 
@@ -53,25 +54,35 @@ def template_pieces(tokenizer) -> TemplatePieces:
     if not getattr(tokenizer, "chat_template", None):
         raise ExportError("the tokenizer has no chat template; an Ollama Modelfile needs one to build its TEMPLATE")
     s = _SENTINEL
-    turns = [{"role": "system", "content": s["system"]}, {"role": "user", "content": s["user"]},
-             {"role": "assistant", "content": s["assistant"]}, {"role": "user", "content": s["user2"]}]
+    turns = [
+        {"role": "system", "content": s["system"]},
+        {"role": "user", "content": s["user"]},
+        {"role": "assistant", "content": s["assistant"]},
+        {"role": "user", "content": s["user2"]},
+    ]
     full = _render(tokenizer, turns, False)
     with_prompt = _render(tokenizer, turns, True)
     if not with_prompt.startswith(full):
-        raise ExportError("the chat template's generation prompt is not a plain suffix; write the Modelfile TEMPLATE by hand")
+        raise ExportError(
+            "the chat template's generation prompt is not a plain suffix; write the Modelfile TEMPLATE by hand"
+        )
     cuts, rest = [], full
     for key in ("system", "user", "assistant", "user2"):
         before, found, rest = rest.partition(s[key])
         if not found:
-            raise ExportError("the chat template drops or rewrites message content; write the Modelfile TEMPLATE by hand")
+            raise ExportError(
+                "the chat template drops or rewrites message content; write the Modelfile TEMPLATE by hand"
+            )
         cuts.append(before)
     suffix = rest  # after the last user message
     if not all(c.startswith(suffix) for c in cuts[1:]):
         raise ExportError("the chat template ends roles differently; write the Modelfile TEMPLATE by hand")
-    prefix = {"system": cuts[0], "user": cuts[1][len(suffix):], "assistant": cuts[2][len(suffix):]}
-    if cuts[3][len(suffix):] != prefix["user"]:
-        raise ExportError("the chat template wraps the first and later user turns differently; write the TEMPLATE by hand")
-    pieces = TemplatePieces(prefix, suffix, with_prompt[len(full):], None)
+    prefix = {"system": cuts[0], "user": cuts[1][len(suffix) :], "assistant": cuts[2][len(suffix) :]}
+    if cuts[3][len(suffix) :] != prefix["user"]:
+        raise ExportError(
+            "the chat template wraps the first and later user turns differently; write the TEMPLATE by hand"
+        )
+    pieces = TemplatePieces(prefix, suffix, with_prompt[len(full) :], None)
     # A template that adds a system turn of its own when there is none (SmolLM2 does): find its text.
     alone = _render(tokenizer, [{"role": "user", "content": s["user"]}], True)
     if alone != pieces.render([{"role": "user", "content": s["user"]}]):
@@ -93,13 +104,17 @@ def go_template(pieces: TemplatePieces) -> str:
         f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{_go_literal(pieces.prefix[role])}'
         for i, role in enumerate(("system", "user", "assistant"))
     )
-    return (f"{{{{ range .Messages }}}}{role_branches}{{{{ end }}}}{{{{ .Content }}}}{_go_literal(pieces.suffix)}"
-            f"{{{{ end }}}}{_go_literal(pieces.generation_prompt)}")
+    return (
+        f"{{{{ range .Messages }}}}{role_branches}{{{{ end }}}}{{{{ .Content }}}}{_go_literal(pieces.suffix)}"
+        f"{{{{ end }}}}{_go_literal(pieces.generation_prompt)}"
+    )
 
 
 def stop_tokens(tokenizer, pieces: TemplatePieces) -> list[str]:
     """The end-of-turn marker and the EOS token: generation must stop at either."""
-    specials = {str(t) for t in tokenizer.all_special_tokens} | {a.content for a in tokenizer.added_tokens_decoder.values()}
+    specials = {str(t) for t in tokenizer.all_special_tokens} | {
+        a.content for a in tokenizer.added_tokens_decoder.values()
+    }
     stops = [t for t in specials if t and t in pieces.suffix]
     if tokenizer.eos_token and tokenizer.eos_token not in stops:
         stops.append(tokenizer.eos_token)
@@ -129,9 +144,18 @@ def write_modelfile(path: Path, gguf_path: Path, tokenizer, adapter: Path | None
     conversations = [
         [{"role": "user", "content": "Hello there"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
-        [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-         {"role": "user", "content": "c {{ not a template }}"}],
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c {{ not a template }}"},
+        ],
     ]
     same = all(pieces.render(c) == _render(tokenizer, c, True) for c in conversations)
-    return {"path": str(path), "stop": stops, "template_matches_chat_template": same,
-            "conversations_checked": len(conversations), "ok": same}
+    return {
+        "path": str(path),
+        "stop": stops,
+        "template_matches_chat_template": same,
+        "conversations_checked": len(conversations),
+        "ok": same,
+    }

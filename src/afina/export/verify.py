@@ -78,14 +78,19 @@ class Reference:
         ids_all, sequences, logprobs, texts = [], [], [], []
         for prompt in prompts:
             ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             sequence = out[0].tolist()
             ids_all.append(ids[0].tolist())
             sequences.append(sequence)
             logprobs.append(torch.log_softmax(teacher_forced_logits(model, sequence, ids.shape[1]), -1))
-            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
         return cls(list(prompts), ids_all, sequences, logprobs, texts)
 
     def positions(self, index: int) -> tuple[list[int], int]:
@@ -112,9 +117,15 @@ def transformers_candidate(model, tokenizer, reference: Reference) -> Candidate:
         sequence, start = reference.positions(index)
         logits.append(teacher_forced_logits(model, sequence, start + 1))
         new = len(reference.sequences[index]) - len(reference.input_ids[index])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max(new, 1),
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max(new, 1),
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return Candidate(ids_all, logits, texts)
 
 
@@ -161,8 +172,12 @@ def thresholds_for(kind: str, overrides: dict[str, float] | None = None) -> tupl
     return max_kl, min_agreement
 
 
-def judge(reference: Reference, kind: str, candidate: Candidate, max_kl_overrides: dict[str, float] | None = None,
-          ) -> dict[str, Any]:
+def judge(
+    reference: Reference,
+    kind: str,
+    candidate: Candidate,
+    max_kl_overrides: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """compare() plus the verdict for an export of this kind: `ok` and, when not, `failed` naming each measure."""
     check = compare(reference, candidate)
     max_kl, min_agreement = thresholds_for(kind, max_kl_overrides)
@@ -182,15 +197,20 @@ def judge(reference: Reference, kind: str, candidate: Candidate, max_kl_override
 
 def failure_message(results: dict[str, dict[str, Any]]) -> str | None:
     """One line per failed export (its file, the measure and the threshold), or None when all passed."""
-    lines = [f"  {key} ({value.get('path', '')}): {value.get('failed', 'check failed')}"
-             for key, value in results.items() if isinstance(value, dict) and value.get("ok") is False]
+    lines = [
+        f"  {key} ({value.get('path', '')}): {value.get('failed', 'check failed')}"
+        for key, value in results.items()
+        if isinstance(value, dict) and value.get("ok") is False
+    ]
     if not lines:
         return None
-    return ("exports that do not reproduce the trained model (removed; the others are kept and recorded in "
-            "manifest.json under `export`):\n" + "\n".join(lines) +
-            "\nRaise the type's threshold with export.gguf_max_kl.<type>=<value> if the difference is acceptable, "
-            "or export a less aggressive type (q8_0, f16).")
-
+    return (
+        "exports that do not reproduce the trained model (removed; the others are kept and recorded in "
+        "manifest.json under `export`):\n"
+        + "\n".join(lines)
+        + "\nRaise the type's threshold with export.gguf_max_kl.<type>=<value> if the difference is acceptable, "
+        "or export a less aggressive type (q8_0, f16)."
+    )
 
 
 def describe_export(fmt: str, info: dict[str, Any]) -> str:
@@ -198,8 +218,10 @@ def describe_export(fmt: str, info: dict[str, Any]) -> str:
     if "skipped" in info:
         return f"{fmt}: skipped ({info['skipped']})"
     if "template_matches_chat_template" in info:
-        return (f"{fmt}: {info['path']} (verified: template reproduces the chat template: "
-                f"{info['template_matches_chat_template']}; stop {', '.join(info['stop'])})")
+        return (
+            f"{fmt}: {info['path']} (verified: template reproduces the chat template: "
+            f"{info['template_matches_chat_template']}; stop {', '.join(info['stop'])})"
+        )
     measured = info.get("llama_cpp", info)
     if "kl_mean" not in measured:
         return f"{fmt}: {info.get('path', '')} ({info.get('failed', 'not verified')})"
@@ -207,5 +229,7 @@ def describe_export(fmt: str, info: dict[str, Any]) -> str:
     size = f", {info['size_mb']} MB" if "size_mb" in info else ""
     hf = info.get("transformers") or {}
     also = f"; transformers: {hf['failed']}" if hf.get("ok") is False else ""
-    return (f"{fmt}: {info['path']} (verified{where}: KL {measured['kl_mean']:.2e} nats, greedy agreement "
-            f"{measured['top1_agreement']:.0%}, greedy text equal: {measured['greedy_text_equal']}{size}{also})")
+    return (
+        f"{fmt}: {info['path']} (verified{where}: KL {measured['kl_mean']:.2e} nats, greedy agreement "
+        f"{measured['top1_agreement']:.0%}, greedy text equal: {measured['greedy_text_equal']}{size}{also})"
+    )

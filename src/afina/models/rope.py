@@ -43,17 +43,26 @@ def rope_settings(context, hf_config) -> dict[str, Any] | None:
         return None
     params = getattr(hf_config, "rope_parameters", None)
     if not isinstance(params, dict) or "rope_theta" not in params:
-        raise RopeError(f"context.rope_scaling: model type '{hf_config.model_type}' has no rotary position settings "
-                        "(rope_parameters) in its config; rope scaling needs a RoPE model such as Llama, Mistral or Qwen2")
+        raise RopeError(
+            f"context.rope_scaling: model type '{hf_config.model_type}' has no rotary position settings "
+            "(rope_parameters) in its config; rope scaling needs a RoPE model such as Llama, Mistral or Qwen2"
+        )
     if params.get("rope_type", "default") != "default":
-        raise RopeError(f"context.rope_scaling: the model already uses '{params['rope_type']}' rope scaling; "
-                        "extend from a model with plain rotary positions")
+        raise RopeError(
+            f"context.rope_scaling: the model already uses '{params['rope_type']}' rope scaling; "
+            "extend from a model with plain rotary positions"
+        )
     original = context.original_length or hf_config.max_position_embeddings
     factor = float(context.factor) if context.factor is not None else context.target_length / original
     if factor < 1.0:
         raise RopeError(f"context.target_length {context.target_length} is shorter than the original window {original}")
-    return {"rope_type": context.rope_scaling, "factor": factor, "original_length": int(original),
-            "target_length": int(round(original * factor)), "rope_theta": float(params["rope_theta"])}
+    return {
+        "rope_type": context.rope_scaling,
+        "factor": factor,
+        "original_length": int(original),
+        "target_length": int(round(original * factor)),
+        "rope_theta": float(params["rope_theta"]),
+    }
 
 
 def apply_rope_settings(hf_config, settings: dict[str, Any] | None):
@@ -74,7 +83,7 @@ def apply_rope_settings(hf_config, settings: dict[str, Any] | None):
 
 def context_length(hf_config) -> int:
     """The window a model config handles: the extended length where rope scaling is set."""
-    return int(getattr(hf_config, CONTEXT_KEY, None) or getattr(hf_config, "max_position_embeddings", 2048))
+    return int(getattr(hf_config, CONTEXT_KEY, None) or getattr(hf_config, "max_position_embeddings", None) or 2048)
 
 
 def save_rope_settings(folder: Path, settings: dict[str, Any] | None) -> None:
@@ -103,7 +112,13 @@ def gguf_rope_metadata(settings: dict[str, Any] | None) -> dict[str, Any]:
     if not settings:
         return {}
     if settings["rope_type"] == "dynamic":
-        raise RopeError("GGUF export: llama.cpp has no dynamic NTK rope scaling (its rope.scaling.type is none, linear "
-                        "or yarn); use context.rope_scaling=linear or yarn for GGUF, or export the merged HF folder")
-    return {"type": settings["rope_type"], "factor": settings["factor"], "original_context_length": settings["original_length"],
-            "context_length": settings["target_length"]}
+        raise RopeError(
+            "GGUF export: llama.cpp has no dynamic NTK rope scaling (its rope.scaling.type is none, linear "
+            "or yarn); use context.rope_scaling=linear or yarn for GGUF, or export the merged HF folder"
+        )
+    return {
+        "type": settings["rope_type"],
+        "factor": settings["factor"],
+        "original_context_length": settings["original_length"],
+        "context_length": settings["target_length"],
+    }

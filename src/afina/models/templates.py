@@ -50,7 +50,8 @@ def resolve_chat_template(choice: str | None, tokenizer) -> str | None:
         if missing:
             raise ChatTemplateError(
                 f"model.chat_template={choice}: the model's vocabulary lacks {', '.join(missing)}; its embeddings "
-                f"would start untrained. Use a template made of tokens it has (e.g. {_suggest(tokenizer)}) or a file")
+                f"would start untrained. Use a template made of tokens it has (e.g. {_suggest(tokenizer)}) or a file"
+            )
         template = NAMED_TEMPLATES[choice]
         # A model trained with a BOS token (Gemma, Llama) needs it at the start of every prompt; afina tokenizes
         # rendered chats without adding special tokens, so the template carries it.
@@ -62,7 +63,8 @@ def resolve_chat_template(choice: str | None, tokenizer) -> str | None:
         return path.read_text(encoding="utf-8")
     raise ChatTemplateError(
         f"model.chat_template={choice!r}: not 'model', a named template ({', '.join(NAMED_TEMPLATES)}) or an existing "
-        "Jinja file; name one of those")
+        "Jinja file; name one of those"
+    )
 
 
 def _suggest(tokenizer) -> str:

@@ -26,8 +26,9 @@ def trained_weights(run_root: Path, full: bool | None = None) -> tuple[str, Path
     return "adapter", run.require(run.adapter, "train")
 
 
-def load_adapter_over_base(base_spec: str, adapter_dir: Path, device="cpu", dtype: str = "float32",
-                           adapter_name: str = "default"):
+def load_adapter_over_base(
+    base_spec: str, adapter_dir: Path, device="cpu", dtype: str = "float32", adapter_name: str = "default"
+):
     """The base model, with the rope settings the adapter was trained with, and the adapter on it (switchable:
     `with model.disable_adapter():` gives the base back)."""
     from peft import PeftModel
@@ -36,8 +37,9 @@ def load_adapter_over_base(base_spec: str, adapter_dir: Path, device="cpu", dtyp
     return PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name).to(device).eval()
 
 
-def load_trained(run_root: Path, base_spec: str, device="cpu", dtype: str = "float32", full: bool | None = None,
-                 merge: bool = False):
+def load_trained(
+    run_root: Path, base_spec: str, device="cpu", dtype: str = "float32", full: bool | None = None, merge: bool = False
+):
     """The trained model of a run: its full model, or its adapter over `base_spec` (with `merge=True`
     folded into the base weights: a plain model with the adapter's rope settings in its config)."""
     kind, folder = trained_weights(run_root, full)

@@ -44,7 +44,7 @@ def load_passages(path: Path) -> list[Passage]:
 
 def passages_from_rows(rows: list[dict[str, Any]]) -> list[Passage]:
     """Index the train split itself: each row's question and answer make one passage."""
-    passages = []
+    passages: list[Passage] = []
     for row in rows:
         user = next((m["content"] for m in reversed(row["messages"][:-1]) if m["role"] == "user"), "")
         passages.append(Passage(str(row.get("id", len(passages))), f"Q: {user}\nA: {row['messages'][-1]['content']}"))
@@ -62,7 +62,9 @@ def embedder():
 
 def embed(texts: list[str]):
     """Unit-length MiniLM embeddings (a float32 tensor), so a dot product is the cosine."""
-    return embedder().encode(texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+    return embedder().encode(
+        texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+    )
 
 
 class Retriever:
@@ -83,7 +85,9 @@ class Retriever:
     def _bm25_ranking(self, queries: list[str], depth: int) -> list[list[int]]:
         import bm25s
 
-        results, _ = self.bm25.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False), k=depth, show_progress=False)
+        results, _ = self.bm25.retrieve(
+            bm25s.tokenize(queries, stopwords="en", show_progress=False), k=depth, show_progress=False
+        )
         return [list(map(int, row)) for row in results]
 
     def _dense_ranking(self, queries: list[str], depth: int) -> list[list[int]]:

@@ -5,78 +5,43 @@
     /v1/feedback                            a rating and a corrected answer for a response id
     /health, /metrics (Prometheus), /       (the chat page)
 
-One worker runs the model: requests queue for it in arrival order, up to `max_queue` waiting
-(beyond which they get 429), and greedy requests for the same model that wait together run as one
-batch (serve/batching.py). Every refusal is a 4xx with a JSON body in
-OpenAI's shape ({"error": {"message", "type", "code"}}); the server keeps serving after each.
+One worker thread runs the model (serve/batching.py): requests queue for it in arrival order, up to
+`max_queue` waiting (beyond which they get 429), and greedy requests for the same model that wait
+together run as one batch. The handlers are async and never wait on a thread: the key check (401),
+admission (429), /health and /metrics answer at once however busy the model is. A request whose
+client disconnects is cancelled: dropped from the queue, or stopped at the next decoding step, and
+logged as aborted. Every refusal is a 4xx with a JSON body in OpenAI's shape
+({"error": {"message", "type", "code", "param"}}); which options are honoured is in serve/schema.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
+import ipaddress
 import json
 import os
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from fastapi import Request  # at module level: FastAPI resolves the string annotations below from here
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Request
 
 from afina import __version__
 from afina.config import ServeConfig
-from afina.data.format import render_prompt
-from afina.serve.batching import Scheduler
+from afina.serve.batching import Generated, Job, Scheduler
+from afina.serve.generation import IncrementalText, chat_logprobs, completion_logprobs, cut_at_stop, encode_chat
 from afina.serve.logs import RequestLog
-from afina.serve.models import ServedModels, load_served
+from afina.serve.models import ServedModels, ServeError, load_served
+from afina.serve.schema import ApiError, ChatRequest, CompletionRequest, FeedbackRequest, error_body, parse_body
 
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (n=1, user, ...)
-
-
-class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Request):
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stream: bool = False
-
-
-class CompletionRequest(_Request):
-    model: str | None = None
-    prompt: str
-    max_tokens: int | None = Field(16, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stream: bool = False
-
-
-class FeedbackRequest(_Request):
-    id: str = Field(min_length=1, max_length=200, description="The `id` of a chat or completion response.")
-    rating: int | None = Field(None, ge=-1, le=1, description="1 good, -1 bad, 0 neutral.")
-    correction: str | None = Field(None, description="The answer the model should have given.")
-    comment: str | None = None
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
-
-
-def _error_body(message: str, code: str, kind: str = "invalid_request_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "code": code, "param": None}}
+# Kept importable from here (older code and tests import them from serve.app).
+__all__ = ["ApiError", "BodyLimit", "create_app", "serve"]
 
 
 class BodyLimit:
@@ -102,10 +67,16 @@ class BodyLimit:
                 too_large = True
                 break
         if too_large:
-            body = json.dumps(_error_body(f"request body is over this server's limit of {self.limit} bytes",
-                                          "body_too_large")).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            body = json.dumps(
+                error_body(f"request body is over this server's limit of {self.limit} bytes", "body_too_large")
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return None
         replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
@@ -124,244 +95,602 @@ class Metrics:
 
         self.registry = CollectorRegistry()
         self.requests = Counter("afina_requests", "HTTP requests", ["path", "status"], registry=self.registry)
-        self.latency = Histogram("afina_request_latency_seconds", "Time to the response's headers", ["path"],
-                                 registry=self.registry)
-        self.generation = Histogram("afina_generation_seconds", "Time from the model's turn to the last token",
-                                    ["model"], registry=self.registry,
-                                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.latency = Histogram(
+            "afina_request_latency_seconds", "Time to the response's headers", ["path"], registry=self.registry
+        )
+        self.generation = Histogram(
+            "afina_generation_seconds",
+            "Time from the model's turn to the last token",
+            ["model"],
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
         self.tokens = Counter("afina_tokens", "Tokens processed", ["model", "kind"], registry=self.registry)
         self.queue = Gauge("afina_queue_depth", "Requests waiting for or holding the model", registry=self.registry)
-        self.batch = Histogram("afina_batch_size", "Requests per generate() call", registry=self.registry,
-                               buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.batch = Histogram(
+            "afina_batch_size", "Requests per generate() call", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)
+        )
+        self.aborted = Counter(
+            "afina_aborted_requests", "Requests cancelled because the client went away", registry=self.registry
+        )
+
+
+class CountRequests:
+    """Count responses by route and status, and time to the response's headers (plain ASGI: streams pass through)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                path = getattr(scope.get("route"), "path", "other")
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+                self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+            await send(message)
+
+        return await self.app(scope, receive, counted)
+
+
+@dataclass
+class AppState:
+    """Everything the handlers share: the models, the limits, the queue count, the log and the metrics."""
+
+    served: ServedModels
+    settings: ServeConfig
+    api_key: str | None
+    log: RequestLog | None
+    metrics: Metrics
+    scheduler: Scheduler
+    max_prompt: int
+    waiting: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def admit(self, count: int) -> None:
+        """Count `count` jobs into the queue, or 429 when that would pass max_queue."""
+        with self.lock:
+            if self.waiting + count > self.settings.max_queue:
+                raise ApiError(
+                    429,
+                    f"the server is busy ({self.waiting} requests queued); retry shortly",
+                    "queue_full",
+                    "rate_limit_error",
+                )
+            self.waiting += count
+            self.metrics.queue.set(self.waiting)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.waiting -= 1
+            self.metrics.queue.set(self.waiting)
+
+
+@dataclass
+class Plan:
+    """One checked generation request, ready to queue."""
+
+    rid: str
+    endpoint: str  # "chat" or "completion"
+    name: str
+    request: ChatRequest | CompletionRequest
+    ids: torch.Tensor
+    max_new: int
+    fields: dict[str, Any]  # what the log keeps of the request
+    started: float
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def stops(self) -> list[str]:
+        stop = self.request.stop  # a list once checked (schema.py)
+        return [stop] if isinstance(stop, str) else list(stop or [])
+
+    @property
+    def top_logprobs(self) -> int | None:
+        if isinstance(self.request, ChatRequest):
+            return (self.request.top_logprobs or 0) if self.request.logprobs else None
+        return self.request.logprobs
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.afina
+
+
+def authorize(state: AppState, request: Request) -> None:
+    if state.api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given[:7].lower() == "bearer " else ""
+    if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+        raise ApiError(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            "invalid_api_key",
+            "authentication_error",
+        )
+
+
+async def read_request(state: AppState, request: Request, model):
+    """The key first, then the body: an unauthenticated client gets 401 whatever it sent."""
+    authorize(state, request)
+    return parse_body(await request.body(), model)
+
+
+def resolve(state: AppState, request) -> tuple[str, int]:
+    name = request.model or state.served.default
+    if name not in state.served.names:
+        raise ApiError(
+            404,
+            f"model '{name}' is not served here; available: {', '.join(state.served.names)}",
+            "model_not_found",
+            param="model",
+        )
+    settings = state.settings
+    asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    max_new = asked or min(settings.default_max_tokens, settings.max_tokens)
+    if max_new > settings.max_tokens:
+        raise ApiError(
+            400,
+            f"max_tokens={max_new} is over this server's limit of {settings.max_tokens}",
+            "max_tokens_exceeded",
+            param="max_tokens",
+        )
+    if request.stream and getattr(request, "logprobs", None) not in (None, False):
+        raise ApiError(
+            400,
+            "'logprobs' with stream: true is not supported; ask without streaming",
+            "unsupported_parameter",
+            param="logprobs",
+        )
+    return name, max_new
+
+
+def check_length(state: AppState, ids: list[int], max_new: int) -> torch.Tensor:
+    if len(ids) > state.max_prompt:
+        raise ApiError(
+            400, f"the prompt is {len(ids)} tokens; this server's limit is {state.max_prompt}", "prompt_too_long"
+        )
+    if len(ids) + max_new > state.served.max_context:
+        raise ApiError(
+            400,
+            f"prompt of {len(ids)} tokens plus max_tokens={max_new} exceeds the context of {state.served.max_context}",
+            "context_length_exceeded",
+        )
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def make_jobs(state: AppState, plan: Plan, schema: dict[str, Any] | None = None) -> list[Job]:
+    """One job per requested choice (`n`); sampled choices get seeds seed, seed+1, ..."""
+    tok, request = state.served.tokenizer, plan.request
+    sampling = request.temperature > 0
+    kwargs = dict(
+        input_ids=plan.ids,
+        attention_mask=torch.ones_like(plan.ids),
+        max_new_tokens=plan.max_new,
+        do_sample=sampling,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if sampling:
+        kwargs.update(temperature=request.temperature, top_p=request.top_p)
+    jobs = []
+    for i in range(request.n):
+        processors = []
+        if schema is not None:
+            from afina.serve.json_output import JsonLogitsProcessor
+
+            processors.append(JsonLogitsProcessor(tok, schema, plan.ids.shape[1], tok.eos_token_id))
+        plain = not (sampling or request.stream or plan.stops or processors or plan.top_logprobs is not None)
+        seed = None if request.seed is None else request.seed + i
+        jobs.append(Job(plan.name, dict(kwargs), plain, plan.stops, seed, plan.top_logprobs, processors))
+    return jobs
+
+
+def queue_jobs(state: AppState, jobs: list[Job]) -> None:
+    state.admit(len(jobs))
+    for job in jobs:
+        job.future.add_done_callback(lambda _f: state.leave())
+        state.scheduler.submit(job)
+
+
+def finish_reason(tok, result: Generated, stopped: bool) -> str:
+    new = result.new_tokens
+    return "stop" if stopped or (new and new[-1] == tok.eos_token_id) else "length"
+
+
+def record(
+    state: AppState, plan: Plan, answers: list[str], completion_tokens: int, aborted: bool = False
+) -> dict[str, int]:
+    prompt_tokens = int(plan.ids.shape[1])
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    state.metrics.tokens.labels(plan.name, "prompt").inc(prompt_tokens)
+    state.metrics.tokens.labels(plan.name, "completion").inc(completion_tokens)
+    if aborted:
+        state.metrics.aborted.inc()
+    if state.log is not None:
+        fields = {
+            **plan.fields,
+            **({"answers": answers} if len(answers) > 1 else {}),
+            **({"aborted": True} if aborted else {}),
+        }
+        state.log.log_request(
+            plan.rid,
+            plan.endpoint,
+            plan.name,
+            fields,
+            answers[0] if answers else "",
+            usage,
+            time.perf_counter() - plan.started,
+        )
+    return usage
+
+
+def record_when_stopped(state: AppState, plan: Plan, jobs: list[Job], texts: list[IncrementalText]) -> None:
+    """Log an abandoned request as aborted once its jobs have stopped, with the tokens really generated."""
+    remaining, lock = [len(jobs)], threading.Lock()
+
+    def stopped(_future) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        generated = sum(len(j.future.result().new_tokens) for j in jobs if j.future.exception() is None)
+        record(state, plan, [t.text() for t in texts], generated, aborted=True)
+
+    for job in jobs:
+        job.future.add_done_callback(stopped)
+
+
+async def wait_for(request: Request, jobs: list[Job]) -> list[Generated]:
+    """The jobs' results; if the client disconnects meanwhile, the jobs are cancelled."""
+    gathered = asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs))
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=0.25)
+            if done:
+                return gathered.result()
+            if await request.is_disconnected():
+                for job in jobs:
+                    job.cancel()
+    finally:
+        for job in jobs:  # cancelled from outside (server shutdown): stop generating too
+            if not job.future.done():
+                job.cancel()
+
+
+async def answer(state: AppState, request: Request, plan: Plan, jobs: list[Job]) -> dict[str, Any]:
+    queue_jobs(state, jobs)
+    results = await wait_for(request, jobs)
+    tok = state.served.tokenizer
+    choices, texts = [], []
+    for i, result in enumerate(results):
+        text, stopped = cut_at_stop(tok.decode(result.new_tokens, skip_special_tokens=True), plan.stops)
+        texts.append(text)
+        reason = finish_reason(tok, result, stopped)
+        logprobs = None
+        if result.logprobs is not None:
+            shaped = chat_logprobs if plan.endpoint == "chat" else completion_logprobs
+            logprobs = shaped(tok, result.new_tokens, result.logprobs)
+        if plan.endpoint == "chat":
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": logprobs,
+                    "finish_reason": reason,
+                }
+            )
+        else:
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
+    aborted = any(r.aborted for r in results)
+    usage = record(state, plan, texts, sum(len(r.new_tokens) for r in results), aborted)
+    kind = "chat.completion" if plan.endpoint == "chat" else "text_completion"
+    return {
+        "id": plan.rid,
+        "object": kind,
+        "created": plan.created,
+        "model": plan.name,
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+def stream_chunk(plan: Plan, i: int, piece: str | None, finish: str | None, role: bool, include_usage: bool) -> str:
+    """One server-sent event of choice i: a piece of text, its end (finish), or (chat) the role first."""
+    body: dict[str, Any] = {"id": plan.rid, "created": plan.created, "model": plan.name}
+    if plan.endpoint == "chat":
+        delta = {"role": "assistant", "content": ""} if role else {"content": piece} if piece else {}
+        body["object"] = "chat.completion.chunk"
+        body["choices"] = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    else:
+        body["object"] = "text_completion"
+        body["choices"] = [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}]
+    if include_usage:
+        body["usage"] = None
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def stream(state: AppState, plan: Plan, jobs: list[Job]):
+    """Server-sent events; a client that goes away cancels the jobs (starlette cancels this generator)."""
+    from fastapi.responses import StreamingResponse
+
+    tok = state.served.tokenizer
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def on_token(i: int, token: int | None) -> None:  # from the worker thread; None: choice i is finished
+        loop.call_soon_threadsafe(events.put_nowait, (i, token))
+
+    for i, job in enumerate(jobs):
+        job.on_token = functools.partial(on_token, i)
+    queue_jobs(state, jobs)
+    for i, job in enumerate(jobs):  # after the tokens, in the worker's order
+        job.future.add_done_callback(functools.partial(lambda i, _future: on_token(i, None), i))
+    chat = plan.endpoint == "chat"
+    include_usage = bool(plan.request.stream_options and plan.request.stream_options.include_usage)
+
+    def chunk(i: int, piece: str | None, finish: str | None, role: bool = False) -> str:
+        return stream_chunk(plan, i, piece, finish, role, include_usage)
+
+    async def produce():
+        texts = [IncrementalText(tok, plan.stops) for _ in jobs]
+        open_choices, completed = set(range(len(jobs))), False
+        try:
+            if chat:
+                for i in range(len(jobs)):
+                    yield chunk(i, None, None, role=True)
+            while open_choices:
+                i, token = await events.get()
+                if token is not None:
+                    piece = texts[i].add(token)
+                    if piece:
+                        yield chunk(i, piece, None)
+                    continue
+                open_choices.discard(i)
+                error = jobs[i].future.exception()
+                if error is not None:
+                    failure = error_body(f"generation failed: {error}", "generation_error", "server_error")
+                    yield f"data: {json.dumps(failure)}\n\n"
+                    continue
+                piece = texts[i].finish()
+                if piece:
+                    yield chunk(i, piece, None)
+                result = jobs[i].future.result()
+                yield chunk(i, None, finish_reason(tok, result, texts[i].stopped))
+            completed = True
+            usage = record(state, plan, [t.text() for t in texts], sum(len(t.tokens) for t in texts))
+            if include_usage:
+                body = {
+                    "id": plan.rid,
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": plan.created,
+                    "model": plan.name,
+                    "choices": [],
+                    "usage": usage,
+                }
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not completed:  # the client went away (or the server is stopping): stop generating
+                for job in jobs:
+                    job.cancel()
+                record_when_stopped(state, plan, jobs, texts)
+
+    return StreamingResponse(produce(), media_type="text/event-stream", headers={"x-request-id": plan.rid})
+
+
+async def generate(state: AppState, request: Request, plan: Plan, schema: dict[str, Any] | None = None):
+    jobs = make_jobs(state, plan, schema)
+    if plan.request.stream:
+        return stream(state, plan, jobs)
+    return await answer(state, request, plan, jobs)
+
+
+async def chat_completions(request: Request):
+    state = app_state(request)
+    body: ChatRequest = await read_request(state, request, ChatRequest)
+    started = time.perf_counter()
+    name, max_new = resolve(state, body)
+    schema = body.json_schema()
+    messages = [m.as_turn() for m in body.messages]
+    ids = check_length(state, encode_chat(state.served.tokenizer, messages), max_new)
+    fields = {"messages": messages, "stream": body.stream}
+    plan = Plan(f"chatcmpl-{uuid.uuid4().hex}", "chat", name, body, ids, max_new, fields, started)
+    return await generate(state, request, plan, schema)
+
+
+async def completions(request: Request):
+    state = app_state(request)
+    body: CompletionRequest = await read_request(state, request, CompletionRequest)
+    started = time.perf_counter()
+    name, max_new = resolve(state, body)
+    ids = check_length(state, state.served.tokenizer(body.prompt, add_special_tokens=False)["input_ids"], max_new)
+    plan = Plan(
+        f"cmpl-{uuid.uuid4().hex}",
+        "completion",
+        name,
+        body,
+        ids,
+        max_new,
+        {"prompt": body.prompt, "stream": body.stream},
+        started,
+    )
+    return await generate(state, request, plan)
+
+
+async def feedback(request: Request):
+    state = app_state(request)
+    body: FeedbackRequest = await read_request(state, request, FeedbackRequest)
+    log = state.log
+    if log is None:
+        raise ApiError(409, "feedback needs the request log: start the server with --log-dir", "logging_disabled")
+    if not log.knows(body.id):
+        raise ApiError(404, f"no logged response with id '{body.id}'", "response_not_found")
+    if body.rating is None and not body.correction:
+        raise ApiError(400, "give a rating (-1, 0, 1), a correction, or both", "empty_feedback")
+    limit = state.settings.max_correction_chars
+    if body.correction and len(body.correction) > limit:
+        raise ApiError(
+            400,
+            f"the correction is {len(body.correction)} characters; this server's limit is {limit}",
+            "correction_too_long",
+            param="correction",
+        )
+    await asyncio.to_thread(log.log_feedback, body.id, body.rating, body.correction, body.comment)
+    return {"id": body.id, "status": "recorded"}
+
+
+async def list_models(request: Request):
+    state = app_state(request)
+    authorize(state, request)
+    served = state.served
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": name,
+                "object": "model",
+                "owned_by": "afina",
+                "created": 0,
+                "kind": "adapter" if name in served.adapters else "base",
+            }
+            for name in served.names
+        ],
+    }
+
+
+async def health(request: Request):
+    state = app_state(request)
+    return {"status": "ok", "models": state.served.names, "queued": state.waiting}
+
+
+async def prometheus_metrics(request: Request):
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(app_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def chat_page():
+    from fastapi.responses import HTMLResponse
+
+    return HTMLResponse((resources.files("afina.serve") / "static" / "chat.html").read_text(encoding="utf-8"))
+
+
+async def api_error(_request, exc: ApiError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(exc.message, exc.code, exc.kind, exc.param), status_code=exc.status)
+
+
+async def invalid_request(_request, exc):
+    from fastapi.responses import JSONResponse
+
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
+    )
+    return JSONResponse(error_body(f"invalid request: {problems}", "invalid_request"), status_code=400)
+
+
+async def http_error(_request, exc):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(str(exc.detail), "http_error"), status_code=exc.status_code)
+
+
+async def server_error(_request, exc: Exception):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(
+        error_body(f"internal error: {type(exc).__name__}", "internal_error", "server_error"), status_code=500
+    )
 
 
 def create_app(served: ServedModels, settings: ServeConfig | None = None, log: RequestLog | None = None):
-    from fastapi import Depends, FastAPI
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from transformers import TextIteratorStreamer
-
-    settings = settings or ServeConfig()
-    api_key = settings.api_key or os.environ.get("AFINA_API_KEY") or None
-    if log is None and settings.log_dir:
-        log = RequestLog(settings.log_dir, redact_pii=settings.redact_pii)
-    max_prompt = min(settings.max_prompt_tokens or served.max_context, served.max_context)
-    tok = served.tokenizer
-    metrics = Metrics()
-    scheduler = Scheduler(served, settings.max_batch, observe=lambda name, seconds, size: (
-        metrics.generation.labels(name).observe(seconds), metrics.batch.observe(size)))
-    queue_lock = threading.Lock()
-    waiting = [0]
-
-    app = FastAPI(title="afina", version=__version__)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "other")
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - start)
-        return response
-
-    @app.exception_handler(ApiError)
-    async def api_error(_request, exc: ApiError):
-        return JSONResponse(_error_body(exc.message, exc.code, exc.kind), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                             for e in exc.errors())
-        return JSONResponse(_error_body(f"invalid request: {problems}", "invalid_request"), status_code=422)
-
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request, exc: StarletteHTTPException):
-        return JSONResponse(_error_body(str(exc.detail), "http_error"), status_code=exc.status_code)
+    settings = settings or ServeConfig()
+    if log is None and settings.log_dir:
+        log = RequestLog(settings.log_dir, redact_pii=settings.redact_pii)
+    metrics = Metrics()
 
-    def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key",
-                           "authentication_error")
+    def observe(name: str, seconds: float, size: int) -> None:
+        metrics.generation.labels(name).observe(seconds)
+        metrics.batch.observe(size)
 
-    def admit() -> None:
-        with queue_lock:
-            if waiting[0] >= settings.max_queue:
-                raise ApiError(429, f"the server is busy ({waiting[0]} requests queued); retry shortly", "queue_full",
-                               "rate_limit_error")
-            waiting[0] += 1
-            metrics.queue.set(waiting[0])
-
-    def leave() -> None:
-        with queue_lock:
-            waiting[0] -= 1
-            metrics.queue.set(waiting[0])
-
-    def resolve(request) -> tuple[str, int]:
-        name = request.model or served.default
-        if name not in served.names:
-            raise ApiError(404, f"model '{name}' is not served here; available: {', '.join(served.names)}",
-                           "model_not_found")
-        asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
-        max_new = asked or min(settings.default_max_tokens, settings.max_tokens)
-        if max_new > settings.max_tokens:
-            raise ApiError(400, f"max_tokens={max_new} is over this server's limit of {settings.max_tokens}",
-                           "max_tokens_exceeded")
-        return name, max_new
-
-    def encode(prompt: str, max_new: int) -> torch.Tensor:
-        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        if ids.shape[1] > max_prompt:
-            raise ApiError(400, f"the prompt is {ids.shape[1]} tokens; this server's limit is {max_prompt}",
-                           "prompt_too_long")
-        if ids.shape[1] + max_new > served.max_context:
-            raise ApiError(400, f"prompt of {ids.shape[1]} tokens plus max_tokens={max_new} exceeds the context "
-                           f"of {served.max_context}", "context_length_exceeded")
-        return ids
-
-    def gen_kwargs(ids, max_new, request) -> dict[str, Any]:
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                      do_sample=request.temperature > 0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        if request.temperature > 0:
-            kwargs.update(temperature=request.temperature, top_p=request.top_p)
-        return kwargs
-
-    def run_model(name: str, kwargs: dict[str, Any], batchable: bool) -> torch.Tensor:
-        """Queue for the model with `name`'s adapter; the caller has been admitted to the queue."""
-        try:
-            return scheduler.generate(name, kwargs, batchable)
-        finally:
-            leave()
-
-    def record(rid, endpoint, name, request_fields, ids, text, n_new, started) -> dict[str, int]:
-        usage = {"prompt_tokens": int(ids.shape[1]), "completion_tokens": n_new, "total_tokens": int(ids.shape[1]) + n_new}
-        metrics.tokens.labels(name, "prompt").inc(usage["prompt_tokens"])
-        metrics.tokens.labels(name, "completion").inc(n_new)
-        if log is not None:
-            log.log_request(rid, endpoint, name, request_fields, text, usage, time.perf_counter() - started)
-        return usage
-
-    def answer(rid, endpoint, name, request_fields, ids, max_new, request, started) -> tuple[str, str, dict[str, int]]:
-        admit()
-        out = run_model(name, gen_kwargs(ids, max_new, request), batchable=request.temperature == 0)
-        new = out[0, ids.shape[1]:].cpu()
-        finish = "stop" if len(new) and int(new[-1]) == tok.eos_token_id else "length"
-        text = tok.decode(new, skip_special_tokens=True)
-        return text, finish, record(rid, endpoint, name, request_fields, ids, text, len(new), started)
-
-    def stream(rid, endpoint, name, request_fields, ids, max_new, request, started, wrap):
-        admit()
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        outcome: dict[str, Any] = {}
-
-        def work():
-            try:
-                outcome["out"] = run_model(name, {**gen_kwargs(ids, max_new, request), "streamer": streamer}, False)
-            except Exception as exc:  # reported to the client as an error event, never a hung stream
-                outcome["error"] = exc
-                streamer.end()
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-
-        def events():
-            pieces = []
-            for piece in streamer:
-                if piece:
-                    pieces.append(piece)
-                    yield f"data: {json.dumps(wrap(piece, None))}\n\n"
-            worker.join()  # the streamer ends inside generate(), a moment before its result is returned
-            if "error" in outcome:
-                error = _error_body(f"generation failed: {outcome['error']}", "generation_error", "server_error")
-                yield f"data: {json.dumps(error)}\n\n"
-            else:
-                new = outcome["out"][0, ids.shape[1]:]
-                finish = "stop" if len(new) and int(new[-1]) == tok.eos_token_id else "length"
-                record(rid, endpoint, name, request_fields, ids, "".join(pieces), len(new), started)
-                yield f"data: {json.dumps(wrap('', finish))}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"x-request-id": rid})
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "models": served.names, "queued": waiting[0]}
-
-    @app.get("/metrics")
-    def prometheus_metrics():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/", response_class=HTMLResponse)
-    def chat_page():
-        return (resources.files("afina.serve") / "static" / "chat.html").read_text(encoding="utf-8")
-
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
-    def models():
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "owned_by": "afina", "created": 0,
-             "kind": "adapter" if name in served.adapters else "base"} for name in served.names]}
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
-    def chat(request: ChatRequest):
-        started = time.perf_counter()
-        name, max_new = resolve(request)
-        messages = [m.model_dump() for m in request.messages]
-        ids = encode(render_prompt(tok, messages), max_new)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        fields = {"messages": messages, "stream": request.stream}
-        if request.stream:
-            def wrap(piece, finish):
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                        "choices": [{"index": 0, "delta": {"content": piece} if piece else {}, "finish_reason": finish}]}
-            return stream(rid, "chat", name, fields, ids, max_new, request, started, wrap)
-        text, finish, usage = answer(rid, "chat", name, fields, ids, max_new, request, started)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                "usage": usage}
-
-    @app.post("/v1/completions", dependencies=[Depends(require_key)])
-    def completions(request: CompletionRequest):
-        started = time.perf_counter()
-        name, max_new = resolve(request)
-        ids = encode(request.prompt, max_new)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        fields = {"prompt": request.prompt, "stream": request.stream}
-        if request.stream:
-            def wrap(piece, finish):
-                return {"id": rid, "object": "text_completion", "created": created, "model": name,
-                        "choices": [{"index": 0, "text": piece, "finish_reason": finish}]}
-            return stream(rid, "completion", name, fields, ids, max_new, request, started, wrap)
-        text, finish, usage = answer(rid, "completion", name, fields, ids, max_new, request, started)
-        return {"id": rid, "object": "text_completion", "created": created, "model": name,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": usage}
-
-    @app.post("/v1/feedback", dependencies=[Depends(require_key)])
-    def feedback(request: FeedbackRequest):
-        if log is None:
-            raise ApiError(409, "feedback needs the request log: start the server with --log-dir", "logging_disabled")
-        if not log.knows(request.id):
-            raise ApiError(404, f"no logged response with id '{request.id}'", "response_not_found")
-        if request.rating is None and not request.correction:
-            raise ApiError(400, "give a rating (-1, 0, 1), a correction, or both", "empty_feedback")
-        log.log_feedback(request.id, request.rating, request.correction, request.comment)
-        return {"id": request.id, "status": "recorded"}
-
+    scheduler = Scheduler(
+        served,
+        settings.max_batch,
+        observe=observe,
+    )
+    app = FastAPI(title="afina", version=__version__)
+    app.state.afina = AppState(
+        served,
+        settings,
+        settings.api_key or os.environ.get("AFINA_API_KEY") or None,
+        log,
+        metrics,
+        scheduler,
+        min(settings.max_prompt_tokens or served.max_context, served.max_context),
+    )
+    app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", prometheus_metrics, methods=["GET"])
+    app.add_api_route("/", chat_page, methods=["GET"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/feedback", feedback, methods=["POST"])
     return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: ServeConfig) -> None:
+    """Serving beyond this machine without an API key needs --insecure: anyone who can reach it could use it."""
+    if is_loopback(settings.host) or settings.api_key or os.environ.get("AFINA_API_KEY") or settings.insecure:
+        return
+    raise ServeError(
+        f"--host {settings.host} serves other machines, and no API key is set: anyone who can reach it "
+        "could use the model. Set --api-key (or "
+        "$AFINA_API_KEY), or pass --insecure to serve without a key on purpose"
+    )
 
 
 def serve(target: str, settings: ServeConfig) -> None:
     import uvicorn
 
-    served = load_served(target, settings.adapters)
+    check_exposure(settings)
+    served = load_served(target, settings.adapters, settings.watch)
     app = create_app(served, settings)
-    print(f"serving {', '.join(served.names)} at http://{settings.host}:{settings.port}/v1 (OpenAI-compatible); "
-          f"chat page at http://{settings.host}:{settings.port}/ ; Ctrl-C to stop")
+    if not is_loopback(settings.host) and app.state.afina.api_key is None:
+        print(
+            f"WARNING: serving on {settings.host} WITHOUT an API key (--insecure): anyone who can reach this port "
+            "can use the model"
+        )
+    print(
+        f"serving {', '.join(served.names)} at http://{settings.host}:{settings.port}/v1 (OpenAI-compatible); "
+        f"chat page at http://{settings.host}:{settings.port}/ ; Ctrl-C to stop"
+    )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

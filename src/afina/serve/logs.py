@@ -4,11 +4,17 @@
     <log_dir>/feedback.jsonl   one line per POST /v1/feedback: response id, rating, corrected answer
 
 `afina data from-logs` turns both into a training file for the next round (see afina.data.from_logs).
+
+The logs hold users' conversations: the folder is created 0700 and the files 0600 (owner only), and
+an existing file is narrowed to 0600 when the server opens it. A request whose client went away
+is logged with "aborted": true (its partial answer is not training material). Each append starts
+on a fresh line, so a line cut short by a crash costs that line only, never the next record.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -43,8 +49,10 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, list):
         return [_redact_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _redact_value(v) if k in ("content", "prompt", "answer", "correction", "comment") else v
-                for k, v in value.items()}
+        return {
+            k: _redact_value(v) if k in ("content", "prompt", "answer", "correction", "comment") else v
+            for k, v in value.items()
+        }
     return value
 
 
@@ -53,9 +61,13 @@ class RequestLog:
 
     def __init__(self, log_dir: str | Path, redact_pii: bool = False, remember: int = 100_000):
         self.dir = Path(log_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True, mode=0o700)
         self.requests = self.dir / "requests.jsonl"
         self.feedback = self.dir / "feedback.jsonl"
+        for path in (self.requests, self.feedback):
+            if path.exists():
+                path.chmod(0o600)
         self.redact_pii = redact_pii
         self._lock = threading.Lock()
         # Response ids this log holds, so feedback for an unknown id is refused (newest kept).
@@ -80,20 +92,53 @@ class RequestLog:
 
     def _append(self, path: Path, row: dict[str, Any]) -> None:
         if self.redact_pii:
-            row = {k: _redact_value(v) if k in ("messages", "prompt", "answer", "correction", "comment") else v
-                   for k, v in row.items()}
-        line = json.dumps(row, ensure_ascii=False) + "\n"
-        with self._lock, path.open("a", encoding="utf-8") as fh:
-            fh.write(line)
+            row = {
+                k: _redact_value(v) if k in ("messages", "prompt", "answer", "correction", "comment") else v
+                for k, v in row.items()
+            }
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":  # a line cut short by a crash: leave it alone
+                    line = b"\n" + line
+                os.write(fd, line)
+            finally:
+                os.close(fd)
 
-    def log_request(self, rid: str, endpoint: str, model: str, request: dict[str, Any], answer: str,
-                    usage: dict[str, int], latency_s: float) -> None:
-        row = {"id": rid, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "endpoint": endpoint, "model": model,
-               **request, "answer": answer, "usage": usage, "latency_s": round(latency_s, 4)}
+    def log_request(
+        self,
+        rid: str,
+        endpoint: str,
+        model: str,
+        request: dict[str, Any],
+        answer: str,
+        usage: dict[str, int],
+        latency_s: float,
+    ) -> None:
+        row = {
+            "id": rid,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "endpoint": endpoint,
+            "model": model,
+            **request,
+            "answer": answer,
+            "usage": usage,
+            "latency_s": round(latency_s, 4),
+        }
         self._append(self.requests, row)
         with self._lock:
             self._remember_id(rid)
 
     def log_feedback(self, rid: str, rating: int | None, correction: str | None, comment: str | None) -> None:
-        self._append(self.feedback, {"id": rid, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rating": rating,
-                                     "correction": correction, "comment": comment})
+        self._append(
+            self.feedback,
+            {
+                "id": rid,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "rating": rating,
+                "correction": correction,
+                "comment": comment,
+            },
+        )

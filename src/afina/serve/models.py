@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,10 @@ class ServedModels:
     base_name: str
     default: str
     adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft adapter name
+    rope: dict | None = None  # the adapters' rope scaling (afina_rope.json), which a reloaded adapter must share
+    # Held by each generation batch and by an adapter switch (afina.serve.reload), so they never overlap.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    watcher: Any = None
 
     @property
     def names(self) -> list[str]:
@@ -39,14 +44,15 @@ class ServedModels:
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[Any]:
         """The model with `name`'s adapter active (or none, for the base). Hold the generation lock."""
-        if name in self.adapters:
-            self.model.set_adapter(self.adapters[name])
-            yield self.model
-        elif self.adapters:
-            with self.model.disable_adapter():
+        with self.lock:
+            if name in self.adapters:
+                self.model.set_adapter(self.adapters[name])
                 yield self.model
-        else:
-            yield self.model
+            elif self.adapters:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                yield self.model
 
 
 def _adapter_dir(path: Path) -> Path:
@@ -54,7 +60,9 @@ def _adapter_dir(path: Path) -> Path:
     for candidate in (path / "adapter", path / "export" / "adapter", path):
         if (candidate / "adapter_config.json").is_file():
             return candidate
-    raise ServeError(f"{path}: no LoRA adapter here (looked for adapter_config.json in adapter/, export/adapter/ and the folder)")
+    raise ServeError(
+        f"{path}: no LoRA adapter here (looked for adapter_config.json in adapter/, export/adapter/ and the folder)"
+    )
 
 
 def _run_base_model(run_root: Path) -> str | None:
@@ -72,8 +80,18 @@ def _run_chat_template(run_root: Path) -> str | None:
     return None
 
 
-def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedModels:
-    """Load a run directory (its adapter over its base, or its full model) or a model spec, plus adapters."""
+def load_served(target: str, adapters: dict[str, str] | None = None, watch: str | None = None) -> ServedModels:
+    """Load a run directory (its adapter over its base, or its full model) or a model spec, plus adapters;
+    `watch`: a serving file whose adapter replaces the default one when it changes (afina.serve.reload)."""
+    served = _load_served(target, adapters)
+    if watch:
+        from afina.serve.reload import AdapterWatcher
+
+        served.watcher = AdapterWatcher(served, watch).start()
+    return served
+
+
+def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedModels:
     from afina.device import autocast_factory, pick_device, resolve_precision
     from afina.models import load_adapter_over_base, load_model, load_tokenizer, load_trained
 
@@ -87,9 +105,13 @@ def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedMo
     if base_spec is not None:  # a run directory
         if (root / "model" / "config.json").is_file() and not (root / "adapter").is_dir():
             if adapters:
-                raise ServeError(f"{root}: a fully fine-tuned run has no base to put adapters over; serve its base model instead")
+                raise ServeError(
+                    f"{root}: a fully fine-tuned run has no base to put adapters over; serve its base model instead"
+                )
             model = load_trained(root, base_spec, device, full=True)
-            return ServedModels(model, load_tokenizer(base_spec, template), autocast, _context(model), root.name, root.name)
+            return ServedModels(
+                model, load_tokenizer(base_spec, template), autocast, _context(model), root.name, root.name
+            )
         own[root.resolve().name] = _adapter_dir(root)
     else:
         base_spec = target
@@ -104,19 +126,29 @@ def load_served(target: str, adapters: dict[str, str] | None = None) -> ServedMo
 
     ropes = {name: read_rope_settings(path) for name, path in own.items()}
     if len({json.dumps(r, sort_keys=True) for r in ropes.values()}) > 1:
-        raise ServeError("the adapters were trained with different rope scaling (afina_rope.json): they cannot share "
-                         f"one base model; serve them separately ({', '.join(f'{n}: {r}' for n, r in ropes.items())})")
+        raise ServeError(
+            "the adapters were trained with different rope scaling (afina_rope.json): they cannot share "
+            f"one base model; serve them separately ({', '.join(f'{n}: {r}' for n, r in ropes.items())})"
+        )
     base_name = Path(base_spec).name if "/" in base_spec or Path(base_spec).exists() else base_spec
     if not own:
         base = load_model(base_spec, "float32").to(device).eval()
         return ServedModels(base, load_tokenizer(base_spec, template), autocast, _context(base), base_name, base_name)
     peft_names = {name: f"adapter{i}" for i, name in enumerate(own)}
-    (first, first_path), *others = own.items()
-    model = load_adapter_over_base(base_spec, first_path, device, adapter_name=peft_names[first])
-    for name, path in others:  # the same base (same rope settings, checked above) under every adapter
-        model.load_adapter(str(path), adapter_name=peft_names[name])
-    return ServedModels(model.to(device).eval(), load_tokenizer(base_spec, template), autocast, _context(model.get_base_model()),
-                        base_name, first, peft_names)
+    (first_name, first_path), *others = own.items()
+    model = load_adapter_over_base(base_spec, first_path, device, adapter_name=peft_names[first_name])
+    for name, adapter_path in others:  # the same base (same rope settings, checked above) under every adapter
+        model.load_adapter(str(adapter_path), adapter_name=peft_names[name])
+    return ServedModels(
+        model.to(device).eval(),
+        load_tokenizer(base_spec, template),
+        autocast,
+        _context(model.get_base_model()),
+        base_name,
+        first_name,
+        peft_names,
+        rope=next(iter(ropes.values())),
+    )
 
 
 def _context(model) -> int:

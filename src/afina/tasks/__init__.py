@@ -4,6 +4,7 @@
     classification  text -> label: generative labels (constrained to the label set) or a head
     tagging         words -> BIO tags (named entities): a token-classification head
     domain          continued pre-training on raw text, scored by perplexity
+    preference      DPO, IPO, ORPO, SimPO or KTO on chosen/rejected pairs, scored by preference accuracy
 
 Adding a task type: one module here defining `TASK = TaskType(...)`, one line in TASKS, one
 config section (and its name in `Recipe.task`). The stages (prepare, train, estimate, eval,
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from afina.config import Recipe, RecipeError
-from afina.tasks import chat, classification, domain, tagging
+from afina.tasks import chat, classification, domain, preference, tagging
 from afina.tasks.base import TaskType
 
-TASKS: dict[str, TaskType] = {task.name: task for task in (chat.TASK, classification.TASK, tagging.TASK, domain.TASK)}
+TASKS: dict[str, TaskType] = {
+    task.name: task for task in (chat.TASK, classification.TASK, tagging.TASK, domain.TASK, preference.TASK)
+}
 
 
 def task_for(recipe: Recipe) -> TaskType:
@@ -35,8 +38,10 @@ def predict_file(recipe: Recipe, input_path: Path, output_path: Path, batch_size
     predict_rows = task_for(recipe).predict_rows
     if predict_rows is None:
         able = ", ".join(name for name, task in TASKS.items() if task.predict_rows)
-        raise RecipeError(f"afina predict supports task {able}; this recipe's task is '{recipe.task}' "
-                          "(chat models answer through `afina serve`)")
+        raise RecipeError(
+            f"afina predict supports task {able}; this recipe's task is '{recipe.task}' "
+            "(chat models answer through `afina serve`)"
+        )
     if output_path.resolve() == input_path.resolve():
         raise DataError(f"{output_path}: the output would overwrite the input file; name another --output")
     rows = []

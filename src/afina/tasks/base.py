@@ -33,6 +33,7 @@ class TaskType:
     predict_rows(recipe, rows, batch_size): `afina predict` (None: the task answers through `afina serve`)
     carries_lm(recipe): the result is a causal LM (export to merged/GGUF/Ollama; can be a sequential stage)
     chunking(recipe): documents cut into chunks of tokens by `afina prepare` (domain adaptation), or None
+    schemas: the row shapes `afina prepare` guesses among (None: every shape but the preference ones)
     """
 
     name: str
@@ -43,4 +44,4 @@ class TaskType:
     predict_rows: Callable[..., Rows] | None = None
     carries_lm: Callable[[Recipe], bool] = _always
     chunking: Callable[[Recipe], Chunking | None] = _no_chunks
-
+    schemas: tuple[str, ...] | None = None

@@ -18,7 +18,7 @@ from typing import Any
 
 from afina.config import Recipe
 from afina.data.format import Chunking, encode_split
-from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
+from afina.device import autocast_factory, peak_memory_mb, pick_device, recipe_weight_dtype, resolve_precision
 from afina.eval.forgetting import forgetting_probe
 from afina.eval.generate import generate_timed
 from afina.eval.generative import (
@@ -31,14 +31,22 @@ from afina.eval.generative import (
     tasks_of,
 )
 from afina.eval.outputs import write_eval
+from afina.eval.risks import (
+    add_intervals,
+    add_overfitting,
+    chat_bias_probe,
+    chat_hallucination,
+    chat_memorisation,
+    risk_sentences,
+)
 from afina.eval.sample import eval_rows
 from afina.eval.summary import efficiency_of, recommend, training_cost
 from afina.eval.systems import TUNED_SYSTEMS, SystemModels
 from afina.models import load_tokenizer, recipe_rope_settings
 from afina.rundir import RunDir, read_jsonl
+from afina.tasks.base import TaskType
 from afina.train.loss import label_loss_sum, mean_label_loss
 from afina.train.methods import apply_method, load_for_method
-from afina.tasks.base import TaskType
 from afina.train.task import TrainingTask
 
 Prompts = list[list[dict[str, str]]]
@@ -61,10 +69,18 @@ def chat_task(recipe: Recipe, run: RunDir, messages_of=None, chunking: Chunking 
         tokenizer=tokenizer,
         encode=encode,
         build_model=lambda device: apply_method(
-            load_for_method(recipe.model.name, recipe.method, device, recipe_rope_settings(recipe)), recipe.method
+            load_for_method(
+                recipe.model.name,
+                recipe.method,
+                device,
+                recipe_rope_settings(recipe),
+                recipe_weight_dtype(recipe, device),
+            ),
+            recipe.method,
         ),
         output_dir=run.model if recipe.method.type == "full" else run.adapter,
         method=recipe.method.type,
+        builds_on_meta=True,
     )
 
 
@@ -102,26 +118,84 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     efficiency: dict[str, dict[str, float]] = {}
     by_task: dict[str, dict[str, Any]] = {task: {} for task in ev.tasks}
     predictions: list[dict[str, Any]] = []
+    answers: dict[str, list[str]] = {}
     for system in cfg.systems:
         generation, loss, task_loss = answer_with(ev, models, system, prompts[system], progress)
+        answers[system] = generation.answers
         results[system], per_example = score_system(ev.rows, generation.answers, loss, ev.metrics, cfg.sandbox)
         for task, idx in ev.tasks.items():  # the same answers, scored per task
-            by_task[task][system] = score_system([ev.rows[i] for i in idx], [generation.answers[i] for i in idx],
-                                                 task_loss.get(task), ev.task_metrics[task], cfg.sandbox)[0]
+            by_task[task][system] = score_system(
+                [ev.rows[i] for i in idx],
+                [generation.answers[i] for i in idx],
+                task_loss.get(task),
+                ev.task_metrics[task],
+                cfg.sandbox,
+            )[0]
         efficiency[system] = efficiency_of(generation, len(ev.rows), peak_memory_mb(ev.device), cfg.price_per_hour)
-        predictions += prediction_rows(ev.rows, system, generation, per_example,
-                                       retrieved if system.endswith("_rag") else None)
-    report: dict[str, Any] = {"test_examples": len(ev.rows), "metrics": ev.metrics, "systems": results,
-                              "efficiency": efficiency}
+        predictions += prediction_rows(
+            ev.rows, system, generation, per_example, retrieved if system.endswith("_rag") else None
+        )
+    report: dict[str, Any] = {
+        "test_examples": len(ev.rows),
+        "metrics": ev.metrics,
+        "systems": results,
+        "efficiency": efficiency,
+    }
     if ev.tasks:
-        report["tasks"] = {task: {"test_examples": len(idx), "metrics": ev.task_metrics[task], "systems": by_task[task]}
-                           for task, idx in ev.tasks.items()}
+        report["tasks"] = {
+            task: {"test_examples": len(idx), "metrics": ev.task_metrics[task], "systems": by_task[task]}
+            for task, idx in ev.tasks.items()
+        }
     forgetting = cfg.forgetting.enabled and models.tuned is not None
     report["forgetting"] = forgetting_probe(recipe, models, ev.tokenizer, ev.autocast) if forgetting else None
     report["training"] = training_cost(ev.run, cfg.price_per_hour)
-    report["recommendation"] = recommend(report)
+    chat_risks(ev, models, report, predictions, answers, prompts, progress)
+    report["recommendation"] = recommend(report) + risk_sentences(report)
     write_eval(recipe, ev.run, report, predictions)
     return report
+
+
+def chat_risks(
+    ev: ChatEval,
+    models: SystemModels,
+    report: dict[str, Any],
+    predictions: list[dict[str, Any]],
+    answers: dict[str, list[str]],
+    prompts: dict[str, Prompts],
+    progress: bool,
+) -> None:
+    """Error bars, overfitting (with the tuned model's answers to a sample of train rows), invented facts and
+    (eval.risks.bias=true) the bias probe: afina.eval.risks."""
+    add_intervals(ev.recipe, report, predictions)
+
+    def answer_as(system: str, conversations: Prompts) -> list[str]:
+        model, context = models.get(system)
+        with context():
+            return generate_timed(
+                model,
+                ev.tokenizer,
+                conversations,
+                ev.recipe.eval.max_new_tokens,
+                ev.recipe.eval.batch_size,
+                ev.autocast,
+                desc=f"eval {system} (risks)",
+                progress=progress,
+            ).answers
+
+    def answer(conversations: Prompts) -> list[str]:
+        return answer_as("tuned", conversations)
+
+    def score(rows, tuned_answers):
+        return score_system(
+            rows, tuned_answers, None, [m for m in ev.metrics if m != "perplexity"], ev.recipe.eval.sandbox
+        )[1]
+
+    memorisation = (
+        chat_memorisation(ev.recipe, report, predictions, ev.train_rows, answer, score) if models.tuned else None
+    )
+    add_overfitting(ev.recipe, ev.run, report, memorisation)
+    chat_hallucination(ev.recipe, report, ev.rows, ev.train_rows, answers, prompts, answer_as)
+    chat_bias_probe(ev.recipe, report, ev.rows, ev.tokenizer, models, ev.autocast)
 
 
 def chat_eval(recipe: Recipe) -> ChatEval:
@@ -133,12 +207,18 @@ def chat_eval(recipe: Recipe) -> ChatEval:
     train_path = run.split_path("train")
     tasks = tasks_of(rows)
     return ChatEval(
-        recipe=recipe, run=run, rows=rows,
+        recipe=recipe,
+        run=run,
+        rows=rows,
         train_rows=read_jsonl(train_path) if train_path.is_file() else [],
-        tokenizer=load_tokenizer(recipe.model.name, recipe.model.chat_template), device=device,
+        tokenizer=load_tokenizer(recipe.model.name, recipe.model.chat_template),
+        device=device,
         autocast=autocast_factory(resolve_precision(recipe.training.precision, device), device),
-        metrics=resolve_metrics(recipe.eval.metrics, rows), tasks=tasks,
-        task_metrics={task: resolve_metrics(recipe.eval.metrics, [rows[i] for i in idx]) for task, idx in tasks.items()},
+        metrics=resolve_metrics(recipe.eval.metrics, rows),
+        tasks=tasks,
+        task_metrics={
+            task: resolve_metrics(recipe.eval.metrics, [rows[i] for i in idx]) for task, idx in tasks.items()
+        },
     )
 
 
@@ -149,8 +229,11 @@ def system_prompts(ev: ChatEval) -> tuple[dict[str, Prompts], list[list[str]] | 
     prompts: dict[str, Prompts] = {"base": zero_shot, "tuned": zero_shot}
     retrieved = None
     if "base_fewshot" in cfg.systems:
-        prompts["base_fewshot"] = per_task(rows, ev.train_rows, lambda test, train: few_shot_prompts(
-            test, train, cfg.few_shot.k, cfg.few_shot.selection, ev.recipe.seed))
+        prompts["base_fewshot"] = per_task(
+            rows,
+            ev.train_rows,
+            lambda test, train: few_shot_prompts(test, train, cfg.few_shot.k, cfg.few_shot.selection, ev.recipe.seed),
+        )
     if {"base_rag", "tuned_rag"} & set(cfg.systems):
         prompts["base_rag"], retrieved = rag_prompts(ev.recipe, rows, ev.train_rows)
         prompts["tuned_rag"] = prompts["base_rag"]
@@ -168,13 +251,28 @@ def answer_with(ev: ChatEval, models: SystemModels, system: str, conversations: 
         torch.cuda.reset_peak_memory_stats()
     loss, task_loss = None, {}
     with context():
-        generation = generate_timed(model, ev.tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size,
-                                    ev.autocast, desc=f"eval {system}", progress=progress)
+        generation = generate_timed(
+            model,
+            ev.tokenizer,
+            conversations,
+            cfg.max_new_tokens,
+            cfg.batch_size,
+            ev.autocast,
+            desc=f"eval {system}",
+            progress=progress,
+        )
         if "perplexity" in ev.metrics:
             full = [{"messages": conv + [row["messages"][-1]]} for conv, row in zip(conversations, ev.rows)]
-            sums = {task: label_loss_sum(model, encode_split(ev.tokenizer, [full[i] for i in idx], "assistant"),
-                                         ev.tokenizer.pad_token_id, cfg.batch_size, ev.autocast)
-                    for task, idx in (ev.tasks or {"": range(len(ev.rows))}).items()}
+            sums = {
+                task: label_loss_sum(
+                    model,
+                    encode_split(ev.tokenizer, [full[i] for i in idx], "assistant"),
+                    ev.tokenizer.pad_token_id,
+                    cfg.batch_size,
+                    ev.autocast,
+                )
+                for task, idx in (ev.tasks or {"": list(range(len(ev.rows)))}).items()
+            }
             loss = sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)
             task_loss = {task: t / max(n, 1) for task, (t, n) in sums.items()}
     return generation, loss, task_loss

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 
 from afina.config import Recipe, RecipeError
-from afina.eval.sample import eval_rows
-from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
 from afina.eval.outputs import write_eval
+from afina.eval.risks import add_classification_risks, risk_sentences
+from afina.eval.sample import eval_rows
 from afina.eval.summary import efficiency_of_batches, recommend, training_cost
 from afina.models import load_trained
+from afina.rundir import RunDir, read_jsonl, write_json_atomic
 from afina.tasks.base import TaskType
 from afina.train.task import TrainingTask
 
@@ -55,14 +56,20 @@ def label_set(recipe: Recipe, train_rows: list[dict[str, Any]]) -> list[str]:
         labels = list(declared)
         empty = [label for label in labels if counts[label] == 0]
         if empty:
-            raise LabelError(f"classification.labels: class(es) {', '.join(map(repr, empty))} have no rows in the train "
-                             "split (an empty class cannot be learned); add rows for them or remove them from the list")
+            raise LabelError(
+                f"classification.labels: class(es) {', '.join(map(repr, empty))} have no rows in the train "
+                "split (an empty class cannot be learned); add rows for them or remove them from the list"
+            )
         unknown = sorted(set(counts) - set(labels))
         if unknown:
-            raise LabelError(f"the train split has label(s) {', '.join(map(repr, unknown[:10]))} that classification.labels "
-                             "does not list; add them to the list or remove those rows")
+            raise LabelError(
+                f"the train split has label(s) {', '.join(map(repr, unknown[:10]))} that classification.labels "
+                "does not list; add them to the list or remove those rows"
+            )
     if len(labels) < 2:
-        raise LabelError(f"the train split has {len(labels)} label(s) ({', '.join(labels)}); a classifier needs two or more")
+        raise LabelError(
+            f"the train split has {len(labels)} label(s) ({', '.join(labels)}); a classifier needs two or more"
+        )
     return labels
 
 
@@ -82,13 +89,24 @@ def check_test_labels(rows: list[dict[str, Any]], labels: list[str], policy: str
     if not unseen:
         return rows, []
     names = sorted({row["label"] for row in unseen})
-    message = (f"{len(unseen)} {split} row(s) have label(s) training never saw: {', '.join(map(repr, names[:10]))} "
-               f"(first: {unseen[0].get('source', unseen[0].get('id'))})")
+    message = (
+        f"{len(unseen)} {split} row(s) have label(s) training never saw: {', '.join(map(repr, names[:10]))} "
+        f"(first: {unseen[0].get('source', unseen[0].get('id'))})"
+    )
     if policy == "error":
-        raise LabelError(message + "; add train rows with these labels, remove the rows, or set "
-                         "classification.unseen_test_labels=skip to leave them out of the metrics")
-    rejects = [{"id": row.get("id"), "source": row.get("source"), "label": row["label"],
-                "reason": f"label {row['label']!r} never seen in training; left out of the metrics"} for row in unseen]
+        raise LabelError(
+            message + "; add train rows with these labels, remove the rows, or set "
+            "classification.unseen_test_labels=skip to leave them out of the metrics"
+        )
+    rejects = [
+        {
+            "id": row.get("id"),
+            "source": row.get("source"),
+            "label": row["label"],
+            "reason": f"label {row['label']!r} never seen in training; left out of the metrics",
+        }
+        for row in unseen
+    ]
     return [row for row in rows if row["label"] in known], rejects
 
 
@@ -104,8 +122,9 @@ def prompt_messages(text: str, labels: list[str], recipe: Recipe) -> list[dict[s
     return system + [{"role": "user", "content": content}]
 
 
-def score_rows(model, tokenizer, rows: list[dict[str, Any]], labels: list[str], recipe: Recipe, autocast,
-               batch_size: int = 16) -> list[dict[str, Any]]:
+def score_rows(
+    model, tokenizer, rows: list[dict[str, Any]], labels: list[str], recipe: Recipe, autocast, batch_size: int = 16
+) -> list[dict[str, Any]]:
     """Constrained generative prediction: for each row (with `text`), the log-probability of each label's
     full token sequence as the answer, the argmax label and its probability within the label set.
 
@@ -118,13 +137,25 @@ def score_rows(model, tokenizer, rows: list[dict[str, Any]], labels: list[str], 
     rows_per_batch = max(1, batch_size // len(labels)) if batch_size >= len(labels) else 1
     for start in range(0, len(rows), rows_per_batch):
         chunk = rows[start : start + rows_per_batch]
-        encoded = [encode_chat(tokenizer, prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": label}])
-                   for row in chunk for label in labels]
-        scores = torch.tensor(label_logprobs(model, encoded, tokenizer.pad_token_id, batch_size, autocast)).view(len(chunk), len(labels))
+        encoded = [
+            encode_chat(
+                tokenizer, prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": label}]
+            )
+            for row in chunk
+            for label in labels
+        ]
+        scores = torch.tensor(label_logprobs(model, encoded, tokenizer.pad_token_id, batch_size, autocast)).view(
+            len(chunk), len(labels)
+        )
         for row_scores in scores:
             best, probs = choose_label(row_scores)
-            out.append({"predicted_label": labels[best], "label_probability": round(float(probs[best]), 4),
-                        "label_logprobs": {label: round(float(s), 4) for label, s in zip(labels, row_scores)}})
+            out.append(
+                {
+                    "predicted_label": labels[best],
+                    "label_probability": round(float(probs[best]), 4),
+                    "label_logprobs": {label: round(float(s), 4) for label, s in zip(labels, row_scores)},
+                }
+            )
     return out
 
 
@@ -135,7 +166,7 @@ def encode_for_head(tokenizer, rows: list[dict[str, Any]], labels: list[str]) ->
     """Token ids of each text; the class id sits at position 0 of `labels` (the rest are ignored)."""
     from afina.data.format import IGNORE_INDEX
 
-    index = {label: i for i, label in enumerate(labels)}
+    index: dict[Any, int] = {label: i for i, label in enumerate(labels)}
     examples = []
     for row in rows:
         ids = tokenizer(row["text"])["input_ids"]
@@ -144,8 +175,9 @@ def encode_for_head(tokenizer, rows: list[dict[str, Any]], labels: list[str]) ->
     return examples
 
 
-def head_predict(model, tokenizer, rows: list[dict[str, Any]], labels: list[str], autocast,
-                 batch_size: int = 16) -> list[dict[str, Any]]:
+def head_predict(
+    model, tokenizer, rows: list[dict[str, Any]], labels: list[str], autocast, batch_size: int = 16
+) -> list[dict[str, Any]]:
     from afina.train.loss import head_logits
 
     encoded = encode_for_head(tokenizer, [{"text": row["text"]} for row in rows], labels)
@@ -153,7 +185,13 @@ def head_predict(model, tokenizer, rows: list[dict[str, Any]], labels: list[str]
     for logits in head_logits(model, encoded, tokenizer.pad_token_id, batch_size, autocast):
         probs = torch.softmax(logits, dim=-1)
         best = int(probs.argmax())
-        out.append({"predicted_label": labels[best], "label_probability": round(float(probs[best]), 4)})
+        out.append(
+            {
+                "predicted_label": labels[best],
+                "label_probability": round(float(probs[best]), 4),
+                "label_probabilities": {label: float(p) for label, p in zip(labels, probs)},
+            }
+        )
     return out
 
 
@@ -168,8 +206,10 @@ def training_task(recipe: Recipe, run: RunDir, train_rows: list[dict[str, Any]])
     train_rows = [row for row in train_rows if not ("messages" in row and "replay_from" in row)]
     bad = next((row for row in train_rows if "label" not in row or "text" not in row), None)
     if bad is not None:
-        raise RecipeError(f"task: classification needs rows with text and label; {bad.get('source', bad.get('id'))} "
-                          f"has fields {sorted(bad)} (set data.schema=classification and map data.fields)")
+        raise RecipeError(
+            f"task: classification needs rows with text and label; {bad.get('source', bad.get('id'))} "
+            f"has fields {sorted(bad)} (set data.schema=classification and map data.fields)"
+        )
     labels = label_set(recipe, train_rows)
     cfg = recipe.classification
 
@@ -193,9 +233,18 @@ def training_task(recipe: Recipe, run: RunDir, train_rows: list[dict[str, Any]])
     from afina.tasks.heads import head_training_task
     from afina.train.loss import count_sequences, sequence_label_loss
 
-    task = head_training_task(recipe, run, "sequence", labels, cfg.backbone, cfg.encoder, cfg.head_learning_rate,
-                              encode=lambda tokenizer, rows: encode_for_head(tokenizer, rows, labels),
-                              loss_fn=sequence_label_loss, count_fn=count_sequences)
+    task = head_training_task(
+        recipe,
+        run,
+        "sequence",
+        labels,
+        cfg.backbone,
+        cfg.encoder,
+        cfg.head_learning_rate,
+        encode=lambda tokenizer, rows: encode_for_head(tokenizer, rows, labels),
+        loss_fn=sequence_label_loss,
+        count_fn=count_sequences,
+    )
     write_head_info = task.on_save
 
     def on_save(folder):
@@ -251,7 +300,9 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     model, tokenizer, labels = load_classifier(recipe, run, device)
     rows, rejects = check_test_labels(rows, labels, recipe.classification.unseen_test_labels)
     if not rows:
-        raise ValueError(f"{run.split_path('test')} has no rows to score: set data.split.test above 0 or give data.test_path")
+        raise ValueError(
+            f"{run.split_path('test')} has no rows to score: set data.split.test above 0 or give data.test_path"
+        )
 
     # The base model zero-shot is a fair baseline only for generative labels (a new head starts random).
     systems = ["tuned"]
@@ -269,9 +320,17 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         results[system] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()}
         efficiency[system] = efficiency_of_batches(latencies, len(rows), wall, device, cfg.price_per_hour)
         for row, pred in zip(rows, predicted):
-            predictions.append({"id": row["id"], "system": system, "question": row["text"], "reference": row["label"],
-                                "prediction": pred["predicted_label"], "correct": pred["predicted_label"] == row["label"],
-                                "label_probability": pred["label_probability"]})
+            predictions.append(
+                {
+                    "id": row["id"],
+                    "system": system,
+                    "question": row["text"],
+                    "reference": row["label"],
+                    "prediction": pred["predicted_label"],
+                    "correct": pred["predicted_label"] == row["label"],
+                    "label_probability": pred["label_probability"],
+                }
+            )
 
     report: dict[str, Any] = {
         "task": "classification",
@@ -286,9 +345,57 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "forgetting": None,
         "training": training_cost(run, cfg.price_per_hour),
     }
-    report["recommendation"] = recommend(report)
+    classification_risks(recipe, run, report, predictions, model, tokenizer, labels, autocast, systems, rows)
+    report["recommendation"] = recommend(report) + risk_sentences(report)
     write_eval(recipe, run, report, predictions, rejects)
     return report
+
+
+def label_distributions(
+    model, tokenizer, texts: list[str], labels: list[str], recipe: Recipe, autocast
+) -> list[dict[str, float]]:
+    """Each text's probability of every label (generative: renormalised over the label set)."""
+    import math
+
+    predicted, _ = predict_batches(
+        model, tokenizer, [{"text": t} for t in texts], labels, recipe, autocast, recipe.eval.batch_size
+    )
+    if recipe.classification.mode == "head":
+        return [p["label_probabilities"] for p in predicted]
+    out = []
+    for p in predicted:
+        top = max(p["label_logprobs"].values())
+        weights = {label: math.exp(v - top) for label, v in p["label_logprobs"].items()}
+        total = sum(weights.values())
+        out.append({label: w / total for label, w in weights.items()})
+    return out
+
+
+def classification_risks(
+    recipe: Recipe,
+    run: RunDir,
+    report: dict[str, Any],
+    predictions,
+    model,
+    tokenizer,
+    labels,
+    autocast,
+    systems: list[str],
+    rows,
+) -> None:
+    """Error bars, train vs test accuracy and the counterfactual bias probe (afina.eval.risks), given how this
+    classifier predicts: labels of rows, and each text's label probabilities under a system."""
+    import contextlib
+
+    def predict_labels(sample: list[dict[str, Any]]) -> list[str]:
+        predicted, _ = predict_batches(model, tokenizer, sample, labels, recipe, autocast, recipe.eval.batch_size)
+        return [p["predicted_label"] for p in predicted]
+
+    def distributions(system: str, texts: list[str]) -> list[dict[str, float]]:
+        with (model.disable_adapter if system == "base" else contextlib.nullcontext)():
+            return label_distributions(model, tokenizer, texts, labels, recipe, autocast)
+
+    add_classification_risks(recipe, run, report, predictions, labels, rows, systems, predict_labels, distributions)
 
 
 def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | None = None) -> list[dict[str, Any]]:
@@ -303,12 +410,19 @@ def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | N
     for i, row in enumerate(rows):
         name = field_present(row, "text", SCHEMAS["classification"]["text"], recipe.data.fields)
         if name is None or not isinstance(row[name], str):
-            raise ValueError(f"row {i + 1}: no text field ({recipe.data.fields.get('text', 'text or sentence')}); "
-                             f"it has {sorted(row)}; map yours with data.fields.text=NAME")
+            raise ValueError(
+                f"row {i + 1}: no text field ({recipe.data.fields.get('text', 'text or sentence')}); "
+                f"it has {sorted(row)}; map yours with data.fields.text=NAME"
+            )
         texts.append({"text": row[name]})
     model, tokenizer, labels = load_classifier(recipe, run, device)
-    predicted, _ = predict_batches(model, tokenizer, texts, labels, recipe, autocast, batch_size or recipe.eval.batch_size)
-    return [{**row, **{k: v for k, v in pred.items() if k != "label_logprobs"}} for row, pred in zip(rows, predicted)]
+    predicted, _ = predict_batches(
+        model, tokenizer, texts, labels, recipe, autocast, batch_size or recipe.eval.batch_size
+    )
+    return [
+        {**row, **{k: v for k, v in pred.items() if k not in ("label_logprobs", "label_probabilities")}}
+        for row, pred in zip(rows, predicted)
+    ]
 
 
 # ---- sequential stages --------------------------------------------------------------------------
@@ -319,8 +433,13 @@ def as_chat_rows(recipe: Recipe, rows: list[dict[str, Any]]) -> list[dict[str, A
     if recipe.classification.mode != "generative":
         raise RecipeError("replay from a classification stage needs classification.mode=generative")
     labels = label_set(recipe, read_jsonl(RunDir(recipe.run_dir).split_path("train")))
-    return [{"id": row.get("id"), "messages": prompt_messages(row["text"], labels, recipe)
-             + [{"role": "assistant", "content": row["label"]}]} for row in rows]
+    return [
+        {
+            "id": row.get("id"),
+            "messages": prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": row["label"]}],
+        }
+        for row in rows
+    ]
 
 
 def score_model(recipe: Recipe, model_spec: str) -> dict[str, Any]:
@@ -338,10 +457,17 @@ def score_model(recipe: Recipe, model_spec: str) -> dict[str, Any]:
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     model = load_model(model_spec, "float32").to(device).eval()
     with torch.no_grad():
-        predicted = score_rows(model, load_tokenizer(model_spec), rows, labels, recipe, autocast, recipe.eval.batch_size)
+        predicted = score_rows(
+            model, load_tokenizer(model_spec), rows, labels, recipe, autocast, recipe.eval.batch_size
+        )
     scores = label_metrics([r["label"] for r in rows], [p["predicted_label"] for p in predicted], labels)
-    return {"metric": "accuracy", "value": round(scores["accuracy"], 2), "macro_f1": round(scores["macro_f1"], 2),
-            "lower_is_better": False, "examples": len(rows)}
+    return {
+        "metric": "accuracy",
+        "value": round(scores["accuracy"], 2),
+        "macro_f1": round(scores["macro_f1"], 2),
+        "lower_is_better": False,
+        "examples": len(rows),
+    }
 
 
 TASK = TaskType(

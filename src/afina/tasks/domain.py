@@ -46,9 +46,13 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     test_rows = eval_rows(recipe)
     if not test_rows:
         raise ValueError(f"{run.split_path('test')} has no rows: set data.split.test above 0 to hold out domain text")
-    general_path = recipe.resolve_path(recipe.domain.general_text) if recipe.domain.general_text else default_general_text_path()
-    chunks = {"domain": encode_split(tokenizer, test_rows, "all", chunking(recipe)),
-              "general": encode_split(tokenizer, load_general_text(general_path), "all", chunking(recipe))}
+    general_path = (
+        recipe.resolve_path(recipe.domain.general_text) if recipe.domain.general_text else default_general_text_path()
+    )
+    chunks = {
+        "domain": encode_split(tokenizer, test_rows, "all", chunking(recipe)),
+        "general": encode_split(tokenizer, load_general_text(general_path), "all", chunking(recipe)),
+    }
     if recipe.domain.max_eval_chunks:
         chunks = {name: c[: recipe.domain.max_eval_chunks] for name, c in chunks.items()}
 
@@ -69,16 +73,30 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "test_examples": len(test_rows),
         "metrics": ["perplexity"],
         "texts": {
-            "domain": {"source": str(run.split_path("test")), "documents": len(test_rows), "chunks": len(chunks["domain"]),
-                       "tokens": count_labels(chunks["domain"])},
-            "general": {"source": str(general_path), "chunks": len(chunks["general"]), "tokens": count_labels(chunks["general"])},
+            "domain": {
+                "source": str(run.split_path("test")),
+                "documents": len(test_rows),
+                "chunks": len(chunks["domain"]),
+                "tokens": count_labels(chunks["domain"]),
+            },
+            "general": {
+                "source": str(general_path),
+                "chunks": len(chunks["general"]),
+                "tokens": count_labels(chunks["general"]),
+            },
             "chunk_length": recipe.chunk_length(),
             "overlap": recipe.domain.overlap,
         },
         "systems": systems,
-        "change": {name: {"perplexity_ratio": round(systems["tuned"][f"{name}_perplexity"] / systems["base"][f"{name}_perplexity"], 4),
-                          "loss_delta": round(systems["tuned"][f"{name}_loss"] - systems["base"][f"{name}_loss"], 4)}
-                   for name in TEXTS},
+        "change": {
+            name: {
+                "perplexity_ratio": round(
+                    systems["tuned"][f"{name}_perplexity"] / systems["base"][f"{name}_perplexity"], 4
+                ),
+                "loss_delta": round(systems["tuned"][f"{name}_loss"] - systems["base"][f"{name}_loss"], 4),
+            }
+            for name in TEXTS
+        },
         "peak_memory_mb": round(peak_memory_mb(device), 1),
     }
     report["forgetting"] = forgetting_probe(recipe, models, tokenizer, autocast) if cfg.forgetting.enabled else None

@@ -29,9 +29,9 @@ def backbone_source(recipe: Recipe, backbone: str, encoder: str) -> str:
 
 
 def backbone_tokenizer(source: str):
-    from afina.models import load_tokenizer
+    from afina.models.loader import tokenizer_from
 
-    return load_tokenizer(source)
+    return tokenizer_from(source)
 
 
 def output_dir(recipe: Recipe, run: RunDir, backbone: str) -> Path:
@@ -55,16 +55,27 @@ def is_head_parameter(name: str) -> bool:
 
 def head_param_groups(model, learning_rate: float, head_learning_rate: float | None) -> list[dict[str, Any]]:
     """The new head may learn faster than the adapter/backbone (it starts from random weights)."""
-    head, body = [], []
+    head: list[Any] = []
+    body: list[Any] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (head if is_head_parameter(name) else body).append(param)
-    groups = [{"params": body}] if body else []
+    groups: list[dict[str, Any]] = [{"params": body}] if body else []
     return groups + [{"params": head, "lr": head_learning_rate or learning_rate}]
 
 
-def head_training_task(recipe: Recipe, run: RunDir, head: str, labels: list[str], backbone: str, encoder: str,
-                       head_learning_rate: float | None, encode, loss_fn, count_fn) -> TrainingTask:
+def head_training_task(
+    recipe: Recipe,
+    run: RunDir,
+    head: str,
+    labels: list[str],
+    backbone: str,
+    encoder: str,
+    head_learning_rate: float | None,
+    encode,
+    loss_fn,
+    count_fn,
+) -> TrainingTask:
     """A TrainingTask for a head model; `encode(tokenizer, rows)` gives examples with `labels` lists."""
     from afina.train.batches import pad_batch
 
@@ -81,7 +92,9 @@ def head_training_task(recipe: Recipe, run: RunDir, head: str, labels: list[str]
     return TrainingTask(
         tokenizer=tokenizer,
         encode=lambda rows: encode(tokenizer, rows),
-        build_model=lambda device: build_head_model(recipe, source, head, labels, backbone, tokenizer.pad_token_id, device),
+        build_model=lambda device: build_head_model(
+            recipe, source, head, labels, backbone, tokenizer.pad_token_id, device
+        ),
         output_dir=out,
         method="full (encoder)" if backbone == "encoder" else recipe.method.type,
         collate=collate,

@@ -140,7 +140,10 @@ def epoch_batches(
 
 
 def collate(
-    examples: list[dict[str, list[int]]], rows: list[list[int]], pad_id: int, pack_length: int | None,
+    examples: list[dict[str, list[int]]],
+    rows: list[list[int]],
+    pad_id: int,
+    pack_length: int | None,
     continuous: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A micro-batch: packed rows of pack_length tokens (positions restarting per example, or

@@ -5,13 +5,21 @@ A checkpoint is a folder `checkpoints/step-00000040/` holding the trainable weig
 stopped: optimizer, scheduler, random generators, the data order still to come, counters and
 history (state.pt). It is written into a temporary folder and renamed into place, so a crash
 mid-write leaves either the previous checkpoints or the new one, never half of one.
+
+Each checkpoint also holds `checksums.json` (size and sha256 of every file). `--resume` verifies it
+and falls back to the newest intact checkpoint, saying which it skipped and why (a disk that filled
+up, a copy cut short). state.pt is read with `torch.load(weights_only=True)`: it holds tensors,
+numbers, strings and containers only, and a file planted in the run folder cannot run code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,11 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 PREFIX = "step-"
+CHECKSUMS = "checksums.json"
+
+
+class DamagedCheckpointError(FileNotFoundError):
+    """No checkpoint that can be resumed from (each is damaged or unreadable); the message lists why."""
 
 
 def _is_sharded(tensor) -> bool:
@@ -46,7 +59,10 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in tensors]
     if missing:
-        raise ValueError(f"the checkpoint does not match this model/method: {len(missing)} trainable tensors missing, e.g. {missing[0]}")
+        raise ValueError(
+            f"the checkpoint does not match this model/method: {len(missing)} trainable tensors missing, "
+            f"e.g. {missing[0]}"
+        )
     with torch.no_grad():
         for name, value in tensors.items():
             param = params[name]
@@ -60,7 +76,9 @@ def optimizer_state(model, optimizer) -> dict[str, Any]:
     if is_sharded_model(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return optimizer.state_dict()
 
 
@@ -94,7 +112,14 @@ def _write_atomic_dir(target: Path, write) -> Path:
 
 
 def save_checkpoint(
-    folder: Path, step: int, model, optimizer, scheduler, rng: random.Random, extra: dict[str, Any], keep: int,
+    folder: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    rng: random.Random,
+    extra: dict[str, Any],
+    keep: int,
     write_files: bool = True,
 ) -> Path:
     """Write checkpoints/step-N atomically and keep only the newest `keep` of them.
@@ -122,6 +147,7 @@ def save_checkpoint(
             },
             tmp / "state.pt",
         )
+        write_checksums(tmp)
 
     _write_atomic_dir(path, write)
     for old in list_checkpoints(folder)[:-keep]:
@@ -140,6 +166,7 @@ def save_weights(target: Path, model, info: dict[str, Any], write_files: bool = 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "trainable.safetensors"))
         torch.save(info, tmp / "info.pt")
+        write_checksums(tmp)
 
     return _write_atomic_dir(target, write)
 
@@ -151,12 +178,108 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rng: random.Random) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and random state; return the saved state dict."""
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-    state = torch.load(path / "state.pt", weights_only=False)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """Record the size and sha256 of every file in `folder` (before it is renamed into place)."""
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != CHECKSUMS
+    }
+    (folder / CHECKSUMS).write_text(json.dumps(files, indent=1) + "\n", encoding="utf-8")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted, or None when every recorded file is whole.
+
+    Checkpoints written before checksums existed have no checksums.json: they pass here, and a
+    damaged one is caught when it fails to load.
+    """
+    listing = path / CHECKSUMS
+    if not listing.is_file():
+        return None
+    try:
+        recorded = json.loads(listing.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"{CHECKSUMS} is unreadable ({exc})"
+    for name, want in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} is {size} bytes, {want['bytes']} were written"
+        if _sha256(file) != want["sha256"]:
+            return f"{name} does not match the sha256 written with it"
+    return None
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = load_file(str(path / "trainable.safetensors"))
+    # weights_only: tensors, numbers, strings and containers; never code (a pickle can run any command).
+    state = torch.load(path / "state.pt", weights_only=True)
+    return tensors, state
+
+
+def _apply_checkpoint(tensors, state, model, optimizer, scheduler, rng: random.Random) -> dict[str, Any]:
+    load_trainable_state(model, tensors)
     load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng.setstate(state["python_rng"])
+    rng.setstate(_python_rng_state(state["python_rng"]))
     torch.set_rng_state(state["torch_rng"])
     return state
+
+
+def _python_rng_state(saved) -> tuple:
+    # random.getstate() is (version, tuple of ints, gauss_next); a round trip may give lists.
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
+
+
+def resume_checkpoint(folder: Path, model, optimizer, scheduler, rng: random.Random) -> tuple[Path, dict[str, Any]]:
+    """Restore the newest intact checkpoint in `folder`; return its path and saved state.
+
+    A damaged newer one is skipped with a message on stderr naming it and the reason.
+    """
+    found = list_checkpoints(folder)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint to resume from in {folder}; run `afina train` without --resume")
+    skipped: list[str] = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            try:
+                tensors, state = _read_checkpoint(path)
+            except Exception as exc:  # a truncated or foreign file: any reader error means "not usable"
+                problem = f"it cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
+        if problem is not None:
+            skipped.append(f"{path.name}: {problem}")
+            print(f"checkpoint {path} is damaged: {problem}; trying an older one", file=sys.stderr)
+            continue
+        if skipped:
+            print(
+                f"resuming from {path.name}, the newest intact checkpoint (skipped {len(skipped)} damaged)",
+                file=sys.stderr,
+            )
+        return path, _apply_checkpoint(tensors, state, model, optimizer, scheduler, rng)
+    raise DamagedCheckpointError(
+        f"no intact checkpoint to resume from in {folder}: "
+        + "; ".join(skipped)
+        + ". Restore the folder from a backup, or delete it and run `afina train` without --resume"
+    )
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rng: random.Random) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and random state from `path`; return the saved state dict."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {problem}")
+    tensors, state = _read_checkpoint(path)
+    return _apply_checkpoint(tensors, state, model, optimizer, scheduler, rng)

@@ -5,11 +5,11 @@ micro-batches are dealt out by rank. Each process divides its loss by the label 
 whole global step, so summing the gradients across processes gives exactly the gradient of
 one process that ran all those micro-batches with gradient accumulation.
 
-With `training.distributed: fsdp` each decoder layer is sharded with PyTorch's FSDP2
-(`fully_shard`): its weights, gradients and optimizer state are split across the processes and
-gathered only while the layer runs. Its gradients are reduce-scattered summed (not averaged), so
-the same loss normalisation holds; parameters outside the layers (embeddings, output layer) stay
-whole on every process and are summed as in DDP.
+With `training.distributed: fsdp` each decoder layer, and then the rest of the model (embeddings,
+final norm, output layer), is sharded with PyTorch's FSDP2 (`fully_shard`): weights, gradients and
+optimizer state are split across the processes and gathered only while a layer runs. Gradients are
+reduce-scattered summed (not averaged), so the same loss normalisation holds. train/fsdp.py builds
+the model on the meta device and loads only each process's shards.
 """
 
 from __future__ import annotations
@@ -54,17 +54,14 @@ class Distributed:
         return cls(dist.get_rank(), dist.get_world_size(), strategy)
 
     def shard(self, model) -> None:
-        """FSDP: shard every decoder layer in place (a no-op for DDP or a single process)."""
+        """FSDP: shard every decoder layer and the rest in place (a no-op for DDP or a single process).
+        A model built whole first; train/fsdp.py builds one that never is."""
         if not self.sharded:
             return
-        from torch.distributed.fsdp import fully_shard
+        from afina.train.fsdp import shard_model, start_root
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        for layer in base.get_decoder().layers:
-            fully_shard(layer)
-            # Sum, as DDP does here (the loss is already normalised), with a plain SUM that gloo has too.
-            layer.set_gradient_divide_factor(1.0)
-            layer.set_force_sum_reduction_for_comms(True)
+        shard_model(model)
+        start_root(model)
 
     def sum_gradients(self, params: list[torch.Tensor]) -> None:
         if self.world_size == 1:

@@ -23,22 +23,39 @@ import torch
 from tqdm.auto import tqdm
 
 from afina.config import Recipe, RecipeError
-from afina.device import autocast_factory, peak_memory_mb, pick_device, progress_interval, resolve_precision
+from afina.device import (
+    autocast_factory,
+    peak_memory_mb,
+    pick_device,
+    progress_interval,
+    recipe_weight_dtype,
+    resolve_precision,
+)
 from afina.models import recipe_rope_settings
 from afina.models.rope import save_rope_settings
 from afina.rundir import RunDir, read_jsonl
 from afina.train.batches import collate, epoch_batches, pack_settings
 from afina.train.checkpoint import (
     list_checkpoints,
-    load_checkpoint,
     load_trainable_state,
+    resume_checkpoint,
     save_checkpoint,
     save_weights,
     trainable_state,
 )
 from afina.train.distributed import Distributed
+from afina.train.fsdp import build_sharded_model, held_bytes, max_over_processes, save_streamed_result
 from afina.train.loss import accumulate_gradients, count_label_tokens, label_token_loss, mean_label_loss
 from afina.train.monitor import TrainingMonitor
+from afina.train.optim import build_optimizer
+from afina.train.sharded_checkpoint import (
+    check_layout,
+    has_weights,
+    load_sharded_checkpoint,
+    load_sharded_weights,
+    save_sharded_checkpoint,
+    save_sharded_weights,
+)
 from afina.train.task import TrainingTask
 
 
@@ -68,8 +85,15 @@ def add_retrieval_rows(recipe: Recipe, tokenizer, train_rows, train_set, pack_le
     cfg = recipe.context.retrieval
     count = retrieval_count(cfg.fraction, train_set, pack_length)
     if count:
-        train_set += retrieval_examples(tokenizer, row_texts(train_rows), count, pack_length or recipe.data.max_length,
-                                        cfg.min_length, cfg.facts, recipe.seed)
+        train_set += retrieval_examples(
+            tokenizer,
+            row_texts(train_rows),
+            count,
+            pack_length or recipe.data.max_length,
+            cfg.min_length,
+            cfg.facts,
+            recipe.seed,
+        )
     return count
 
 
@@ -113,6 +137,7 @@ class LoopState:
     train_time: float = 0.0  # seconds of training before the current stretch (resumes add up)
     val_before: float | None = None
     val_last: float | None = None
+    held_bytes: dict | None = None  # parameters, gradients, optimizer state after the first step (largest process)
 
 
 @dataclass
@@ -160,28 +185,78 @@ class Training:
         reports true tokens/s."""
         self.state.train_time = self.elapsed() if elapsed is None else elapsed
         self.started = time.perf_counter()
-        # Every process holds the same weights (FSDP: gathers its shards for this); one writes them.
-        save_checkpoint(self.checkpoints, step, self.model, self.optimizer, self.scheduler, self.rng,
-                        {"loop": asdict(self.state)}, self.recipe.training.keep_checkpoints, write_files=self.ddp.is_main)
+        if self.ddp.sharded:  # every process writes its own shards
+            save_sharded_checkpoint(
+                self.checkpoints,
+                step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.rng,
+                {"loop": asdict(self.state)},
+                self.recipe.training.keep_checkpoints,
+                is_main=self.ddp.is_main,
+            )
+            return
+        # Every process holds the same weights; one writes them.
+        save_checkpoint(
+            self.checkpoints,
+            step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.rng,
+            {"loop": asdict(self.state)},
+            self.recipe.training.keep_checkpoints,
+            write_files=self.ddp.is_main,
+        )
 
     def validation_loss(self) -> float | None:
         if not self.val_set:
             return None
         self.model.eval()
-        loss = mean_label_loss(self.model, self.val_set, self.task.tokenizer.pad_token_id,
-                               self.recipe.training.batch_size, self.autocast, loss_fn=self.loss_fn)
+        loss = mean_label_loss(
+            self.model,
+            self.val_set,
+            self.task.tokenizer.pad_token_id,
+            self.recipe.training.batch_size,
+            self.autocast,
+            loss_fn=self.loss_fn,
+            collate=self.task.collate,
+        )
         self.model.train()
         return loss
 
 
-def train(recipe: Recipe, task: TrainingTask, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
-          progress: bool = True, resume: bool = False) -> dict[str, Any]:
+def train(
+    recipe: Recipe,
+    task: TrainingTask,
+    train_rows: list[dict[str, Any]],
+    val_rows: list[dict[str, Any]],
+    progress: bool = True,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Train `task` (from afina.tasks: `afina.pipeline.train` builds it) on the rows; returns the summary."""
     t = setup(recipe, task, train_rows, val_rows, resume)
-    monitor = (TrainingMonitor(t.run.root, t.run.metrics, t.state.step if resume else None, recipe.training.tensorboard,
-                               recipe.training.plots) if t.ddp.is_main else TrainingMonitor.silent())
-    bar = tqdm(total=t.total_steps, initial=t.state.step, desc="train", unit="step",
-               disable=not (progress and t.ddp.is_main), mininterval=progress_interval())
+    monitor = (
+        TrainingMonitor(
+            t.run.root,
+            t.run.metrics,
+            t.state.step if resume else None,
+            recipe.training.tensorboard,
+            recipe.training.plots,
+        )
+        if t.ddp.is_main
+        else TrainingMonitor.silent()
+    )
+    bar = tqdm(
+        total=t.total_steps,
+        initial=t.state.step,
+        desc="train",
+        unit="step",
+        disable=not (progress and t.ddp.is_main),
+        mininterval=progress_interval(),
+    )
     t.model.train()
     t.started = time.perf_counter()
     try:
@@ -204,20 +279,32 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
     pack_length, continuous = pack_settings(recipe)
     retrieval_rows = add_retrieval_rows(recipe, task.tokenizer, train_rows, train_set, pack_length)
     if cfg.packing and not task.supports_packing:
-        raise RecipeError(f"training.packing: task '{recipe.task}' with a head pools or tags per example and cannot "
-                          "pack examples together; set training.packing=false")
+        raise RecipeError(
+            f"training.packing: task '{recipe.task}' with a head pools or tags per example and cannot "
+            "pack examples together; set training.packing=false"
+        )
 
-    # Master weights stay fp32; matmuls run in bf16 under autocast (faster on this CPU than a bf16 copy).
+    # Weights in model.dtype (train/precision.py); matmuls in training.precision under autocast.
     rope = recipe_rope_settings(recipe)  # context extension: scaled rotary positions, saved with the result
-    model = task.build_model(device)  # the task applies `rope` too
-    ddp.shard(model)
+    if ddp.sharded and task.builds_on_meta:  # FSDP: built on the meta device, each process loads only its shards
+        model = build_sharded_model(
+            task.build_model,
+            recipe.model.name,
+            device,
+            recipe_weight_dtype(recipe, device),
+            recipe.method.type == "full",
+            recipe.seed,
+        )
+    else:
+        model = task.build_model(device)  # the task applies `rope` too
+        ddp.shard(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         model.get_decoder().compile()
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = task.param_groups(model) if task.param_groups else [{"params": trainable}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(groups, cfg)
 
     batches_per_epoch = len(epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length))
     per_step = cfg.grad_accum * ddp.world_size
@@ -225,22 +312,49 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     eval_every = cfg.eval_every or steps_per_epoch
     t = Training(
-        recipe=recipe, task=task, run=RunDir(recipe.run_dir), ddp=ddp, device=device, precision=precision,
-        autocast=autocast_factory(precision, device), model=model, trainable=trainable, optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, recipe, total_steps), rng=random.Random(recipe.seed),
-        train_set=train_set, val_set=val_set, pack_length=pack_length,
-        collate_fn=task.collate or (lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous)),
-        loss_fn=task.loss_fn or label_token_loss, count_fn=task.count_fn or count_label_tokens,
-        per_step=per_step, steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_every=eval_every,
-        save_every=cfg.save_every or eval_every, retrieval_rows=retrieval_rows, rope=rope, state=LoopState(),
+        recipe=recipe,
+        task=task,
+        run=RunDir(recipe.run_dir),
+        ddp=ddp,
+        device=device,
+        precision=precision,
+        autocast=autocast_factory(precision, device),
+        model=model,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, recipe, total_steps),
+        rng=random.Random(recipe.seed),
+        train_set=train_set,
+        val_set=val_set,
+        pack_length=pack_length,
+        collate_fn=task.collate
+        or (lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous)),
+        loss_fn=task.loss_fn or label_token_loss,
+        count_fn=task.count_fn or count_label_tokens,
+        per_step=per_step,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        eval_every=eval_every,
+        save_every=cfg.save_every or eval_every,
+        retrieval_rows=retrieval_rows,
+        rope=rope,
+        state=LoopState(),
     )
     if resume:
-        found = list_checkpoints(t.checkpoints)
-        if not found:
-            raise FileNotFoundError(f"no checkpoint to resume from in {t.checkpoints}; run `afina train` without --resume")
-        t.resumed_from = found[-1]
-        saved = load_checkpoint(t.resumed_from, model, optimizer, t.scheduler, t.rng)["loop"]
-        t.state = LoopState(**saved)
+        if ddp.sharded:  # every process reads its own shards
+            found = list_checkpoints(t.checkpoints)
+            if not found:
+                raise FileNotFoundError(
+                    f"no checkpoint to resume from in {t.checkpoints}; run `afina train` without --resume"
+                )
+            t.resumed_from = found[-1]
+            saved = load_sharded_checkpoint(t.resumed_from, model, optimizer, t.scheduler, t.rng)
+        else:
+            newest = list_checkpoints(t.checkpoints)
+            if newest:
+                check_layout(newest[-1], sharded=False)
+            t.resumed_from, saved = resume_checkpoint(t.checkpoints, model, optimizer, t.scheduler, t.rng)
+        t.state = LoopState(**saved["loop"])
     else:
         t.state.val_before = t.validation_loss()
     return t
@@ -259,8 +373,12 @@ def run_steps(t: Training, monitor: TrainingMonitor, bar) -> tuple[str, float]:
                 )
             last_loss, grad_norm = training_step(t)
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{t.state.tokens / t.elapsed():.0f}",
-                            mem=f"{peak_memory_mb(t.device):.0f}MB", refresh=False)
+            bar.set_postfix(
+                loss=f"{last_loss:.3f}",
+                tok_s=f"{t.state.tokens / t.elapsed():.0f}",
+                mem=f"{peak_memory_mb(t.device):.0f}MB",
+                refresh=False,
+            )
             stop_reason = after_step(t, last_loss, grad_norm, monitor)
             if stop_reason != "finished":
                 break
@@ -276,8 +394,9 @@ def training_step(t: Training) -> tuple[float, float]:
     del state.queue[: t.per_step]
     group = [t.collate_fn(t.train_set, rows, t.task.tokenizer.pad_token_id, t.pack_length) for rows in step_rows]
     local = group[t.ddp.rank :: t.ddp.world_size]
-    step_loss, _ = accumulate_gradients(t.model, local, t.autocast, denominator=t.count_fn(group), loss_fn=t.loss_fn,
-                                        count_fn=t.count_fn)
+    step_loss, _ = accumulate_gradients(
+        t.model, local, t.autocast, denominator=t.count_fn(group), loss_fn=t.loss_fn, count_fn=t.count_fn
+    )
     step_loss = t.ddp.sum_scalar(step_loss)
     t.ddp.sum_gradients(t.trainable)
     grad_norm = t.ddp.clip_grad_norm(t.trainable, cfg.max_grad_norm)
@@ -290,6 +409,8 @@ def training_step(t: Training) -> tuple[float, float]:
             + ". Check the data and the model weights, or lower training.learning_rate"
         )
     t.optimizer.step()
+    if state.held_bytes is None:  # what each process holds at its fullest (gradients not yet freed)
+        state.held_bytes = max_over_processes(held_bytes(t.model, t.optimizer))
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -301,27 +422,33 @@ def after_step(t: Training, step_loss: float, grad_norm: float, monitor: Trainin
     """Validate, keep the best weights, log, checkpoint; the stop reason ("finished" to go on)."""
     cfg, state = t.recipe.training, t.state
     step, elapsed = state.step, t.elapsed()
-    time_up = bool(cfg.max_minutes) and elapsed >= cfg.max_minutes * 60 and step < t.total_steps
+    time_up = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60 and step < t.total_steps
     val_loss = t.validation_loss() if (step % t.eval_every == 0 or step == t.total_steps or time_up) else None
     if val_loss is not None:
         state.val_last = val_loss
         if state.best_val is None or val_loss < state.best_val:
             state.best_val, state.best_step, state.bad_evals = val_loss, step, 0
-            save_weights(t.checkpoints / "best", t.model, {"step": step, "val_loss": val_loss}, write_files=t.ddp.is_main)
+            info = {"step": step, "val_loss": val_loss}
+            if t.ddp.sharded:
+                save_sharded_weights(t.checkpoints / "best", t.model, info, is_main=t.ddp.is_main)
+            else:
+                save_weights(t.checkpoints / "best", t.model, info, write_files=t.ddp.is_main)
         else:
             state.bad_evals += 1
     if step % cfg.log_every == 0 or val_loss is not None or step == t.total_steps:
-        monitor.log({
-            "step": step,
-            "epoch": round(step / t.steps_per_epoch, 3),
-            "loss": round(step_loss, 5),
-            "lr": t.scheduler.get_last_lr()[0],
-            "grad_norm": round(grad_norm, 4),
-            "tokens": state.tokens,
-            "tokens_per_s": round(state.tokens / elapsed, 1),
-            "peak_memory_mb": round(peak_memory_mb(t.device), 1),
-            **({"val_loss": val_loss} if val_loss is not None else {}),
-        })
+        monitor.log(
+            {
+                "step": step,
+                "epoch": round(step / t.steps_per_epoch, 3),
+                "loss": round(step_loss, 5),
+                "lr": t.scheduler.get_last_lr()[0],
+                "grad_norm": round(grad_norm, 4),
+                "tokens": state.tokens,
+                "tokens_per_s": round(state.tokens / elapsed, 1),
+                "peak_memory_mb": round(peak_memory_mb(t.device), 1),
+                **({"val_loss": val_loss} if val_loss is not None else {}),
+            }
+        )
     if val_loss is not None:
         monitor.plot()
     stop_reason = "finished"
@@ -340,21 +467,33 @@ def finish(t: Training, stop_reason: str, last_loss: float) -> dict[str, Any]:
     elapsed = t.elapsed()
     t.ddp.barrier()  # the best weights are on disk before any process reads them
     best = t.checkpoints / "best"
-    if (t.recipe.training.load_best_at_end and (best / "trainable.safetensors").is_file()
-            and t.state.best_step != t.state.step):
+    load_best = t.recipe.training.load_best_at_end and t.state.best_step != t.state.step
+    if load_best and t.ddp.sharded and has_weights(best):
+        load_sharded_weights(best, t.model)
+    elif load_best and (best / "trainable.safetensors").is_file():
         from safetensors.torch import load_file
 
         load_trainable_state(t.model, load_file(str(best / "trainable.safetensors")))
     summary = training_summary(t, stop_reason, last_loss, elapsed)
     to_save = t.model
-    if t.ddp.sharded:  # gather the shards (every process) into a plain copy that peft/transformers can save
+    if t.ddp.sharded and t.task.builds_on_meta:  # written whole from the shards, one tensor at a time
+        save_streamed_result(
+            t.model,
+            t.task.output_dir,
+            t.recipe.method.type,
+            write=t.ddp.is_main,
+            dtype=getattr(torch, recipe_weight_dtype(t.recipe, t.device)),
+        )
+        to_save = None
+    elif t.ddp.sharded:  # gather the shards (every process) into a plain copy that peft/transformers can save
         whole = trainable_state(t.model)
         if t.ddp.is_main:
             to_save = t.task.build_model(torch.device("cpu"))
             load_trainable_state(to_save, whole)
     if t.ddp.is_main:
         out_dir = t.task.output_dir
-        to_save.save_pretrained(out_dir, safe_serialization=True)
+        if to_save is not None:
+            to_save.save_pretrained(out_dir, safe_serialization=True)
         t.task.tokenizer.save_pretrained(out_dir)
         if t.task.on_save:
             t.task.on_save(out_dir)
@@ -389,6 +528,7 @@ def training_summary(t: Training, stop_reason: str, last_loss: float, elapsed: f
         "precision": t.precision,
         "device": str(t.device),
         "peak_memory_mb": round(peak_memory_mb(t.device), 1),
+        "held_bytes_per_process": state.held_bytes,  # parameters, gradients, optimizer state (the largest process)
         "output": str(t.task.output_dir),
         "processes": t.ddp.world_size,
         "distributed": t.ddp.strategy if t.ddp.world_size > 1 else None,

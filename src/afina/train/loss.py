@@ -7,6 +7,8 @@ padding) carry no loss.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -36,8 +38,10 @@ def hidden_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> float:
     """Summed loss of hidden states (n, d) predicting targets (n,), LOSS_CHUNK_TOKENS logits at a time
     (no gradient: for scoring long sequences without holding all their logits)."""
     with torch.no_grad():
-        return sum(float(_chunk_loss_sum(head, hidden[i : i + LOSS_CHUNK_TOKENS], targets[i : i + LOSS_CHUNK_TOKENS]))
-                   for i in range(0, len(targets), LOSS_CHUNK_TOKENS))
+        return sum(
+            float(_chunk_loss_sum(head, hidden[i : i + LOSS_CHUNK_TOKENS], targets[i : i + LOSS_CHUNK_TOKENS]))
+            for i in range(0, len(targets), LOSS_CHUNK_TOKENS)
+        )
 
 
 def label_token_loss(
@@ -71,7 +75,11 @@ def label_token_loss(
 
     loss_sum = sum(
         checkpoint(
-            _chunk_loss_sum, head, hidden[i : i + LOSS_CHUNK_TOKENS], targets[i : i + LOSS_CHUNK_TOKENS], use_reentrant=False
+            _chunk_loss_sum,
+            head,
+            hidden[i : i + LOSS_CHUNK_TOKENS],
+            targets[i : i + LOSS_CHUNK_TOKENS],
+            use_reentrant=False,
         )
         for i in range(0, n_tokens, LOSS_CHUNK_TOKENS)
     )
@@ -84,8 +92,12 @@ def count_label_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> int:
 
 
 def accumulate_gradients(
-    model, micro_batches: list[dict[str, torch.Tensor]], autocast, denominator: int | None = None,
-    loss_fn=None, count_fn=None,
+    model,
+    micro_batches: list[dict[str, torch.Tensor]],
+    autocast,
+    denominator: int | None = None,
+    loss_fn=None,
+    count_fn=None,
 ) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; return (loss, label count).
 
@@ -110,22 +122,30 @@ def accumulate_gradients(
 
 
 @torch.no_grad()
-def mean_label_loss(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast,
-                    loss_fn=None) -> float:
+def mean_label_loss(
+    model, encoded: list[dict[str, Any]], pad_id: int, batch_size: int, autocast, loss_fn=None, collate=None
+) -> float:
     """Mean loss per label over a dataset (validation / test loss; perplexity is its exp): per token
-    for causal LM targets, per example or per tagged word with a head's loss_fn."""
-    total, count = label_loss_sum(model, encoded, pad_id, batch_size, autocast, loss_fn)
+    for causal LM targets, per example or per tagged word with a head's loss_fn, per pair with a
+    preference loss (`collate`: the task's own micro-batches, as in training)."""
+    total, count = label_loss_sum(model, encoded, pad_id, batch_size, autocast, loss_fn, collate)
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def label_loss_sum(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast,
-                   loss_fn=None) -> tuple[float, int]:
+def label_loss_sum(
+    model, encoded: list[dict[str, Any]], pad_id: int, batch_size: int, autocast, loss_fn=None, collate=None
+) -> tuple[float, int]:
     """Summed loss over the labels of a dataset, and their count (to combine parts label-weighted)."""
     loss_fn = loss_fn or label_token_loss
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
-        batch = pad_batch(encoded[start : start + batch_size], pad_id)
+        end = min(start + batch_size, len(encoded))
+        batch = (
+            collate(encoded, [[i] for i in range(start, end)], pad_id, None)
+            if collate is not None
+            else pad_batch(encoded[start:end], pad_id)
+        )
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with autocast():
             loss_sum, n = loss_fn(model, **batch)
@@ -137,8 +157,9 @@ def label_loss_sum(model, encoded: list[dict[str, list[int]]], pad_id: int, batc
 # ---- heads: one label per sequence (classification) or per word (tagging) ----------------------
 
 
-def sequence_label_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
-                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def sequence_label_loss(
+    model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy of a sequence-classification model's logits against one class id per row.
 
     `labels` holds the class id at position 0 of each row (pad_batch pads the rest with
@@ -151,8 +172,9 @@ def sequence_label_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     return F.cross_entropy(logits, targets, reduction="sum"), int((targets != IGNORE_INDEX).sum())
 
 
-def token_label_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def token_label_loss(
+    model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over tagged positions (the first sub-token of each word), and how many."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     selected = labels != IGNORE_INDEX
@@ -171,15 +193,23 @@ def count_tagged_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> int:
 
 
 @torch.no_grad()
-def head_logits(model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast) -> list[torch.Tensor]:
+def head_logits(
+    model, encoded: list[dict[str, list[int]]], pad_id: int, batch_size: int, autocast
+) -> list[torch.Tensor]:
     """A head model's logits per example: [classes] for sequence heads, [tokens, tags] for token heads."""
     out: list[torch.Tensor] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         batch = pad_batch(chunk, pad_id)
         with autocast():
-            logits = model(input_ids=batch["input_ids"].to(model.device),
-                           attention_mask=batch["attention_mask"].to(model.device)).logits.float().cpu()
+            logits = (
+                model(
+                    input_ids=batch["input_ids"].to(model.device),
+                    attention_mask=batch["attention_mask"].to(model.device),
+                )
+                .logits.float()
+                .cpu()
+            )
         for i, example in enumerate(chunk):
             out.append(logits[i] if logits.dim() == 2 else logits[i, : len(example["input_ids"])])
     return out

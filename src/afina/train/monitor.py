@@ -24,13 +24,15 @@ class TrainingMonitor:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(root / "tensorboard"), purge_step=(resume_step + 1) if resume_step else None)
+            self.writer = SummaryWriter(
+                log_dir=str(root / "tensorboard"), purge_step=(resume_step + 1) if resume_step else None
+            )
 
     @classmethod
     def silent(cls) -> TrainingMonitor:
         """For the non-main processes of a distributed run: records nothing."""
         monitor = cls.__new__(cls)
-        monitor.records, monitor.file, monitor.writer, monitor.plot_path = [], None, None, None
+        monitor.records, monitor.file, monitor.writer, monitor.plot_path = [], None, None, None  # type: ignore[assignment]
         return monitor
 
     def log(self, record: dict[str, Any]) -> None:
@@ -42,7 +44,9 @@ class TrainingMonitor:
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}" if key != "val_loss" else "validation/loss", value, record["step"])
+                    self.writer.add_scalar(
+                        f"train/{key}" if key != "val_loss" else "validation/loss", value, record["step"]
+                    )
             self.writer.flush()
 
     def plot(self) -> None:

@@ -10,10 +10,10 @@ the field in miniature (long-context instruction data such as LongAlpaca's, synt
 in LongLoRA-style and "needle" training sets).
 
 The wording is deliberately not the passkey test's (afina.eval.long_context): other facts
-("the vault code of Mira", "the entry code", "the license key"; never "pass key"), instructions and questions, one to `facts` facts per row (the others
-are distractors, so copying the only number in sight does not pay), keys of 3 to 7 digits, and
-the haystack is the training split's own text. The evaluation then measures a skill that
-transfers to an unseen template and unseen prose, not a memorised one.
+("the vault code of Mira", "the entry code", "the license key"; never "pass key"), instructions and
+questions, one to `facts` facts per row (the others are distractors, so copying the only number in sight
+does not pay), keys of 3 to 7 digits, and the haystack is the training split's own text. The evaluation
+then measures a skill that transfers to an unseen template and unseen prose, not a memorised one.
 
 Provenance: the templates and word lists are written for afina.
 """
@@ -26,14 +26,57 @@ from typing import Any
 
 from afina.data.format import IGNORE_INDEX
 
-SUBJECTS = ["vault code", "access code", "locker number", "ticket number", "room number", "badge number",
-            "order number", "account number", "parcel number", "gate code", "invoice number", "door code",
-            "member number", "case number", "serial number", "booking reference", "security code", "PIN",
-            "secret number", "entry code", "lucky number", "reference number", "license key", "product key",
-            "API key", "access key", "room key number"]
-OWNERS = ["Mira", "Tomas", "Aiko", "Dr. Okafor", "the harbour office", "the night shift", "the north warehouse",
-          "the library", "Mrs. Lindqvist", "the chess club", "Rafael", "the east wing", "Professor Adeyemi",
-          "the bakery on Elm Street", "Jonas", "the ferry company", "Priya", "the archive", "Captain Moreau", "Lena"]
+SUBJECTS = [
+    "vault code",
+    "access code",
+    "locker number",
+    "ticket number",
+    "room number",
+    "badge number",
+    "order number",
+    "account number",
+    "parcel number",
+    "gate code",
+    "invoice number",
+    "door code",
+    "member number",
+    "case number",
+    "serial number",
+    "booking reference",
+    "security code",
+    "PIN",
+    "secret number",
+    "entry code",
+    "lucky number",
+    "reference number",
+    "license key",
+    "product key",
+    "API key",
+    "access key",
+    "room key number",
+]
+OWNERS = [
+    "Mira",
+    "Tomas",
+    "Aiko",
+    "Dr. Okafor",
+    "the harbour office",
+    "the night shift",
+    "the north warehouse",
+    "the library",
+    "Mrs. Lindqvist",
+    "the chess club",
+    "Rafael",
+    "the east wing",
+    "Professor Adeyemi",
+    "the bakery on Elm Street",
+    "Jonas",
+    "the ferry company",
+    "Priya",
+    "the archive",
+    "Captain Moreau",
+    "Lena",
+]
 NEEDLES = [  # a fact that belongs to someone (rows with distractors of the same kind)
     "The {subject} of {owner} is {key}.",
     "Note that the {subject} of {owner} is {key}; keep it in mind.",
@@ -69,11 +112,12 @@ PLAIN_QUESTIONS = [
 
 def _key(rng: random.Random) -> str:
     digits = rng.randint(3, 7)
-    return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+    return str(rng.randrange(10 ** (digits - 1), 10**digits))
 
 
-def retrieval_example(tokenizer, filler_tokens: list[list[int]], length: int, facts: int,
-                      rng: random.Random) -> dict[str, list[int]]:
+def retrieval_example(
+    tokenizer, filler_tokens: list[list[int]], length: int, facts: int, rng: random.Random
+) -> dict[str, list[int]]:
     """One row of exactly `length` tokens: instruction, filler with 1..facts number facts at
     random depths, a question about one of them; labels on the answer's tokens only."""
 
@@ -85,11 +129,12 @@ def retrieval_example(tokenizer, filler_tokens: list[list[int]], length: int, fa
     if owned:
         pairs = rng.sample([(s, o) for s in SUBJECTS for o in OWNERS], count)
     else:
-        pairs = [(s, None) for s in rng.sample(SUBJECTS, count)]
+        pairs = [(s, "") for s in rng.sample(SUBJECTS, count)]
     needle_templates, question_templates = (NEEDLES, QUESTIONS) if owned else (PLAIN_NEEDLES, PLAIN_QUESTIONS)
     keys = [_key(rng) for _ in pairs]
-    needles = [encode(" " + rng.choice(needle_templates).format(subject=s, owner=o, key=k))
-               for (s, o), k in zip(pairs, keys)]
+    needles = [
+        encode(" " + rng.choice(needle_templates).format(subject=s, owner=o, key=k)) for (s, o), k in zip(pairs, keys)
+    ]
     asked = rng.randrange(count)
     subject, owner = pairs[asked]
     prefix = encode(rng.choice(INSTRUCTIONS))
@@ -107,8 +152,10 @@ def retrieval_example(tokenizer, filler_tokens: list[list[int]], length: int, fa
     if spare() < 0:
         prefix = []
     if spare() < 0:
-        raise ValueError(f"a retrieval row of {length} tokens cannot hold a fact and its question "
-                         f"({length - spare()} tokens); raise context.retrieval.min_length or the row length")
+        raise ValueError(
+            f"a retrieval row of {length} tokens cannot hold a fact and its question "
+            f"({length - spare()} tokens); raise context.retrieval.min_length or the row length"
+        )
     room = spare()
     filler: list[int] = []
     while len(filler) < room:
@@ -131,16 +178,19 @@ def row_texts(rows: list[dict[str, Any]]) -> list[str]:
     return [row["text"] if "text" in row else "\n".join(m["content"] for m in row["messages"]) for row in rows]
 
 
-def retrieval_examples(tokenizer, texts: list[str], count: int, row_length: int, min_fraction: float, facts: int,
-                       seed: int) -> list[dict[str, list[int]]]:
+def retrieval_examples(
+    tokenizer, texts: list[str], count: int, row_length: int, min_fraction: float, facts: int, seed: int
+) -> list[dict[str, list[int]]]:
     """`count` retrieval rows of lengths drawn uniformly from [min_fraction x row_length, row_length]."""
     pieces = [tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in texts if t.strip()]
     if not pieces:
         raise ValueError("context.retrieval needs training text to hide facts in; the train split has none")
     rng = random.Random(seed)
     shortest = max(64, int(min_fraction * row_length))
-    return [retrieval_example(tokenizer, pieces, rng.randint(min(shortest, row_length), row_length), facts, rng)
-            for _ in range(count)]
+    return [
+        retrieval_example(tokenizer, pieces, rng.randint(min(shortest, row_length), row_length), facts, rng)
+        for _ in range(count)
+    ]
 
 
 def retrieval_count(fraction: float, train_set: list[dict[str, list[int]]], pack_length: int | None) -> int:

@@ -29,4 +29,5 @@ class TrainingTask:
     supports_packing: bool = True
     param_groups: Callable[[Any], list[dict[str, Any]]] | None = None
     on_save: Callable[[Path], None] | None = None  # writes what prediction needs beside the weights (labels)
+    builds_on_meta: bool = False  # build_model(meta device) builds from the config: FSDP then loads only its shards
     extra_summary: dict[str, Any] = field(default_factory=dict)
