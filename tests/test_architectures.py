@@ -17,7 +17,7 @@ from afina.export.merge import export
 from afina.pipeline import evaluate, prepare, train
 from afina.rundir import RunDir
 from archs import ARCHS, build_tiny_model
-from conftest import support_rows, write_jsonl
+from conftest import LLAMA_CPP_MISSING, support_rows, write_jsonl
 
 # Families whose Ollama TEMPLATE cannot be cut from their chat template, and why (recorded, not written wrong).
 NO_MODELFILE = {
@@ -80,11 +80,13 @@ def test_lora_through_every_stage(arch, arch_dirs, tmp_path):
     assert summary["steps"] == 3
     report = evaluate(recipe, progress=False)
     assert set(report["systems"]) == {"base", "tuned"}
-    if arch in CONVERTER_REFUSES:
+    if LLAMA_CPP_MISSING:  # every stage but GGUF still runs; the files are recorded as skipped, with the reason
+        results = export(recipe)
+        assert results["gguf_f16"]["skipped"] == LLAMA_CPP_MISSING and "skipped" in results["ollama"]
+    elif arch in CONVERTER_REFUSES:
         with pytest.raises(ExportCheckError, match=CONVERTER_REFUSES[arch]):
             export(recipe)
         results = RunDir(recipe.run_dir).read_manifest()["export"]
-        assert results["adapter"]["ok"] and results["merged"]["ok"]  # the formats that work are kept
         assert CONVERTER_REFUSES[arch] in results["gguf_f16"]["failed"]
     else:
         results = export(recipe)
@@ -99,8 +101,10 @@ def test_lora_through_every_stage(arch, arch_dirs, tmp_path):
             assert NO_MODELFILE[arch] in ollama["skipped"]
         else:
             assert ollama["ok"] and ollama["template_matches_chat_template"]
-    assert results["adapter"]["ok"] and results["merged"]["ok"]
+    assert results["adapter"]["ok"] and results["merged"]["ok"]  # kept whatever happened to the GGUF files
     _serve_and_chat(recipe)
+    if LLAMA_CPP_MISSING:
+        pytest.skip(f"prepare, train, eval, adapter, merged and serve passed; GGUF not checked: {LLAMA_CPP_MISSING}")
 
 
 def _serve_and_chat(recipe) -> None:

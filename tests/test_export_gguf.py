@@ -10,7 +10,9 @@ from afina.export.merge import export
 from afina.export.ollama import template_pieces
 from afina.pipeline import prepare, train
 from afina.rundir import RunDir
+from conftest import needs_llama_cpp
 
+pytestmark = needs_llama_cpp
 TYPES = ["f16", "q8_0", "q4_k_m"]
 
 

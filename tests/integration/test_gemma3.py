@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from conftest import needs_llama_cpp
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(
@@ -30,6 +32,7 @@ def test_gemma3_is_listed_and_loads_with_the_gemma_turn_format():
     assert ids[0] == tokenizer.bos_token_id and tokenizer.convert_ids_to_tokens(ids[1]) == "<start_of_turn>"
 
 
+@needs_llama_cpp
 def test_gemma3_trains_and_exports_gguf_verified_in_llama_cpp(tmp_path):
     from afina.config import load_recipe
     from afina.export.merge import export

@@ -60,6 +60,13 @@ def converter_dir() -> Path:
     return folder
 
 
+def llama_cpp_missing() -> str | None:
+    """Why GGUF export cannot run here (the converter or the llama-cpp-python bindings not installed), or None."""
+    if not llama_cpp_available():
+        return f"GGUF export needs llama.cpp, which is not installed: {_INSTALL_HINT}"
+    return None
+
+
 def llama_cpp_available() -> bool:
     """True when both the converter and the llama-cpp-python bindings are installed."""
     import importlib.util

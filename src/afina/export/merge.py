@@ -100,10 +100,14 @@ def _save_merged(merged, tokenizer, target: Path) -> None:
 
 def _export_gguf(merged, tokenizer, run, recipe, reference: Reference) -> dict[str, Any]:
     """The GGUF files of export.gguf_types, converted from the merged folder by llama.cpp's tools and verified."""
+    from afina.export.gguf_convert import llama_cpp_missing
     from afina.export.gguf_export import export_gguf_files
     from afina.models.loader import resolve_model
 
     keys = [f"gguf_{t}" for t in recipe.export.gguf_types]
+    missing = llama_cpp_missing()
+    if missing:  # said beside each file and in the manifest; the other formats are still written
+        return {key: {"skipped": missing} for key in keys}
     merged_dir = run.export / "merged"
     try:
         if not (merged_dir / "config.json").is_file():
@@ -128,11 +132,15 @@ def _export_gguf(merged, tokenizer, run, recipe, reference: Reference) -> dict[s
 
 def _export_gguf_adapter(recipe, run, tokenizer, reference: Reference) -> dict[str, Any]:
     """The LoRA adapter as a GGUF adapter over an F16 GGUF of the base model, verified in llama.cpp together."""
+    from afina.export.gguf_convert import llama_cpp_missing
     from afina.export.gguf_export import export_lora_gguf, verify_gguf_adapter
     from afina.models.loader import resolve_model
 
     if recipe.method.type != "lora":
         return {"skipped": "full fine-tuning has no adapter; use the gguf export of the merged model"}
+    missing = llama_cpp_missing()
+    if missing:
+        return {"skipped": missing}
     out = run.export / "gguf"
     base_dir = Path(resolve_model(recipe.model.name))
     return verify_gguf_adapter(
@@ -146,6 +154,7 @@ def _export_gguf_adapter(recipe, run, tokenizer, reference: Reference) -> dict[s
 
 
 def _export_ollama(run, tokenizer, results: dict[str, Any]) -> dict[str, Any]:
+    from afina.export.gguf_convert import llama_cpp_missing
     from afina.export.ollama import write_modelfile
 
     # The smallest verified file that users run (Q4_K_M, else Q8_0, else any).
@@ -156,6 +165,9 @@ def _export_ollama(run, tokenizer, results: dict[str, Any]) -> dict[str, Any]:
     }
     adapter = results.get("gguf_adapter") or {}
     if not verified and not adapter.get("ok"):
+        missing = llama_cpp_missing()
+        if missing:
+            return {"skipped": f"the Ollama Modelfile needs a verified GGUF file; {missing}"}
         return {
             "skipped": "the Ollama Modelfile needs a verified GGUF file: add gguf (or gguf_adapter) to export.formats"
         }
