@@ -59,3 +59,22 @@ def test_a_byte_level_bpe_vocabulary_is_left_alone(tmp_path):
     writer.close()
     assert not write_sentencepiece_model(tmp_path / "bpe.gguf", tmp_path / "tokenizer.model")
     assert not (tmp_path / "tokenizer.model").exists()
+
+
+def test_the_converter_reads_a_staged_folder_with_the_added_tokens_typed(tmp_path):
+    """transformers 5 saves no added_tokens_decoder; the converter gets it (and tokenizer.model) in a staged view."""
+    import json
+
+    from afina.export.gguf_convert import _stage_folder
+
+    tokenizer = sentencepiece_tokenizer(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "merged")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir()}
+    assert "added_tokens_decoder" not in json.loads(before["tokenizer_config.json"])
+    (tmp_path / "stage").mkdir()
+    staged = _stage_folder(tmp_path / "merged", tmp_path / "stage", tmp_path / "base" / "tokenizer.model")
+    decoder = json.loads((staged / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    turn = tokenizer.convert_tokens_to_ids("<start_of_turn>")
+    assert decoder[str(turn)]["content"] == "<start_of_turn>"
+    assert (staged / "tokenizer.model").read_bytes() == (tmp_path / "base" / "tokenizer.model").read_bytes()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir()} == before  # the folder is untouched

@@ -91,25 +91,52 @@ def _run_script(args: list[str], what: str) -> None:
 def convert_hf_folder(model_dir: Path, outfile: Path, outtype: str = "f16", vocab_source: Path | None = None) -> Path:
     """Convert a Hugging Face folder (config, safetensors, tokenizer) with llama.cpp's converter.
 
-    `vocab_source`: where a SentencePiece vocabulary comes from when the folder has no tokenizer.model
-    (transformers' save_pretrained writes tokenizer.json only, and llama.cpp's converter reads Gemma's
-    vocabulary from tokenizer.model): the base model's tokenizer.model, copied, or the GGUF file the
-    model came from, given back as tokenizer.model (write_sentencepiece_model).
+    The converter reads a staged view of the folder (links to its files; the folder itself is not
+    changed) with what transformers 5's save_pretrained no longer writes and the converter needs:
+    - tokenizer.model, from `vocab_source` when the folder has none (llama.cpp's converter reads Gemma's
+      vocabulary from it): the base model's tokenizer.model, or the GGUF file the model came from,
+      given back as tokenizer.model (write_sentencepiece_model);
+    - `added_tokens_decoder` in tokenizer_config.json (from tokenizer.json): without it the converter
+      types a SentencePiece vocabulary's added tokens (Gemma's <start_of_turn>) as normal text, and
+      llama.cpp then tokenizes them as bytes.
     """
+    import tempfile
+
     script = converter_dir() / "convert_hf_to_gguf.py"
-    if vocab_source is not None and not (model_dir / "tokenizer.model").is_file():
-        if vocab_source.suffix == ".model":  # the base folder's own SentencePiece model (save_pretrained drops it)
-            shutil.copyfile(vocab_source, model_dir / "tokenizer.model")
-        else:
-            write_sentencepiece_model(vocab_source, model_dir / "tokenizer.model")
     outfile.parent.mkdir(parents=True, exist_ok=True)
     tmp = outfile.with_name(outfile.name + ".tmp")
-    _run_script(
-        [str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
-        f"llama.cpp's convert_hf_to_gguf.py on {model_dir}",
-    )
+    with tempfile.TemporaryDirectory(prefix="afina-convert-") as stage:
+        staged = _stage_folder(model_dir, Path(stage), vocab_source)
+        _run_script(
+            [str(script), str(staged), "--outfile", str(tmp), "--outtype", outtype],
+            f"llama.cpp's convert_hf_to_gguf.py on {model_dir}",
+        )
     tmp.replace(outfile)
     return outfile
+
+
+def _stage_folder(model_dir: Path, stage: Path, vocab_source: Path | None) -> Path:
+    """`stage/<folder name>`: links to model_dir's files, plus tokenizer.model and added_tokens_decoder."""
+    staged = stage / model_dir.name
+    staged.mkdir()
+    for entry in model_dir.iterdir():
+        (staged / entry.name).symlink_to(entry.resolve())
+    if vocab_source is not None and not (staged / "tokenizer.model").exists():
+        if vocab_source.suffix == ".model":  # the base folder's own SentencePiece model (save_pretrained drops it)
+            shutil.copyfile(vocab_source, staged / "tokenizer.model")
+        else:
+            write_sentencepiece_model(vocab_source, staged / "tokenizer.model")
+    config_file, tokenizer_file = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    if config_file.is_file() and tokenizer_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens") or []
+        if added and "added_tokens_decoder" not in config:
+            config["added_tokens_decoder"] = {
+                str(token["id"]): {k: v for k, v in token.items() if k != "id"} for token in added
+            }
+            (staged / config_file.name).unlink()
+            (staged / config_file.name).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return staged
 
 
 def convert_lora_adapter(adapter_dir: Path, base_dir: Path, outfile: Path) -> Path:
