@@ -72,7 +72,7 @@ def test_the_converter_reads_a_staged_folder_with_the_added_tokens_typed(tmp_pat
     before = {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir()}
     assert "added_tokens_decoder" not in json.loads(before["tokenizer_config.json"])
     (tmp_path / "stage").mkdir()
-    staged = _stage_folder(tmp_path / "merged", tmp_path / "stage", tmp_path / "base" / "tokenizer.model")
+    staged = _stage_folder(tmp_path / "merged", tmp_path / "stage", tmp_path / "base")
     decoder = json.loads((staged / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     turn = tokenizer.convert_tokens_to_ids("<start_of_turn>")
     assert decoder[str(turn)]["content"] == "<start_of_turn>"

@@ -88,17 +88,12 @@ def _run_script(args: list[str], what: str) -> None:
         raise ExportError(f"{what} failed: {reason}")
 
 
-def convert_hf_folder(model_dir: Path, outfile: Path, outtype: str = "f16", vocab_source: Path | None = None) -> Path:
+def convert_hf_folder(model_dir: Path, outfile: Path, outtype: str = "f16", base_dir: Path | None = None) -> Path:
     """Convert a Hugging Face folder (config, safetensors, tokenizer) with llama.cpp's converter.
 
     The converter reads a staged view of the folder (links to its files; the folder itself is not
-    changed) with what transformers 5's save_pretrained no longer writes and the converter needs:
-    - tokenizer.model, from `vocab_source` when the folder has none (llama.cpp's converter reads Gemma's
-      vocabulary from it): the base model's tokenizer.model, or the GGUF file the model came from,
-      given back as tokenizer.model (write_sentencepiece_model);
-    - `added_tokens_decoder` in tokenizer_config.json (from tokenizer.json): without it the converter
-      types a SentencePiece vocabulary's added tokens (Gemma's <start_of_turn>) as normal text, and
-      llama.cpp then tokenizes them as bytes.
+    changed) with what transformers 5's save_pretrained no longer writes and the converter needs,
+    taken from the base model folder `base_dir` where the folder lacks it (_stage_folder).
     """
     import tempfile
 
@@ -106,7 +101,7 @@ def convert_hf_folder(model_dir: Path, outfile: Path, outtype: str = "f16", voca
     outfile.parent.mkdir(parents=True, exist_ok=True)
     tmp = outfile.with_name(outfile.name + ".tmp")
     with tempfile.TemporaryDirectory(prefix="afina-convert-") as stage:
-        staged = _stage_folder(model_dir, Path(stage), vocab_source)
+        staged = _stage_folder(model_dir, Path(stage), base_dir)
         _run_script(
             [str(script), str(staged), "--outfile", str(tmp), "--outtype", outtype],
             f"llama.cpp's convert_hf_to_gguf.py on {model_dir}",
@@ -115,27 +110,45 @@ def convert_hf_folder(model_dir: Path, outfile: Path, outtype: str = "f16", voca
     return outfile
 
 
-def _stage_folder(model_dir: Path, stage: Path, vocab_source: Path | None) -> Path:
-    """`stage/<folder name>`: links to model_dir's files, plus tokenizer.model and added_tokens_decoder."""
+def _stage_folder(model_dir: Path, stage: Path, base_dir: Path | None = None) -> Path:
+    """`stage/<folder name>`: links to model_dir's files, with
+    - tokenizer.model where the folder has none (llama.cpp's converter reads a SentencePiece vocabulary, as
+      Gemma's and Phi-3's, from it): the base's, or the GGUF file the base came from given back as one
+      (vocab_source, write_sentencepiece_model);
+    - `added_tokens_decoder` in tokenizer_config.json (from tokenizer.json): without it the converter types
+      a SentencePiece vocabulary's added tokens (Gemma's <start_of_turn>) as text, which llama.cpp splits;
+    - the base's tokenizer_class where transformers 5 wrote its generic TokenizersBackend: the converter
+      picks the vocabulary reader by class (Phi-4's GPT2Tokenizer on the phi3 architecture).
+    """
     staged = stage / model_dir.name
     staged.mkdir()
     for entry in model_dir.iterdir():
         (staged / entry.name).symlink_to(entry.resolve())
-    if vocab_source is not None and not (staged / "tokenizer.model").exists():
-        if vocab_source.suffix == ".model":  # the base folder's own SentencePiece model (save_pretrained drops it)
-            shutil.copyfile(vocab_source, staged / "tokenizer.model")
+    source = vocab_source(base_dir) if base_dir is not None else None
+    if source is not None and not (staged / "tokenizer.model").exists():
+        if source.suffix == ".model":
+            shutil.copyfile(source, staged / "tokenizer.model")
         else:
-            write_sentencepiece_model(vocab_source, staged / "tokenizer.model")
+            write_sentencepiece_model(source, staged / "tokenizer.model")
     config_file, tokenizer_file = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
-    if config_file.is_file() and tokenizer_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+    if not config_file.is_file():
+        return staged
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    changed = dict(config)
+    if tokenizer_file.is_file() and "added_tokens_decoder" not in config:
         added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens") or []
-        if added and "added_tokens_decoder" not in config:
-            config["added_tokens_decoder"] = {
+        if added:
+            changed["added_tokens_decoder"] = {
                 str(token["id"]): {k: v for k, v in token.items() if k != "id"} for token in added
             }
-            (staged / config_file.name).unlink()
-            (staged / config_file.name).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    base_config = base_dir / "tokenizer_config.json" if base_dir is not None else None
+    if config.get("tokenizer_class") == "TokenizersBackend" and base_config is not None and base_config.is_file():
+        base_class = json.loads(base_config.read_text(encoding="utf-8")).get("tokenizer_class")
+        if base_class and base_class != "TokenizersBackend":
+            changed["tokenizer_class"] = base_class
+    if changed != config:
+        (staged / config_file.name).unlink()
+        (staged / config_file.name).write_text(json.dumps(changed, indent=2), encoding="utf-8")
     return staged
 
 

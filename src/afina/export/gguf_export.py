@@ -20,7 +20,6 @@ from afina.export.gguf_convert import (
     gguf_metadata,
     quantize,
     tensor_types,
-    vocab_source,
 )
 from afina.export.gguf_file import ExportError
 from afina.export.verify import Reference, judge, transformers_candidate
@@ -49,7 +48,7 @@ def export_gguf_files(
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
         # Everything is quantized from one F16 file, as llama.cpp's own workflow does.
         source = f16 if "f16" in types else Path(scratch) / f"{name}-f16.gguf"
-        convert_hf_folder(merged_dir, source, "f16", vocab_source(base_dir) if base_dir else None)
+        convert_hf_folder(merged_dir, source, "f16", base_dir)
         for outtype in types:
             if outtype not in GGUF_TYPES:
                 raise ExportError(f"export.gguf_types: unknown type '{outtype}' (known: {', '.join(GGUF_TYPES)})")
@@ -170,7 +169,7 @@ def verify_gguf_adapter(
     from afina.export.llama_cpp_run import llama_cpp_candidate
 
     if not base_gguf.is_file():
-        convert_hf_folder(base_dir, base_gguf, "f16", vocab_source(base_dir))
+        convert_hf_folder(base_dir, base_gguf, "f16", base_dir)
     check = judge(reference, "f16", llama_cpp_candidate(base_gguf, reference, tokenizer, Path(adapter["path"])), max_kl)
     return {
         **adapter,
