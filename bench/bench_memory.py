@@ -184,7 +184,7 @@ def bench_peak(steps: int, batch: int, length: int) -> None:
             )
 
 
-def bench_dtype(steps: int, batch: int, length: int, lr: float) -> None:
+def bench_dtype(steps: int, batch: int, length: int, lr: float, seeds: list[int]) -> None:
     common = [
         "method.type=full",
         f"training.max_steps={steps}",
@@ -196,23 +196,27 @@ def bench_dtype(steps: int, batch: int, length: int, lr: float) -> None:
     ]
     runs = [
         ("float32 weights, float32 compute", ["model.dtype=float32", "training.precision=fp32"], False),
+        ("float32 weights, bf16 autocast", ["model.dtype=float32", "training.precision=bf16"], False),
         ("bfloat16 + float32 master copy", ["model.dtype=bfloat16", "training.precision=bf16"], False),
         ("plain bfloat16 (no master copy)", ["model.dtype=bfloat16", "training.precision=bf16"], True),
     ]
-    print(f"full fine-tuning, {steps} steps of {batch} x {length} tokens, AdamW lr {lr} constant")
-    print(f"{'run':36}{'val before':>11}{'val after':>11}{'drop':>9}{'vs fp32':>9}{'peak MiB':>10}{'tok/s':>8}")
-    reference = None
+    print(f"full fine-tuning, {steps} steps of {batch} x {length} tokens, AdamW lr {lr} constant, seeds {seeds}")
+    print(
+        f"{'run':36}{'seed':>5}{'val before':>11}{'val after':>11}{'drop':>9}{'vs fp32':>9}{'peak MiB':>10}{'tok/s':>8}"
+    )
+    reference: dict[int, float] = {}
     for label, overrides, plain in runs:
-        result = run_worker(common + overrides, plain_bf16=plain)
-        s = result["summary"]
-        after = s["val_loss_after"]
-        reference = reference or after
-        print(
-            f"{label:36}{s['val_loss_before']:>11.4f}{after:>11.4f}{s['val_loss_before'] - after:>9.4f}"
-            f"{100 * (after - reference) / reference:>8.2f}%{result['peak_rss'] / 2**20:>10.0f}"
-            f"{s['tokens_per_s']:>8.0f}",
-            flush=True,
-        )
+        for seed in seeds:
+            result = run_worker(common + overrides + [f"seed={seed}"], plain_bf16=plain)
+            s = result["summary"]
+            after = s["val_loss_after"]
+            reference.setdefault(seed, after)
+            print(
+                f"{label:36}{seed:>5}{s['val_loss_before']:>11.4f}{after:>11.4f}{s['val_loss_before'] - after:>9.4f}"
+                f"{100 * (after - reference[seed]) / reference[seed]:>8.2f}%{result['peak_rss'] / 2**20:>10.0f}"
+                f"{s['tokens_per_s']:>8.0f}",
+                flush=True,
+            )
 
 
 def bench_table(length: int, batch: int) -> None:
@@ -266,13 +270,14 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--result", type=Path)
     parser.add_argument("--plain-bf16", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="dtype: one run per seed")
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker), args.plain_bf16, args.result)
     elif args.mode == "peak":
         bench_peak(args.steps, args.batch, args.length)
     elif args.mode == "dtype":
-        bench_dtype(args.steps, args.batch, args.length, args.lr)
+        bench_dtype(args.steps, args.batch, args.length, args.lr, args.seeds)
     else:
         bench_table(args.length, args.batch)
 

@@ -32,6 +32,8 @@ def planted_logs(folder):
         {"id": "r6", "messages": chat("Opening hours?"), "answer": "9 to 5.", "model": "m"},  # unrated
         {"id": "r7", "prompt": "Kettle model K2 is", "answer": "a toaster.", "model": "m"},  # raw, rated -1
         {"id": "r8", "messages": chat("Price?"), "answer": "", "model": "m"},  # empty answer
+        # cut off when the client went away: rated and corrected, still not the model's answer
+        {"id": "r9", "messages": chat("Delivery?"), "answer": "Within", "model": "m", "aborted": True},
     ]
     feedback = [
         {"id": "r1", "rating": -1, "correction": "Refunds take 5 business days."},
@@ -42,6 +44,7 @@ def planted_logs(folder):
         {"id": "r5", "rating": 0},
         {"id": "r7", "rating": -1},
         {"id": "r8", "rating": 1},
+        {"id": "r9", "rating": -1, "correction": "Within three days."},
     ]
     write_jsonl(folder / "requests.jsonl", requests)
     write_jsonl(folder / "feedback.jsonl", feedback)
@@ -52,7 +55,7 @@ def test_from_logs_pairs_counts_every_kind(tmp_path, tiny_model_dir):
     logs.mkdir()
     planted_logs(logs)
     counts = preferences_from_logs(logs, tmp_path / "pairs.jsonl")
-    assert counts["requests"] == 8
+    assert counts["requests"] == 9 and counts["left_out_aborted"] == 1
     assert counts["pairs_from_corrections"] == 1
     assert counts["pairs_from_ratings"] == 1  # r2/r4 (same text) over r3, once
     assert counts["kto_good"] == 1 + 1 and counts["repeated_rating"] == 1  # the correction; r2 (r4 repeats it)

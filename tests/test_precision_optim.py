@@ -171,3 +171,10 @@ def test_full_fine_tuning_in_bfloat16_trains_and_saves_bfloat16_weights(tiny_rec
     assert summary["val_loss_after"] < summary["val_loss_before"] - 0.5
     saved = load_file(str(RunDir(recipe.run_dir).model / "model.safetensors"))
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    # Evaluation holds the run's weights in the dtype it trained in (the tuned model and the base beside it).
+    from afina.eval.systems import SystemModels
+
+    models = SystemModels.load(recipe, torch.device("cpu"))
+    for system in ("tuned", "base"):
+        model, _ = models.get(system)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, system

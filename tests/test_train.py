@@ -132,6 +132,9 @@ def test_chunked_loss_equals_whole_loss(tiny_model_dir, tokenizer, monkeypatch):
     assert n == n_chunked and torch.allclose(whole, chunked, rtol=1e-5)
     for a, p in zip(grads, model.parameters()):
         assert float((a - p.grad).norm() / a.norm()) < 1e-5  # same gradient up to summation order
+    with torch.no_grad():  # validation and scoring chunk too (the logits of every label never exist at once)
+        scored, n_scored = label_token_loss(model, **batch)
+    assert n_scored == n and float(scored) == pytest.approx(float(whole), rel=1e-5)
 
 
 def test_packed_training_runs_and_learns(tiny_recipe):

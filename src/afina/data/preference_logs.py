@@ -65,6 +65,9 @@ def logs_to_preferences(
     kto_seen: set[tuple[str, str, bool]] = set()
     for number, request in read_log(requests_path):
         counts["requests"] += 1
+        if request.get("aborted"):  # cut off when the client went away: not the model's whole answer
+            counts["left_out_aborted"] += 1
+            continue
         note = feedback.get(request["id"])
         if note is None:
             counts["left_out_unrated"] += 1
@@ -151,6 +154,7 @@ def logs_to_preferences(
                 "left_out_unrated",
                 "left_out_no_rating",
                 "left_out_empty_answer",
+                "left_out_aborted",
             )
         },
     )

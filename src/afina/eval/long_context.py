@@ -204,13 +204,15 @@ def held_out_texts(recipe, run) -> list[str]:
 
 
 def _load_system(system: str, recipe, run, rope, device):
+    from afina.device import recipe_weight_dtype
     from afina.models import load_model, load_trained
 
+    dtype = recipe_weight_dtype(recipe, device)
     if system == "base":
-        return load_model(recipe.model.name, "float32").to(device)
+        return load_model(recipe.model.name, dtype).to(device)
     if system == "base_scaled":
-        return load_model(recipe.model.name, "float32", rope=rope).to(device)
-    return load_trained(run.root, recipe.model.name, device, full=recipe.method.type == "full")
+        return load_model(recipe.model.name, dtype, rope=rope).to(device)
+    return load_trained(run.root, recipe.model.name, device, dtype, full=recipe.method.type == "full")
 
 
 def evaluate_long_context(recipe, echo=print) -> dict[str, Any]:

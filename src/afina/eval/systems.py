@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from afina.config import Recipe
+from afina.device import recipe_weight_dtype
 from afina.models import load_model, load_trained
 from afina.rundir import RunDir
 
@@ -33,7 +34,13 @@ class SystemModels:
         tuned = None
         if with_tuned:
             run = RunDir(recipe.run_dir)
-            tuned = load_trained(run.root, recipe.model.name, device, full=recipe.method.type == "full")
+            tuned = load_trained(
+                run.root,
+                recipe.model.name,
+                device,
+                recipe_weight_dtype(recipe, device),
+                full=recipe.method.type == "full",
+            )
         return cls(recipe, device, tuned)
 
     def get(self, system: str) -> tuple[Any, Callable[[], contextlib.AbstractContextManager]]:
@@ -42,5 +49,6 @@ class SystemModels:
         if self.tuned is not None and hasattr(self.tuned, "disable_adapter"):
             return self.tuned, self.tuned.disable_adapter
         if self._base is None:
-            self._base = load_model(self.recipe.model.name, "float32").to(self.device)
+            dtype = recipe_weight_dtype(self.recipe, self.device)
+            self._base = load_model(self.recipe.model.name, dtype).to(self.device)
         return self._base, contextlib.nullcontext

@@ -92,12 +92,14 @@ def load_served(target: str, adapters: dict[str, str] | None = None, watch: str 
 
 
 def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedModels:
-    from afina.device import autocast_factory, pick_device, resolve_precision
+    from afina.device import autocast_factory, pick_device, resolve_precision, resolve_weight_dtype
     from afina.models import load_adapter_over_base, load_model, load_tokenizer, load_trained
 
     adapters = dict(adapters or {})
     device = pick_device()
-    autocast = autocast_factory(resolve_precision("auto", device), device)
+    precision = resolve_precision("auto", device)
+    autocast = autocast_factory(precision, device)
+    dtype = resolve_weight_dtype("auto", precision, device)  # bfloat16 on a GPU that has it, float32 on this CPU
     root = Path(target)
     base_spec = _run_base_model(root) if root.is_dir() else None
     template = _run_chat_template(root)
@@ -108,7 +110,7 @@ def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedM
                 raise ServeError(
                     f"{root}: a fully fine-tuned run has no base to put adapters over; serve its base model instead"
                 )
-            model = load_trained(root, base_spec, device, full=True)
+            model = load_trained(root, base_spec, device, dtype, full=True)
             return ServedModels(
                 model, load_tokenizer(base_spec, template), autocast, _context(model), root.name, root.name
             )
@@ -132,11 +134,11 @@ def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedM
         )
     base_name = Path(base_spec).name if "/" in base_spec or Path(base_spec).exists() else base_spec
     if not own:
-        base = load_model(base_spec, "float32").to(device).eval()
+        base = load_model(base_spec, dtype).to(device).eval()
         return ServedModels(base, load_tokenizer(base_spec, template), autocast, _context(base), base_name, base_name)
     peft_names = {name: f"adapter{i}" for i, name in enumerate(own)}
     (first_name, first_path), *others = own.items()
-    model = load_adapter_over_base(base_spec, first_path, device, adapter_name=peft_names[first_name])
+    model = load_adapter_over_base(base_spec, first_path, device, dtype, adapter_name=peft_names[first_name])
     for name, adapter_path in others:  # the same base (same rope settings, checked above) under every adapter
         model.load_adapter(str(adapter_path), adapter_name=peft_names[name])
     return ServedModels(

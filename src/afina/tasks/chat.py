@@ -310,7 +310,7 @@ def score_model(recipe: Recipe, model_spec: str, chunking: Chunking | None = Non
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     tokenizer = load_tokenizer(model_spec)
     rows = eval_rows(recipe)
-    model = load_model(model_spec, "float32").to(device).eval()
+    model = load_model(model_spec, recipe_weight_dtype(recipe, device)).to(device).eval()
     encoded = encode_split(tokenizer, rows, recipe.data.train_on, chunking)
     with torch.no_grad():
         loss = mean_label_loss(model, encoded, tokenizer.pad_token_id, recipe.eval.batch_size, autocast)

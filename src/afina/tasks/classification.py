@@ -265,9 +265,11 @@ def load_classifier(recipe: Recipe, run: RunDir, device):
         from afina.tasks.heads import load_trained_head
 
         return load_trained_head(recipe, run, device)
+    from afina.device import recipe_weight_dtype
     from afina.models import load_tokenizer
 
-    model = load_trained(run.root, recipe.model.name, device, full=recipe.method.type == "full")
+    dtype = recipe_weight_dtype(recipe, device)
+    model = load_trained(run.root, recipe.model.name, device, dtype, full=recipe.method.type == "full")
     return model, load_tokenizer(recipe.model.name, recipe.model.chat_template), read_labels(run)
 
 
@@ -444,7 +446,7 @@ def as_chat_rows(recipe: Recipe, rows: list[dict[str, Any]]) -> list[dict[str, A
 
 def score_model(recipe: Recipe, model_spec: str) -> dict[str, Any]:
     """Accuracy of a plain causal LM (a stage's merged weights) on this stage's test split, labels constrained."""
-    from afina.device import autocast_factory, pick_device, resolve_precision
+    from afina.device import autocast_factory, pick_device, recipe_weight_dtype, resolve_precision
     from afina.eval.metrics import label_metrics
     from afina.models import load_model, load_tokenizer
 
@@ -455,7 +457,7 @@ def score_model(recipe: Recipe, model_spec: str) -> dict[str, Any]:
     rows, _ = check_test_labels(eval_rows(recipe), labels, recipe.classification.unseen_test_labels)
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
-    model = load_model(model_spec, "float32").to(device).eval()
+    model = load_model(model_spec, recipe_weight_dtype(recipe, device)).to(device).eval()
     with torch.no_grad():
         predicted = score_rows(
             model, load_tokenizer(model_spec), rows, labels, recipe, autocast, recipe.eval.batch_size

@@ -23,7 +23,7 @@ import torch
 
 from afina.config import Recipe, RecipeError
 from afina.data.format import encode_answer
-from afina.device import autocast_factory, pick_device, resolve_precision
+from afina.device import autocast_factory, pick_device, recipe_weight_dtype, resolve_precision
 from afina.eval.forgetting import forgetting_probe
 from afina.eval.generative import last_user_text
 from afina.eval.outputs import write_eval
@@ -433,7 +433,7 @@ def score_model(recipe: Recipe, model_spec: str) -> dict[str, Any]:
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     tokenizer = load_tokenizer(model_spec)
     rows = [row for row in eval_rows(recipe) if "chosen" in row]
-    model = load_model(model_spec, "float32").to(device).eval()
+    model = load_model(model_spec, recipe_weight_dtype(recipe, device)).to(device).eval()
     metrics = preference_metrics(*pair_scores(model, tokenizer, rows, recipe.eval.batch_size, autocast))
     return {
         "metric": "preference_accuracy",

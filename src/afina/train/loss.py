@@ -56,7 +56,8 @@ def label_token_loss(
     Callers divide by the token count of the whole accumulated batch, so that every label token
     weighs the same however the examples fall into micro-batches. Packed rows pass position_ids
     and no attention mask. Beyond LOSS_CHUNK_TOKENS labelled positions, the logits are computed
-    chunk by chunk and recomputed in the backward pass, so the full logits never exist at once.
+    chunk by chunk (with a gradient: recomputed in the backward pass), so the full logits never exist
+    at once, in training or in validation.
     """
     decoder, head = causal_lm_parts(model)
     hidden = decoder(
@@ -69,8 +70,10 @@ def label_token_loss(
     if n_tokens == 0:
         return hidden.sum() * 0.0, 0
     hidden, targets = hidden[:, :-1][selected], targets[selected]
-    if n_tokens <= LOSS_CHUNK_TOKENS or not torch.is_grad_enabled():
+    if n_tokens <= LOSS_CHUNK_TOKENS:
         return _chunk_loss_sum(head, hidden, targets), n_tokens
+    if not torch.is_grad_enabled():  # validation and scoring: chunk by chunk too, nothing to recompute
+        return torch.tensor(hidden_loss_sum(head, hidden, targets), device=hidden.device), n_tokens
     from torch.utils.checkpoint import checkpoint
 
     loss_sum = sum(
