@@ -14,7 +14,7 @@ import pytest
 
 from afina.config import load_recipe
 from afina.export.merge import export
-from afina.pipeline import evaluate, prepare, train
+from afina.pipeline import evaluate, prepare, run_stage, train
 from afina.rundir import RunDir
 from archs import ARCHS, build_tiny_model
 from conftest import LLAMA_CPP_MISSING, support_rows, write_jsonl
@@ -75,7 +75,7 @@ def test_lora_through_every_stage(arch, arch_dirs, tmp_path):
     recipe = _recipe(
         tmp_path, arch_dirs[arch], arch, "export.formats=[adapter,merged,gguf,ollama]", "export.gguf_types=[f16,q4_k_m]"
     )
-    prepare(recipe)
+    run_stage("prepare", recipe, echo=lambda _: None)  # as `afina prepare`: the manifest records the recipe
     summary = train(recipe, progress=False)
     assert summary["steps"] == 3
     report = evaluate(recipe, progress=False)
