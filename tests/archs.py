@@ -165,7 +165,7 @@ def tiny_config(arch: str, tokenizer):
             "moe_intermediate_size": 32,
             "shared_expert_intermediate_size": 64,
             "decoder_sparse_step": 1,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": False,  # as Qwen's MoE checkpoints (llama.cpp's qwen2moe needs output.weight)
         },
     }[arch]
     return AutoConfig.for_model(arch, **{**common, **extra})

@@ -16,7 +16,7 @@ from afina.config import load_recipe
 from afina.export.merge import export
 from afina.pipeline import evaluate, prepare, run_stage, train
 from afina.rundir import RunDir
-from archs import ARCHS, build_tiny_model
+from archs import ARCHS, build_tiny_model, family_tokenizer
 from conftest import LLAMA_CPP_MISSING, support_rows, write_jsonl
 
 # Families whose Ollama TEMPLATE cannot be cut from their chat template, and why (recorded, not written wrong).
@@ -124,6 +124,31 @@ def _serve_and_chat(recipe) -> None:
         ).json()
     assert reply["object"] == "chat.completion" and isinstance(reply["choices"][0]["message"]["content"], str)
     assert reply["usage"]["completion_tokens"] <= 4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_family_template_is_cut_into_modelfile_pieces_or_refused_with_its_reason(arch, tokenizer, tmp_path):
+    """The Modelfile TEMPLATE's pieces (no GGUF file or llama.cpp needed) rebuild the family's own prompts."""
+    from afina.export.gguf_file import ExportError
+    from afina.export.ollama import _render, template_pieces
+
+    family = family_tokenizer(tokenizer, arch, tmp_path)
+    if arch in NO_MODELFILE:
+        with pytest.raises(ExportError, match=NO_MODELFILE[arch]):
+            template_pieces(family)
+        return
+    pieces = template_pieces(family)
+    chats = [
+        [{"role": "user", "content": "Hello"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+        ],
+    ]
+    for chat in chats:
+        assert pieces.render(chat) == _render(family, chat, True)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -98,7 +98,10 @@ def verify_gguf_file(
     check["rope_scaling_equal"] = ({k: written[k] for k in keys} if written else None) == (
         {k: rope[k] for k in keys} if rope else None
     )
-    check["llama_cpp"] = judge(reference, outtype, llama_cpp_candidate(path, reference, tokenizer), max_kl)
+    try:
+        check["llama_cpp"] = judge(reference, outtype, llama_cpp_candidate(path, reference, tokenizer), max_kl)
+    except ExportError as exc:  # a file llama.cpp does not load: failed, with the reason, like any other check
+        check["llama_cpp"] = {"ok": False, "failed": str(exc)}
     hf = _transformers_check(path, outtype, reference, max_kl) if transformers_check else None
     if hf is not None:
         check["transformers"] = hf

@@ -14,21 +14,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from afina.export.gguf_file import ExportError
 from afina.export.verify import Candidate, Reference
 
 
 def _load(path: Path, n_ctx: int, lora_path: Path | None = None):
     import llama_cpp
 
-    return llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=n_ctx,
-        logits_all=True,
-        verbose=False,
-        n_threads=os.cpu_count() or 1,
-        n_batch=min(n_ctx, 512),
-        lora_path=str(lora_path) if lora_path else None,
-    )
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            logits_all=True,
+            verbose=False,
+            n_threads=os.cpu_count() or 1,
+            n_batch=min(n_ctx, 512),
+            lora_path=str(lora_path) if lora_path else None,
+        )
+    except ValueError as exc:  # llama.cpp refused the file (its reason is in its log: llama_cpp.Llama(verbose=True))
+        raise ExportError(
+            f"llama.cpp could not load {path.name}{' with its adapter' if lora_path else ''}: {exc}"
+        ) from None
 
 
 def _context_for(reference: Reference) -> int:

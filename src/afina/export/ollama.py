@@ -62,6 +62,9 @@ def template_pieces(tokenizer) -> TemplatePieces:
     ]
     full = _render(tokenizer, turns, False)
     with_prompt = _render(tokenizer, turns, True)
+    eos = tokenizer.eos_token or ""
+    if eos and full.endswith(eos) and not with_prompt.startswith(full) and with_prompt.startswith(full[: -len(eos)]):
+        full = full[: -len(eos)]  # EOS after a finished conversation only (Phi-3): never in a prompt to answer
     if not with_prompt.startswith(full):
         raise ExportError(
             "the chat template's generation prompt is not a plain suffix; write the Modelfile TEMPLATE by hand"
