@@ -41,12 +41,17 @@ def _render(tokenizer, messages, generation_prompt: bool) -> str:
 
 
 def starts_with_bos(tokenizer, text: str | None = None) -> bool:
-    """Whether the chat template puts the BOS token first (Gemma, Llama 3, Mistral do; ChatML does not)."""
-    if text is None:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
-        )
-    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    """Whether the chat template puts the BOS token first as the sequence's start, once (Gemma, Llama 3, Mistral
+    do), and `text`, where given, starts with it. A token that opens every turn is not that, even where the
+    tokenizer names it BOS (SmolLM2's is ChatML's <|im_start|>): the template writes it, not the runtime."""
+    bos = tokenizer.bos_token
+    if not bos:
+        return False
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}]
+    probe = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    if not probe.startswith(bos) or probe.count(bos) != 1:
+        return False
+    return text is None or text.startswith(bos)
 
 
 def template_pieces(tokenizer) -> TemplatePieces:
