@@ -9,6 +9,7 @@ validation loss on the same held-out rows.
     python bench/bench_train.py                       # both, default budget
     python bench/bench_train.py --steps 40 --batch 4  # a bigger budget
     python bench/bench_train.py --afina-compile       # afina with torch.compile
+    python bench/bench_train.py --checkpointing off   # both without gradient checkpointing (on: TRL's default)
     python bench/bench_train.py --steps 60 --batch 16 # on a GPU (used when one is visible)
     python bench/bench_train.py --systems afina        # afina alone (e.g. another checkout on PYTHONPATH)
 
@@ -123,6 +124,7 @@ def worker_afina(args, train_rows, val_rows, out: dict) -> None:
             f"training.eval_every={10**6}",
             f"training.save_every={10**6}",
             f"training.compile={str(args.afina_compile).lower()}",
+            f"training.gradient_checkpointing={str(args.checkpointing == 'on').lower()}",
         ],
     )
     run = RunDir(recipe.run_dir)
@@ -173,6 +175,7 @@ def worker_trl(args, train_rows, val_rows, out: dict) -> None:
         report_to=[],
         dataloader_num_workers=0,
         seed=42,
+        gradient_checkpointing=args.checkpointing == "on",
     )
     trainer = SFTTrainer(
         model=model,
@@ -221,6 +224,7 @@ def run_worker(name: str, args) -> dict:
         args.precision,
     ]
     cmd += ["--afina-compile"] if args.afina_compile else []
+    cmd += ["--checkpointing", args.checkpointing]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     result = json.loads(Path(result_path).read_text())
@@ -251,6 +255,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="packed 512-token rows per optimizer step")
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--afina-compile", action="store_true")
+    parser.add_argument(
+        "--checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="gradient checkpointing for both systems (on: TRL's SFTConfig default)",
+    )
     parser.add_argument("--worker", choices=["afina", "trl"])
     parser.add_argument("--result")
     parser.add_argument("--data", type=Path, default=DATA, help="Dolly open_qa JSONL (default: ../shared/data)")
@@ -277,7 +287,8 @@ def main() -> None:
     where = "GPU " + __import__("torch").cuda.get_device_name() if on_gpu() else "CPU"
     print(
         f"\n{where}: {precision} matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s; "
-        f"{args.steps} steps x {args.batch} packed rows of 512, {precision}"
+        f"{args.steps} steps x {args.batch} packed rows of 512, {precision}, "
+        f"gradient checkpointing {args.checkpointing}"
     )
     if len(systems) == 1:
         for key, value in results[systems[0]].items():

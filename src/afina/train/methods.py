@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import zlib
 from typing import Any
@@ -32,9 +33,23 @@ def load_for_method(spec: str, method: MethodConfig, device, rope: dict | None =
     )
     model = load_model(spec, dtype, rope=rope, quantization_config=quantization, device_map={"": str(device)})
     if dtype == "float32":  # peft's preparation casts every weight that is not 4-bit to float32
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model.requires_grad_(False)  # the rest of the preparation; the embeddings and norms stay in `dtype`
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.requires_grad_(False)  # the rest of the preparation; the embeddings and norms stay in `dtype`
+    if torch.device(device).type == "cpu":
+        release_checkpoint_file(model)
     return model
+
+
+def release_checkpoint_file(model) -> None:
+    """Copy the weights that still point into the memory-mapped checkpoint (QLoRA's embeddings, norms and output
+    layer) into memory of their own. While any tensor views the mapping, every page read while quantizing stays
+    resident: the whole float32 file, 0.4 GB of the default model's 1 GB QLoRA peak on a CPU."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.dtype != torch.uint8:  # the 4-bit weights were quantized into new memory
+                tensor.data = tensor.data.clone()
+    gc.collect()  # the old views, and with them the mapping
 
 
 META_METHODS = ("lora", "full")
