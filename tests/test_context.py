@@ -8,6 +8,7 @@ import torch
 
 from afina.config import RecipeError, load_recipe
 from afina.models.rope import apply_rope_settings, context_length, read_rope_settings, rope_settings
+from conftest import needs_llama_cpp
 
 
 def _tiny_config(tiny_model_dir):
@@ -247,6 +248,7 @@ def test_long_context_eval_writes_results_and_heat_map(extended_run):
     assert '<img class="plot"' in page and "passkey" in page.lower()
 
 
+@needs_llama_cpp
 def test_export_keeps_rope_scaling_in_merged_and_gguf(extended_run):
     from gguf import GGUFReader
 

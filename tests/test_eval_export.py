@@ -42,7 +42,7 @@ def test_eval_compares_base_and_tuned_on_the_test_split(tiny_recipe):
 
 
 def test_export_writes_verified_adapter_and_merged_model(tiny_recipe):
-    recipe = tiny_recipe("training.max_steps=4")
+    recipe = tiny_recipe("training.max_steps=4", "export.formats=[adapter,merged]")
     prepare(recipe)
     train(recipe, progress=False)
     results = export(recipe)

@@ -497,6 +497,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     from afina.config import RecipeError
     from afina.data.load import DataError
+    from afina.export.gguf_file import ExportError
     from afina.models import ModelError
     from afina.tasks.classification import LabelError
     from afina.tasks.tagging import TagError
@@ -512,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         code = COMMANDS[args.command](args)
-    except (RecipeError, DataError, ModelError, FileNotFoundError, LabelError, TagError) as exc:
+    except (RecipeError, DataError, ModelError, ExportError, FileNotFoundError, LabelError, TagError) as exc:
         print(f"afina {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:

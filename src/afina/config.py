@@ -42,6 +42,12 @@ class ModelConfig(_Section):
         "float32); full fine-tuning: the trained weights (bfloat16 keeps a float32 master copy in the optimizer). "
         "auto: bfloat16 on GPUs and CPUs that run it natively, float16 on GPUs without bfloat16, else float32.",
     )
+    chat_template: str | None = Field(
+        None,
+        description="The chat template for training, eval, serving and export: model (the model's own), chatml, "
+        "gemma (named standards; the template's end-of-turn token becomes EOS), or a Jinja file. Default: the "
+        "model's own (a packaged base model's listed default).",
+    )
 
 
 class SplitConfig(_Section):
@@ -428,20 +434,23 @@ class EvalConfig(_Section):
     report: bool = Field(True, description="Write eval/report.html.")
 
 
+GgufTypeName = Literal["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"]
+
+
 class ExportConfig(_Section):
-    formats: list[Literal["adapter", "merged", "gguf", "ollama"]] = Field(
+    formats: list[Literal["adapter", "merged", "gguf", "gguf_adapter", "ollama"]] = Field(
         default_factory=list_of("adapter", "merged", "gguf", "ollama"),
-        description="adapter (peft), merged (plain transformers folder), gguf (llama.cpp; llama architecture), "
-        "ollama (a Modelfile next to the GGUF file).",
+        description="adapter (peft), merged (plain transformers folder), gguf (llama.cpp files of export.gguf_types, "
+        "made by llama.cpp's converter and quantizer; needs `make llama-cpp`), gguf_adapter (the LoRA adapter as a "
+        "GGUF adapter with an F16 GGUF of the base), ollama (a Modelfile next to the GGUF file; ADAPTER with "
+        "gguf_adapter).",
     )
-    gguf_types: list[Literal["f16", "q8_0"]] = Field(default_factory=list_of("f16", "q8_0"), min_length=1)
-    gguf_tolerance_f16: float = Field(
-        0.1,
-        gt=0,
-        description="Largest absolute difference allowed between the trained model's and the reloaded "
-        "f16 GGUF file's last-position logits; greedy text must match, or differ only at near-ties within it.",
+    gguf_types: list[GgufTypeName] = Field(default_factory=list_of("f16", "q8_0", "q4_k_m"), min_length=1)
+    gguf_max_kl: dict[GgufTypeName, float] = Field(
+        default_factory=dict,
+        description="Per GGUF type, the largest mean KL divergence (nats) allowed between the trained model's and "
+        "the file's next-token distributions; unset types use afina's defaults (afina.export.verify.THRESHOLDS).",
     )
-    gguf_tolerance_q8_0: float = Field(0.5, gt=0, description="The same for the q8_0 GGUF file.")
 
 
 class ServeConfig(_Section):

@@ -129,7 +129,7 @@ def consolidate(stage_recipe: Recipe) -> Path:
     target = merged_dir(stage_recipe)
     model = load_trained(run.root, stage_recipe.model.name, full=stage_recipe.method.type == "full", merge=True)
     model.save_pretrained(target, safe_serialization=True)
-    load_tokenizer(stage_recipe.model.name).save_pretrained(target)
+    load_tokenizer(stage_recipe.model.name, stage_recipe.model.chat_template).save_pretrained(target)
     return target
 
 

@@ -181,7 +181,7 @@ def prepare_data(
     run.data.mkdir(parents=True, exist_ok=True)
     intake = Intake(
         recipe,
-        load_tokenizer(recipe.model.name),
+        load_tokenizer(recipe.model.name, recipe.model.chat_template),
         Ledger(run.data / "rejects.jsonl", strict),
         long_documents=chunking is not None,
         schemas=schemas,

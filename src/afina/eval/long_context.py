@@ -229,7 +229,7 @@ def evaluate_long_context(recipe, echo=print) -> dict[str, Any]:
     cfg = recipe.context.eval
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
-    tokenizer = load_tokenizer(recipe.model.name)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.chat_template)
     # The settings the model was trained with (saved beside the adapter), else what the recipe asks.
     rope = (read_rope_settings(run.adapter) if run.adapter.is_dir() else None) or recipe_rope_settings(recipe)
     if rope is None:

@@ -34,7 +34,24 @@ class TemplatePieces:
 
 
 def _render(tokenizer, messages, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    """The chat template's text without a leading BOS token: Ollama (llama.cpp) puts BOS in front of every prompt
+    itself when the GGUF file says add_bos_token, so a TEMPLATE that wrote it too would double it."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return text[len(tokenizer.bos_token) :] if starts_with_bos(tokenizer, text) else text
+
+
+def starts_with_bos(tokenizer, text: str | None = None) -> bool:
+    """Whether the chat template puts the BOS token first as the sequence's start, once (Gemma, Llama 3, Mistral
+    do), and `text`, where given, starts with it. A token that opens every turn is not that, even where the
+    tokenizer names it BOS (SmolLM2's is ChatML's <|im_start|>): the template writes it, not the runtime."""
+    bos = tokenizer.bos_token
+    if not bos:
+        return False
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}]
+    probe = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    if not probe.startswith(bos) or probe.count(bos) != 1:
+        return False
+    return text is None or text.startswith(bos)
 
 
 def template_pieces(tokenizer) -> TemplatePieces:
@@ -50,6 +67,9 @@ def template_pieces(tokenizer) -> TemplatePieces:
     ]
     full = _render(tokenizer, turns, False)
     with_prompt = _render(tokenizer, turns, True)
+    eos = tokenizer.eos_token or ""
+    if eos and full.endswith(eos) and not with_prompt.startswith(full) and with_prompt.startswith(full[: -len(eos)]):
+        full = full[: -len(eos)]  # EOS after a finished conversation only (Phi-3): never in a prompt to answer
     if not with_prompt.startswith(full):
         raise ExportError(
             "the chat template's generation prompt is not a plain suffix; write the Modelfile TEMPLATE by hand"
@@ -110,14 +130,19 @@ def stop_tokens(tokenizer, pieces: TemplatePieces) -> list[str]:
     return sorted(set(stops + start_marker))
 
 
-def write_modelfile(path: Path, gguf_path: Path, tokenizer) -> dict:
-    """Write the Modelfile; verify the template pieces against apply_chat_template; return the check."""
+def _file_ref(path: Path, folder: Path) -> str:
+    return f"./{path.relative_to(folder)}" if path.parent == folder else str(path)
+
+
+def write_modelfile(path: Path, gguf_path: Path, tokenizer, adapter: Path | None = None) -> dict:
+    """Write the Modelfile (FROM the GGUF file; ADAPTER a GGUF LoRA adapter over it when given); verify the
+    template pieces against apply_chat_template; return the check."""
     pieces = template_pieces(tokenizer)
     stops = stop_tokens(tokenizer, pieces)
-    lines = [
-        f"FROM ./{gguf_path.relative_to(path.parent)}" if gguf_path.parent == path.parent else f"FROM {gguf_path}",
-        f'TEMPLATE """{go_template(pieces)}"""',
-    ]
+    lines = [f"FROM {_file_ref(gguf_path, path.parent)}"]
+    if adapter is not None:
+        lines.append(f"ADAPTER {_file_ref(adapter, path.parent)}")
+    lines.append(f'TEMPLATE """{go_template(pieces)}"""')
     if pieces.default_system is not None:
         lines.append(f'SYSTEM """{pieces.default_system}"""')
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]

