@@ -313,3 +313,54 @@ def test_promotion_needs_both_runs_evaluated(tmp_path):
     current = evaluated_run(tmp_path / "current", accuracy=60.0, probe=58.0)
     (tmp_path / "new").mkdir()
     assert main(["promote", str(tmp_path / "new"), "--over", str(current.root)]) == 2
+
+
+def test_the_server_publishes_drift_and_feedback_as_prometheus_gauges(tmp_path, tiny_model_dir):
+    """--monitor-every: the monitor's drift share, verdict and feedback rates appear on /metrics."""
+    import re
+    import time
+    from datetime import datetime, timezone
+
+    import httpx
+
+    from afina.config import ServeConfig
+    from afina.serve.app import create_app
+    from afina.serve.models import ServeError, load_served
+    from serving import running_server
+
+    run = served_run(tmp_path)
+    logs = tmp_path / "logs"
+    log_requests(
+        logs, banking_texts("intent_banking77_test.jsonl", 3080)[5::300] + KETTLE * 3, datetime.now(timezone.utc)
+    )
+    served = load_served(str(tiny_model_dir))
+
+    def gauge(text, name):
+        found = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        return float(found.group(1)) if found else None
+
+    app = create_app(served, ServeConfig(log_dir=str(logs), monitor_every=3600), run_root=str(run.root))
+    with running_server(app) as base:
+        metrics = httpx.get(f"{base}/metrics").text
+        for _ in range(600):  # the monitor thread's first pass embeds the split and the traffic
+            if (gauge(metrics, "afina_monitor_requests") or 0) > 0:
+                break
+            time.sleep(0.1)
+            metrics = httpx.get(f"{base}/metrics").text
+        assert gauge(metrics, "afina_drift_unlike_share") > 0.5
+        assert gauge(metrics, "afina_drift_unlike_limit") == 0.2
+        assert gauge(metrics, "afina_retrain_recommended") == 1.0
+        assert gauge(metrics, "afina_feedback_negative_share") is not None
+        reply = httpx.post(
+            f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        ).json()
+        httpx.post(f"{base}/v1/feedback", json={"id": reply["id"], "rating": -1, "correction": "Hello!"})
+        metrics = httpx.get(f"{base}/metrics").text
+        assert gauge(metrics, 'afina_feedback_total{kind="negative"}') == 1.0
+        assert gauge(metrics, 'afina_feedback_total{kind="correction"}') == 1.0
+        assert app.state.monitor.is_alive()
+    assert not app.state.monitor.is_alive()  # stopped with the server
+    with pytest.raises(ServeError, match="--log-dir"):
+        create_app(served, ServeConfig(monitor_every=60), run_root=str(run.root))
+    with pytest.raises(ServeError, match="no train split"):
+        create_app(served, ServeConfig(log_dir=str(logs), monitor_every=60), run_root=str(tiny_model_dir))

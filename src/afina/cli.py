@@ -168,6 +168,13 @@ def _add_serve_command(sub) -> None:
         help="mask e-mails, phone and card numbers and IP addresses in the request log",
     )
     p.add_argument(
+        "--monitor-every",
+        type=float,
+        metavar="SECONDS",
+        help="publish `afina monitor`'s drift, feedback and retrain verdict as gauges on /metrics, recomputed "
+        "this often (needs --log-dir and a run directory)",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         default=None,
@@ -421,6 +428,7 @@ def serve_settings(args):
         "redact_pii",
         "watch",
         "insecure",
+        "monitor_every",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)

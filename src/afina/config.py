@@ -491,6 +491,16 @@ class ServeConfig(_Section):
         "another adapter, the server switches its default model to it without a restart.",
     )
     max_correction_chars: int = Field(20_000, ge=1, description="Longer corrections in POST /v1/feedback get 400.")
+    monitor_every: float | None = Field(
+        None,
+        gt=0,
+        description="Every this many seconds, run `afina monitor` over the request log against the served run's "
+        "train split and publish drift, feedback and the retrain verdict as Prometheus gauges on /metrics "
+        "(needs --log-dir and a run directory as the target).",
+    )
+    monitor_max_unlike: float = Field(
+        0.2, gt=0, le=1, description="The drift limit of those gauges (as `afina monitor --max-unlike`)."
+    )
     insecure: bool = Field(
         False, description="Allow a host other than loopback without an API key (refused otherwise)."
     )

@@ -17,16 +17,19 @@ logged as aborted. Every refusal is a 4xx with a JSON body in OpenAI's shape
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import ipaddress
 import json
 import os
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +37,7 @@ from fastapi import Request
 
 from afina import __version__
 from afina.config import ServeConfig
+from afina.rundir import RunDir
 from afina.serve.batching import Generated, Job, Scheduler
 from afina.serve.generation import IncrementalText, chat_logprobs, completion_logprobs, cut_at_stop, encode_chat
 from afina.serve.logs import RequestLog
@@ -113,6 +117,83 @@ class Metrics:
         self.aborted = Counter(
             "afina_aborted_requests", "Requests cancelled because the client went away", registry=self.registry
         )
+        self.feedback = Counter(
+            "afina_feedback", "Feedback received on /v1/feedback, by kind", ["kind"], registry=self.registry
+        )
+        # `afina monitor` over the request log (--monitor-every): NaN until it has run on some traffic.
+        self.drift_share = Gauge(
+            "afina_drift_unlike_share",
+            "Share of the recent prompts farther from the train split than its own 95th-percentile distance",
+            registry=self.registry,
+        )
+        self.drift_limit = Gauge(
+            "afina_drift_unlike_limit", "The drift share above which retraining is recommended", registry=self.registry
+        )
+        self.negative_share = Gauge(
+            "afina_feedback_negative_share",
+            "Share of negative ratings among the recent rated requests",
+            registry=self.registry,
+        )
+        self.retrain = Gauge(
+            "afina_retrain_recommended", "1 when the monitor's verdict recommends retraining", registry=self.registry
+        )
+        self.monitored = Gauge(
+            "afina_monitor_requests", "Logged requests the monitor gauges were computed from", registry=self.registry
+        )
+        self.monitor_time = Gauge(
+            "afina_monitor_timestamp_seconds", "When the monitor gauges were last computed", registry=self.registry
+        )
+        self.monitor_errors = Counter(
+            "afina_monitor_errors", "Monitor runs that failed (the reason is in the server log)", registry=self.registry
+        )
+        for gauge in (self.drift_share, self.negative_share, self.retrain):
+            gauge.set(float("nan"))
+
+    def publish_monitor(self, report: dict) -> None:
+        """Set the monitor gauges from an `afina monitor` report."""
+        drift = report["drift"]
+        self.drift_share.set(drift["share_unlike_train"])
+        self.drift_limit.set(drift["max_unlike"])
+        negative = report["feedback"]["recent"]["negative_share"]
+        self.negative_share.set(float("nan") if negative is None else negative)
+        self.retrain.set(1.0 if report["retrain"] else 0.0)
+        self.monitored.set(report["requests"])
+        self.monitor_time.set(time.time())
+
+
+class MonitorThread(threading.Thread):
+    """Runs `afina monitor` over the request log every `every` seconds and publishes it as gauges."""
+
+    def __init__(self, metrics: Metrics, log_dir: str, run_root: str, every: float, max_unlike: float):
+        super().__init__(name="afina-monitor", daemon=True)
+        self.metrics, self.log_dir, self.run_root = metrics, log_dir, run_root
+        self.every, self.max_unlike = every, max_unlike
+        self.stopped = threading.Event()
+
+    def refresh(self) -> bool:
+        """One monitor run; False when there is no traffic yet (nothing to compare)."""
+        from afina.eval.monitor import monitor
+
+        requests = Path(self.log_dir) / "requests.jsonl"
+        if not requests.is_file() or requests.stat().st_size == 0:
+            return False
+        self.metrics.publish_monitor(monitor(self.log_dir, self.run_root, max_unlike=self.max_unlike))
+        return True
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.refresh()
+            except Exception as exc:  # a bad log line or a missing split must not stop the server
+                self.metrics.monitor_errors.inc()
+                print(f"afina monitor (--monitor-every): {type(exc).__name__}: {exc}", file=sys.stderr)
+            self.stopped.wait(self.every)
+
+    def stop(self) -> None:
+        """Stop after the pass in progress (so no torch work is cut off at interpreter exit)."""
+        self.stopped.set()
+        if self.is_alive():
+            self.join()
 
 
 class CountRequests:
@@ -544,6 +625,10 @@ async def feedback(request: Request):
             param="correction",
         )
     await asyncio.to_thread(log.log_feedback, body.id, body.rating, body.correction, body.comment)
+    if body.rating is not None:
+        state.metrics.feedback.labels({1: "positive", 0: "neutral", -1: "negative"}[body.rating]).inc()
+    if body.correction:
+        state.metrics.feedback.labels("correction").inc()
     return {"id": body.id, "status": "recorded"}
 
 
@@ -613,7 +698,27 @@ async def server_error(_request, exc: Exception):
     )
 
 
-def create_app(served: ServedModels, settings: ServeConfig | None = None, log: RequestLog | None = None):
+def monitor_thread(metrics: Metrics, settings: ServeConfig, run_root: str | None) -> MonitorThread:
+    """The --monitor-every thread, after checking it has what it compares: the log and the run's train split."""
+    if not settings.log_dir:
+        raise ServeError("--monitor-every reads the request log: start the server with --log-dir too")
+    if run_root is None or not RunDir(Path(run_root)).split_path("train").is_file():
+        raise ServeError(
+            "--monitor-every compares the traffic with a run's train split: serve a run directory (runs/NAME) "
+            f"that `afina prepare` has written{'' if run_root is None else f' ({run_root} has no train split)'}"
+        )
+    return MonitorThread(
+        metrics, settings.log_dir, run_root, settings.monitor_every or 0.0, settings.monitor_max_unlike
+    )
+
+
+def create_app(
+    served: ServedModels,
+    settings: ServeConfig | None = None,
+    log: RequestLog | None = None,
+    run_root: str | None = None,
+):
+    """The app; `run_root` (the served run directory) is what --monitor-every compares the traffic with."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -622,6 +727,18 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
     if log is None and settings.log_dir:
         log = RequestLog(settings.log_dir, redact_pii=settings.redact_pii)
     metrics = Metrics()
+    monitor = monitor_thread(metrics, settings, run_root) if settings.monitor_every else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        """The monitor thread runs while the server does."""
+        if monitor is not None:
+            monitor.start()
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                await asyncio.to_thread(monitor.stop)
 
     def observe(name: str, seconds: float, size: int) -> None:
         metrics.generation.labels(name).observe(seconds)
@@ -632,7 +749,7 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
         settings.max_batch,
         observe=observe,
     )
-    app = FastAPI(title="afina", version=__version__)
+    app = FastAPI(title="afina", version=__version__, lifespan=lifespan)
     app.state.afina = AppState(
         served,
         settings,
@@ -642,6 +759,7 @@ def create_app(served: ServedModels, settings: ServeConfig | None = None, log: R
         scheduler,
         min(settings.max_prompt_tokens or served.max_context, served.max_context),
     )
+    app.state.monitor = monitor
     app.add_middleware(CountRequests, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
@@ -683,7 +801,7 @@ def serve(target: str, settings: ServeConfig) -> None:
 
     check_exposure(settings)
     served = load_served(target, settings.adapters, settings.watch)
-    app = create_app(served, settings)
+    app = create_app(served, settings, run_root=target)
     if not is_loopback(settings.host) and app.state.afina.api_key is None:
         print(
             f"WARNING: serving on {settings.host} WITHOUT an API key (--insecure): anyone who can reach this port "
