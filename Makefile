@@ -45,8 +45,11 @@ check: $(STAMP)
 	$(BIN)/lint-imports
 
 # Tests that need llama.cpp skip when llama_cpp is not importable: run `make llama-cpp` first for them.
+# Two pytest workers (one test file each at a time, the cores split between them): on a 2-core machine the
+# suite spends much of its time in single-threaded work (model loading, tokenizing, servers, subprocesses).
+TEST_WORKERS ?= 2
 test: check
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -m "not integration"

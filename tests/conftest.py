@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,22 @@ import pytest
 from afina.config import load_recipe
 
 SYSTEM = "You are the support assistant for Tiny Test Co. Answer briefly."
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs two workers), each worker gets its share of the cores.
+
+    Without this every worker's torch (and every `afina` subprocess a test starts) would use all cores,
+    and OpenMP threads of two workers spinning on the same cores slow both down.
+    """
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // int(workers))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _llama_cpp_missing() -> str | None:
