@@ -35,8 +35,7 @@ def test_gemma3_is_listed_and_loads_with_the_gemma_turn_format():
 @needs_llama_cpp
 def test_gemma3_trains_and_exports_gguf_verified_in_llama_cpp(tmp_path):
     from afina.config import load_recipe
-    from afina.export.merge import export
-    from afina.pipeline import bundled_recipe_path, prepare, train
+    from afina.pipeline import bundled_recipe_path, run_stage
 
     recipe = load_recipe(
         str(bundled_recipe_path("quickstart")),
@@ -49,9 +48,9 @@ def test_gemma3_trains_and_exports_gguf_verified_in_llama_cpp(tmp_path):
             "export.gguf_types=[q8_0]",
         ],
     )
-    prepare(recipe)
-    train(recipe, progress=False)
-    results = export(recipe)
+    for stage in ("prepare", "train"):  # as the CLI runs them: the manifest records the recipe
+        run_stage(stage, recipe, echo=lambda _line: None)
+    results = run_stage("export", recipe, echo=lambda _line: None)
     check = results["gguf_q8_0"]
     assert check["ok"] and check["architecture"] == "gemma3", check
     assert check["llama_cpp"]["tokenization_equal"] and check["chat_template_equal"] and check["eos_token_id_equal"]
