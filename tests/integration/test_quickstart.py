@@ -11,7 +11,15 @@ pytestmark = pytest.mark.integration
 
 def test_quickstart_teaches_the_default_model(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "afina", "quickstart", "training.max_steps=60", "eval.max_examples=24", "eval.systems=[base,tuned]"],
+        [
+            sys.executable,
+            "-m",
+            "afina",
+            "quickstart",
+            "training.max_steps=60",
+            "eval.max_examples=24",
+            "eval.systems=[base,tuned]",
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
