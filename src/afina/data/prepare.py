@@ -615,6 +615,7 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("mixture"):
         return format_tasks_report(report)
     lines = [
+        *([report["task_inferred"]] if report.get("task_inferred") else []),
         f"data: {report['source']} (schema: {report['schema']}"
         f"{', guessed' if report['schema_guessed'] else ''}: {report['field_mapping']})",
         f"rows: {report['rows_in']} in, {report['kept']} kept, {report['rejected']} rejected",
