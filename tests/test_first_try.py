@@ -80,3 +80,121 @@ def test_chat_eval_on_rows_without_messages_is_a_clear_error(tmp_path, tiny_mode
     prepare(recipe)
     with pytest.raises(RecipeError, match="answers chat turns"):
         chat.chat_eval(recipe)
+
+
+# ---- 2. a recipe that does not say how long to train ---------------------------------------------
+
+
+def test_no_length_given_trains_until_validation_stops_improving(tmp_path, tiny_model_dir):
+    from afina.config import AUTO_EPOCHS, AUTO_PATIENCE, load_recipe
+
+    unset = load_recipe(None, []).training
+    assert unset.until_converged() and unset.epoch_limit() == AUTO_EPOCHS and unset.patience() == AUTO_PATIENCE
+    given = load_recipe(None, ["training.epochs=2"]).training
+    assert not given.until_converged() and given.epoch_limit() == 2 and given.patience() is None
+    assert load_recipe(None, ["training.max_steps=5"]).training.patience() is None
+    from afina.pipeline import quickstart_recipe
+
+    assert quickstart_recipe([]).training.epochs == 6  # the quickstart says how long: its time is unchanged
+
+    # A learning rate far too high: validation gets worse at once, and the run stops after AUTO_PATIENCE
+    # validations without a better loss instead of running on to the epoch cap.
+    recipe = recipe_for(
+        tmp_path, tiny_model_dir, "training.max_steps=null", "training.learning_rate=0.5", "task=classification"
+    )
+    assert recipe.training.until_converged()
+    prepare(recipe)
+    lines: list[str] = []
+    summary = run_stage("train", recipe, lines.append)
+    assert summary["stopped"].startswith("early stopping")
+    assert summary["epochs"] < AUTO_EPOCHS
+    assert "until validation stopped improving" in summary["length"]
+    assert any("until validation stopped improving" in line for line in lines)
+
+
+# ---- 4. a length limit that drops much of the data ------------------------------------------------
+
+
+def test_prepare_says_loudly_what_max_length_would_keep_95_percent(tmp_path, tiny_model_dir):
+    from afina.data.prepare import format_report
+
+    short = [{"text": f"short review number {i} was fine", "label": ("good", "bad")[i % 2]} for i in range(30)]
+    long = [{"text": " ".join(f"word{i}x{j}" for j in range(60)), "label": ("good", "bad")[i % 2]} for i in range(6)]
+    recipe = recipe_for(tmp_path, tiny_model_dir, "data.max_length=32", "task=classification", rows=short + long)
+    report = prepare(recipe)
+    assert report["truncation"]["rows_over_max_length"] == 6
+    warning = report["length_warning"]
+    assert "6 of 36 rows (16.7%)" in warning and "data.max_length=32" in warning
+    suggested = int(warning.split("data.max_length=")[2].split()[0])
+    assert 32 < suggested <= 512  # within the tiny model's window
+    assert "WARNING: 6 of 36 rows" in format_report(report)
+    # Below the threshold: nothing loud.
+    quiet = recipe_for(tmp_path, tiny_model_dir, "data.max_length=32", "task=classification", rows=short * 1, name="q")
+    assert prepare(quiet)["length_warning"] is None
+
+
+def test_length_suggestion_is_capped_at_the_model_window(tokenizer):
+    from afina.data.prepare import length_warning
+
+    recipe = load_recipe(None, ["data.max_length=64"])
+    report = {"truncation": {"rows_over_max_length": 50}}
+    warning = length_warning(recipe, [30] * 50 + [900] * 50, report, window=512)
+    assert "data.max_length=512 would keep 50%" in warning and "capped at the model's window of 512" in warning
+
+
+# ---- 5. cleaning keeps code as it is ---------------------------------------------------------------
+
+PYTHON = 'import os\n\n\ndef f(x):\n    """Doc."""\n\n\n    return x  \n\n\n\nclass A:\n    pass'
+YAML = "name: run\ndata:\n  path: a.jsonl\n\n\n  split:\n    train: 0.8\n  fields:   \n    text: body"
+MARKDOWN = "| a | b |\n|---|---|\n| 1 | 2 |\n\nline one  \nline two"
+
+
+@pytest.mark.parametrize("lang,code", [("python", PYTHON), ("yaml", YAML), ("markdown", MARKDOWN)])
+def test_cleaning_keeps_fenced_code_byte_for_byte(lang, code):
+    from afina.config import CleanConfig, PiiConfig
+    from afina.data.clean import TextCleaner
+
+    cleaner = TextCleaner(CleanConfig(), PiiConfig())
+    answer = f"Here it is:   \n\n\n\n```{lang}\n{code}\n```\n\n\n\nAsk again if it fails."
+    cleaned = cleaner.clean_text(answer)
+    assert f"```{lang}\n{code}\n```" in cleaned  # the code exactly as written
+    assert cleaned.startswith("Here it is:\n\n```") and cleaned.endswith("```\n\nAsk again if it fails.")
+
+
+@pytest.mark.parametrize("code", [PYTHON, YAML])
+def test_cleaning_keeps_unfenced_code_answers(code):
+    from afina.data.clean import normalise_whitespace
+
+    assert normalise_whitespace(code) == code
+    assert normalise_whitespace(code.replace("\n", "\r\n")) == code  # line ends only
+
+
+def test_cleaning_still_tidies_prose_and_keeps_markdown_line_breaks():
+    from afina.data.clean import normalise_whitespace
+
+    assert normalise_whitespace("Hello   \n\n\n\nworld \t\n") == "Hello\n\nworld"
+    assert normalise_whitespace("Roses are red,  \nviolets are blue.") == "Roses are red,  \nviolets are blue."
+    assert normalise_whitespace("- one\n- two\n\n\n\nDone.") == "- one\n- two\n\nDone."
+
+
+# ---- 6. the prepare summary: counts per reason and a real example of each ---------------------------
+
+
+def test_prepare_summary_shows_counts_and_a_real_example_per_reason(tmp_path, tiny_model_dir):
+    from afina.data.prepare import format_report
+
+    base = "the kettle filter needs rinsing every week with warm water and a soft brush said support"
+    rows = [{"text": f"{base} {i}", "label": ("good", "bad")[i % 2]} for i in range(6)]
+    rows += [
+        {"text": f"unrelated review {i} of a film about {i} dragons", "label": ("good", "bad")[i % 2]}
+        for i in range(20)
+    ]
+    recipe = recipe_for(tmp_path, tiny_model_dir, "data.dedup.near=true", "task=classification", rows=rows)
+    report = prepare(recipe)
+    assert report["dedup"]["near"] >= 3
+    text = format_report(report)
+    assert "FILE:LINE" not in text and "similarity N" not in text
+    counts = [int(line.split()[0]) for line in text.splitlines() if "near duplicate of an earlier row" in line]
+    assert sum(counts) == report["dedup"]["near"]  # every reject counted once, under a reason in words
+    example = next(line for line in text.splitlines() if "e.g." in line and "near duplicate (similarity 0." in line)
+    assert f"{tmp_path}/first.jsonl:" in example  # a real row of the file, with its real similarity

@@ -269,8 +269,23 @@ class MethodConfig(_Section):
     freeze_embeddings: bool = Field(False, description="Full fine-tuning: keep the token embeddings frozen.")
 
 
+# A recipe that says neither training.epochs nor training.max_steps trains until validation stops improving:
+# early stopping after AUTO_PATIENCE validations without a lower loss, at most AUTO_EPOCHS epochs, best weights kept.
+AUTO_EPOCHS = 20
+AUTO_PATIENCE = 2
+# ... and without a validation split (nothing to stop on), this many epochs.
+FALLBACK_EPOCHS = 3
+
+
 class TrainingConfig(_Section):
-    epochs: float = Field(3.0, gt=0, le=1000)
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description=f"Passes over the train split. Not given (and no max_steps): until validation stops improving "
+        f"(early stopping, patience {AUTO_PATIENCE} validations unless early_stopping_patience says otherwise, at most "
+        f"{AUTO_EPOCHS} epochs, the best weights kept; {FALLBACK_EPOCHS} epochs when there is no validation split).",
+    )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
@@ -317,6 +332,22 @@ class TrainingConfig(_Section):
     )
     tensorboard: bool = Field(True, description="Write TensorBoard event files to <run>/tensorboard.")
     plots: bool = Field(True, description="Write <run>/plots/training.png (loss and learning rate).")
+
+    def until_converged(self) -> bool:
+        """The recipe does not say how long to train: stop when validation stops improving."""
+        return self.epochs is None and self.max_steps is None
+
+    def epoch_limit(self, has_validation: bool = True) -> float:
+        """The epochs to plan for: the recipe's, else the cap of a run until convergence."""
+        if self.epochs is not None:
+            return self.epochs
+        return AUTO_EPOCHS if has_validation else FALLBACK_EPOCHS
+
+    def patience(self) -> int | None:
+        """Validations without a lower loss before stopping (None: never stop early)."""
+        if self.early_stopping_patience is not None:
+            return self.early_stopping_patience
+        return AUTO_PATIENCE if self.until_converged() else None
 
 
 SystemName = Literal["base", "base_fewshot", "base_rag", "tuned", "tuned_rag"]

@@ -100,6 +100,8 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
                 f"validation loss {_fmt(result['val_loss_before'])} -> {_fmt(result['val_loss_after'])}; "
                 f"saved to {result['output']}"
             )
+            if result.get("length"):
+                echo(f"{result['length']}; stopped: {result['stopped']}")
         elif stage == "eval":
             result = eval_stage(recipe, echo)
         elif not task_for(recipe).carries_lm(recipe):

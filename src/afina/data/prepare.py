@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import tempfile
@@ -142,6 +143,24 @@ def generic_reason(reason: str) -> str:
     return re.sub(r"(?<![=\w])\d+(\.\d+)?", "N", reason)  # a recipe value (max_length=512) stays
 
 
+REASON_WORDING = (  # a reason's template (generic_reason) as words for the printed summary
+    (re.compile(r"\s*\(similarity N\)"), ""),
+    (re.compile(r" of (validation|test) row FILE:LINE"), r" of a \1 row"),
+    (re.compile(r" of FILE:LINE"), " of an earlier row"),
+    (re.compile(r" \(which has label '…', this row '…'\)"), " (with another label)"),
+    (re.compile(r"^N tokens, "), ""),
+    (re.compile(r" at column N\b"), ""),
+)
+
+
+def reason_label(template: str) -> str:
+    """`near duplicate (similarity N) of FILE:LINE` -> `near duplicate of an earlier row`: what a person reads
+    next to a count (a real example of the reason is printed beside it)."""
+    for pattern, words in REASON_WORDING:
+        template = pattern.sub(words, template)
+    return template
+
+
 def data_sources(recipe: Recipe) -> list[tuple[str, Path, str | None]]:
     """(origin, path, HF split) for every input: the pool to split, and files that fill a split themselves."""
     data = recipe.data
@@ -221,6 +240,7 @@ def prepare_data(
         leaks,
         chunking,
     )
+    report["length_warning"] = length_warning(recipe, intake.lengths, report, model_window(intake.tokenizer))
     write_json_atomic(run.data / "report.json", report)
     write_html_report(run.data / "report.html", report)
     run.update_manifest(
@@ -255,6 +275,7 @@ class Intake:
         self.near: dict[str, NearDuplicateIndex] = {}
         self.schema: str | None = None
         self.mapping = ""
+        self.lengths: list[int] = []  # tokens of every row measured by the length step (kept or not)
 
     def take(self, origin: str, item: Record | Reject) -> dict[str, Any] | None:
         """The canonical row to keep, or None (rejected, with its reason in the ledger)."""
@@ -309,6 +330,7 @@ class Intake:
             n_tokens = count_tokens(self.tokenizer, row, data.train_on)
         except TemplateError as exc:
             raise DataError(f"{record.file}:{record.line}: {exc}") from None
+        self.lengths.append(n_tokens)
         too_long = n_tokens > data.max_length and not self.long_documents
         if too_long or n_tokens < data.clean.min_tokens:
             bound = (
@@ -568,6 +590,43 @@ def build_report(
     return report
 
 
+# More rows than this share rejected for length is said loudly at the end of prepare.
+LOUD_LENGTH_SHARE = 0.05
+KEEP_SHARE = 0.95
+
+
+def model_window(tokenizer) -> int | None:
+    """The model's context window (max_position_embeddings of its config.json), or None when unknown."""
+    config = Path(str(getattr(tokenizer, "name_or_path", ""))) / "config.json"
+    try:
+        window = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError):
+        window = None
+    if window is None:
+        limit = getattr(tokenizer, "model_max_length", None)
+        window = limit if isinstance(limit, int) and limit < 1_000_000 else None
+    return int(window) if window else None
+
+
+def length_warning(recipe: Recipe, lengths: list[int], report: dict[str, Any], window: int | None) -> str | None:
+    """When more than LOUD_LENGTH_SHARE of the rows measured were rejected as too long: how many, and the
+    data.max_length that keeps KEEP_SHARE of them (the data's own length percentile, capped at the window)."""
+    too_long = report["truncation"]["rows_over_max_length"]
+    if not lengths or too_long <= LOUD_LENGTH_SHARE * len(lengths):
+        return None
+    keep = int(math.ceil(float(np.percentile(lengths, 100 * KEEP_SHARE))))
+    capped = window is not None and keep > window
+    suggestion = min(keep, window) if window is not None else keep
+    kept_then = sum(n <= suggestion for n in lengths) / len(lengths)
+    return (
+        f"{too_long} of {len(lengths)} rows ({100 * too_long / len(lengths):.1f}%) were rejected as longer than "
+        f"data.max_length={recipe.data.max_length}. data.max_length={suggestion} would keep "
+        f"{100 * kept_then:.0f}% of them"
+        + (f" (capped at the model's window of {window} tokens; {keep} would keep 95%)" if capped else "")
+        + "; longer rows cost memory and time (`afina estimate` says how much)."
+    )
+
+
 def domain_chunks(chunking: Chunking, kept: list[KeptRow], split_of: list[str]) -> dict[str, Any]:
     """Domain adaptation: how the documents of each split fall into chunks of tokens."""
     length, overlap = chunking.length, chunking.overlap
@@ -620,11 +679,25 @@ def format_report(report: dict[str, Any]) -> str:
         f"{', guessed' if report['schema_guessed'] else ''}: {report['field_mapping']})",
         f"rows: {report['rows_in']} in, {report['kept']} kept, {report['rejected']} rejected",
     ]
+    examples = report.get("reject_examples", {})
     for step in report["steps"]:
         if step["rejected"]:
             lines.append(f"  {step['step']:<11} -{step['rejected']}")
-            for reason, count in list(step["rejected_by_reason"].items())[:4]:
-                lines.append(f"      {count:>6}  {reason}")
+            grouped: dict[str, list[Any]] = {}  # reason in words -> [count, first real example]
+            for reason, count in step["rejected_by_reason"].items():
+                entry = grouped.setdefault(reason_label(reason), [0, None])
+                entry[0] += count
+                entry[1] = entry[1] or (examples.get(f"{step['step']}: {reason}") or [None])[0]
+            reasons = sorted(grouped.items(), key=lambda item: -item[1][0])
+            for label, (count, example) in reasons[:4]:
+                lines.append(f"      {count:>6}  {label}")
+                if example:
+                    lines.append(f"              e.g. {example['file']}:{example['line']}: {example['reason']}")
+            if len(reasons) > 4:
+                rest = sum(entry[0] for _, entry in reasons[4:])
+                lines.append(
+                    f"      {rest:>6}  for {len(reasons) - 4} other reasons (data/report.json, data/rejects.jsonl)"
+                )
     c = report["cleaning"]
     if c["rows_changed"]:
         lines.append("cleaned: " + ", ".join(f"{op} {n} rows" for op, n in c["rows_changed"].items()))
@@ -644,4 +717,6 @@ def format_report(report: dict[str, Any]) -> str:
         )
     for warning in report["warnings"]:
         lines.append(f"warning: {warning}")
+    if report.get("length_warning"):
+        lines.append(f"WARNING: {report['length_warning']}")
     return "\n".join(lines)

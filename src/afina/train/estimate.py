@@ -111,7 +111,7 @@ def estimate(
             train_examples=len(train_set),
             tokens_per_epoch=sum(len(e["input_ids"]) for e in train_set),
             steps_per_epoch=steps_per_epoch,
-            total_steps=cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs)),
+            total_steps=cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epoch_limit())),
         )
     # A model with a new head is counted on the real model (the head is not in the config).
     head_task = (
