@@ -352,7 +352,7 @@ class TrainingConfig(_Section):
 
 SystemName = Literal["base", "base_fewshot", "base_rag", "tuned", "tuned_rag"]
 MetricName = Literal[
-    "facts", "rouge", "bleu", "chrf", "exact_match", "token_f1", "classification", "pass@1", "perplexity"
+    "facts", "rouge", "bleu", "chrf", "exact_match", "token_f1", "classification", "pass@1", "perplexity", "length"
 ]
 ALL_SYSTEMS: tuple[str, ...] = ("base", "base_fewshot", "base_rag", "tuned", "tuned_rag")
 
@@ -452,7 +452,8 @@ class EvalConfig(_Section):
         "auto",
         description="auto: facts (rows with must_include), rouge, exact_match, token_f1, perplexity, and pass@1 where "
         "rows carry tests. Or pick by task: classification; rouge (summaries); bleu, chrf (translation); "
-        "exact_match, token_f1 (QA); pass@1 (code, rows need `tests`); perplexity.",
+        "exact_match, token_f1 (QA); pass@1 (code, rows need `tests`); perplexity; length (answer length in words "
+        "against the references: summaries).",
     )
     few_shot: FewShotConfig = Field(default_factory=FewShotConfig)
     rag: RagConfig = Field(default_factory=RagConfig)

@@ -23,6 +23,7 @@ from afina.eval.metrics import (
     contains_all,
     exact_match,
     key_recall,
+    length_stats,
     perplexity,
     rouge_scores,
     sentence_chrf,
@@ -174,6 +175,10 @@ def score_system(
         scores["chrf"] = chrf(answers, references)
         for i in range(len(rows)):
             per_example[i]["chrf"] = round(sentence_chrf(answers[i], references[i]), 2)
+    if "length" in metrics:
+        scores.update(length_stats(answers, references))
+        for i in range(len(rows)):
+            per_example[i]["words"] = len(answers[i].split())
     if "perplexity" in metrics and loss is not None:
         scores["answer_loss"] = loss
         scores["answer_perplexity"] = perplexity(loss)
