@@ -198,3 +198,88 @@ def test_prepare_summary_shows_counts_and_a_real_example_per_reason(tmp_path, ti
     assert sum(counts) == report["dedup"]["near"]  # every reject counted once, under a reason in words
     example = next(line for line in text.splitlines() if "e.g." in line and "near duplicate (similarity 0." in line)
     assert f"{tmp_path}/first.jsonl:" in example  # a real row of the file, with its real similarity
+
+
+# ---- 3. "none of these": out-of-scope detection ----------------------------------------------------
+
+
+def test_out_of_scope_plan_and_scores():
+    from afina.eval.out_of_scope import calibrate_threshold, oos_plan, oos_scores
+
+    assert oos_plan("auto", ["bad", "good"]).kind == "threshold"
+    assert oos_plan("auto", ["bad", "good", "Other"]).label == "Other"
+    assert oos_plan("off", ["a", "other"]).kind == "off"
+    assert oos_plan("good", ["bad", "good"]).label == "good"
+    with pytest.raises(ValueError, match="names no label"):
+        oos_plan("weather", ["bad", "good"])
+    threshold = calibrate_threshold([i / 100 for i in range(1, 101)])
+    assert 0.05 < threshold < 0.07  # 95% of in-scope validation rows lie above it
+    scores = oos_scores([True, True, False, False, True], [True, False, False, True, True])
+    assert scores["oos_precision"] == pytest.approx(200 / 3) and scores["oos_recall"] == pytest.approx(200 / 3)
+    assert scores["in_scope_flagged"] == 50.0
+
+
+def planted_out_of_scope(tmp_path):
+    """Sentiment rows to train on, and a test file with planted out-of-scope rows (label `weather`)."""
+    test = labelled_rows(16, seed=3)
+    test += [{"text": f"rain and wind over harbour {i} tonight", "label": "weather"} for i in range(8)]
+    return write_jsonl(tmp_path / "test.jsonl", test)
+
+
+def test_out_of_scope_threshold_is_calibrated_on_validation_and_scored(tmp_path, tiny_model_dir):
+    from afina.tasks import classification
+
+    test_path = planted_out_of_scope(tmp_path)
+    recipe = recipe_for(
+        tmp_path,
+        tiny_model_dir,
+        "task=classification",
+        "classification.mode=head",
+        "classification.unseen_test_labels=out_of_scope",
+        f"data.test_path={test_path}",
+        "data.split={train: 0.8, validation: 0.2, test: 0.0}",
+        "training.max_steps=6",
+        "eval.risks.bias=false",
+        "eval.risks.memorisation_rows=0",
+        rows=labelled_rows(60),
+    )
+    prepare(recipe)
+    train(recipe, progress=False)
+    report = classification.evaluate(recipe, progress=False)
+    run = RunDir(recipe.run_dir)
+    oos = report["out_of_scope"]
+    assert oos["method"] == "threshold" and oos["systems"]["tuned"]["validation_rows"] > 0
+    threshold = json.loads((run.root / "out_of_scope.json").read_text())["threshold"]
+    assert threshold == pytest.approx(oos["systems"]["tuned"]["threshold"], abs=1e-4)
+    predictions = [p for p in map(json.loads, (run.eval / "predictions.jsonl").open()) if p["system"] == "tuned"]
+    planted = [p for p in predictions if p["reference"] == "weather"]
+    assert len(planted) == 8 and report["test_examples"] == 16  # in-scope metrics on the in-scope rows
+    assert all(p["out_of_scope"] == (p["label_probability"] < threshold) for p in predictions)
+    scores = report["systems"]["tuned"]
+    assert scores["oos_references"] == 8
+    assert scores["oos_recall"] == pytest.approx(100 * sum(p["out_of_scope"] for p in planted) / 8, abs=1e-3)
+
+
+def test_out_of_scope_label_in_the_data_is_scored_as_a_class(tmp_path, tiny_model_dir):
+    from afina.tasks import classification
+
+    rows = labelled_rows(48) + [
+        {"text": f"rain and wind over harbour {i} tonight", "label": "other"} for i in range(24)
+    ]
+    recipe = recipe_for(
+        tmp_path,
+        tiny_model_dir,
+        "task=classification",
+        "classification.mode=head",
+        "training.max_steps=6",
+        "eval.risks.bias=false",
+        "eval.risks.memorisation_rows=0",
+        rows=rows,
+    )
+    prepare(recipe)
+    train(recipe, progress=False)
+    report = classification.evaluate(recipe, progress=False)
+    assert report["out_of_scope"]["method"] == "label" and report["out_of_scope"]["label"] == "other"
+    scores = report["systems"]["tuned"]
+    per_class = scores["per_class"]["other"]
+    assert scores["oos_recall"] == pytest.approx(per_class["recall"], abs=0.01)

@@ -17,6 +17,7 @@ import random
 import re
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,10 @@ def prepare_data(
     spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=run.data, prefix=".kept-")
     try:
         for origin, path, hf_split in sources:
-            for item in iter_source(path, recipe.data.format, recipe.data.text_unit, hf_split):
+            items = iter_source(path, recipe.data.format, recipe.data.text_unit, hf_split)
+            if recipe.data.documents is not None:
+                items = join_documents(items, recipe.data.documents)
+            for item in items:
                 row = intake.take(origin, item)
                 if row is not None:
                     spool.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -283,6 +287,10 @@ class Intake:
         if isinstance(item, Reject):
             self.ledger.reject(item, "load")
             return None
+        if origin == "pool" and self.data.split_field:
+            origin = self.split_of_row(item)
+            if not origin:
+                return None
         row = self.mapped(item)
         row = self.cleaned(item, row) if row is not None else None
         n_tokens = self.token_count(item, row) if row is not None else None
@@ -294,22 +302,49 @@ class Intake:
             return None
         where = f"{item.file}:{item.line}"
         self.first_of[origin].setdefault(key, len(self.kept))
-        user_id = item.row.get("id")
+        user_id = item.row.get(self.data.fields.get("id", "id"))
         row = {"id": str(user_id) if user_id is not None else where, **row, "source": where}
         self.kept.append(
             KeptRow(origin, where, key, n_tokens, row.get("label"), row["group"] if self.data.group_by else None)
         )
         return row
 
+    def split_of_row(self, record: Record) -> str | None:
+        """data.split_field: where the row's own split value sends it ("pool", a split), or None (dropped or
+        rejected, in the ledger)."""
+        field, values = self.data.split_field, self.data.split_values
+        value = record.row.get(field) if field else None
+        target = values.get(str(value)) if value is not None else None
+        if target is None and str(value) in SPLITS:
+            target = str(value)
+        if target is None:
+            listed = ", ".join(sorted(values)) or "none"
+            reason = (
+                f"missing field '{field}' (data.split_field)"
+                if value is None
+                else f"{field}={value!r} is not in data.split_values (listed: {listed}) and names no split"
+            )
+            self.ledger.reject(Reject(record.file, record.line, reason), "map", record.row)
+            return None
+        if target == "drop":
+            self.ledger.reject(
+                Reject(record.file, record.line, f"{field}={value!r}: dropped by data.split_values"), "map", record.row
+            )
+            return None
+        return target
+
     def mapped(self, record: Record) -> dict[str, Any] | None:
         """map: the user's fields onto a canonical row (the schema guessed from the first row)."""
         data = self.data
         try:
+            row = record.row
+            if data.prompt_template is not None:
+                row = {**row, data.fields.get("prompt", "prompt"): render_prompt(data.prompt_template, row)}
             if self.schema is None:
                 self.schema, self.mapping = guess_schema(
-                    record.row, data.fields, "text" if self.long_documents else data.schema_, among=self.schemas
+                    row, data.fields, "text" if self.long_documents else data.schema_, among=self.schemas
                 )
-            return to_canonical(record.row, self.schema, data.fields, data.system_prompt, data.group_by)
+            return to_canonical(row, self.schema, data.fields, data.system_prompt, data.group_by)
         except RowError as exc:
             self.ledger.reject(Reject(record.file, record.line, str(exc)), "map", record.row)
             return None
@@ -384,7 +419,9 @@ class Intake:
         """split: the pool by seeded ratios (grouped or stratified); given files fill their own split.
         (each kept row's split, the ratios the pool was split by)"""
         kept, data = self.kept, self.data
-        given = {k.origin for k in kept if k.origin != "pool"}
+        # Splits filled by given files or split values take no share of the pool; train rows given by
+        # data.split_values join the pool's train share.
+        given = {k.origin for k in kept if k.origin not in ("pool", "train")}
         ratios = {name: (0.0 if name in given else getattr(data.split, name)) for name in SPLITS}
         pool = [i for i, k in enumerate(kept) if k.origin == "pool"]
         stratify = data.stratify and self.schema == "classification"
@@ -413,6 +450,45 @@ class Intake:
             self.ledger.reject(Reject(file, int(line), reason), "leak")
             split_of[i] = ""
         return leaks
+
+
+def render_prompt(template: str, row: dict[str, Any]) -> str:
+    """data.prompt_template filled with the row's fields; a list becomes one item per line."""
+    values = {key: "\n".join(map(str, v)) if isinstance(v, list) else v for key, v in row.items()}
+    try:
+        return template.format_map(values)
+    except KeyError as exc:
+        raise RowError(f"data.prompt_template names field {exc} that the row lacks (it has {sorted(row)})") from None
+    except (ValueError, IndexError) as exc:
+        raise RecipeError(f"data.prompt_template is not a valid template: {exc}") from None
+
+
+def join_documents(items, documents) -> Iterator[Record | Reject]:
+    """Consecutive rows sharing `documents.by` as one row: each field of `documents.join` joined line by line
+    (the document's first row gives the other fields, its file and line); `first_line_as` moves the first line
+    of the first joined field (a headline) into a field of its own."""
+    current: list[Record] = []
+
+    def document() -> Record:
+        first = current[0]
+        row = dict(first.row)
+        for name in documents.join:
+            row[name] = "\n".join(str(r.row.get(name, "")) for r in current)
+        if documents.first_line_as:
+            head, _, rest = row[documents.join[0]].partition("\n")
+            row[documents.first_line_as], row[documents.join[0]] = head, rest
+        return Record(first.file, first.line, row)
+
+    for item in items:
+        if isinstance(item, Reject):
+            yield item
+            continue
+        if current and item.row.get(documents.by) != current[0].row.get(documents.by):
+            yield document()
+            current = []
+        current.append(item)
+    if current:
+        yield document()
 
 
 def write_splits(run: RunDir, spool, split_of: list[str]) -> None:

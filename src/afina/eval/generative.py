@@ -59,12 +59,24 @@ def last_user_text(messages: list[dict[str, str]]) -> str:
 # ---- prompts of each system -------------------------------------------------------------------
 
 
-def few_shot_prompts(rows, train_rows, k: int, selection: str, seed: int) -> list[list[dict[str, str]]]:
-    """Each test prompt preceded by k solved train examples as earlier turns of the chat."""
+def few_shot_prompts(
+    rows, train_rows, k: int, selection: str, seed: int, ids: list[str] | None = None
+) -> list[list[dict[str, str]]]:
+    """Each test prompt preceded by k solved train examples as earlier turns of the chat (or the train rows
+    named by `ids`, the same for every prompt)."""
     if not train_rows:
         raise ValueError("base_fewshot needs train examples, but the train split is empty")
     k = min(k, len(train_rows))
-    if selection == "similar":
+    if ids:
+        where = {str(r.get("id")): i for i, r in enumerate(train_rows)}
+        missing = [i for i in ids if str(i) not in where]
+        if missing:
+            raise ValueError(
+                f"eval.few_shot.ids: no train row has id {', '.join(map(str, missing))} (map an id field with "
+                "data.fields.id, and keep those rows in train, e.g. with data.split_values)"
+            )
+        picks = [[where[str(i)] for i in ids] for _ in rows]
+    elif selection == "similar":
         import torch
 
         from afina.rag.index import embed

@@ -248,7 +248,9 @@ def system_prompts(ev: ChatEval) -> tuple[dict[str, Prompts], list[list[str]] | 
         prompts["base_fewshot"] = per_task(
             rows,
             ev.train_rows,
-            lambda test, train: few_shot_prompts(test, train, cfg.few_shot.k, cfg.few_shot.selection, ev.recipe.seed),
+            lambda test, train: few_shot_prompts(
+                test, train, cfg.few_shot.k, cfg.few_shot.selection, ev.recipe.seed, cfg.few_shot.ids
+            ),
         )
     if {"base_rag", "tuned_rag"} & set(cfg.systems):
         prompts["base_rag"], retrieved = rag_prompts(ev.recipe, rows, ev.train_rows)
