@@ -369,6 +369,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                     "out_of_scope": flag,
                 }
                 for row, pred, flag in zip(oos_rows, oos["oos_predicted"], oos["flags"][len(rows) :])
+                if pred is not None
             ]
         for row, pred, flag in zip(rows, predicted, flags):
             predictions.append(
@@ -421,7 +422,15 @@ def out_of_scope_scores(
             "summary": {"label": plan.label},
             "oos_predicted": [],
         }
-    val_rows = [r for r in read_jsonl(run.split_path("validation")) if r.get("label") in labels]
+    val_path = run.split_path("validation")
+    val_rows = [r for r in read_jsonl(val_path) if r.get("label") in labels] if val_path.is_file() else []
+    if not val_rows:  # nothing to calibrate on: said in the report, never a guessed threshold
+        return {
+            "flags": [None] * (len(predicted) + len(oos_rows)),
+            "scores": {},
+            "summary": {"skipped": "no validation rows to calibrate the threshold on; give data.split.validation"},
+            "oos_predicted": [None] * len(oos_rows),
+        }
     val_predicted, _ = predict_batches(model, tokenizer, val_rows, labels, recipe, autocast, batch)
     threshold = calibrate_threshold([p["label_probability"] for p in val_predicted])
     oos_predicted, _ = predict_batches(model, tokenizer, oos_rows, labels, recipe, autocast, batch)
