@@ -288,9 +288,10 @@ class Intake:
             self.ledger.reject(item, "load")
             return None
         if origin == "pool" and self.data.split_field:
-            origin = self.split_of_row(item)
-            if not origin:
+            own = self.split_of_row(item)
+            if own is None:
                 return None
+            origin = own
         row = self.mapped(item)
         row = self.cleaned(item, row) if row is not None else None
         n_tokens = self.token_count(item, row) if row is not None else None
@@ -314,7 +315,7 @@ class Intake:
         rejected, in the ledger)."""
         field, values = self.data.split_field, self.data.split_values
         value = record.row.get(field) if field else None
-        target = values.get(str(value)) if value is not None else None
+        target: str | None = values.get(str(value)) if value is not None else None
         if target is None and str(value) in SPLITS:
             target = str(value)
         if target is None:

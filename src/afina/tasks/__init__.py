@@ -14,7 +14,7 @@ export, predict, sequential) ask `task_for(recipe)` and never test the task's na
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from afina.config import Recipe, RecipeError
 from afina.rundir import RunDir
@@ -28,7 +28,10 @@ TASKS: dict[str, TaskType] = {
 
 # Prepared rows of these schemas can only be read by their own task: a chat model trained on them would
 # learn the text alone and ignore the labels.
-SCHEMA_TASKS = {"classification": "classification", "tagging": "tagging"}
+SCHEMA_TASKS: dict[str, Literal["classification", "tagging"]] = {
+    "classification": "classification",
+    "tagging": "tagging",
+}
 
 
 def task_for(recipe: Recipe) -> TaskType:
