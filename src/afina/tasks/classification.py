@@ -336,6 +336,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         systems = ["base", "tuned"]
     results, efficiency, predictions = {}, {}, []
     oos_report: dict[str, Any] = {}
+    oos_predictions: list[dict[str, Any]] = []
     references = [row["label"] for row in rows]
     for system in systems:
         context = model.disable_adapter if system == "base" else contextlib.nullcontext
@@ -357,7 +358,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             oos_report[system] = oos["summary"]
             if system == "tuned" and oos.get("threshold") is not None:
                 write_json_atomic(run.root / THRESHOLD_FILE, {"threshold": oos["threshold"], "keep": KEEP_IN_SCOPE})
-            predictions += [
+            oos_predictions += [  # written with the others, kept out of the in-scope error bars
                 {
                     "id": row["id"],
                     "system": system,
@@ -403,7 +404,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     }
     classification_risks(recipe, run, report, predictions, model, tokenizer, labels, autocast, systems, rows)
     report["recommendation"] = recommend(report) + risk_sentences(report)
-    write_eval(recipe, run, report, predictions, rejects)
+    write_eval(recipe, run, report, predictions + oos_predictions, rejects)
     return report
 
 
