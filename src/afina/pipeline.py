@@ -34,7 +34,7 @@ def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
     task = TASKS[recipe.task]  # the data decides the task after this (settle_task), not a previous run's
     report = prepare_data(recipe, strict, task.chunking(recipe), task.schemas)
     try:
-        note = settle_task(recipe, report.get("schema"))
+        note = settle_task(recipe, report.get("schema") or "")  # a mixture has no one schema
     except RecipeError as exc:  # the data is prepared; `afina train` refuses with the same words
         report["warnings"].append(str(exc))
         note = None
