@@ -125,6 +125,24 @@ class MixtureConfig(_Section):
     total: int | None = Field(None, ge=1, description="Train examples in the mixture (default: all tasks' train rows).")
 
 
+SplitTarget = Literal["train", "validation", "test", "pool", "drop"]
+
+
+class DocumentsConfig(_Section):
+    """Rows that are lines of documents (a sentence per row, a document id on each) joined into one row per
+    document before anything else: e.g. NTREX news, where each document opens with its headline."""
+
+    by: str = Field(..., description="Consecutive rows sharing this field's value are one document (e.g. doc_id).")
+    join: list[str] = Field(
+        ..., min_length=1, description="The text fields joined line by line (one line per row) into the document."
+    )
+    first_line_as: str | None = Field(
+        None,
+        description="The first line of the first joined field moves into this new field (a headline), and the "
+        "joined field keeps the rest (the article): e.g. data.fields {prompt: en, completion: headline}.",
+    )
+
+
 class DataConfig(_Section):
     sources: list[SourceConfig] = Field(
         default_factory=list,
@@ -155,10 +173,28 @@ class DataConfig(_Section):
         "label: intent, group: doc_id}.",
     )
     system_prompt: str | None = Field(None, description="Added as the system turn where a row has none.")
+    prompt_template: str | None = Field(
+        None,
+        description="The user turn built from the row's fields, e.g. '{text}\\n\\nYour code should pass these "
+        "tests:\\n{test_list}' (a list becomes one item per line); instead of the prompt field.",
+    )
     split: SplitConfig = Field(default_factory=SplitConfig)
     group_by: str | None = Field(
         None,
         description="A field whose value ties rows together (a document, a user): rows sharing it stay in one split.",
+    )
+    split_field: str | None = Field(
+        None,
+        description="A field of each row that says its split (e.g. `split`); data.split_values maps its values.",
+    )
+    split_values: dict[str, SplitTarget] = Field(
+        default_factory=dict,
+        description="With data.split_field: each value's destination: train, validation or test (as given), pool "
+        "(split by data.split ratios) or drop (left out, counted in the report). A value not listed that names a "
+        "split goes there; any other is rejected with its value.",
+    )
+    documents: DocumentsConfig | None = Field(
+        None, description="Join rows that are lines of one document into one row per document (see its keys)."
     )
     stratify: bool = Field(True, description="Classification: keep each label's share equal across splits.")
     max_length: int = Field(
@@ -269,8 +305,23 @@ class MethodConfig(_Section):
     freeze_embeddings: bool = Field(False, description="Full fine-tuning: keep the token embeddings frozen.")
 
 
+# A recipe that says neither training.epochs nor training.max_steps trains until validation stops improving:
+# early stopping after AUTO_PATIENCE validations without a lower loss, at most AUTO_EPOCHS epochs, best weights kept.
+AUTO_EPOCHS = 20
+AUTO_PATIENCE = 2
+# ... and without a validation split (nothing to stop on), this many epochs.
+FALLBACK_EPOCHS = 3
+
+
 class TrainingConfig(_Section):
-    epochs: float = Field(3.0, gt=0, le=1000)
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description=f"Passes over the train split. Not given (and no max_steps): until validation stops improving "
+        f"(early stopping, patience {AUTO_PATIENCE} validations unless early_stopping_patience says otherwise, at most "
+        f"{AUTO_EPOCHS} epochs, the best weights kept; {FALLBACK_EPOCHS} epochs when there is no validation split).",
+    )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
@@ -318,10 +369,26 @@ class TrainingConfig(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files to <run>/tensorboard.")
     plots: bool = Field(True, description="Write <run>/plots/training.png (loss and learning rate).")
 
+    def until_converged(self) -> bool:
+        """The recipe does not say how long to train: stop when validation stops improving."""
+        return self.epochs is None and self.max_steps is None
+
+    def epoch_limit(self, has_validation: bool = True) -> float:
+        """The epochs to plan for: the recipe's, else the cap of a run until convergence."""
+        if self.epochs is not None:
+            return self.epochs
+        return AUTO_EPOCHS if has_validation else FALLBACK_EPOCHS
+
+    def patience(self) -> int | None:
+        """Validations without a lower loss before stopping (None: never stop early)."""
+        if self.early_stopping_patience is not None:
+            return self.early_stopping_patience
+        return AUTO_PATIENCE if self.until_converged() else None
+
 
 SystemName = Literal["base", "base_fewshot", "base_rag", "tuned", "tuned_rag"]
 MetricName = Literal[
-    "facts", "rouge", "bleu", "chrf", "exact_match", "token_f1", "classification", "pass@1", "perplexity"
+    "facts", "rouge", "bleu", "chrf", "exact_match", "token_f1", "classification", "pass@1", "perplexity", "length"
 ]
 ALL_SYSTEMS: tuple[str, ...] = ("base", "base_fewshot", "base_rag", "tuned", "tuned_rag")
 
@@ -330,6 +397,11 @@ class FewShotConfig(_Section):
     k: int = Field(3, ge=1, le=64, description="Examples from the train split put in the prompt before the question.")
     selection: Literal["random", "similar"] = Field(
         "similar", description="random: a seeded random draw; similar: the nearest train rows by MiniLM embedding."
+    )
+    ids: list[str] | None = Field(
+        None,
+        description="The same train rows for every prompt, by id, in this order (e.g. MBPP's prompt tasks 2-4; "
+        "map an id field with data.fields.id); instead of k and selection.",
     )
 
 
@@ -421,7 +493,8 @@ class EvalConfig(_Section):
         "auto",
         description="auto: facts (rows with must_include), rouge, exact_match, token_f1, perplexity, and pass@1 where "
         "rows carry tests. Or pick by task: classification; rouge (summaries); bleu, chrf (translation); "
-        "exact_match, token_f1 (QA); pass@1 (code, rows need `tests`); perplexity.",
+        "exact_match, token_f1 (QA); pass@1 (code, rows need `tests`); perplexity; length (answer length in words "
+        "against the references: summaries).",
     )
     few_shot: FewShotConfig = Field(default_factory=FewShotConfig)
     rag: RagConfig = Field(default_factory=RagConfig)
@@ -556,10 +629,19 @@ class ClassificationConfig(_Section):
     head_learning_rate: float | None = Field(
         None, gt=0, le=1.0, description="Learning rate of the new head (default: training.learning_rate)."
     )
-    unseen_test_labels: Literal["error", "skip"] = Field(
+    unseen_test_labels: Literal["error", "skip", "out_of_scope"] = Field(
         "error",
-        description="A test row whose label training never saw: error (stop, naming the rows), or skip "
-        "(left out of the metrics, listed in eval/rejects.jsonl with the reason).",
+        description="A test row whose label training never saw: error (stop, naming the rows), skip "
+        "(left out of the metrics, listed in eval/rejects.jsonl with the reason), or out_of_scope (an "
+        "out-of-scope reference for classification.out_of_scope's precision and recall).",
+    )
+    out_of_scope: str = Field(
+        "auto",
+        description="'None of these': auto (a train label named other, out_of_scope, oos or none is the "
+        "out-of-scope class; else a threshold on the top label's probability, calibrated on validation so that "
+        "95% of in-scope rows pass, flags the rest); off; or the name of the label that means out of scope. Eval "
+        "reports out-of-scope precision and recall (with unseen_test_labels=out_of_scope, test rows of labels "
+        "training never saw are out-of-scope references).",
     )
 
 

@@ -9,12 +9,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from afina.config import Recipe, load_recipe
+from afina.config import Recipe, RecipeError, load_recipe
 from afina.data.prepare import format_report, prepare_data
 from afina.eval.summary import format_table
 from afina.export.merge import export, format_export
 from afina.rundir import RunDir
-from afina.tasks import task_for
+from afina.tasks import TASKS, settle_task, task_for
 from afina.train import estimate as estimate_module
 from afina.train import loop
 from afina.train.distributed import is_main_process
@@ -31,8 +31,16 @@ def bundled_recipe_path(name: str) -> Path:
 
 def prepare(recipe: Recipe, strict: bool = False) -> dict[str, Any]:
     """`afina prepare`: the recipe's data read, cleaned, deduplicated and split (afina.data.prepare)."""
-    task = task_for(recipe)
-    return prepare_data(recipe, strict, task.chunking(recipe), task.schemas)
+    task = TASKS[recipe.task]  # the data decides the task after this (settle_task), not a previous run's
+    report = prepare_data(recipe, strict, task.chunking(recipe), task.schemas)
+    try:
+        note = settle_task(recipe, report.get("schema") or "")  # a mixture has no one schema
+    except RecipeError as exc:  # the data is prepared; `afina train` refuses with the same words
+        report["warnings"].append(str(exc))
+        note = None
+    if note:
+        report["task_inferred"] = note
+    return report
 
 
 def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Any]:
@@ -76,6 +84,10 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     echo(f"== {stage} ({run.root})")
+    if stage != "prepare":
+        note = settle_task(recipe)  # a recipe without `task:` on classification data trains a classifier
+        if note:
+            echo(note)
     with run.stage(stage, recipe.to_dict(), recipe.seed):
         if stage == "prepare":
             result = prepare(recipe, strict=options.get("strict", False))
@@ -88,6 +100,8 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
                 f"validation loss {_fmt(result['val_loss_before'])} -> {_fmt(result['val_loss_after'])}; "
                 f"saved to {result['output']}"
             )
+            if result.get("length"):
+                echo(f"{result['length']}; stopped: {result['stopped']}")
         elif stage == "eval":
             result = eval_stage(recipe, echo)
         elif not task_for(recipe).carries_lm(recipe):

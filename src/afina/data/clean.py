@@ -187,15 +187,89 @@ def _is_ipv6(candidate: str) -> bool:
         return False
 
 
+FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})")
+# A line ending in two or more spaces after text is a Markdown hard line break: whitespace that means something.
+CODE_LINE = re.compile(
+    r"^(?:[ \t]+\S"  # indented
+    r"|(?:def|class|import|from|return|if|elif|else|for|while|try|except|with|async|@)\b"  # Python
+    r"|[\w.\-\"']+:(?:\s|$)"  # a YAML key
+    r"|- |#|[}\]);]"  # a YAML list item, a comment, a closing bracket
+    r")"
+)
+
+
+def looks_like_code(text: str) -> bool:
+    """Whitespace-significant text outside fences (a Python or YAML answer): most of its lines look like code and
+    some are indented. Prose with a list or two does not pass."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    if len(lines) < 2 or not any(line[:1] in (" ", "\t") for line in lines):
+        return False
+    return sum(bool(CODE_LINE.match(line)) for line in lines) >= 0.6 * len(lines)
+
+
+def fenced_segments(text: str) -> list[tuple[bool, str]]:
+    """(is_code, text) pieces: fenced code blocks (``` or ~~~, fence lines included) and what lies between.
+    A fence left open runs to the end of the text, as Markdown renders it."""
+    pieces: list[tuple[bool, str]] = []
+    current: list[str] = []
+    fence: str | None = None
+    for line in text.splitlines(keepends=True):
+        match = FENCE.match(line)
+        if fence is None and match:
+            if current:
+                pieces.append((False, "".join(current)))
+            current, fence = [line], match.group(1)
+        elif fence is not None and match and match.group(1)[0] == fence[0] and len(match.group(1)) >= len(fence):
+            current.append(line)
+            pieces.append((True, "".join(current)))
+            current, fence = [], None
+        else:
+            current.append(line)
+    if current:
+        pieces.append((fence is not None, "".join(current)))
+    return pieces
+
+
 def normalise_whitespace(text: str) -> str:
-    """LF line ends, no trailing spaces, at most one blank line, trimmed; indentation is kept (code)."""
+    """LF line ends, no trailing spaces, at most one blank line, trimmed; indentation is kept.
+
+    Code keeps every space and blank line: the inside of fenced blocks (```), and a whole text that looks
+    like code (a Python or YAML answer without fences) only get LF line ends. A Markdown hard break (two
+    trailing spaces after text) is kept.
+    """
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "```" not in text and "~~~" not in text:
+        if looks_like_code(text):
+            return text.strip("\n").rstrip()
+        return _normalise_prose(text).strip()
+    out = ""
+    for is_code, piece in fenced_segments(text):
+        if is_code:
+            out += piece
+        elif out.endswith("\n"):  # blank lines after a fence: counted with the fence's own line end
+            out += _normalise_prose("\n" + piece)[1:]
+        else:
+            out += _normalise_prose(piece)
+    return out.strip()
+
+
+def _normalise_prose(text: str) -> str:
     if " \n" in text or "\t\n" in text:
-        text = TRAILING_SPACE.sub("\n", text)
+        text = TRAILING_SPACE.sub(lambda m: "  \n" if _hard_break(m) else "\n", text)
     if "\n\n\n" in text:
         text = BLANK_LINES.sub("\n\n", text)
-    return text.strip()
+    return text
+
+
+def _hard_break(match: re.Match[str]) -> bool:
+    """Two or more trailing spaces between two lines of text (not tabs, not before a blank line): a Markdown
+    line break."""
+    spaces = match.group(0)[:-1]
+    start = match.start()
+    text, end = match.string, match.end()
+    followed_by_text = end < len(text) and text[end] != "\n"
+    return len(spaces) >= 2 and set(spaces) == {" "} and start > 0 and text[start - 1] != "\n" and followed_by_text
 
 
 def is_empty(row: dict[str, Any]) -> str | None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,24 @@ def generic_reason(reason: str) -> str:
     return re.sub(r"(?<![=\w])\d+(\.\d+)?", "N", reason)  # a recipe value (max_length=512) stays
 
 
+REASON_WORDING = (  # a reason's template (generic_reason) as words for the printed summary
+    (re.compile(r"\s*\(similarity N\)"), ""),
+    (re.compile(r" of (validation|test) row FILE:LINE"), r" of a \1 row"),
+    (re.compile(r" of FILE:LINE"), " of an earlier row"),
+    (re.compile(r" \(which has label '…', this row '…'\)"), " (with another label)"),
+    (re.compile(r"^N tokens, "), ""),
+    (re.compile(r" at column N\b"), ""),
+)
+
+
+def reason_label(template: str) -> str:
+    """`near duplicate (similarity N) of FILE:LINE` -> `near duplicate of an earlier row`: what a person reads
+    next to a count (a real example of the reason is printed beside it)."""
+    for pattern, words in REASON_WORDING:
+        template = pattern.sub(words, template)
+    return template
+
+
 def data_sources(recipe: Recipe) -> list[tuple[str, Path, str | None]]:
     """(origin, path, HF split) for every input: the pool to split, and files that fill a split themselves."""
     data = recipe.data
@@ -189,7 +209,10 @@ def prepare_data(
     spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=run.data, prefix=".kept-")
     try:
         for origin, path, hf_split in sources:
-            for item in iter_source(path, recipe.data.format, recipe.data.text_unit, hf_split):
+            items = iter_source(path, recipe.data.format, recipe.data.text_unit, hf_split)
+            if recipe.data.documents is not None:
+                items = join_documents(items, recipe.data.documents)
+            for item in items:
                 row = intake.take(origin, item)
                 if row is not None:
                     spool.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -221,6 +244,7 @@ def prepare_data(
         leaks,
         chunking,
     )
+    report["length_warning"] = length_warning(recipe, intake.lengths, report, model_window(intake.tokenizer))
     write_json_atomic(run.data / "report.json", report)
     write_html_report(run.data / "report.html", report)
     run.update_manifest(
@@ -255,6 +279,7 @@ class Intake:
         self.near: dict[str, NearDuplicateIndex] = {}
         self.schema: str | None = None
         self.mapping = ""
+        self.lengths: list[int] = []  # tokens of every row measured by the length step (kept or not)
 
     def take(self, origin: str, item: Record | Reject) -> dict[str, Any] | None:
         """The canonical row to keep, or None (rejected, with its reason in the ledger)."""
@@ -262,6 +287,11 @@ class Intake:
         if isinstance(item, Reject):
             self.ledger.reject(item, "load")
             return None
+        if origin == "pool" and self.data.split_field:
+            own = self.split_of_row(item)
+            if own is None:
+                return None
+            origin = own
         row = self.mapped(item)
         row = self.cleaned(item, row) if row is not None else None
         n_tokens = self.token_count(item, row) if row is not None else None
@@ -273,22 +303,49 @@ class Intake:
             return None
         where = f"{item.file}:{item.line}"
         self.first_of[origin].setdefault(key, len(self.kept))
-        user_id = item.row.get("id")
+        user_id = item.row.get(self.data.fields.get("id", "id"))
         row = {"id": str(user_id) if user_id is not None else where, **row, "source": where}
         self.kept.append(
             KeptRow(origin, where, key, n_tokens, row.get("label"), row["group"] if self.data.group_by else None)
         )
         return row
 
+    def split_of_row(self, record: Record) -> str | None:
+        """data.split_field: where the row's own split value sends it ("pool", a split), or None (dropped or
+        rejected, in the ledger)."""
+        field, values = self.data.split_field, self.data.split_values
+        value = record.row.get(field) if field else None
+        target: str | None = values.get(str(value)) if value is not None else None
+        if target is None and str(value) in SPLITS:
+            target = str(value)
+        if target is None:
+            listed = ", ".join(sorted(values)) or "none"
+            reason = (
+                f"missing field '{field}' (data.split_field)"
+                if value is None
+                else f"{field}={value!r} is not in data.split_values (listed: {listed}) and names no split"
+            )
+            self.ledger.reject(Reject(record.file, record.line, reason), "map", record.row)
+            return None
+        if target == "drop":
+            self.ledger.reject(
+                Reject(record.file, record.line, f"{field}={value!r}: dropped by data.split_values"), "map", record.row
+            )
+            return None
+        return target
+
     def mapped(self, record: Record) -> dict[str, Any] | None:
         """map: the user's fields onto a canonical row (the schema guessed from the first row)."""
         data = self.data
         try:
+            row = record.row
+            if data.prompt_template is not None:
+                row = {**row, data.fields.get("prompt", "prompt"): render_prompt(data.prompt_template, row)}
             if self.schema is None:
                 self.schema, self.mapping = guess_schema(
-                    record.row, data.fields, "text" if self.long_documents else data.schema_, among=self.schemas
+                    row, data.fields, "text" if self.long_documents else data.schema_, among=self.schemas
                 )
-            return to_canonical(record.row, self.schema, data.fields, data.system_prompt, data.group_by)
+            return to_canonical(row, self.schema, data.fields, data.system_prompt, data.group_by)
         except RowError as exc:
             self.ledger.reject(Reject(record.file, record.line, str(exc)), "map", record.row)
             return None
@@ -309,6 +366,7 @@ class Intake:
             n_tokens = count_tokens(self.tokenizer, row, data.train_on)
         except TemplateError as exc:
             raise DataError(f"{record.file}:{record.line}: {exc}") from None
+        self.lengths.append(n_tokens)
         too_long = n_tokens > data.max_length and not self.long_documents
         if too_long or n_tokens < data.clean.min_tokens:
             bound = (
@@ -362,7 +420,9 @@ class Intake:
         """split: the pool by seeded ratios (grouped or stratified); given files fill their own split.
         (each kept row's split, the ratios the pool was split by)"""
         kept, data = self.kept, self.data
-        given = {k.origin for k in kept if k.origin != "pool"}
+        # Splits filled by given files or split values take no share of the pool; train rows given by
+        # data.split_values join the pool's train share.
+        given = {k.origin for k in kept if k.origin not in ("pool", "train")}
         ratios = {name: (0.0 if name in given else getattr(data.split, name)) for name in SPLITS}
         pool = [i for i, k in enumerate(kept) if k.origin == "pool"]
         stratify = data.stratify and self.schema == "classification"
@@ -391,6 +451,45 @@ class Intake:
             self.ledger.reject(Reject(file, int(line), reason), "leak")
             split_of[i] = ""
         return leaks
+
+
+def render_prompt(template: str, row: dict[str, Any]) -> str:
+    """data.prompt_template filled with the row's fields; a list becomes one item per line."""
+    values = {key: "\n".join(map(str, v)) if isinstance(v, list) else v for key, v in row.items()}
+    try:
+        return template.format_map(values)
+    except KeyError as exc:
+        raise RowError(f"data.prompt_template names field {exc} that the row lacks (it has {sorted(row)})") from None
+    except (ValueError, IndexError) as exc:
+        raise RecipeError(f"data.prompt_template is not a valid template: {exc}") from None
+
+
+def join_documents(items, documents) -> Iterator[Record | Reject]:
+    """Consecutive rows sharing `documents.by` as one row: each field of `documents.join` joined line by line
+    (the document's first row gives the other fields, its file and line); `first_line_as` moves the first line
+    of the first joined field (a headline) into a field of its own."""
+    current: list[Record] = []
+
+    def document() -> Record:
+        first = current[0]
+        row = dict(first.row)
+        for name in documents.join:
+            row[name] = "\n".join(str(r.row.get(name, "")) for r in current)
+        if documents.first_line_as:
+            head, _, rest = row[documents.join[0]].partition("\n")
+            row[documents.first_line_as], row[documents.join[0]] = head, rest
+        return Record(first.file, first.line, row)
+
+    for item in items:
+        if isinstance(item, Reject):
+            yield item
+            continue
+        if current and item.row.get(documents.by) != current[0].row.get(documents.by):
+            yield document()
+            current = []
+        current.append(item)
+    if current:
+        yield document()
 
 
 def write_splits(run: RunDir, spool, split_of: list[str]) -> None:
@@ -568,6 +667,43 @@ def build_report(
     return report
 
 
+# More rows than this share rejected for length is said loudly at the end of prepare.
+LOUD_LENGTH_SHARE = 0.05
+KEEP_SHARE = 0.95
+
+
+def model_window(tokenizer) -> int | None:
+    """The model's context window (max_position_embeddings of its config.json), or None when unknown."""
+    config = Path(str(getattr(tokenizer, "name_or_path", ""))) / "config.json"
+    try:
+        window = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError):
+        window = None
+    if window is None:
+        limit = getattr(tokenizer, "model_max_length", None)
+        window = limit if isinstance(limit, int) and limit < 1_000_000 else None
+    return int(window) if window else None
+
+
+def length_warning(recipe: Recipe, lengths: list[int], report: dict[str, Any], window: int | None) -> str | None:
+    """When more than LOUD_LENGTH_SHARE of the rows measured were rejected as too long: how many, and the
+    data.max_length that keeps KEEP_SHARE of them (the data's own length percentile, capped at the window)."""
+    too_long = report["truncation"]["rows_over_max_length"]
+    if not lengths or too_long <= LOUD_LENGTH_SHARE * len(lengths):
+        return None
+    keep = int(math.ceil(float(np.percentile(lengths, 100 * KEEP_SHARE))))
+    capped = window is not None and keep > window
+    suggestion = min(keep, window) if window is not None else keep
+    kept_then = sum(n <= suggestion for n in lengths) / len(lengths)
+    return (
+        f"{too_long} of {len(lengths)} rows ({100 * too_long / len(lengths):.1f}%) were rejected as longer than "
+        f"data.max_length={recipe.data.max_length}. data.max_length={suggestion} would keep "
+        f"{100 * kept_then:.0f}% of them"
+        + (f" (capped at the model's window of {window} tokens; {keep} would keep 95%)" if capped else "")
+        + "; longer rows cost memory and time (`afina estimate` says how much)."
+    )
+
+
 def domain_chunks(chunking: Chunking, kept: list[KeptRow], split_of: list[str]) -> dict[str, Any]:
     """Domain adaptation: how the documents of each split fall into chunks of tokens."""
     length, overlap = chunking.length, chunking.overlap
@@ -615,15 +751,30 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("mixture"):
         return format_tasks_report(report)
     lines = [
+        *([report["task_inferred"]] if report.get("task_inferred") else []),
         f"data: {report['source']} (schema: {report['schema']}"
         f"{', guessed' if report['schema_guessed'] else ''}: {report['field_mapping']})",
         f"rows: {report['rows_in']} in, {report['kept']} kept, {report['rejected']} rejected",
     ]
+    examples = report.get("reject_examples", {})
     for step in report["steps"]:
         if step["rejected"]:
             lines.append(f"  {step['step']:<11} -{step['rejected']}")
-            for reason, count in list(step["rejected_by_reason"].items())[:4]:
-                lines.append(f"      {count:>6}  {reason}")
+            grouped: dict[str, list[Any]] = {}  # reason in words -> [count, first real example]
+            for reason, count in step["rejected_by_reason"].items():
+                entry = grouped.setdefault(reason_label(reason), [0, None])
+                entry[0] += count
+                entry[1] = entry[1] or (examples.get(f"{step['step']}: {reason}") or [None])[0]
+            reasons = sorted(grouped.items(), key=lambda item: -item[1][0])
+            for label, (count, example) in reasons[:4]:
+                lines.append(f"      {count:>6}  {label}")
+                if example:
+                    lines.append(f"              e.g. {example['file']}:{example['line']}: {example['reason']}")
+            if len(reasons) > 4:
+                rest = sum(entry[0] for _, entry in reasons[4:])
+                lines.append(
+                    f"      {rest:>6}  for {len(reasons) - 4} other reasons (data/report.json, data/rejects.jsonl)"
+                )
     c = report["cleaning"]
     if c["rows_changed"]:
         lines.append("cleaned: " + ", ".join(f"{op} {n} rows" for op, n in c["rows_changed"].items()))
@@ -643,4 +794,6 @@ def format_report(report: dict[str, Any]) -> str:
         )
     for warning in report["warnings"]:
         lines.append(f"warning: {warning}")
+    if report.get("length_warning"):
+        lines.append(f"WARNING: {report['length_warning']}")
     return "\n".join(lines)

@@ -240,9 +240,10 @@ def to_canonical(
         raise RowError(f"unknown schema {schema!r}; known: {', '.join(SCHEMAS)}")
     if "must_include" in row:
         canonical["must_include"] = row["must_include"]
-    for key in EVAL_EXTRAS:
-        if key in row and key not in canonical:
-            canonical[key] = row[key]
+    for key in EVAL_EXTRAS:  # under their own names, or the names data.fields maps them from
+        name = fields.get(key, key)
+        if name in row and key not in canonical:
+            canonical[key] = row[name]
     if group_by is not None:
         group = row.get(group_by)
         if group is None:

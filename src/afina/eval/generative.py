@@ -23,6 +23,7 @@ from afina.eval.metrics import (
     contains_all,
     exact_match,
     key_recall,
+    length_stats,
     perplexity,
     rouge_scores,
     sentence_chrf,
@@ -58,12 +59,24 @@ def last_user_text(messages: list[dict[str, str]]) -> str:
 # ---- prompts of each system -------------------------------------------------------------------
 
 
-def few_shot_prompts(rows, train_rows, k: int, selection: str, seed: int) -> list[list[dict[str, str]]]:
-    """Each test prompt preceded by k solved train examples as earlier turns of the chat."""
+def few_shot_prompts(
+    rows, train_rows, k: int, selection: str, seed: int, ids: list[str] | None = None
+) -> list[list[dict[str, str]]]:
+    """Each test prompt preceded by k solved train examples as earlier turns of the chat (or the train rows
+    named by `ids`, the same for every prompt)."""
     if not train_rows:
         raise ValueError("base_fewshot needs train examples, but the train split is empty")
     k = min(k, len(train_rows))
-    if selection == "similar":
+    if ids:
+        where = {str(r.get("id")): i for i, r in enumerate(train_rows)}
+        missing = [i for i in ids if str(i) not in where]
+        if missing:
+            raise ValueError(
+                f"eval.few_shot.ids: no train row has id {', '.join(map(str, missing))} (map an id field with "
+                "data.fields.id, and keep those rows in train, e.g. with data.split_values)"
+            )
+        picks = [[where[str(i)] for i in ids] for _ in rows]
+    elif selection == "similar":
         import torch
 
         from afina.rag.index import embed
@@ -174,6 +187,10 @@ def score_system(
         scores["chrf"] = chrf(answers, references)
         for i in range(len(rows)):
             per_example[i]["chrf"] = round(sentence_chrf(answers[i], references[i]), 2)
+    if "length" in metrics:
+        scores.update(length_stats(answers, references))
+        for i in range(len(rows)):
+            per_example[i]["words"] = len(answers[i].split())
     if "perplexity" in metrics and loss is not None:
         scores["answer_loss"] = loss
         scores["answer_perplexity"] = perplexity(loss)

@@ -192,3 +192,20 @@ def entity_metrics(references: list[list[str]], predicted: list[list[str]]) -> d
         "per_type": per_type,
         "scheme": scheme,
     }
+
+
+def length_stats(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Answer length in words against the references' (their mean per row): a summary's length is part of its
+    style, and ROUGE alone rewards long answers."""
+    import statistics
+
+    answer_words = [len(p.split()) for p in predictions]
+    reference_words = [statistics.mean(len(r.split()) for r in refs) for refs in references]
+    ratios = [a / r for a, r in zip(answer_words, reference_words) if r]
+    return {
+        "words_mean": statistics.mean(answer_words) if answer_words else 0.0,
+        "words_median": float(statistics.median(answer_words)) if answer_words else 0.0,
+        "reference_words_mean": statistics.mean(reference_words) if reference_words else 0.0,
+        "length_ratio": statistics.median(ratios) if ratios else 0.0,
+        "within_50pct_of_reference": 100.0 * sum(0.5 <= r <= 1.5 for r in ratios) / len(ratios) if ratios else 0.0,
+    }

@@ -14,9 +14,10 @@ export, predict, sequential) ask `task_for(recipe)` and never test the task's na
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from afina.config import Recipe, RecipeError
+from afina.rundir import RunDir
 from afina.tasks import chat, classification, domain, preference, tagging
 from afina.tasks.base import TaskType
 
@@ -25,8 +26,45 @@ TASKS: dict[str, TaskType] = {
 }
 
 
+# Prepared rows of these schemas can only be read by their own task: a chat model trained on them would
+# learn the text alone and ignore the labels.
+SCHEMA_TASKS: dict[str, Literal["classification", "tagging"]] = {
+    "classification": "classification",
+    "tagging": "tagging",
+}
+
+
 def task_for(recipe: Recipe) -> TaskType:
+    """The recipe's task type, settled against the prepared data first (see `settle_task`)."""
+    settle_task(recipe)
     return TASKS[recipe.task]
+
+
+def settle_task(recipe: Recipe, schema: str | None = None) -> str | None:
+    """Make the task fit the prepared data (`schema`, default: the run's manifest); a note when it was inferred.
+
+    A recipe that names no task gets the task its data's schema needs (classification data -> task:
+    classification), and the note says so. A recipe that names task: chat for such data stops here with
+    the fix, rather than training a chat model on the text alone.
+    """
+    if schema is None:
+        schema = RunDir(recipe.run_dir).read_manifest().get("data", {}).get("schema")
+    wanted = SCHEMA_TASKS.get(str(schema))
+    if wanted is None or recipe.task == wanted or recipe.task != "chat":
+        return None
+    if "task" in recipe.model_fields_set:
+        raise RecipeError(
+            f"task: chat trains on chat turns, but the prepared data is {schema} rows "
+            f"({'text and label' if schema == 'classification' else 'words and tags'}), which a chat model "
+            f"cannot learn from (it would see the text alone). Set task: {wanted} (or leave task out and afina "
+            "infers it), or map the data to chat turns (data.schema=prompt_completion with data.fields) and "
+            "run `afina prepare` again"
+        )
+    recipe.task = wanted
+    return (
+        f"task: {wanted} (inferred: the prepared data's schema is {schema}; "
+        f"write `task: {wanted}` in the recipe to say so)"
+    )
 
 
 def predict_file(recipe: Recipe, input_path: Path, output_path: Path, batch_size: int | None = None) -> dict[str, Any]:

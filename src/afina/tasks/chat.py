@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from afina.config import Recipe
+from afina.config import Recipe, RecipeError
 from afina.data.format import Chunking, encode_split
 from afina.device import autocast_factory, peak_memory_mb, pick_device, recipe_weight_dtype, resolve_precision
 from afina.eval.forgetting import forgetting_probe
@@ -85,6 +85,13 @@ def chat_task(recipe: Recipe, run: RunDir, messages_of=None, chunking: Chunking 
 
 
 def training_task(recipe: Recipe, run: RunDir, train_rows: list[dict[str, Any]]) -> TrainingTask:
+    labelled = next((row for row in train_rows if "label" in row or "tags" in row), None)
+    if labelled is not None:  # a chat model would learn the text alone and never see the labels
+        raise RecipeError(
+            f"{run.split_path('train')}: task: chat cannot learn labelled rows "
+            f"(first: {labelled.get('source', labelled.get('id'))} has {sorted(labelled)}); set task: "
+            f"{'classification' if 'label' in labelled else 'tagging'} or leave task out to have it inferred"
+        )
     return chat_task(recipe, run)
 
 
@@ -204,6 +211,15 @@ def chat_eval(recipe: Recipe) -> ChatEval:
     rows = eval_rows(recipe)
     if not rows:
         raise ValueError(f"{run.split_path('test')} has no rows: set data.split.test above 0")
+    unreadable = next((row for row in rows if "messages" not in row), None)
+    if unreadable is not None:
+        raise RecipeError(
+            f"{run.split_path('test')}: task: chat answers chat turns (messages), but the test rows are "
+            f"{sorted(k for k in unreadable if k not in ('id', 'source'))} "
+            f"(first: {unreadable.get('source', unreadable.get('id'))}); "
+            "set the task that reads them (task: classification for text + label, task: domain for plain text) "
+            "or map the data to chat turns with data.schema and data.fields, then prepare and train again"
+        )
     train_path = run.split_path("train")
     tasks = tasks_of(rows)
     return ChatEval(
@@ -232,7 +248,9 @@ def system_prompts(ev: ChatEval) -> tuple[dict[str, Prompts], list[list[str]] | 
         prompts["base_fewshot"] = per_task(
             rows,
             ev.train_rows,
-            lambda test, train: few_shot_prompts(test, train, cfg.few_shot.k, cfg.few_shot.selection, ev.recipe.seed),
+            lambda test, train: few_shot_prompts(
+                test, train, cfg.few_shot.k, cfg.few_shot.selection, ev.recipe.seed, cfg.few_shot.ids
+            ),
         )
     if {"base_rag", "tuned_rag"} & set(cfg.systems):
         prompts["base_rag"], retrieved = rag_prompts(ev.recipe, rows, ev.train_rows)

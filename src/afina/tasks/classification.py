@@ -25,6 +25,14 @@ from typing import Any
 import torch
 
 from afina.config import Recipe, RecipeError
+from afina.eval.out_of_scope import (
+    KEEP_IN_SCOPE,
+    THRESHOLD_FILE,
+    OosPlan,
+    calibrate_threshold,
+    oos_plan,
+    oos_scores,
+)
 from afina.eval.outputs import write_eval
 from afina.eval.risks import add_classification_risks, risk_sentences
 from afina.eval.sample import eval_rows
@@ -96,7 +104,8 @@ def check_test_labels(rows: list[dict[str, Any]], labels: list[str], policy: str
     if policy == "error":
         raise LabelError(
             message + "; add train rows with these labels, remove the rows, or set "
-            "classification.unseen_test_labels=skip to leave them out of the metrics"
+            "classification.unseen_test_labels=skip to leave them out of the metrics (or out_of_scope to score "
+            "them as out of scope)"
         )
     rejects = [
         {
@@ -300,7 +309,22 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     autocast = autocast_factory(resolve_precision(recipe.training.precision, device), device)
     rows = eval_rows(recipe)
     model, tokenizer, labels = load_classifier(recipe, run, device)
-    rows, rejects = check_test_labels(rows, labels, recipe.classification.unseen_test_labels)
+    plan = oos_plan(recipe.classification.out_of_scope, labels)
+    oos_rows: list[dict[str, Any]] = []
+    policy = recipe.classification.unseen_test_labels
+    if policy == "out_of_scope":  # test rows of labels training never saw: what out-of-scope detection should catch
+        if plan.kind == "off":
+            raise RecipeError(
+                "classification.unseen_test_labels=out_of_scope needs out-of-scope detection; "
+                "set classification.out_of_scope=auto (or a label)"
+            )
+        if plan.kind == "threshold":
+            oos_rows = [row for row in rows if row["label"] not in labels]
+            rows = [row for row in rows if row["label"] in labels]
+        else:
+            rows = [row if row["label"] in labels else {**row, "label": plan.label} for row in rows]
+        policy = "error"
+    rows, rejects = check_test_labels(rows, labels, policy)
     if not rows:
         raise ValueError(
             f"{run.split_path('test')} has no rows to score: set data.split.test above 0 or give data.test_path"
@@ -311,6 +335,8 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     if recipe.classification.mode == "generative" and "base" in cfg.systems and hasattr(model, "disable_adapter"):
         systems = ["base", "tuned"]
     results, efficiency, predictions = {}, {}, []
+    oos_report: dict[str, Any] = {}
+    oos_predictions: list[dict[str, Any]] = []
     references = [row["label"] for row in rows]
     for system in systems:
         context = model.disable_adapter if system == "base" else contextlib.nullcontext
@@ -321,7 +347,32 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         scores = label_metrics(references, [p["predicted_label"] for p in predicted], labels)
         results[system] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()}
         efficiency[system] = efficiency_of_batches(latencies, len(rows), wall, device, cfg.price_per_hour)
-        for row, pred in zip(rows, predicted):
+        flags: list[bool | None] = [None] * len(rows)
+        if plan.kind != "off":
+            with context():
+                oos = out_of_scope_scores(
+                    plan, model, tokenizer, labels, recipe, autocast, run, rows, predicted, oos_rows
+                )
+            results[system].update(oos["scores"])
+            flags = oos["flags"][: len(rows)]
+            oos_report[system] = oos["summary"]
+            if system == "tuned" and oos.get("threshold") is not None:
+                write_json_atomic(run.root / THRESHOLD_FILE, {"threshold": oos["threshold"], "keep": KEEP_IN_SCOPE})
+            oos_predictions += [  # written with the others, kept out of the in-scope error bars
+                {
+                    "id": row["id"],
+                    "system": system,
+                    "question": row["text"],
+                    "reference": row["label"],
+                    "prediction": pred["predicted_label"],
+                    "correct": False,
+                    "label_probability": pred["label_probability"],
+                    "out_of_scope": flag,
+                }
+                for row, pred, flag in zip(oos_rows, oos["oos_predicted"], oos["flags"][len(rows) :])
+                if pred is not None
+            ]
+        for row, pred, flag in zip(rows, predicted, flags):
             predictions.append(
                 {
                     "id": row["id"],
@@ -331,6 +382,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                     "prediction": pred["predicted_label"],
                     "correct": pred["predicted_label"] == row["label"],
                     "label_probability": pred["label_probability"],
+                    **({"out_of_scope": flag} if flag is not None else {}),
                 }
             )
 
@@ -341,6 +393,9 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "labels": labels,
         "test_examples": len(rows),
         "skipped_unseen_labels": len(rejects),
+        "out_of_scope": {"method": plan.kind, "label": plan.label, "systems": oos_report}
+        if plan.kind != "off"
+        else None,
         "metrics": ["classification"],
         "systems": results,
         "efficiency": efficiency,
@@ -349,8 +404,50 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     }
     classification_risks(recipe, run, report, predictions, model, tokenizer, labels, autocast, systems, rows)
     report["recommendation"] = recommend(report) + risk_sentences(report)
-    write_eval(recipe, run, report, predictions, rejects)
+    write_eval(recipe, run, report, predictions + oos_predictions, rejects)
     return report
+
+
+def out_of_scope_scores(
+    plan: OosPlan, model, tokenizer, labels, recipe: Recipe, autocast, run: RunDir, rows, predicted, oos_rows
+) -> dict[str, Any]:
+    """The out-of-scope flag of every test row (in-scope rows, then the unseen-label rows) under one system,
+    and its precision and recall; threshold: calibrated on the validation split with the same system."""
+    batch = recipe.eval.batch_size
+    if plan.kind == "label":
+        flags = [p["predicted_label"] == plan.label for p in predicted]
+        references = [row["label"] == plan.label for row in rows]
+        return {
+            "flags": flags,
+            "scores": _present(oos_scores(flags, references)),
+            "summary": {"label": plan.label},
+            "oos_predicted": [],
+        }
+    val_path = run.split_path("validation")
+    val_rows = [r for r in read_jsonl(val_path) if r.get("label") in labels] if val_path.is_file() else []
+    if not val_rows:  # nothing to calibrate on: said in the report, never a guessed threshold
+        return {
+            "flags": [None] * (len(predicted) + len(oos_rows)),
+            "scores": {},
+            "summary": {"skipped": "no validation rows to calibrate the threshold on; give data.split.validation"},
+            "oos_predicted": [None] * len(oos_rows),
+        }
+    val_predicted, _ = predict_batches(model, tokenizer, val_rows, labels, recipe, autocast, batch)
+    threshold = calibrate_threshold([p["label_probability"] for p in val_predicted])
+    oos_predicted, _ = predict_batches(model, tokenizer, oos_rows, labels, recipe, autocast, batch)
+    flags = [p["label_probability"] < threshold for p in predicted + oos_predicted]
+    references = [False] * len(predicted) + [True] * len(oos_rows)
+    return {
+        "flags": flags,
+        "scores": _present(oos_scores(flags, references)),
+        "summary": {"threshold": round(threshold, 4), "validation_rows": len(val_rows), "keep_in_scope": KEEP_IN_SCOPE},
+        "threshold": threshold,
+        "oos_predicted": oos_predicted,
+    }
+
+
+def _present(scores: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items() if v is not None}
 
 
 def label_distributions(
@@ -421,10 +518,18 @@ def predict_rows(recipe: Recipe, rows: list[dict[str, Any]], batch_size: int | N
     predicted, _ = predict_batches(
         model, tokenizer, texts, labels, recipe, autocast, batch_size or recipe.eval.batch_size
     )
-    return [
-        {**row, **{k: v for k, v in pred.items() if k not in ("label_logprobs", "label_probabilities")}}
-        for row, pred in zip(rows, predicted)
-    ]
+    threshold_file = run.root / THRESHOLD_FILE  # written by `afina eval` when a threshold was calibrated
+    threshold = json.loads(threshold_file.read_text())["threshold"] if threshold_file.is_file() else None
+    plan = oos_plan(recipe.classification.out_of_scope, labels)
+    out = []
+    for row, pred in zip(rows, predicted):
+        kept = {k: v for k, v in pred.items() if k not in ("label_logprobs", "label_probabilities")}
+        if plan.kind == "label":
+            kept["out_of_scope"] = pred["predicted_label"] == plan.label
+        elif plan.kind == "threshold" and threshold is not None:
+            kept["out_of_scope"] = pred["label_probability"] < threshold
+        out.append({**row, **kept})
+    return out
 
 
 # ---- sequential stages --------------------------------------------------------------------------

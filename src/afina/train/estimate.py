@@ -111,7 +111,8 @@ def estimate(
             train_examples=len(train_set),
             tokens_per_epoch=sum(len(e["input_ids"]) for e in train_set),
             steps_per_epoch=steps_per_epoch,
-            total_steps=cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs)),
+            total_steps=cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epoch_limit())),
+            until_converged=cfg.until_converged(),
         )
     # A model with a new head is counted on the real model (the head is not in the config).
     head_task = (
@@ -219,7 +220,12 @@ def format_estimate(result: dict[str, Any]) -> str:
     if "train_examples" in result:
         lines.append(
             f"data: {result['train_examples']} examples, {result['tokens_per_epoch']:,} tokens per epoch, "
-            f"{result['steps_per_epoch']} steps per epoch, {result['total_steps']} steps in the run"
+            f"{result['steps_per_epoch']} steps per epoch, "
+            + (
+                f"at most {result['total_steps']} steps (until validation stops improving, epoch cap)"
+                if result.get("until_converged")
+                else f"{result['total_steps']} steps in the run"
+            )
         )
     lines += [
         (
@@ -250,7 +256,9 @@ def format_estimate(result: dict[str, Any]) -> str:
         lines.append(
             f"time (from {result['precision']} steps measured on {result['device']}): "
             f"{result['seconds_per_step']} s/step, "
-            f"{result['tokens_per_s']} tokens/s, about {minutes:.1f} min for the run; "
+            f"{result['tokens_per_s']} tokens/s, "
+            + ("at most " if result.get("until_converged") else "about ")
+            + f"{minutes:.1f} min for the run; "
             f"peak memory while measuring {result['measured_peak_memory_mb']:.0f} MiB"
         )
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from afina.config import Recipe, RecipeError
+from afina.config import FALLBACK_EPOCHS, Recipe, RecipeError
 from afina.device import (
     autocast_factory,
     peak_memory_mb,
@@ -97,11 +97,18 @@ def add_retrieval_rows(recipe: Recipe, tokenizer, train_rows, train_set, pack_le
     return count
 
 
-def make_scheduler(optimizer, recipe: Recipe, total_steps: int):
+def make_scheduler(optimizer, recipe: Recipe, total_steps: int, steps_per_epoch: int | None = None):
+    """The learning-rate schedule over the run. A run until convergence (no length given) plans over its epoch
+    cap, so the rate stays near its peak while validation improves; its warmup is that of a run of
+    FALLBACK_EPOCHS epochs, not a share of the cap."""
     from transformers import get_scheduler
 
-    name = {"constant": "constant_with_warmup"}.get(recipe.training.scheduler, recipe.training.scheduler)
-    warmup = int(round(recipe.training.warmup_ratio * total_steps))
+    cfg = recipe.training
+    name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
+    basis = total_steps
+    if cfg.until_converged() and steps_per_epoch:
+        basis = min(total_steps, steps_per_epoch * FALLBACK_EPOCHS)
+    warmup = int(round(cfg.warmup_ratio * basis))
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
@@ -309,7 +316,7 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
     batches_per_epoch = len(epoch_batches(train_set, cfg.batch_size, random.Random(recipe.seed), pack_length))
     per_step = cfg.grad_accum * ddp.world_size
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / per_step))
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epoch_limit(bool(val_set))))
     eval_every = cfg.eval_every or steps_per_epoch
     t = Training(
         recipe=recipe,
@@ -322,7 +329,7 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
         model=model,
         trainable=trainable,
         optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, recipe, total_steps),
+        scheduler=make_scheduler(optimizer, recipe, total_steps, steps_per_epoch),
         rng=random.Random(recipe.seed),
         train_set=train_set,
         val_set=val_set,
@@ -452,7 +459,7 @@ def after_step(t: Training, step_loss: float, grad_norm: float, monitor: Trainin
     if val_loss is not None:
         monitor.plot()
     stop_reason = "finished"
-    patience = cfg.early_stopping_patience
+    patience = cfg.patience()
     if patience and state.bad_evals >= patience:
         stop_reason = f"early stopping: no better validation loss in {patience} validations"
     if time_up:
@@ -503,6 +510,20 @@ def finish(t: Training, stop_reason: str, last_loss: float) -> dict[str, Any]:
     return summary
 
 
+def training_length(t: Training) -> str:
+    """What a run without training.epochs / max_steps did instead: how it decided when to stop."""
+    cfg = t.recipe.training
+    if not t.val_set:
+        return (
+            f"no training.epochs or max_steps given and no validation split to stop on: "
+            f"{cfg.epoch_limit(False):g} epochs"
+        )
+    return (
+        f"no training.epochs or max_steps given: trained until validation stopped improving (early stopping after "
+        f"{cfg.patience()} validations without a lower loss, at most {cfg.epoch_limit():g} epochs), best weights kept"
+    )
+
+
 def training_summary(t: Training, stop_reason: str, last_loss: float, elapsed: float) -> dict[str, Any]:
     state = t.state
     return {
@@ -512,6 +533,7 @@ def training_summary(t: Training, stop_reason: str, last_loss: float, elapsed: f
         "steps": state.step,
         "epochs": round(state.step / t.steps_per_epoch, 2),
         "stopped": stop_reason,
+        **({"length": training_length(t)} if t.recipe.training.until_converged() else {}),
         "resumed_from": str(t.resumed_from) if t.resumed_from else None,
         "train_examples": len(t.train_set),
         **({"retrieval_rows": t.retrieval_rows} if t.retrieval_rows else {}),
