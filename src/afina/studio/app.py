@@ -18,6 +18,7 @@ import os
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -120,12 +121,12 @@ class Guard:
         return await self.app(scope, receive, send)
 
     async def chat(self, scope, receive, send, path: str):
-        name, _, rest = path[len("/chat/") :].partition("/")
+        name, slash, rest = path[len("/chat/") :].partition("/")
         try:
             check_run_name(name)
         except StudioError as exc:
             return await _send(send, JSONResponse({"error": exc.message}, 400), scope, receive)
-        if not _ and not rest:
+        if not slash:
             return await _send(send, RedirectResponse(f"/chat/{name}/", 307), scope, receive)
         served = self.state.served.get(name)
         if served is None:
@@ -166,7 +167,7 @@ async def runs_view(request: Request):
 
 async def compare_view(request: Request, a: str, b: str):
     state = studio_state(request)
-    sides = []
+    sides: list[dict[str, Any]] = []
     for name in (a, b):
         root = state.run_root(name)
         manifest = RunDir(root).read_manifest()
@@ -181,11 +182,11 @@ async def compare_view(request: Request, a: str, b: str):
                 "metrics": read_metrics(RunDir(root)),
             }
         )
-    sides[0]["diff"] = _diff_without_places(sides[0]["recipe"], sides[1]["recipe"])
+    sides[0]["diff"] = _recipe_differences(sides[0]["recipe"], sides[1]["recipe"])
     return HTMLResponse(pages.compare_page(sides[0], sides[1]))
 
 
-def _diff_without_places(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+def _recipe_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     return [d for d in recipe_diff(a, b) if d[0] not in ("name",)]
 
 
@@ -588,7 +589,7 @@ def create_app(settings: StudioSettings) -> FastAPI:
     app.state.studio = state
     app.add_middleware(Guard, state=state)
     app.add_exception_handler(StudioError, studio_error)  # type: ignore[arg-type]
-    routes = [
+    routes: list[tuple[str, Callable[..., Any], str]] = [
         ("/", runs_view, "GET"),
         ("/compare", compare_view, "GET"),
         ("/new", new_view, "GET"),
@@ -598,6 +599,7 @@ def create_app(settings: StudioSettings) -> FastAPI:
         ("/login", login_form, "GET"),
         ("/login", login, "POST"),
         ("/api/health", api_health, "GET"),
+        ("/health", api_health, "GET"),
         ("/api/runs", api_runs, "GET"),
         ("/api/runs/{name}", api_run, "GET"),
         ("/api/files", api_files, "GET"),

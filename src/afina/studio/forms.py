@@ -33,6 +33,8 @@ class FormField:
         if value is None:
             return ""
         if self.kind == "yaml":
+            if isinstance(value, (str, int, float)):
+                return str(value)
             return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
         if self.kind == "bool":
             return "true" if value else "false"
@@ -133,6 +135,16 @@ def set_key(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def field_of(key: str) -> str:
+    """The form field a problem's key belongs to (a union's member, e.g. `method.target_modules.list[str]`,
+    belongs to `method.target_modules`)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in FIELDS:
+            return ".".join(parts[:end])
+    return key
+
+
 def recipe_from_values(values: dict[str, Any], source: str) -> tuple[Recipe, dict[str, Any]]:
     """(validated recipe, the recipe's own keys as given) or a 422 naming every field that is wrong."""
     data: dict[str, Any] = {}
@@ -141,6 +153,6 @@ def recipe_from_values(values: dict[str, Any], source: str) -> tuple[Recipe, dic
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        problems = [{"field": key, "message": message} for key, message in recipe_problems(err)]
+        problems = [{"field": field_of(key), "message": message} for key, message in recipe_problems(err)]
         raise StudioError(422, format_validation_error(err, source), problems) from None
     return recipe, data

@@ -72,6 +72,7 @@ def layout(title: str, body: str, view: str, run: str | None = None, active: str
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(title)} · afina studio</title>
 <link rel="stylesheet" href="/static/studio.css">
+<link rel="icon" href="data:,">
 </head>
 <body data-view="{esc(view)}" data-run="{esc(run or "")}">
 <a class=skip href="#main">Skip to content</a>

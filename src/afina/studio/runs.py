@@ -44,13 +44,10 @@ def read_metrics(run: RunDir, since: int = 0) -> list[dict[str, Any]]:
 def planned_steps(recipe: dict[str, Any], rows: list[dict[str, Any]]) -> int | None:
     """The run's total optimizer steps: training.max_steps, or epochs x the steps per epoch seen so far."""
     training = recipe.get("training") or {}
-    by_epochs = None
+    if training.get("max_steps"):  # it overrides epochs
+        return int(training["max_steps"])
     last = next((r for r in reversed(rows) if r.get("epoch")), None)
-    if last:
-        by_epochs = round(float(training.get("epochs", 3)) * last["step"] / last["epoch"])
-    if training.get("max_steps"):
-        return min(training["max_steps"], by_epochs) if by_epochs else training["max_steps"]
-    return by_epochs
+    return round(float(training.get("epochs", 3)) * last["step"] / last["epoch"]) if last else None
 
 
 def progress(recipe: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
