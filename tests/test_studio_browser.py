@@ -48,6 +48,8 @@ def save_screenshot(browser, folder: Path, name: str) -> None:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
+    if name != "new-run":  # that one shows the field with the error, where the page scrolled to
+        browser.execute_script("window.scrollTo(0, 0)")
     raw = folder / f"{name}.raw.png"
     browser.save_screenshot(str(raw))
     Image.open(raw).convert("RGB").quantize(colors=64).save(folder / f"{name}.png", optimize=True)
@@ -113,11 +115,11 @@ def test_data_file_to_chat_and_next_training_file_in_a_browser(browser, tiny_mod
         browser.find_element(By.ID, "f-name").send_keys("support")
         fill("model.name", str(tiny_model_dir))
         for key, value in {
-            "training.max_steps": "20",
+            "training.max_steps": "12",
             "training.batch_size": "2",
             "training.precision": "fp32",
             "training.log_every": "1",
-            "training.eval_every": "5",
+            "training.eval_every": "4",
             "eval.systems": "[base, tuned]",
             "eval.max_new_tokens": "4",
             "eval.risks.memorisation_rows": "0",
@@ -163,7 +165,7 @@ def test_data_file_to_chat_and_next_training_file_in_a_browser(browser, tiny_mod
                 seen.add(int(points))
             time.sleep(0.2)
         assert len(seen) >= 2, f"the curve never updated while training ({seen})"
-        wait.until(lambda d: text("live-step") == "20 / 20")
+        wait.until(lambda d: text("live-step") == "12 / 12")
         save_screenshot(browser, shots, "train")
 
         # 5. Evaluate.

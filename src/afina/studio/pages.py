@@ -405,7 +405,8 @@ def chat_page(run: str, loaded: list[str] | None, logs: int) -> str:
         "</div>"
         f"<p><a href='/chat/{esc(run)}/'>Open the full chat page</a> (streams, one model at a time).</p>"
         "<h2>Next training file</h2>"
-        f"<p>Rated and corrected answers are logged in the run's <code>logs/</code> ({logs} requests so far). "
+        "<p>Every answer is logged in the run's <code>logs/</code> "
+        f"(<span id=logged-count>{logs}</span> requests so far); ratings and corrections go with them. "
         "<button type=button id=next-data>Build the next training file</button></p>"
         "<p id=next-result role=status></p>"
     )

@@ -280,7 +280,7 @@ if (view === "chat") {
       const r = await api("POST", `/chat/${run}/v1/feedback`, { id, rating, correction: correction || null });
       status.textContent = r.ok ? "feedback recorded" : "not recorded: " + ((r.body.error && r.body.error.message) || r.status);
     };
-    for (const [label, rating, text] of [["\u{1F44D}", 1, "good answer"], ["\u{1F44E}", -1, "bad answer"]]) {
+    for (const [label, rating, text] of [["+1 good", 1, "good answer"], ["-1 bad", -1, "bad answer"]]) {
       const b = document.createElement("button");
       b.type = "button"; b.textContent = label; b.setAttribute("aria-label", "rate: " + text); b.className = "rate";
       b.onclick = () => send(rating);
@@ -307,7 +307,10 @@ if (view === "chat") {
       model, messages: [{ role: "user", content: text }], max_tokens: parseInt($("chat-max").value, 10) || 32,
     });
     if (!r.ok) { a.textContent = "error: " + ((r.body.error && (r.body.error.message || r.body.error)) || r.status); return; }
-    a.textContent = r.body.choices[0].message.content;
+    const content = r.body.choices[0].message.content.trim().replace(/\n{3,}/g, "\n\n");
+    a.textContent = content || "(an empty answer)";
+    const logged = $("logged-count");
+    logged.textContent = String(parseInt(logged.textContent, 10) + 1);
     box.dataset.id = r.body.id;
     feedback(box, r.body.id);
     box.dataset.done = "true";
