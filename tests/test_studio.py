@@ -331,6 +331,11 @@ def test_a_key_guards_everything_and_other_sites_cannot_post(tmp_path):
         assert client.get("/").status_code == 200  # the cookie
         foreign = client.post("/api/recipes", json={"values": {}}, headers={"Origin": "http://evil.example"})
         assert foreign.status_code == 403
+    with TestClient(create_app(settings), base_url="http://evil.example:7860") as rebound:  # DNS rebinding
+        refused = rebound.get("/api/runs", headers={"Authorization": "Bearer s3cret"})
+        assert refused.status_code == 403 and "evil.example" in refused.json()["error"]
+    with TestClient(create_app(settings), base_url="http://localhost:7860") as local:
+        assert local.get("/api/runs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
 def test_cli_studio_refuses_another_host_without_a_key(capsys):

@@ -99,7 +99,10 @@ class Guard:
     the run's serve app."""
 
     def __init__(self, app, state: StudioState):
+        from afina.serve.app import is_loopback
+
         self.app, self.state = app, state
+        self.local_only = is_loopback(state.settings.host)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -111,6 +114,10 @@ class Guard:
             if path.startswith(("/api/", "/chat/")) or scope["method"] != "GET":
                 return await _send(send, JSONResponse({"error": "missing or wrong API key"}, 401), scope, receive)
             return await _send(send, RedirectResponse("/login", 303), scope, receive)
+        if self.local_only and not _is_local(headers.get("host", "")):
+            # A page of another site whose name was re-pointed at 127.0.0.1 (DNS rebinding) sends its own name.
+            body = {"error": f"host {headers.get('host')!r} refused: the studio answers to 127.0.0.1 or localhost"}
+            return await _send(send, JSONResponse(body, 403), scope, receive)
         if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
             origin = headers.get("origin")
             if origin and origin != "null" and urllib.parse.urlsplit(origin).netloc != headers.get("host"):
@@ -134,6 +141,13 @@ class Guard:
             return await _send(send, JSONResponse({"error": message}, 409), scope, receive)
         inner = {**scope, "path": "/" + rest, "raw_path": ("/" + rest).encode(), "root_path": ""}
         return await served[0](inner, receive, send)
+
+
+def _is_local(host: str) -> bool:
+    from afina.serve.app import is_loopback
+
+    name = urllib.parse.urlsplit("//" + host).hostname or ""
+    return is_loopback(name)
 
 
 def _has_key(headers: dict[str, str], key: str) -> bool:
@@ -268,6 +282,12 @@ async def run_view(request: Request, name: str, view: str):
         loaded = state.served.get(name)
         return HTMLResponse(pages.chat_page(name, loaded[1] if loaded else None, count))
     raise StudioError(404, f"no view {view!r}; views: {', '.join(pages.RUN_VIEWS)}")
+
+
+async def run_home(request: Request, name: str):
+    """A run's page: the view of its next stage."""
+    root = studio_state(request).run_root(name)
+    return RedirectResponse(f"/runs/{name}/{pages.next_view(summary(root))}", 303)
 
 
 async def run_file(request: Request, name: str, kind: str):
@@ -593,6 +613,7 @@ def create_app(settings: StudioSettings) -> FastAPI:
         ("/", runs_view, "GET"),
         ("/compare", compare_view, "GET"),
         ("/new", new_view, "GET"),
+        ("/runs/{name}", run_home, "GET"),
         ("/runs/{name}/file/{kind}", run_file, "GET"),
         ("/runs/{name}/{view}", run_view, "GET"),
         ("/static/{name}", static_file, "GET"),

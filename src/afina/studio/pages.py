@@ -113,7 +113,7 @@ def runs_page(runs: list[dict[str, Any]], running: tuple[str, dict[str, Any]] | 
             metric = f"{esc(r['metric'])}: {num(r.get('tuned'))} (base {num(r.get('base'))})"
         rows.append(
             [
-                f"<a href='/runs/{esc(r['name'])}/{_next_view(r)}'>{esc(r['name'])}</a>",
+                f"<a href='/runs/{esc(r['name'])}/{next_view(r)}'>{esc(r['name'])}</a>",
                 stage_marks(r["stages"]),
                 num(r.get("val_loss")),
                 metric,
@@ -139,7 +139,7 @@ def runs_page(runs: list[dict[str, Any]], running: tuple[str, dict[str, Any]] | 
     return layout("Runs", body, "runs")
 
 
-def _next_view(run: dict[str, Any]) -> str:
+def next_view(run: dict[str, Any]) -> str:
     done = run["stages"]
     if "export" in done:
         return "chat"
