@@ -497,7 +497,8 @@ async def api_estimate(request: Request, name: str):
         proc.kill()
         raise StudioError(504, "afina estimate took over 10 minutes") from None
     text = out.decode("utf-8", errors="replace")
-    lines = [line for line in text.splitlines() if not line.startswith(("Loading", "WARNING bitsandbytes"))]
+    noise = ("Loading", "WARNING bitsandbytes", "  warnings.warn")
+    lines = [line for line in text.splitlines() if not line.startswith(noise) and "Warning: " not in line]
     return {
         "ok": proc.returncode == 0,
         "fits": proc.returncode == 0 and "does not fit" not in text,

@@ -120,9 +120,15 @@ def parse_value(key: str, raw: Any) -> Any:
     if field is not None and raw.strip() == "" and field.optional:
         return None
     try:
-        return yaml.safe_load(raw) if raw.strip() else raw
+        value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:
         return raw
+    if field is not None and field.kind == "number" and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as text; a number field means the number
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def set_key(data: dict[str, Any], key: str, value: Any) -> None:
