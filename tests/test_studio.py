@@ -311,6 +311,10 @@ def test_one_job_at_a_time_even_for_starts_at_once_and_across_restarts(studio, t
     job = wait_for_job(studio, running)
     assert job["returncode"] != 0
     assert studio.post("/api/runs/a/jobs", json={"stage": "bake"}).status_code == 400
+    early = studio.post("/api/runs/a/jobs", json={"stage": "eval"})  # nothing trained yet: says what to run
+    assert early.status_code == 409 and "no trained model" in early.json()["error"]
+    early = studio.post("/api/runs/a/jobs", json={"stage": "train"})
+    assert early.status_code == 409 and "run prepare first" in early.json()["error"]
     assert studio.post("/api/runs/a/jobs", json={"stage": "prepare"}).status_code == 202
     studio.post("/api/runs/a/stop")
     wait_for_job(studio, "a")

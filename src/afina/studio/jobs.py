@@ -104,6 +104,9 @@ class Jobs:
                     f"'{job['stage']}' of run '{name}' is running (pid {job['pid']}, since {job['started_at']}); "
                     "one job runs at a time on this machine: wait for it or stop it first",
                 )
+            missing = missing_before(run_root, stage)
+            if missing:
+                raise StudioError(409, f"run '{run_root.name}' cannot {stage} yet: {missing}")
             log = run_root / "studio" / f"{stage}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "-m", "afina", stage, str(recipe), *(extra or [])]
@@ -146,6 +149,15 @@ class Jobs:
             raise StudioError(409, f"run '{run_root.name}' has no job running: nothing to stop")
         os.kill(job["pid"], signal.SIGTERM)  # training saves a checkpoint and exits; resume continues it
         return {**job, "stopping": True}
+
+
+def missing_before(run_root: Path, stage: str) -> str | None:
+    """What an earlier stage must write before `stage` can run, or None."""
+    if stage == "train" and not (run_root / "data" / "train.jsonl").is_file():
+        return "its data is not prepared (run prepare first)"
+    if stage in ("eval", "export") and not ((run_root / "adapter").is_dir() or (run_root / "model").is_dir()):
+        return "it has no trained model (train it, or resume its training, first)"
+    return None
 
 
 def log_tail(job: dict[str, Any] | None, chars: int = 4000) -> str:
