@@ -5,7 +5,19 @@ import sys
 
 import pytest
 
-COMMANDS = ["prepare", "train", "estimate", "eval", "export", "run", "serve", "models", "config", "quickstart"]
+COMMANDS = [
+    "prepare",
+    "train",
+    "estimate",
+    "eval",
+    "export",
+    "run",
+    "serve",
+    "studio",
+    "models",
+    "config",
+    "quickstart",
+]
 
 
 def afina(*args, cwd=None):

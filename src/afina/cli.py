@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_stage_commands(sub)
     _add_serve_command(sub)
+    _add_studio_command(sub)
     _add_tool_commands(sub)
     return parser
 
@@ -180,6 +181,28 @@ def _add_serve_command(sub) -> None:
         default=None,
         help="allow a --host other than this machine without an API key (anyone reaching it may use it)",
     )
+
+
+def _add_studio_command(sub) -> None:
+    p = sub.add_parser(
+        "studio",
+        help="the whole flow in a browser: data, recipe, prepare, train, eval, export, chat",
+        description="A local web app over the run directories: upload or pick data, see and fix the guessed "
+        "schema, fill in a recipe generated from the recipe schema, estimate, then start, watch, stop and resume "
+        "each stage (the same `afina STAGE recipe.yaml` commands, as background processes), compare runs, chat "
+        "with base and tuned side by side and turn rated answers into the next training file.",
+    )
+    p.add_argument("--runs", default="runs", help="the folder of run directories (default: runs)")
+    p.add_argument("--data", default=".", help="the folder whose data files can be picked (default: this folder)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--api-key", help="require this key (Bearer header, or a sign-in page) (or set $AFINA_API_KEY)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a --host other than this machine without an API key (anyone reaching it may use it)",
+    )
+    p.add_argument("--max-upload-mb", type=int, default=256, help="largest data file upload in MiB (default 256)")
 
 
 def _add_tool_commands(sub) -> None:
@@ -444,6 +467,24 @@ def cmd_serve(args) -> None:
     serve(args.target, serve_settings(args))
 
 
+def cmd_studio(args) -> None:
+    from pathlib import Path
+
+    from afina.studio.app import StudioSettings, studio
+
+    studio(
+        StudioSettings(
+            runs_dir=Path(args.runs).resolve(),
+            data_dir=Path(args.data).resolve(),
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            insecure=args.insecure,
+            max_upload_bytes=args.max_upload_mb << 20,
+        )
+    )
+
+
 def cmd_data(args) -> None:
     if args.pairs:
         from afina.data.preference_logs import format_preference_counts, preferences_from_logs
@@ -493,6 +534,7 @@ COMMANDS = {
     "advise": cmd_advise,
     "run": cmd_run,
     "serve": cmd_serve,
+    "studio": cmd_studio,
     "data": cmd_data,
     "monitor": cmd_monitor,
     "promote": cmd_promote,

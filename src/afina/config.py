@@ -878,17 +878,25 @@ def _describe_allowed(model_cls: type[BaseModel] | None, loc: tuple[Any, ...]) -
     return f" Allowed keys here: {', '.join(keys)}.{hint}"
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: the recipe is not valid:"]
+def recipe_problems(err: ValidationError) -> list[tuple[str, str]]:
+    """(key, message) for each problem of a recipe, as `afina` prints them; key is '' for a rule of the whole
+    recipe. The studio shows each message beside its field."""
+    problems = []
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"])
         given = item.get("input")
         if item["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{key}'.{_describe_allowed(Recipe, item['loc'])}")
+            problems.append((key, f"unknown key '{key}'.{_describe_allowed(Recipe, item['loc'])}"))
         elif item["type"] == "value_error":  # a rule across keys: its message names them
-            lines.append(f"  - {key + ': ' if key else ''}{item['msg'].removeprefix('Value error, ')}")
+            problems.append((key, f"{key + ': ' if key else ''}{item['msg'].removeprefix('Value error, ')}"))
         else:
-            lines.append(f"  - '{key}': {item['msg']} (given: {given!r})")
+            problems.append((key, f"'{key}': {item['msg']} (given: {given!r})"))
+    return problems
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: the recipe is not valid:"]
+    lines += [f"  - {message}" for _key, message in recipe_problems(err)]
     return "\n".join(lines)
 
 

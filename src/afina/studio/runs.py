@@ -1,0 +1,135 @@
+"""What the studio shows of a run: read from its run directory (manifest, metrics.jsonl, reports), never
+computed a second way."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from afina.rundir import RunDir
+
+STAGE_ORDER = ("prepare", "train", "eval", "export")
+
+
+def is_run(root: Path) -> bool:
+    return (
+        root.is_dir()
+        and not root.is_symlink()
+        and not root.name.startswith(".")
+        and ((root / "manifest.json").is_file() or (root / "recipe.yaml").is_file())
+    )
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(run: RunDir, since: int = 0) -> list[dict[str, Any]]:
+    """metrics.jsonl rows after the first `since` (a line being written is skipped until complete)."""
+    if not run.metrics.is_file():
+        return []
+    rows = []
+    for line in run.metrics.read_text(encoding="utf-8").splitlines()[since:]:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
+def planned_steps(recipe: dict[str, Any], rows: list[dict[str, Any]]) -> int | None:
+    """The run's total optimizer steps: training.max_steps, or epochs x the steps per epoch seen so far."""
+    training = recipe.get("training") or {}
+    if training.get("max_steps"):  # it overrides epochs
+        return int(training["max_steps"])
+    last = next((r for r in reversed(rows) if r.get("epoch")), None)
+    return round(float(training.get("epochs", 3)) * last["step"] / last["epoch"]) if last else None
+
+
+def progress(recipe: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Step, planned steps and the time left, from the last metrics row's tokens/s."""
+    if not rows:
+        return {"step": 0, "total": planned_steps(recipe, rows), "eta_s": None}
+    last = rows[-1]
+    total = planned_steps(recipe, rows)
+    eta = None
+    if total and last.get("tokens_per_s"):
+        seconds_per_step = last["tokens"] / last["step"] / last["tokens_per_s"]
+        eta = round(max(0, total - last["step"]) * seconds_per_step, 1)
+    return {"step": last["step"], "total": total, "eta_s": eta}
+
+
+def headline(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Validation loss, the first eval metric (tuned vs base), time and cost of a run."""
+    stages = manifest.get("stages") or {}
+    train = manifest.get("train") or {}
+    evaluation = manifest.get("eval") or {}
+    out: dict[str, Any] = {
+        "stages": [s for s in STAGE_ORDER if s in stages],
+        "val_loss": train.get("val_loss_after"),
+        "steps": train.get("steps"),
+        "tokens_per_s": train.get("tokens_per_s"),
+        "wall_time_s": round(sum(s.get("wall_time_s", 0) for s in stages.values()), 1),
+        "finished_at": max((s.get("finished_at", "") for s in stages.values()), default=""),
+    }
+    systems = evaluation.get("systems") or {}
+    if systems:
+        scores = systems.get("tuned") or next(iter(systems.values()))
+        metric = next(iter(scores), None)
+        if metric is not None:
+            out["metric"] = metric
+            out["tuned"] = (systems.get("tuned") or {}).get(metric)
+            out["base"] = (systems.get("base") or {}).get(metric)
+    price = ((manifest.get("recipe") or {}).get("eval") or {}).get("price_per_hour") or 0.0
+    out["cost"] = round(out["wall_time_s"] / 3600 * price, 4) if price else None
+    return out
+
+
+def summary(root: Path) -> dict[str, Any]:
+    run = RunDir(root)
+    manifest = run.read_manifest()
+    return {
+        "name": root.name,
+        **headline(manifest),
+        "has_recipe": (root / "recipe.yaml").is_file(),
+        "checkpoints": (root / "checkpoints").is_dir() and any((root / "checkpoints").glob("step-*")),
+    }
+
+
+def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    if not runs_dir.is_dir():
+        return []
+    return [summary(root) for root in sorted(runs_dir.iterdir(), key=lambda p: p.name) if is_run(root)]
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def recipe_diff(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) for every recipe key whose values differ."""
+    fa, fb = flatten(a), flatten(b)
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def run_recipe(root: Path) -> dict[str, Any]:
+    """The recipe the run's stages used (manifest), else the saved recipe.yaml."""
+    import yaml
+
+    recipe = RunDir(root).read_manifest().get("recipe")
+    if recipe:
+        return recipe
+    path = root / "recipe.yaml"
+    if path.is_file():
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return loaded if isinstance(loaded, dict) else {}
+    return {}
