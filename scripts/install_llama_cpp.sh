@@ -21,8 +21,18 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work"
 sdist=$(ls "$work"/llama_cpp_python-*.tar.gz)
-# pip caches the wheel it builds from this sdist: a second install (same machine) takes seconds.
-"$PYTHON" -m pip install --quiet "$sdist"
+# pip does not cache a wheel built from a local sdist, so the build (~4 minutes on 2 cores) is kept here, keyed by
+# version, Python and build settings: a second install on the same machine takes seconds.
+key=$(printf '%s|%s' "$CMAKE_ARGS" "$("$PYTHON" -c 'import sys; print(sys.version)')" | sha256sum | cut -c1-16)
+wheels="${AFINA_CACHE:-$HOME/.cache/afina}/wheels/llama-cpp-python-$VERSION-$key"
+wheel=$(ls "$wheels"/llama_cpp_python-*.whl 2>/dev/null | head -n 1 || true)
+if [ -z "$wheel" ]; then
+  "$PYTHON" -m pip wheel --quiet --no-deps "$sdist" -w "$work/wheel"
+  mkdir -p "$wheels"
+  cp "$work"/wheel/llama_cpp_python-*.whl "$wheels"/
+  wheel=$(ls "$wheels"/llama_cpp_python-*.whl | head -n 1)
+fi
+"$PYTHON" -m pip install --quiet "$wheel"
 
 # The converter, its conversion/ package and the gguf-py it was written with (not on PyPI as one package).
 share=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["data"])')/share/afina/llama.cpp
