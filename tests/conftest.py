@@ -29,6 +29,26 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(threads)
 
 
+# The longest test files (minutes each on 2 cores), run first: with two workers the long ones then overlap the rest
+# instead of one of them running alone at the end (pytest-xdist hands out files in collection order).
+LONG_FIRST = (
+    "integration/",
+    "test_export_gguf.py",
+    "test_cli.py",
+    "test_architectures.py",
+    "test_studio.py",
+    "test_studio_browser.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return next((i for i, name in enumerate(LONG_FIRST) if name in path), len(LONG_FIRST))
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept
+
+
 def _llama_cpp_missing() -> str | None:
     from afina.export.gguf_convert import llama_cpp_missing
 

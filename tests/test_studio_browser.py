@@ -115,11 +115,12 @@ def test_data_file_to_chat_and_next_training_file_in_a_browser(browser, tiny_mod
         browser.find_element(By.ID, "f-name").send_keys("support")
         fill("model.name", str(tiny_model_dir))
         for key, value in {
-            "training.max_steps": "12",
+            # long enough that the page's once-a-second poll sees the curve grow even on a fast, quiet machine
+            "training.max_steps": "120",
             "training.batch_size": "2",
             "training.precision": "fp32",
             "training.log_every": "1",
-            "training.eval_every": "4",
+            "training.eval_every": "40",
             "eval.systems": "[base, tuned]",
             "eval.max_new_tokens": "4",
             "eval.risks.memorisation_rows": "0",
@@ -165,7 +166,7 @@ def test_data_file_to_chat_and_next_training_file_in_a_browser(browser, tiny_mod
                 seen.add(int(points))
             time.sleep(0.2)
         assert len(seen) >= 2, f"the curve never updated while training ({seen})"
-        wait.until(lambda d: text("live-step") == "12 / 12")
+        wait.until(lambda d: text("live-step") == "120 / 120")
         save_screenshot(browser, shots, "train")
 
         # 5. Evaluate.
