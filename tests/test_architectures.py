@@ -68,12 +68,22 @@ def _recipe(tmp_path, model_dir, arch: str, *overrides: str):
     )
 
 
+TRANSFORMERS_READS = {"llama", "gemma2", "gemma3_text"}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_through_every_stage(arch, arch_dirs, tmp_path):
     from afina.export.verify import ExportCheckError
 
     recipe = _recipe(
-        tmp_path, arch_dirs[arch], arch, "export.formats=[adapter,merged,gguf,ollama]", "export.gguf_types=[f16,q4_k_m]"
+        tmp_path,
+        arch_dirs[arch],
+        arch,
+        "export.formats=[adapter,merged,gguf,ollama]",
+        "export.gguf_types=[f16,q4_k_m]",
+        # transformers' second reading of each file costs about a minute per file with the 49k-token byte-level
+        # vocabulary (parsed in Python three times): kept for one byte-level family and the SentencePiece ones.
+        f"export.gguf_check_transformers={str(arch in TRANSFORMERS_READS).lower()}",
     )
     run_stage("prepare", recipe, echo=lambda _: None)  # as `afina prepare`: the manifest records the recipe
     summary = train(recipe, progress=False)
@@ -94,7 +104,10 @@ def test_lora_through_every_stage(arch, arch_dirs, tmp_path):
             check = results[f"gguf_{outtype}"]
             assert check["ok"], check
             assert check["llama_cpp"]["tokenization_equal"] and check["chat_template_equal"]
-            assert check["transformers"].get("ok", True)  # checked, or skipped where transformers lacks the arch
+            if arch in TRANSFORMERS_READS:  # checked, or skipped where transformers lacks the arch
+                assert check["transformers"].get("ok", True)
+            else:
+                assert "transformers" not in check
         assert results["gguf_f16"]["llama_cpp"]["kl_mean"] < 1e-3
         ollama = results["ollama"]
         if arch in NO_MODELFILE:

@@ -75,6 +75,8 @@ def test_run_goes_through_every_stage(tmp_path, tiny_model_dir):
     recipe.write_text(
         f"name: cli\noutput_dir: {tmp_path / 'runs'}\nmodel:\n  name: {tiny_model_dir}\n"
         "data:\n  path: rows.jsonl\ntraining:\n  max_steps: 2\n  batch_size: 4\neval:\n  max_new_tokens: 4\n"
+        # llama.cpp verifies the GGUF files; transformers' slow second reading is tested in test_export_gguf.py
+        "export:\n  gguf_check_transformers: false\n"
     )
     out = afina("run", str(recipe))
     assert out.returncode == 0, out.stderr

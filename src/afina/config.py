@@ -519,6 +519,13 @@ class ExportConfig(_Section):
         "gguf_adapter).",
     )
     gguf_types: list[GgufTypeName] = Field(default_factory=list_of("f16", "q8_0", "q4_k_m"), min_length=1)
+    gguf_check_transformers: bool = Field(
+        True,
+        description="Also read each GGUF file with transformers' GGUF reader and compare its next-token "
+        "distributions (a second reader beside llama.cpp, whose check decides). Slow: transformers parses the "
+        "file's vocabulary in Python three times (about a minute per file for a 49k-token vocabulary on 2 cores) "
+        "and holds the weights dequantized in float32.",
+    )
     gguf_max_kl: dict[GgufTypeName, float] = Field(
         default_factory=dict,
         description="Per GGUF type, the largest mean KL divergence (nats) allowed between the trained model's and "

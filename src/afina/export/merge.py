@@ -121,6 +121,7 @@ def _export_gguf(merged, tokenizer, run, recipe, reference: Reference) -> dict[s
             list(recipe.export.gguf_types),
             reference,
             recipe.export.gguf_max_kl,
+            transformers_check=recipe.export.gguf_check_transformers,
             base_dir=Path(resolve_model(recipe.model.name)),
         )
     except ExportError as exc:  # the converter or llama.cpp is missing, or does not know this architecture
