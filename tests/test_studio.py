@@ -116,6 +116,9 @@ def test_a_run_through_every_stage_with_stop_and_resume(studio, tiny_model_dir):
 
     estimate = studio.post("/api/runs/first/estimate").json()
     assert estimate["ok"] and "memory per process (estimate)" in estimate["output"] and estimate["fits"]
+    assert "time (from" not in estimate["output"]  # memory only: nothing loaded
+    early = studio.post("/api/runs/first/estimate", json={"time": True})
+    assert early.status_code == 409 and "run Prepare first" in early.json()["error"]
 
     # Prepare, as a background `python -m afina prepare recipe.yaml`.
     started = studio.post("/api/runs/first/jobs", json={"stage": "prepare"})
@@ -124,6 +127,10 @@ def test_a_run_through_every_stage_with_stop_and_resume(studio, tiny_model_dir):
     assert wait_for_job(studio, "first")["returncode"] == 0
     page = studio.get("/runs/first/prepare").text
     assert "rows per step" in page and "prompt_completion" in page and "token-length histogram" in page
+
+    # After prepare: memory from the real rows, and the time from a few measured steps.
+    timed = studio.post("/api/runs/first/estimate", json={"time": True}).json()
+    assert timed["ok"] and "s/step" in timed["output"] and "30 steps in the run" in timed["output"], timed["output"]
 
     # Train; stop once the curve has started (SIGTERM: a checkpoint, exit 130); resume to the end.
     assert studio.post("/api/runs/first/jobs", json={"stage": "train"}).status_code == 202

@@ -472,7 +472,9 @@ async def api_save_recipe(request: Request):
 
 
 async def api_estimate(request: Request, name: str):
-    """`afina estimate recipe.yaml --memory-only`, as typed (the model's config only; no weights read)."""
+    """`afina estimate recipe.yaml --memory-only`, as typed (the model's config only; no weights read); with
+    `{"time": true}`, `afina estimate recipe.yaml` (the prepared rows, a few timed steps: after prepare, and
+    not while a job runs, whose timing it would disturb)."""
     import sys
 
     state = studio_state(request)
@@ -480,13 +482,21 @@ async def api_estimate(request: Request, name: str):
     recipe = root / "recipe.yaml"
     if not recipe.is_file():
         raise StudioError(409, f"run '{name}' has no recipe.yaml yet: save the recipe first")
+    timed = (await json_body(request)).get("time") is True
+    if timed:
+        running = await asyncio.to_thread(state.jobs.running)
+        if running is not None:
+            other, job = running
+            raise StudioError(409, f"'{job['stage']}' of run '{other}' is running: estimate the time when it ends")
+        if not (root / "data" / "train.jsonl").is_file():
+            raise StudioError(409, f"run '{name}' is not prepared: run Prepare first (the time comes from its rows)")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "afina",
         "estimate",
         str(recipe),
-        "--memory-only",
+        *([] if timed else ["--memory-only"]),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         cwd=root,

@@ -298,6 +298,9 @@ def train_page(run: str, job_panel_html: str, has_checkpoint: bool, series: list
         + " "
         + resume
         + " <button type=button id=stop>Stop (checkpoint and exit)</button></p>"
+        + "<p><button type=button id=estimate data-time=true>Estimate memory and time</button> "
+        "<span class=hint>from the prepared rows: loads the model and times a few steps (about a minute)</span></p>"
+        "<pre id=estimate-result tabindex=0></pre>"
         + job_panel_html
         + "<h2>Live</h2><dl class=live>"
         + "".join(
@@ -494,11 +497,13 @@ def new_run_page(
 <p id=f-data-path-err class=error role=alert></p>
 {form_section(FORM, values, skip, top=True)}
 <p><button type=submit id=save-recipe>Save recipe</button>
- <button type=button id=estimate>Estimate memory and time</button>
+ <button type=button id=estimate>Estimate memory</button>
  <button type=button id=save-prepare>Save and prepare</button></p>
 </form>
 <p id=save-result role=status></p>
 <pre id=estimate-result tabindex=0></pre>
+<p class=hint>Memory from the model's configuration and the longest allowed row (nothing is loaded). After
+Prepare, the Train page estimates memory from the real rows and times a few steps.</p>
 <details><summary>recipe.yaml</summary><pre id=recipe-yaml tabindex=0></pre></details>
 </section>"""
     return layout("New run" if run is None else f"Recipe of {run}", body, "new", run, "recipe")

@@ -95,6 +95,15 @@ async function followJob(started) {
 }
 if ($("job-state") && $("job-state").dataset.running === "true") followJob(false);
 
+// ---- estimate: memory only (new run), or memory and time from the prepared rows (train page)
+async function estimate(name, time) {
+  $("estimate-result").textContent = time ? "estimating (afina estimate: loads the model, times a few steps)..." : "estimating (afina estimate --memory-only)...";
+  const r = await api("POST", `/api/runs/${name}/estimate`, { time });
+  $("estimate-result").textContent = r.ok ? (r.body.fits ? "fits: " : "WARNING: ") + r.body.output : (r.body.error || "HTTP " + r.status);
+  $("estimate-result").dataset.done = "true";
+}
+if (view === "train" && $("estimate")) $("estimate").addEventListener("click", () => estimate(run, true));
+
 // ---- train: live numbers and curves from metrics.jsonl
 const metrics = [];
 async function pollMetrics() {
@@ -244,10 +253,7 @@ if (view === "new") {
   $("estimate").addEventListener("click", async () => {
     const name = await save();
     if (!name) return;
-    $("estimate-result").textContent = "estimating (afina estimate --memory-only)...";
-    const r = await api("POST", `/api/runs/${name}/estimate`);
-    $("estimate-result").textContent = r.ok ? (r.body.fits ? "fits: " : "WARNING: ") + r.body.output : (r.body.error || "HTTP " + r.status);
-    $("estimate-result").dataset.done = "true";
+    await estimate(name, false);
   });
   $("save-prepare").addEventListener("click", async () => {
     const name = await save();
