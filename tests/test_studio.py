@@ -354,3 +354,19 @@ def test_cli_studio_refuses_another_host_without_a_key(capsys):
 
     assert main(["studio", "--host", "0.0.0.0", "--runs", "/nonexistent/runs"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def test_progress_of_a_run_that_trains_until_validation_stops_improving():
+    """A recipe without epochs (the default) plans at most AUTO_EPOCHS epochs, and says it is a cap."""
+    from afina.config import AUTO_EPOCHS, FALLBACK_EPOCHS
+    from afina.studio.runs import progress
+
+    rows = [{"step": 21, "epoch": 1.0, "tokens": 2100, "tokens_per_s": 100.0}]  # 1 s per step
+    capped = progress({"training": {"epochs": None, "max_steps": None}}, rows)
+    assert capped == {"step": 21, "total": 21 * AUTO_EPOCHS, "at_most": True, "eta_s": 21.0 * (AUTO_EPOCHS - 1)}
+    assert progress({}, rows)["total"] == 21 * AUTO_EPOCHS  # a saved recipe.yaml that names no training section
+    no_validation = {"data": {"split": {"train": 0.8, "validation": 0.0, "test": 0.2}}}
+    assert progress(no_validation, rows)["total"] == 21 * FALLBACK_EPOCHS
+    assert progress({"training": {"epochs": 2}}, rows) == {"step": 21, "total": 42, "at_most": False, "eta_s": 21.0}
+    assert progress({"training": {"epochs": 2, "max_steps": 30}}, rows)["total"] == 30
+    assert progress({"training": {"epochs": None}}, []) == {"step": 0, "total": None, "at_most": True, "eta_s": None}

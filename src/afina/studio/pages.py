@@ -318,8 +318,13 @@ def train_page(run: str, job_panel_html: str, has_checkpoint: bool, series: list
         + "</dl>"
         + chart("loss-chart", "train and validation loss by step", series)
         + chart("lr-chart", "learning rate by step", [])
-        + f"<p class=hint>Training runs in the background: closing this page does not stop it. "
-        f"{esc(progress.get('total') or '?')} steps planned.</p>"
+        + "<p class=hint>Training runs in the background: closing this page does not stop it. "
+        + (
+            f"At most {esc(progress.get('total') or '?')} steps: training stops when validation loss stops "
+            "improving (the recipe sets no epochs), keeping the best weights.</p>"
+            if progress.get("at_most")
+            else f"{esc(progress.get('total') or '?')} steps planned.</p>"
+        )
     )
     return layout("Train", body, "train", run, "train")
 

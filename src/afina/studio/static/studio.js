@@ -114,14 +114,14 @@ async function pollMetrics() {
   const lastVal = [...metrics].reverse().find((m) => m.val_loss !== undefined && m.val_loss !== null);
   const p = r.body.progress;
   if (last) {
-    $("live-step").textContent = p.total ? `${last.step} / ${p.total}` : String(last.step);
+    $("live-step").textContent = p.total ? `${last.step} / ${p.at_most ? "at most " : ""}${p.total}` : String(last.step);
     $("live-loss").textContent = last.loss.toFixed(4);
     $("live-val_loss").textContent = lastVal ? lastVal.val_loss.toFixed(4) : "—";
     $("live-lr").textContent = last.lr.toExponential(2);
     $("live-tokens_per_s").textContent = String(last.tokens_per_s);
     $("live-memory").textContent = String(last.peak_memory_mb);
   }
-  $("live-eta").textContent = p.eta_s === null ? "—" : (p.eta_s < 90 ? Math.round(p.eta_s) + " s" : (p.eta_s / 60).toFixed(1) + " min");
+  $("live-eta").textContent = p.eta_s === null ? "—" : (p.at_most ? "at most " : "") + (p.eta_s < 90 ? Math.round(p.eta_s) + " s" : (p.eta_s / 60).toFixed(1) + " min");
   drawChart($("loss-chart"), [
     { name: "train loss", points: metrics.filter((m) => m.loss !== undefined).map((m) => [m.step, m.loss]) },
     { name: "validation loss", points: metrics.filter((m) => m.val_loss !== undefined && m.val_loss !== null).map((m) => [m.step, m.val_loss]) },
