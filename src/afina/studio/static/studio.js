@@ -36,7 +36,9 @@ function drawChart(svg, series) {
   const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
   el("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999" });
   el("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#999" });
-  const fmt = (v) => Math.abs(v) >= 0.01 || v === 0 ? v.toPrecision(3) : v.toExponential(1);
+  // enough digits that the axis's three labels differ (a learning rate moves in its third digit)
+  const digits = y1 > y0 ? Math.min(6, Math.max(1, Math.ceil(Math.log10(Math.max(Math.abs(y0), Math.abs(y1)) / (y1 - y0))) + 1)) : 1;
+  const fmt = (v) => Math.abs(v) >= 0.01 || v === 0 ? v.toPrecision(Math.max(3, digits + 1)) : v.toExponential(digits);
   for (const y of [y0, (y0 + y1) / 2, y1]) el("text", { x: L - 4, y: sy(y) + 4, "text-anchor": "end", "font-size": 11 }, fmt(y));
   for (const x of [x0, x1]) el("text", { x: sx(x), y: H - B + 14, "text-anchor": "middle", "font-size": 11 }, String(x));
   el("text", { x: (L + W - R) / 2, y: H - B + 28, "text-anchor": "middle", "font-size": 11 }, "step");
