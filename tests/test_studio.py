@@ -370,3 +370,28 @@ def test_progress_of_a_run_that_trains_until_validation_stops_improving():
     assert progress({"training": {"epochs": 2}}, rows) == {"step": 21, "total": 42, "at_most": False, "eta_s": 21.0}
     assert progress({"training": {"epochs": 2, "max_steps": 30}}, rows)["total"] == 30
     assert progress({"training": {"epochs": None}}, []) == {"step": 0, "total": None, "at_most": True, "eta_s": None}
+
+
+def test_the_train_page_says_what_a_finished_training_did():
+    from afina.studio.runs import progress, train_result
+
+    manifest = {
+        "stages": {"train": {"wall_time_s": 826.0}},
+        "train": {
+            "steps": 210,
+            "epochs": 10.0,
+            "tokens_per_s": 132.0,
+            "val_loss_before": 3.679,
+            "val_loss_after": 0.2256,
+            "best_step": 168,
+            "best_val_loss": 0.2224,
+            "stopped": "early stopping: no better validation loss in 2 validations",
+        },
+    }
+    assert train_result(manifest) == (
+        "Trained 210 steps (10 epochs) in 13.8 min at 132 tokens/s; validation loss 3.679 -> 0.226 (best 0.222 at "
+        "step 168); stopped: early stopping: no better validation loss in 2 validations."
+    )
+    assert train_result({}) is None
+    rows = [{"step": 210, "epoch": 10.0, "tokens": 98630, "tokens_per_s": 132.0}]
+    assert progress({}, rows, running=False)["eta_s"] is None  # nothing left once the job has ended

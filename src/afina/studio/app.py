@@ -35,7 +35,16 @@ from afina.studio import pages
 from afina.studio.forms import recipe_from_values
 from afina.studio.jobs import Jobs, log_tail
 from afina.studio.paths import DATA_SUFFIXES, UPLOADS, StudioError, check_run_name, check_upload_name, inside
-from afina.studio.runs import list_runs, progress, read_json, read_metrics, recipe_diff, run_recipe, summary
+from afina.studio.runs import (
+    list_runs,
+    progress,
+    read_json,
+    read_metrics,
+    recipe_diff,
+    run_recipe,
+    summary,
+    train_result,
+)
 
 COOKIE = "afina_studio_key"
 STATIC = {"studio.js": "text/javascript", "studio.css": "text/css"}
@@ -267,7 +276,11 @@ async def run_view(request: Request, name: str, view: str):
         rows = read_metrics(run)
         has_checkpoint = (root / "checkpoints").is_dir() and any((root / "checkpoints").glob("step-*"))
         series = pages.curve_series("", rows)
-        return HTMLResponse(pages.train_page(name, panel, has_checkpoint, series, progress(run_recipe(root), rows)))
+        running = bool(job and job.get("running"))
+        result = None if running else train_result(run.read_manifest())
+        return HTMLResponse(
+            pages.train_page(name, panel, has_checkpoint, series, progress(run_recipe(root), rows, running), result)
+        )
     if view == "eval":
         return HTMLResponse(pages.eval_page(name, read_json(run.eval / "metrics.json"), panel))
     if view == "export":
@@ -560,7 +573,7 @@ async def api_metrics(request: Request, name: str, since: int = 0):
     return {
         "rows": rows,
         "next": max(0, since) + len(rows),
-        "progress": progress(run_recipe(root), every),
+        "progress": progress(run_recipe(root), every, bool(job and job.get("running"))),
         "job": job,
         "log": log_tail(job, 2000),
     }

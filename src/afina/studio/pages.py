@@ -290,7 +290,14 @@ def histogram_table(histogram: dict[str, Any]) -> str:
     return table(["tokens", "rows per split", ""], rows, "token-length histogram", raw=True)
 
 
-def train_page(run: str, job_panel_html: str, has_checkpoint: bool, series: list, progress: dict[str, Any]) -> str:
+def train_page(
+    run: str,
+    job_panel_html: str,
+    has_checkpoint: bool,
+    series: list,
+    progress: dict[str, Any],
+    result: str | None = None,
+) -> str:
     resume = start_button("train", "Resume", "data-resume=true" + ("" if has_checkpoint else " disabled"))
     body = (
         "<p>"
@@ -302,6 +309,7 @@ def train_page(run: str, job_panel_html: str, has_checkpoint: bool, series: list
         "<span class=hint>from the prepared rows: loads the model and times a few steps (about a minute)</span></p>"
         "<pre id=estimate-result tabindex=0></pre>"
         + job_panel_html
+        + (f"<p id=train-result role=status><strong>{esc(result)}</strong></p>" if result else "")
         + "<h2>Live</h2><dl class=live>"
         + "".join(
             f"<div><dt>{label}</dt><dd id='live-{key}'>—</dd></div>"
