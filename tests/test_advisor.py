@@ -272,6 +272,19 @@ def test_wrong_passage_prompts_give_each_question_another_questions_passages():
     entry = report["systems"]["base_rag"]
     assert entry["assert_rate"] == pytest.approx(66.67, abs=0.01) and entry["contains_reference"] == 1
 
+    # Rows without known facts (no must_include) under RAG: the hallucination report holds the wrong passages only.
+    from afina.eval.advice import risks_measured
+    from afina.eval.hallucination import hallucination_sentences
+    from afina.eval.risks_html import risks_section
+
+    only_wrong_passage = {"wrong_passage": report}
+    lines = hallucination_sentences(only_wrong_passage)
+    assert len(lines) == 1 and lines[0].startswith("Given a wrong passage (3 questions")
+    assert "base_rag 66.7%" in lines[0]
+    assert "Unanswerable questions under RAG" in risks_section({"hallucination": only_wrong_passage})
+    measured = risks_measured({"systems": {}, "hallucination": only_wrong_passage})
+    assert measured == "given a passage without the answer, RAG answers assert anyway: base_rag 66.7%."
+
 
 def test_nested_subsets_of_labelled_rows_keep_every_class():
     from afina.advise import nested_subsets

@@ -116,6 +116,9 @@ def test_a_run_through_every_stage_with_stop_and_resume(studio, tiny_model_dir):
 
     estimate = studio.post("/api/runs/first/estimate").json()
     assert estimate["ok"] and "memory per process (estimate)" in estimate["output"] and estimate["fits"]
+    assert "time (from" not in estimate["output"]  # memory only: nothing loaded
+    early = studio.post("/api/runs/first/estimate", json={"time": True})
+    assert early.status_code == 409 and "run Prepare first" in early.json()["error"]
 
     # Prepare, as a background `python -m afina prepare recipe.yaml`.
     started = studio.post("/api/runs/first/jobs", json={"stage": "prepare"})
@@ -124,6 +127,10 @@ def test_a_run_through_every_stage_with_stop_and_resume(studio, tiny_model_dir):
     assert wait_for_job(studio, "first")["returncode"] == 0
     page = studio.get("/runs/first/prepare").text
     assert "rows per step" in page and "prompt_completion" in page and "token-length histogram" in page
+
+    # After prepare: memory from the real rows, and the time from a few measured steps.
+    timed = studio.post("/api/runs/first/estimate", json={"time": True}).json()
+    assert timed["ok"] and "s/step" in timed["output"] and "30 steps in the run" in timed["output"], timed["output"]
 
     # Train; stop once the curve has started (SIGTERM: a checkpoint, exit 130); resume to the end.
     assert studio.post("/api/runs/first/jobs", json={"stage": "train"}).status_code == 202
@@ -347,3 +354,44 @@ def test_cli_studio_refuses_another_host_without_a_key(capsys):
 
     assert main(["studio", "--host", "0.0.0.0", "--runs", "/nonexistent/runs"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def test_progress_of_a_run_that_trains_until_validation_stops_improving():
+    """A recipe without epochs (the default) plans at most AUTO_EPOCHS epochs, and says it is a cap."""
+    from afina.config import AUTO_EPOCHS, FALLBACK_EPOCHS
+    from afina.studio.runs import progress
+
+    rows = [{"step": 21, "epoch": 1.0, "tokens": 2100, "tokens_per_s": 100.0}]  # 1 s per step
+    capped = progress({"training": {"epochs": None, "max_steps": None}}, rows)
+    assert capped == {"step": 21, "total": 21 * AUTO_EPOCHS, "at_most": True, "eta_s": 21.0 * (AUTO_EPOCHS - 1)}
+    assert progress({}, rows)["total"] == 21 * AUTO_EPOCHS  # a saved recipe.yaml that names no training section
+    no_validation = {"data": {"split": {"train": 0.8, "validation": 0.0, "test": 0.2}}}
+    assert progress(no_validation, rows)["total"] == 21 * FALLBACK_EPOCHS
+    assert progress({"training": {"epochs": 2}}, rows) == {"step": 21, "total": 42, "at_most": False, "eta_s": 21.0}
+    assert progress({"training": {"epochs": 2, "max_steps": 30}}, rows)["total"] == 30
+    assert progress({"training": {"epochs": None}}, []) == {"step": 0, "total": None, "at_most": True, "eta_s": None}
+
+
+def test_the_train_page_says_what_a_finished_training_did():
+    from afina.studio.runs import progress, train_result
+
+    manifest = {
+        "stages": {"train": {"wall_time_s": 826.0}},
+        "train": {
+            "steps": 210,
+            "epochs": 10.0,
+            "tokens_per_s": 132.0,
+            "val_loss_before": 3.679,
+            "val_loss_after": 0.2256,
+            "best_step": 168,
+            "best_val_loss": 0.2224,
+            "stopped": "early stopping: no better validation loss in 2 validations",
+        },
+    }
+    assert train_result(manifest) == (
+        "Trained 210 steps (10 epochs) in 13.8 min at 132 tokens/s; validation loss 3.679 -> 0.226 (best 0.222 at "
+        "step 168); stopped: early stopping: no better validation loss in 2 validations."
+    )
+    assert train_result({}) is None
+    rows = [{"step": 210, "epoch": 10.0, "tokens": 98630, "tokens_per_s": 132.0}]
+    assert progress({}, rows, running=False)["eta_s"] is None  # nothing left once the job has ended

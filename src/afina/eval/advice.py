@@ -127,6 +127,10 @@ def risks_measured(report: dict[str, Any]) -> str:
             lines.append(
                 f"{tuned['held_out_assert_rate']:.1f}% of tuned answers on facts absent from training assert a value"
             )
+    wrong = (hallucination or {}).get("wrong_passage")
+    if wrong and wrong.get("systems"):
+        rates = ", ".join(f"{s} {e['assert_rate']:.1f}%" for s, e in wrong["systems"].items())
+        lines.append(f"given a passage without the answer, RAG answers assert anyway: {rates}")
     bias = report.get("bias")
     if bias:
         flagged = [d for d, e in bias["dimensions"].items() if e["flagged"]]

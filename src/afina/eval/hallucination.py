@@ -177,7 +177,7 @@ def hallucination_sentences(report: dict[str, Any] | None) -> list[str]:
     lines = []
     parts = [
         f"{s} {e['wrong_value_rate']:.1f}% [{e['wrong_value_interval'][0]:.1f}, {e['wrong_value_interval'][1]:.1f}]"
-        for s, e in report["systems"].items()
+        for s, e in report.get("systems", {}).items()
         if "wrong_value_rate" in e
     ]
     if parts:

@@ -35,7 +35,16 @@ from afina.studio import pages
 from afina.studio.forms import recipe_from_values
 from afina.studio.jobs import Jobs, log_tail
 from afina.studio.paths import DATA_SUFFIXES, UPLOADS, StudioError, check_run_name, check_upload_name, inside
-from afina.studio.runs import list_runs, progress, read_json, read_metrics, recipe_diff, run_recipe, summary
+from afina.studio.runs import (
+    list_runs,
+    progress,
+    read_json,
+    read_metrics,
+    recipe_diff,
+    run_recipe,
+    summary,
+    train_result,
+)
 
 COOKIE = "afina_studio_key"
 STATIC = {"studio.js": "text/javascript", "studio.css": "text/css"}
@@ -267,7 +276,11 @@ async def run_view(request: Request, name: str, view: str):
         rows = read_metrics(run)
         has_checkpoint = (root / "checkpoints").is_dir() and any((root / "checkpoints").glob("step-*"))
         series = pages.curve_series("", rows)
-        return HTMLResponse(pages.train_page(name, panel, has_checkpoint, series, progress(run_recipe(root), rows)))
+        running = bool(job and job.get("running"))
+        result = None if running else train_result(run.read_manifest())
+        return HTMLResponse(
+            pages.train_page(name, panel, has_checkpoint, series, progress(run_recipe(root), rows, running), result)
+        )
     if view == "eval":
         return HTMLResponse(pages.eval_page(name, read_json(run.eval / "metrics.json"), panel))
     if view == "export":
@@ -472,7 +485,9 @@ async def api_save_recipe(request: Request):
 
 
 async def api_estimate(request: Request, name: str):
-    """`afina estimate recipe.yaml --memory-only`, as typed (the model's config only; no weights read)."""
+    """`afina estimate recipe.yaml --memory-only`, as typed (the model's config only; no weights read); with
+    `{"time": true}`, `afina estimate recipe.yaml` (the prepared rows, a few timed steps: after prepare, and
+    not while a job runs, whose timing it would disturb)."""
     import sys
 
     state = studio_state(request)
@@ -480,13 +495,21 @@ async def api_estimate(request: Request, name: str):
     recipe = root / "recipe.yaml"
     if not recipe.is_file():
         raise StudioError(409, f"run '{name}' has no recipe.yaml yet: save the recipe first")
+    timed = (await json_body(request)).get("time") is True
+    if timed:
+        running = await asyncio.to_thread(state.jobs.running)
+        if running is not None:
+            other, job = running
+            raise StudioError(409, f"'{job['stage']}' of run '{other}' is running: estimate the time when it ends")
+        if not (root / "data" / "train.jsonl").is_file():
+            raise StudioError(409, f"run '{name}' is not prepared: run Prepare first (the time comes from its rows)")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "afina",
         "estimate",
         str(recipe),
-        "--memory-only",
+        *([] if timed else ["--memory-only"]),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         cwd=root,
@@ -550,7 +573,7 @@ async def api_metrics(request: Request, name: str, since: int = 0):
     return {
         "rows": rows,
         "next": max(0, since) + len(rows),
-        "progress": progress(run_recipe(root), every),
+        "progress": progress(run_recipe(root), every, bool(job and job.get("running"))),
         "job": job,
         "log": log_tail(job, 2000),
     }

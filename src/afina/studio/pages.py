@@ -290,7 +290,14 @@ def histogram_table(histogram: dict[str, Any]) -> str:
     return table(["tokens", "rows per split", ""], rows, "token-length histogram", raw=True)
 
 
-def train_page(run: str, job_panel_html: str, has_checkpoint: bool, series: list, progress: dict[str, Any]) -> str:
+def train_page(
+    run: str,
+    job_panel_html: str,
+    has_checkpoint: bool,
+    series: list,
+    progress: dict[str, Any],
+    result: str | None = None,
+) -> str:
     resume = start_button("train", "Resume", "data-resume=true" + ("" if has_checkpoint else " disabled"))
     body = (
         "<p>"
@@ -298,7 +305,11 @@ def train_page(run: str, job_panel_html: str, has_checkpoint: bool, series: list
         + " "
         + resume
         + " <button type=button id=stop>Stop (checkpoint and exit)</button></p>"
+        + "<p><button type=button id=estimate data-time=true>Estimate memory and time</button> "
+        "<span class=hint>from the prepared rows: loads the model and times a few steps (about a minute)</span></p>"
+        "<pre id=estimate-result tabindex=0></pre>"
         + job_panel_html
+        + (f"<p id=train-result role=status><strong>{esc(result)}</strong></p>" if result else "")
         + "<h2>Live</h2><dl class=live>"
         + "".join(
             f"<div><dt>{label}</dt><dd id='live-{key}'>—</dd></div>"
@@ -315,8 +326,13 @@ def train_page(run: str, job_panel_html: str, has_checkpoint: bool, series: list
         + "</dl>"
         + chart("loss-chart", "train and validation loss by step", series)
         + chart("lr-chart", "learning rate by step", [])
-        + f"<p class=hint>Training runs in the background: closing this page does not stop it. "
-        f"{esc(progress.get('total') or '?')} steps planned.</p>"
+        + "<p class=hint>Training runs in the background: closing this page does not stop it. "
+        + (
+            f"At most {esc(progress.get('total') or '?')} steps: training stops when validation loss stops "
+            "improving (the recipe sets no epochs), keeping the best weights.</p>"
+            if progress.get("at_most")
+            else f"{esc(progress.get('total') or '?')} steps planned.</p>"
+        )
     )
     return layout("Train", body, "train", run, "train")
 
@@ -494,11 +510,13 @@ def new_run_page(
 <p id=f-data-path-err class=error role=alert></p>
 {form_section(FORM, values, skip, top=True)}
 <p><button type=submit id=save-recipe>Save recipe</button>
- <button type=button id=estimate>Estimate memory and time</button>
+ <button type=button id=estimate>Estimate memory</button>
  <button type=button id=save-prepare>Save and prepare</button></p>
 </form>
 <p id=save-result role=status></p>
 <pre id=estimate-result tabindex=0></pre>
+<p class=hint>Memory from the model's configuration and the longest allowed row (nothing is loaded). After
+Prepare, the Train page estimates memory from the real rows and times a few steps.</p>
 <details><summary>recipe.yaml</summary><pre id=recipe-yaml tabindex=0></pre></details>
 </section>"""
     return layout("New run" if run is None else f"Recipe of {run}", body, "new", run, "recipe")

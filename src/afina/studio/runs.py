@@ -41,26 +41,58 @@ def read_metrics(run: RunDir, since: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-def planned_steps(recipe: dict[str, Any], rows: list[dict[str, Any]]) -> int | None:
-    """The run's total optimizer steps: training.max_steps, or epochs x the steps per epoch seen so far."""
+def planned_steps(recipe: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[int | None, bool]:
+    """The run's total optimizer steps: training.max_steps, or epochs x the steps per epoch seen so far; and
+    whether that total is only a cap (no epochs and no max_steps: training stops when validation stops
+    improving, at most AUTO_EPOCHS epochs)."""
+    from afina.config import AUTO_EPOCHS, FALLBACK_EPOCHS, SplitConfig
+
     training = recipe.get("training") or {}
     if training.get("max_steps"):  # it overrides epochs
-        return int(training["max_steps"])
+        return int(training["max_steps"]), False
+    epochs = training.get("epochs")
+    until_converged = epochs is None
+    if until_converged:
+        data = recipe.get("data") or {}
+        split = {**SplitConfig().model_dump(), **(data.get("split") or {})}
+        validation = data.get("validation_path") or (split["validation"] or 0) > 0
+        epochs = AUTO_EPOCHS if validation else FALLBACK_EPOCHS
     last = next((r for r in reversed(rows) if r.get("epoch")), None)
-    return round(float(training.get("epochs", 3)) * last["step"] / last["epoch"]) if last else None
+    total = round(float(epochs) * last["step"] / last["epoch"]) if last else None
+    return total, until_converged
 
 
-def progress(recipe: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Step, planned steps and the time left, from the last metrics row's tokens/s."""
+def progress(recipe: dict[str, Any], rows: list[dict[str, Any]], running: bool = True) -> dict[str, Any]:
+    """Step, planned steps (`at_most`: a cap, the run stops earlier when validation stops improving) and the
+    time left (the most it can be, under a cap), from the last metrics row's tokens/s; none when not running."""
+    total, at_most = planned_steps(recipe, rows)
     if not rows:
-        return {"step": 0, "total": planned_steps(recipe, rows), "eta_s": None}
+        return {"step": 0, "total": total, "at_most": at_most, "eta_s": None}
     last = rows[-1]
-    total = planned_steps(recipe, rows)
     eta = None
-    if total and last.get("tokens_per_s"):
+    if running and total and last.get("tokens_per_s"):
         seconds_per_step = last["tokens"] / last["step"] / last["tokens_per_s"]
         eta = round(max(0, total - last["step"]) * seconds_per_step, 1)
-    return {"step": last["step"], "total": total, "eta_s": eta}
+    return {"step": last["step"], "total": total, "at_most": at_most, "eta_s": eta}
+
+
+def train_result(manifest: dict[str, Any]) -> str | None:
+    """What the last finished training did, in one sentence (from the manifest), or None."""
+    train = manifest.get("train") or {}
+    if not train.get("steps"):
+        return None
+    seconds = ((manifest.get("stages") or {}).get("train") or {}).get("wall_time_s")
+    text = f"Trained {train['steps']} steps ({train.get('epochs', 0):g} epochs"
+    text += f") in {seconds / 60:.1f} min" if seconds else ")"
+    if train.get("tokens_per_s"):
+        text += f" at {train['tokens_per_s']:g} tokens/s"
+    if train.get("val_loss_before") is not None and train.get("val_loss_after") is not None:
+        text += f"; validation loss {train['val_loss_before']:.3f} -> {train['val_loss_after']:.3f}"
+    if train.get("best_step") is not None and train.get("best_val_loss") is not None:
+        text += f" (best {train['best_val_loss']:.3f} at step {train['best_step']})"
+    if train.get("stopped"):
+        text += f"; stopped: {train['stopped']}"
+    return text + "."
 
 
 def headline(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,9 @@ function drawChart(svg, series) {
   const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
   el("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999" });
   el("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#999" });
-  const fmt = (v) => Math.abs(v) >= 0.01 || v === 0 ? v.toPrecision(3) : v.toExponential(1);
+  // enough digits that the axis's three labels differ (a learning rate moves in its third digit)
+  const digits = y1 > y0 ? Math.min(6, Math.max(1, Math.ceil(Math.log10(Math.max(Math.abs(y0), Math.abs(y1)) / (y1 - y0))) + 1)) : 1;
+  const fmt = (v) => Math.abs(v) >= 0.01 || v === 0 ? v.toPrecision(Math.max(3, digits + 1)) : v.toExponential(digits);
   for (const y of [y0, (y0 + y1) / 2, y1]) el("text", { x: L - 4, y: sy(y) + 4, "text-anchor": "end", "font-size": 11 }, fmt(y));
   for (const x of [x0, x1]) el("text", { x: sx(x), y: H - B + 14, "text-anchor": "middle", "font-size": 11 }, String(x));
   el("text", { x: (L + W - R) / 2, y: H - B + 28, "text-anchor": "middle", "font-size": 11 }, "step");
@@ -95,6 +97,15 @@ async function followJob(started) {
 }
 if ($("job-state") && $("job-state").dataset.running === "true") followJob(false);
 
+// ---- estimate: memory only (new run), or memory and time from the prepared rows (train page)
+async function estimate(name, time) {
+  $("estimate-result").textContent = time ? "estimating (afina estimate: loads the model, times a few steps)..." : "estimating (afina estimate --memory-only)...";
+  const r = await api("POST", `/api/runs/${name}/estimate`, { time });
+  $("estimate-result").textContent = r.ok ? (r.body.fits ? "fits: " : "WARNING: ") + r.body.output : (r.body.error || "HTTP " + r.status);
+  $("estimate-result").dataset.done = "true";
+}
+if (view === "train" && $("estimate")) $("estimate").addEventListener("click", () => estimate(run, true));
+
 // ---- train: live numbers and curves from metrics.jsonl
 const metrics = [];
 async function pollMetrics() {
@@ -105,14 +116,14 @@ async function pollMetrics() {
   const lastVal = [...metrics].reverse().find((m) => m.val_loss !== undefined && m.val_loss !== null);
   const p = r.body.progress;
   if (last) {
-    $("live-step").textContent = p.total ? `${last.step} / ${p.total}` : String(last.step);
+    $("live-step").textContent = p.total ? `${last.step} / ${p.at_most ? "at most " : ""}${p.total}` : String(last.step);
     $("live-loss").textContent = last.loss.toFixed(4);
     $("live-val_loss").textContent = lastVal ? lastVal.val_loss.toFixed(4) : "—";
     $("live-lr").textContent = last.lr.toExponential(2);
     $("live-tokens_per_s").textContent = String(last.tokens_per_s);
     $("live-memory").textContent = String(last.peak_memory_mb);
   }
-  $("live-eta").textContent = p.eta_s === null ? "—" : (p.eta_s < 90 ? Math.round(p.eta_s) + " s" : (p.eta_s / 60).toFixed(1) + " min");
+  $("live-eta").textContent = p.eta_s === null ? "—" : (p.at_most ? "at most " : "") + (p.eta_s < 90 ? Math.round(p.eta_s) + " s" : (p.eta_s / 60).toFixed(1) + " min");
   drawChart($("loss-chart"), [
     { name: "train loss", points: metrics.filter((m) => m.loss !== undefined).map((m) => [m.step, m.loss]) },
     { name: "validation loss", points: metrics.filter((m) => m.val_loss !== undefined && m.val_loss !== null).map((m) => [m.step, m.val_loss]) },
@@ -244,10 +255,7 @@ if (view === "new") {
   $("estimate").addEventListener("click", async () => {
     const name = await save();
     if (!name) return;
-    $("estimate-result").textContent = "estimating (afina estimate --memory-only)...";
-    const r = await api("POST", `/api/runs/${name}/estimate`);
-    $("estimate-result").textContent = r.ok ? (r.body.fits ? "fits: " : "WARNING: ") + r.body.output : (r.body.error || "HTTP " + r.status);
-    $("estimate-result").dataset.done = "true";
+    await estimate(name, false);
   });
   $("save-prepare").addEventListener("click", async () => {
     const name = await save();
