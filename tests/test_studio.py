@@ -395,3 +395,20 @@ def test_the_train_page_says_what_a_finished_training_did():
     assert train_result({}) is None
     rows = [{"step": 210, "epoch": 10.0, "tokens": 98630, "tokens_per_s": 132.0}]
     assert progress({}, rows, running=False)["eta_s"] is None  # nothing left once the job has ended
+
+
+def test_the_export_page_shows_the_numbers_behind_each_verdict():
+    from afina.studio.pages import export_detail
+
+    gguf = {
+        "size_mb": 100.57,
+        "llama_cpp": {"kl_mean": 0.1408, "top1_agreement": 0.9405, "greedy_text_equal": False, "max_kl": 0.15},
+        "transformers": {"skipped": "transformers does not read GGUF architecture 'phi3'"},
+        "ok": True,
+    }
+    assert export_detail(gguf) == (
+        "100.57 MB; llama.cpp: kl_mean 0.1408, top1_agreement 0.9405, greedy_text_equal False, max_kl 0.15; "
+        "transformers: transformers does not read GGUF architecture 'phi3'"
+    )
+    modelfile = {"template_matches_chat_template": False, "conversations_checked": 3, "ok": False, "failed": "x"}
+    assert export_detail(modelfile) == "template DIFFERS from the chat template (3 conversations); failed: x"

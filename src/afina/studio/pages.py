@@ -290,6 +290,33 @@ def histogram_table(histogram: dict[str, Any]) -> str:
     return table(["tokens", "rows per split", ""], rows, "token-length histogram", raw=True)
 
 
+def export_detail(item: dict[str, Any]) -> str:
+    """The numbers behind one export's verdict: the measures (per reader for a GGUF file) and their limits."""
+
+    def measures(check: dict[str, Any]) -> str:
+        parts = [f"{k} {num(check[k])}" for k in ("kl_mean", "top1_agreement", "greedy_text_equal") if k in check]
+        if "max_kl" in check:
+            parts.append(f"max_kl {num(check['max_kl'])}")
+        return ", ".join(parts)
+
+    parts = [f"{item['size_mb']:g} MB"] if "size_mb" in item else []
+    if measures(item):
+        parts.append(measures(item))
+    for reader in ("llama_cpp", "transformers"):
+        check = item.get(reader)
+        if isinstance(check, dict):
+            said = measures(check) or check.get("skipped") or check.get("failed")
+            parts.append(f"{reader.replace('_', '.')}: {said}")
+    if "template_matches_chat_template" in item:
+        parts.append(
+            f"template {'matches' if item['template_matches_chat_template'] else 'DIFFERS from'} the chat template "
+            f"({item.get('conversations_checked', 0)} conversations)"
+        )
+    if item.get("failed"):
+        parts.append(f"failed: {item['failed']}")
+    return "; ".join(parts)
+
+
 def train_page(
     run: str,
     job_panel_html: str,
@@ -394,9 +421,7 @@ def export_page(run: str, chosen: list[str], exports: dict[str, Any] | None, pan
                 continue
             ok = item.get("ok")
             verdict = "verified" if ok else ("skipped" if "skipped" in item else "NOT verified")
-            detail = ", ".join(
-                f"{k} {num(item[k])}" for k in ("kl_mean", "top1_agreement", "greedy_text_equal") if k in item
-            )
+            detail = export_detail(item)
             rows.append(
                 [name, esc(item.get("path", "")), f"<strong>{verdict}</strong>", esc(detail or item.get("skipped", ""))]
             )
