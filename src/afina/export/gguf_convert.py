@@ -195,16 +195,15 @@ def quantize(source: Path, target: Path, outtype: str, threads: int | None = Non
 def tensor_types(path: Path, outtype: str) -> dict[str, Any]:
     """The file's tensor types (counts) and the fallbacks: 2-D weights stored in a type outside the asked
     type's family, each with its shape and the reason llama.cpp gives (row length not a multiple of 256)."""
-    from gguf import GGUFReader
+    from afina.models.gguf_header import read_gguf_header
 
-    reader = GGUFReader(str(path))
     counts: Counter[str] = Counter()
     fallbacks = []
     family = _FAMILY.get(outtype, set())
-    for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
+    for tensor in read_gguf_header(path).tensors:
+        kind = tensor.type_name
         counts[kind] += 1
-        shape = [int(x) for x in tensor.shape]  # GGUF order: row length first
+        shape = tensor.shape  # GGUF order: row length first
         if len(shape) < 2 or kind in family or kind in ("F32",) or not family:
             continue
         reason = (
@@ -223,14 +222,9 @@ def tensor_types(path: Path, outtype: str) -> dict[str, Any]:
 
 def gguf_metadata(path: Path) -> dict[str, Any]:
     """The fields a user checks: architecture, name, chat template, special token ids, tokenizer model."""
-    from gguf import GGUFReader
+    from afina.models.gguf_header import read_gguf_header
 
-    fields = GGUFReader(str(path)).fields
-
-    def value(key: str):
-        field = fields.get(key)
-        return field.contents() if field is not None else None
-
+    value = read_gguf_header(path).get
     return {
         "architecture": value("general.architecture"),
         "name": value("general.name"),

@@ -47,14 +47,13 @@ def rope_settings_of(config) -> dict | None:
 
 def read_gguf_rope_settings(path: Path) -> dict | None:
     """The rope scaling written in a GGUF file's metadata, as afina.models.rope settings (None: none)."""
-    from gguf import GGUFReader
+    from afina.models.gguf_header import read_gguf_header
 
-    fields = GGUFReader(str(path)).fields
-    arch = fields["general.architecture"].contents()
+    header = read_gguf_header(path)
+    arch = header.get("general.architecture")
 
     def value(key: str):
-        field = fields.get(f"{arch}.{key}")
-        return field.contents() if field is not None else None
+        return header.get(f"{arch}.{key}")
 
     rope_type = value("rope.scaling.type")
     if rope_type in (None, "none"):

@@ -108,26 +108,23 @@ def list_packaged_models() -> list[dict[str, str]]:
 
 def check_gguf(path: Path) -> str:
     """Read a GGUF file's header and tensor table; return its architecture or raise ModelError."""
-    from gguf import GGUFReader
+    from afina.models.gguf_header import GgufHeaderError, read_gguf_header
 
     with path.open("rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":
         raise ModelError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on damaged files
-        raise ModelError(
-            f"{path}: the GGUF file is damaged or truncated ({type(exc).__name__}: {exc}); download or copy it again"
-        ) from None
-    field = reader.fields.get("general.architecture")
-    if field is None:
+        header = read_gguf_header(path)
+    except GgufHeaderError as exc:
+        raise ModelError(f"{exc}; download or copy it again") from None
+    arch = header.get("general.architecture")
+    if not isinstance(arch, str):
         raise ModelError(f"{path}: the GGUF file has no general.architecture field")
-    arch = bytes(field.parts[field.data[0]]).decode("utf-8")
     # The tensor table can be intact while the data is cut short: check that the last tensor fits.
     size = path.stat().st_size
-    for tensor in reader.tensors:
-        if tensor.data_offset + tensor.n_bytes > size:
+    for tensor in header.tensors:
+        if header.tensor_end(tensor) > size:
             raise ModelError(f"{path}: the GGUF file is truncated (tensor {tensor.name} ends past the end of the file)")
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
