@@ -23,9 +23,10 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from afina.advise import format_learning_curve, learning_curve
+from afina.advise import CURVE_FILE, fit_and_save, format_learning_curve, learning_curve
 from afina.config import load_recipe
 from afina.pipeline import run_stage
+from afina.rundir import RunDir
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CASES: dict[str, tuple[str, str | None, int | None, list[str]]] = {
@@ -57,6 +58,9 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/advise-bench")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--quickstart-run", help="a finished quickstart run to reuse for the 100%% point")
+    parser.add_argument(
+        "--refit", action="store_true", help="only fit the saved curves again (after a change to the fit), no training"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +71,12 @@ def main() -> None:
             settings.append(f"data.path={sample_file(DATA / source, rows, out / f'{name}.jsonl')}")
         recipe = load_recipe(recipe_path, settings)
         run_root = Path(recipe.run_dir)
+        if args.refit:
+            saved = json.loads((run_root / "advise" / CURVE_FILE).read_text(encoding="utf-8"))
+            result = fit_and_save(RunDir(run_root), saved, recipe.seed)
+            print(format_learning_curve(result))
+            print(json.dumps({"case": name, "fit": result["fit"]}))
+            continue
         if name == "quickstart" and args.quickstart_run and not run_root.exists():
             shutil.copytree(args.quickstart_run, run_root, ignore=shutil.ignore_patterns("checkpoints", "export"))
         began = time.perf_counter()

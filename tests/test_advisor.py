@@ -193,6 +193,24 @@ def test_power_law_fit_recovers_a_planted_curve_and_what_doubling_buys():
     assert loose["doubling"]["interval"][1] - loose["doubling"]["interval"][0] > high - low
 
 
+def test_a_curve_far_from_saturation_keeps_its_ceiling_within_the_metric():
+    """The quickstart's measured curve (fact accuracy 0, 4.2, 31.3, 60.4 at 17/42/84/168 rows) still rises steeply:
+    unbounded, the fit put its ceiling at 1,269%; bounded by 100%, it says so and its doubling gain stays possible."""
+    from afina.eval.learning_curve import doubling_sentence, fit_power_law
+
+    rows, values, sigma = [17, 42, 84, 168], [0.0, 4.17, 31.25, 60.42], [1.9, 2.7, 6.4, 6.9]
+    assert fit_power_law(rows, values, sigma)["a"] > 100  # what the unbounded fit does
+    fit = fit_power_law(rows, values, sigma, best=100.0)
+    assert fit["a"] <= 100.0 and fit["ceiling_interval"][1] <= 100.0 and fit["ceiling_at_best"]
+    assert 0 < fit["doubling"]["gain"] <= 100.0 - 60.42 and fit["doubling"]["interval"][1] <= 100.0 - 60.42
+    points = [{"rows": n, "value": v} for n, v in zip(rows, values, strict=True)]
+    assert doubling_sentence(fit, "fact accuracy (%)", points).startswith(
+        "No saturation in sight: going from 84 to 168 train rows changed fact accuracy (%) by +29.2 (31.2 -> 60.4)"
+    )
+    healthy = fit_power_law([100, 250, 500, 1000], [55.0, 63.0, 67.0, 69.0], best=100.0)
+    assert not healthy["ceiling_at_best"] and healthy["a"] < 75  # a saturating curve is not pinned
+
+
 def test_power_law_fit_of_a_loss_falls_with_more_rows():
     from afina.eval.learning_curve import fit_power_law
 

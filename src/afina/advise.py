@@ -109,6 +109,17 @@ def learning_curve(
             if main_report and metric in main_report["systems"].get(s, {})
         },
     }
+    fit_and_save(run, result, recipe.seed)
+    _refresh_report(recipe, run, main_report)
+    return result
+
+
+def fit_and_save(run: RunDir, result: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Fit the power law through result["points"] (the metric's best value bounds the ceiling: 100 for the
+    percentages, 0 for losses), and write <run>/advise/learning_curve.json and .png. Also re-fits a saved curve:
+    `fit_and_save(run, json.load(...), seed)`."""
+    metric, points = result["metric"], result["points"]
+    lower = metric in LOWER_IS_BETTER
     try:
         sigma = (
             [max((p["interval"][1] - p["interval"][0]) / 3.92, 1e-3) for p in points]
@@ -119,10 +130,11 @@ def learning_curve(
             [p["rows"] for p in points],
             [p["value"] for p in points],
             sigma,
-            metric in LOWER_IS_BETTER,
-            seed=recipe.seed,
+            lower,
+            seed=seed,
+            best=0.0 if lower else 100.0,
         )
-        result["advice"] = doubling_sentence(result["fit"], METRIC_LABELS.get(metric, metric))
+        result["advice"] = doubling_sentence(result["fit"], METRIC_LABELS.get(metric, metric), points)
     except (ValueError, RuntimeError) as exc:  # too few distinct sizes, or the fit did not converge
         result["fit"], result["advice"] = None, f"No power-law fit: {exc}."
     out = run.root / "advise"
@@ -133,7 +145,6 @@ def learning_curve(
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    _refresh_report(recipe, run, main_report)
     return result
 
 

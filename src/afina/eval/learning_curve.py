@@ -32,9 +32,14 @@ def fit_power_law(
     confidence: float = 0.95,
     draws: int = 4000,
     seed: int = 0,
+    best: float | None = None,
 ) -> dict[str, Any]:
     """Fit y = a - b n^-c to (rows, values); the ceiling, the exponent and what doubling the largest n buys,
-    each with an interval. Needs at least 3 points (4 or more to leave the fit a degree of freedom)."""
+    each with an interval. Needs at least 3 points (4 or more to leave the fit a degree of freedom).
+
+    best: the best value the metric can take (100 for a percentage, 0 for a loss): the ceiling stays within it.
+    Without it, points still rising steeply (a curve far from saturation) fit a near-linear trend in log(n) with
+    a ceiling far beyond any possible score."""
     from scipy.optimize import curve_fit
 
     n = np.asarray(rows, dtype=float)
@@ -47,7 +52,12 @@ def fit_power_law(
     a0 = float(y.max()) + 0.5 * spread
     c0 = 0.5
     b0 = max((a0 - float(y[np.argmin(n)])) * float(n.min()) ** c0, 1e-6)
-    bounds = ([float(y.max()) - spread, 0.0, 0.01], [float(y.max()) + 20 * spread, np.inf, 3.0])
+    top = float(y.max()) + 20 * spread
+    if best is not None:
+        top = max(min(top, sign * best), float(y.max()) + 1e-6)
+        a0 = min(a0, top - 1e-9)
+        b0 = max((a0 - float(y[np.argmin(n)])) * float(n.min()) ** c0, 1e-6)
+    bounds = ([float(y.max()) - spread, 0.0, 0.01], [top, np.inf, 3.0])
     p0 = np.clip([a0, b0, c0], [bounds[0][0] + 1e-9, 1e-9, 0.011], [bounds[1][0] - 1e-9, np.inf, 2.99])
     popt, pcov = curve_fit(power_law, n, y, p0=p0, sigma=s, absolute_sigma=s is not None, bounds=bounds, maxfev=20000)
     a, b, c = (float(v) for v in popt)
@@ -55,7 +65,7 @@ def fit_power_law(
         pcov = np.diag(np.square(np.abs(popt) * 0.5 + 1e-9))  # a degenerate fit: wide, honest intervals
     rng = np.random.default_rng(seed)
     samples = rng.multivariate_normal(popt, pcov, size=draws, check_valid="ignore")
-    samples = samples[(samples[:, 1] >= 0) & (samples[:, 2] > 0)]
+    samples = samples[(samples[:, 1] >= 0) & (samples[:, 2] > 0) & (samples[:, 0] <= top)]
     largest = float(n.max())
     tail = (1 - confidence) / 2 * 100
 
@@ -80,6 +90,8 @@ def fit_power_law(
         "ceiling_interval": spread_of(samples[:, 0]),
         "exponent_interval": [round(float(v), 4) for v in np.percentile(samples[:, 2], [tail, 100 - tail])],
         "rmse": round(float(np.sqrt(np.mean(residuals**2))), 4),
+        # pinned at the metric's best value while the points are still well short of it: no saturation in sight
+        "ceiling_at_best": bool(best is not None and a >= top - 1e-3 * spread and top - y.max() > 0.1 * spread),
         "doubling": {
             "from_rows": int(largest),
             "to_rows": int(2 * largest),
@@ -95,8 +107,18 @@ def predict(fit: dict[str, Any], rows: float) -> float:
     return sign * float(power_law(np.array(rows, dtype=float), sign * fit["a"], fit["b"], fit["c"]))
 
 
-def doubling_sentence(fit: dict[str, Any], label: str) -> str:
+def doubling_sentence(fit: dict[str, Any], label: str, points: list[dict[str, Any]] | None = None) -> str:
+    """What doubling the data is expected to buy; for a curve with no saturation in sight (the fit's ceiling at
+    the metric's best value, where its extrapolation means little), what the last step of the data bought."""
     d = fit["doubling"]
+    if fit.get("ceiling_at_best") and points and len(points) >= 2:
+        before, last = points[-2], points[-1]
+        return (
+            f"No saturation in sight: going from {before['rows']} to {last['rows']} train rows changed {label} by "
+            f"{last['value'] - before['value']:+.1f} ({before['value']:.1f} -> {last['value']:.1f}), and a "
+            "saturating power law through the points puts its ceiling at the metric's best possible value. More data "
+            "should help; by how much, this curve cannot say."
+        )
     low, high = d["interval"]
     return (
         f"Doubling the train data ({d['from_rows']} -> {d['to_rows']} rows) is expected to change {label} by "
