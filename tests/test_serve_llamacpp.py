@@ -169,7 +169,9 @@ def test_what_the_engine_cannot_do_is_refused_naming_it(run_dir, tmp_path, monke
 def test_a_missing_gguf_names_the_command_that_makes_one(run_dir, tmp_path):
     with pytest.raises(ServeError, match=r"its q4_k_m export failed its check: KL too high \(verified here: f16\)"):
         load_gguf_served(str(run_dir), "q4_k_m")
-    with pytest.raises(ServeError, match=r"no verified q8_0 export.*afina export RECIPE\.yaml export\.formats=\[gguf\]"):
+    with pytest.raises(
+        ServeError, match=r"no verified q8_0 export.*afina export RECIPE\.yaml export\.formats=\[gguf\]"
+    ):
         load_gguf_served(str(run_dir), "q8_0")
     bare = tmp_path / "runs" / "untrained"
     bare.mkdir(parents=True)

@@ -821,8 +821,10 @@ def serve(target: str, settings: ServeConfig) -> None:
             f"WARNING: serving on {settings.host} WITHOUT an API key (--insecure): anyone who can reach this port "
             "can use the model"
         )
+    engine = f"llama.cpp: {served.gguf}" if served.gguf else "transformers"
     print(
-        f"serving {', '.join(served.names)} ({'llama.cpp: ' + str(served.gguf) if served.gguf else 'transformers'}) at http://{settings.host}:{settings.port}/v1 (OpenAI-compatible); "
+        f"serving {', '.join(served.names)} ({engine}) at http://{settings.host}:{settings.port}/v1 "
+        "(OpenAI-compatible); "
         f"chat page at http://{settings.host}:{settings.port}/ ; Ctrl-C to stop"
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -29,7 +29,6 @@ numpy's generator, so a `seed` reproduces an answer within an engine, not across
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import logging
 import os
@@ -45,7 +44,6 @@ import torch
 
 from afina.rundir import RunDir
 from afina.serve.batching import Generated, Job
-from afina.serve.generation import StopOnStrings
 from afina.serve.models import ServedModels, ServeError
 
 ENGINE = "llama.cpp"
@@ -179,7 +177,6 @@ class _Sequence:
     new: list[int] = field(default_factory=list)
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     rng: np.random.Generator | None = None
-    stopper: StopOnStrings | None = None
 
     @property
     def reading(self) -> bool:
@@ -310,8 +307,6 @@ class LlamaCppEngine:
             seq.rng = np.random.default_rng(job.seed)
         if job.top_logprobs is not None:
             seq.logprobs = []
-        if job.stop:
-            seq.stopper = StopOnStrings(self.tokenizer, job.stop, len(seq.prompt))
         return seq
 
     def _step(self) -> None:
@@ -376,7 +371,7 @@ class LlamaCppEngine:
             job.cancelled.is_set()
             or seq.new[-1] == self.eos
             or len(seq.new) >= int(job.kwargs["max_new_tokens"])
-            or (seq.stopper is not None and bool(seq.stopper(torch.tensor([seq.prompt + seq.new]), None)[0]))
+            or self._hit_stop(seq)
         ):
             return False
         self.lib.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
@@ -384,6 +379,14 @@ class LlamaCppEngine:
         self.observe(job.name, time.perf_counter() - seq.started, len(self._running))
         job.future.set_result(Generated(ids, len(seq.prompt), seq.logprobs, aborted=job.cancelled.is_set()))
         return True
+
+    def _hit_stop(self, seq: _Sequence) -> bool:
+        """A stop string in the new text's tail, as serve.generation.StopOnStrings checks for transformers."""
+        if not seq.job.stop:
+            return False
+        window = max(len(s) for s in seq.job.stop) + 4  # tokens: every token is at least one character
+        tail = self.tokenizer.decode(seq.new[-window:], skip_special_tokens=True)
+        return any(s in tail for s in seq.job.stop)
 
 
 def _log_softmax_top(logits: np.ndarray, top: int) -> tuple[np.ndarray, list[tuple[int, float]]]:
