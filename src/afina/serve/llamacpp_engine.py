@@ -218,7 +218,7 @@ class LlamaCppEngine:
         params.n_ctx = self.kv_cells
         params.n_batch = params.n_ubatch = self.step_tokens
         params.n_seq_max = self.slots
-        params.kv_unified = True  # one pool of cells for all sequences: a long prompt may use what short ones leave
+        params.kv_unified = True
         # As many threads as torch uses (OMP_NUM_THREADS): on a busy machine, more threads than free cores make
         # llama.cpp's threads spin waiting for each other (measured here: 2 ms per token on 1 thread, 100 ms on 2).
         params.n_threads = params.n_threads_batch = threads or torch.get_num_threads() or os.cpu_count() or 1
