@@ -244,6 +244,9 @@ class LlamaCppEngine:
     def submit(self, job: Job) -> Job:
         """Queue a job; its future gets a Generated (or the exception decoding raised)."""
         prompt = job.prompt_length
+        if prompt == 0:
+            job.future.set_exception(ValueError("the prompt is empty: there is nothing to continue"))
+            return job
         if prompt + int(job.kwargs["max_new_tokens"]) > self.context:
             job.future.set_exception(
                 ValueError(f"prompt of {prompt} tokens plus max_tokens exceeds this engine's {self.context}")
@@ -270,18 +273,17 @@ class LlamaCppEngine:
             with self._cond:
                 self._cond.wait_for(lambda: self._closed or bool(self._pending) or bool(self._running))
                 if self._closed:
-                    for seq in self._running:
-                        seq.job.future.set_exception(RuntimeError("the server stopped"))
+                    for job in [seq.job for seq in self._running] + list(self._pending):
+                        job.future.set_exception(RuntimeError("the server stopped"))
                     return
                 self._admit()
             if not self._running:
                 continue
             try:
                 self._step()
-            except Exception as exc:  # the running requests get the error; the worker lives on
+            except Exception as exc:  # llama_decode failed: the running requests get the error; the worker lives on
                 for seq in self._running:
-                    seq.job.future.set_exception(exc)
-                    self.lib.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+                    self._fail(seq, exc)
                 self._running = []
 
     def _admit(self) -> None:
@@ -336,10 +338,19 @@ class LlamaCppEngine:
         status = self.lib.llama_decode(self.ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
+        failed = set()
         for seq, index in outputs:
             logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
-            self._advance(seq, logits)
-        self._running = [seq for seq in self._running if not self._finish_if_done(seq)]
+            try:
+                self._advance(seq, logits)
+            except Exception as exc:  # one request's error (its JSON constraint, its callback) ends that one only
+                self._fail(seq, exc)
+                failed.add(seq)
+        self._running = [seq for seq in self._running if seq not in failed and not self._finish_if_done(seq)]
+
+    def _fail(self, seq: _Sequence, error: Exception) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+        seq.job.future.set_exception(error)
 
     def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
         """Choose the sequence's next token from its logits, as transformers' generate would."""
