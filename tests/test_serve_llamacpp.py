@@ -154,6 +154,25 @@ def test_request_log_and_feedback(server):
     assert httpx.post(f"{base}/v1/chat/completions", json={"messages": []}).status_code == 401
 
 
+def test_a_client_that_goes_away_stops_its_generation(server):
+    import time
+
+    base, log_dir = server
+    body = {"messages": [{"role": "user", "content": "A long answer, please."}], "max_tokens": 60, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as response:
+        for line in response.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # the first piece of text: hang up
+    for _ in range(100):
+        logged = [json.loads(line) for line in (log_dir / "requests.jsonl").read_text().splitlines()]
+        aborted = [row for row in logged if row.get("aborted")]
+        if aborted:
+            break
+        time.sleep(0.1)
+    assert aborted and aborted[-1]["usage"]["completion_tokens"] < 60
+    assert chat(base, QUESTIONS[0])["choices"][0]["finish_reason"] == "length"  # the engine serves on
+
+
 def test_what_the_engine_cannot_do_is_refused_naming_it(run_dir, tmp_path, monkeypatch):
     with pytest.raises(ServeError, match=r"--adapter: the llama\.cpp engine serves one GGUF file"):
         serve(str(run_dir), ServeConfig(engine="llama.cpp", adapters={"other": str(run_dir)}))

@@ -49,6 +49,8 @@ from afina.serve.models import ServedModels, ServeError
 ENGINE = "llama.cpp"
 # The file picked from a run's verified exports when --gguf-type is not given: closest to the trained model first.
 PREFERRED_TYPES = ("q8_0", "f16", "q6_k", "q4_k_m", "q5_k_m")
+# Text the tokenizer check splits both ways: words, digits, punctuation, runs of spaces and newlines, non-ASCII.
+PROBE = "Hello, wörld! Code 1234 means: rinse   for 5 minutes.\n\n  Ünïcödé — 東京 ok?"
 TOP_K = 50  # transformers' default top-k when sampling (GenerationConfig.top_k), kept so both engines sample alike
 _INSTALL_HINT = "run `make llama-cpp` (it builds llama-cpp-python, the `gguf` extra, with settings that work on CPUs)"
 
@@ -232,6 +234,7 @@ class LlamaCppEngine:
             raise ServeError(
                 f"{path} has {self.n_vocab} tokens and the tokenizer {len(tokenizer)}: not the same vocabulary"
             )
+        self._check_tokenization(path)
         self.batch = llama_cpp.llama_batch_init(self.step_tokens, 0, 1)
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -239,6 +242,36 @@ class LlamaCppEngine:
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="afina-llama-cpp", daemon=True)
         self._worker.start()
+
+    def _check_tokenization(self, path: Path) -> None:
+        """The tokenizer that renders prompts must split text as the file's own vocabulary does, or llama.cpp would
+        be given ids it reads as other text (a verified export passes this; a stray .gguf file may not)."""
+        from afina.serve.generation import encode_chat
+
+        texts = [(PROBE, self.tokenizer(PROBE, add_special_tokens=False)["input_ids"], False)]
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": PROBE}]
+            from afina.data.format import render_prompt
+
+            texts.append((render_prompt(self.tokenizer, messages), encode_chat(self.tokenizer, messages), True))
+        vocab = self.lib.llama_model_get_vocab(self.model)
+        for text, ours, special in texts:
+            raw = text.encode("utf-8")
+            buffer = (self.lib.llama_token * (len(raw) + 8))()
+            count = self.lib.llama_tokenize(vocab, raw, len(raw), buffer, len(buffer), False, special)
+            theirs = list(buffer[: max(count, 0)])
+            if theirs != ours:
+                at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                self.close_model()
+                raise ServeError(
+                    f"{path}: llama.cpp tokenizes {text[:60]!r}... differently from the tokenizer afina renders "
+                    f"prompts with (first difference at token {at}: {ours[at : at + 3]} vs {theirs[at : at + 3]}); "
+                    "serve the run directory the file was exported from, whose tokenizer its export check verified"
+                )
+
+    def close_model(self) -> None:
+        self.lib.llama_free(self.ctx)
+        self.lib.llama_model_free(self.model)
 
     # The app's side: the same calls as serve.batching.Scheduler.
     def submit(self, job: Job) -> Job:
@@ -264,8 +297,7 @@ class LlamaCppEngine:
             self._cond.notify()
         self._worker.join()
         self.lib.llama_batch_free(self.batch)
-        self.lib.llama_free(self.ctx)
-        self.lib.llama_model_free(self.model)
+        self.close_model()
 
     # The worker's side.
     def _work(self) -> None:
