@@ -750,6 +750,9 @@ def create_app(
     if served.gguf is not None:  # afina serve --engine llama.cpp
         from afina.serve.llamacpp_engine import LlamaCppEngine
 
+        # Each sequence slot holds a KV cache of its own, allocated up front: as long as the longest request
+        # this server takes (max_prompt_tokens, 1024 unless set, plus max_tokens), not the model's whole context.
+        served.max_context = min(served.max_context, (settings.max_prompt_tokens or 1024) + settings.max_tokens)
         scheduler = LlamaCppEngine(
             served.gguf, served.tokenizer, settings.max_batch, served.max_context, observe, threads=settings.threads
         )

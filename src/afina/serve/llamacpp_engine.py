@@ -9,17 +9,27 @@ check fails a file that does not.)
 
 One worker thread owns llama.cpp's model and context (neither is thread-safe). Jobs queue for it, as
 for the transformers engine (serve/batching.py), but here every job joins the running batch as soon
-as a sequence slot and KV-cache room are free (continuous batching): each step is one `llama_decode`
+as one of `max_batch` sequence slots is free (continuous batching): each step is one `llama_decode`
 call holding the next token of every running sequence and a chunk of any prompt being read, each
-token tagged with its sequence's id, in a KV cache shared by up to `max_batch` sequences. So 16
-clients share each pass over the weights instead of waiting for each other, and a short request
-does not wait for a long one to finish. Each sequence samples on its own (greedy, or temperature,
-top-k and top-p with its own seeded generator), with its own stop strings, JSON-schema constraint
-and logprobs, computed from llama.cpp's logits of that sequence.
+token tagged with its sequence's id. So 16 clients share each pass over the weights instead of
+waiting for each other, and a short request does not wait for a long one to finish. Each sequence
+samples on its own (greedy, or temperature, top-k and top-p with its own seeded generator), with its
+own stop strings, JSON-schema constraint and logprobs, computed from llama.cpp's logits of that sequence.
+
+Each slot has a KV-cache stream of its own (llama.cpp's non-unified cache), which makes batching
+invisible in the answers: a sequence's attention sums over its own cells in the same order whatever
+runs beside it, and the weight products are computed row by row, so a request answers the same alone
+or in a batch, and the same as llama-cpp-python's `Llama` on the same file and tokens (measured on
+the quickstart model: in one shared cache, 2 of 8 greedy answers changed in a batch;
+with flash attention, llama.cpp's default, 3 of 8 even alone). A slot keeps its last request's tokens,
+and a new prompt goes to the free slot whose kept tokens share the longest start with it (a system
+prompt, a conversation so far), reading only the rest, as `Llama` reuses its previous tokens.
 
 What differs from the transformers engine, and is said where it matters: one model per server (no
-`--adapter`, no `--watch` hot switch: refused at start naming the engine), and sampled answers use
-numpy's generator, so a `seed` reproduces an answer within an engine, not across the two.
+`--adapter`, no `--watch` hot switch: refused at start naming the engine); the slots' caches are
+allocated up front, so a request may be as long as max_prompt_tokens (1024 unless set) plus
+max_tokens, not the model's whole context; and sampled answers use numpy's generator, so a `seed`
+reproduces an answer within this engine (alone or batched), not across the two.
 
     served = load_gguf_served("runs/quickstart", gguf_type="q4_k_m")
     engine = LlamaCppEngine(served.gguf, served.tokenizer, max_batch=8, context=served.max_context)
@@ -173,7 +183,6 @@ class _Sequence:
     job: Job
     slot: int
     prompt: list[int]
-    reserved: int  # KV cells held for it: prompt + max_new_tokens
     started: float
     fed: int = 0  # prompt tokens already in the KV cache
     new: list[int] = field(default_factory=list)
@@ -188,8 +197,12 @@ class _Sequence:
 class LlamaCppEngine:
     """Queued jobs decoded together by llama.cpp in one worker thread (see the module docstring).
 
-    `max_batch` sequences run at once in a KV cache of `kv_cells` cells (default: room for each to reach
-    `context` tokens, at most 16384 cells in all); a job waits until its prompt plus max_new_tokens fits.
+    `max_batch` sequences run at once, each in a KV-cache stream of its own of `context` cells (so a
+    sequence's attention sums over its own cells only, in the same order whatever runs beside it: batched
+    answers are the ones each request gets alone, and the ones llama-cpp-python's Llama gives). A stream keeps
+    the tokens of its last request: a new prompt that starts the same way (the system prompt, the conversation
+    so far) goes to the free stream sharing the longest start and reads only the rest, as Llama reuses its
+    previous tokens.
     """
 
     def __init__(
@@ -199,7 +212,6 @@ class LlamaCppEngine:
         max_batch: int,
         context: int,
         observe: Callable[[str, float, int], None] | None = None,
-        kv_cells: int | None = None,
         threads: int | None = None,
     ):
         import llama_cpp
@@ -209,28 +221,30 @@ class LlamaCppEngine:
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
         self.slots = max(1, max_batch)
+        self.context = context
         self.observe = observe or (lambda name, seconds, size: None)
-        self.kv_cells = kv_cells or max(context, min(self.slots * context, 16384))
-        self.context = min(context, self.kv_cells)
         self.step_tokens = max(512, self.slots)
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
         if not self.model:
             raise ServeError(f"llama.cpp could not load {path} (a damaged file, or an architecture it does not know)")
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.kv_cells
+        params.n_ctx = self.slots * context
         params.n_batch = params.n_ubatch = self.step_tokens
         params.n_seq_max = self.slots
-        params.kv_unified = True
+        params.kv_unified = False  # a stream per sequence: see the class docstring
+        # llama-cpp-python's Llama default: flash attention on the CPU sums in another order (and in part in F16)
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         # As many threads as torch uses (OMP_NUM_THREADS): on a busy machine, more threads than free cores make
         # llama.cpp's threads spin waiting for each other (measured here: 2 ms per token on 1 thread, 100 ms on 2).
         params.n_threads = params.n_threads_batch = threads or torch.get_num_threads() or os.cpu_count() or 1
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
-            raise ServeError(f"llama.cpp could not make a context of {self.kv_cells} cells for {path}")
+            raise ServeError(f"llama.cpp could not make a context of {self.slots} x {context} cells for {path}")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         if self.n_vocab < len(tokenizer):
+            self.close_model()
             raise ServeError(
                 f"{path} has {self.n_vocab} tokens and the tokenizer {len(tokenizer)}: not the same vocabulary"
             )
@@ -239,6 +253,7 @@ class LlamaCppEngine:
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._running: list[_Sequence] = []
+        self.kept: list[list[int]] = [[] for _ in range(self.slots)]  # the tokens each stream's cells hold
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="afina-llama-cpp", daemon=True)
         self._worker.start()
@@ -319,29 +334,25 @@ class LlamaCppEngine:
                 self._running = []
 
     def _admit(self) -> None:
-        """Move queued jobs into free slots while their prompt and new tokens fit in the KV cache (holding _cond)."""
-        free = sorted(set(range(self.slots)) - {s.slot for s in self._running})
-        held = sum(s.reserved for s in self._running)
+        """Move queued jobs, in arrival order, into free streams (holding _cond)."""
+        free = set(range(self.slots)) - {s.slot for s in self._running}
         while self._pending and free:
-            job = self._pending[0]
+            job = self._pending.popleft()
             if job.cancelled.is_set():  # its client left while it waited: never run it
-                self._pending.popleft()
                 job.future.set_result(Generated(job.kwargs["input_ids"], job.prompt_length, aborted=True))
                 continue
-            need = job.prompt_length + int(job.kwargs["max_new_tokens"])
-            if held + need > self.kv_cells and self._running:
-                break  # arrival order: it waits for room rather than being overtaken
-            self._pending.popleft()
-            held += need
-            self._running.append(self._start(job, free.pop(0), need))
-
-    def _start(self, job: Job, slot: int, need: int) -> _Sequence:
-        seq = _Sequence(job, slot, job.kwargs["input_ids"][0].tolist(), need, time.perf_counter())
-        if job.kwargs.get("do_sample"):
-            seq.rng = np.random.default_rng(job.seed)
-        if job.top_logprobs is not None:
-            seq.logprobs = []
-        return seq
+            prompt = job.kwargs["input_ids"][0].tolist()
+            shared = {slot: _common_start(prompt[:-1], self.kept[slot]) for slot in free}  # the last token: logits
+            slot = max(sorted(free), key=lambda s: shared[s])
+            free.discard(slot)
+            self.lib.llama_memory_seq_rm(self.memory, slot, shared[slot], -1)
+            self.kept[slot] = prompt[: shared[slot]]
+            seq = _Sequence(job, slot, prompt, time.perf_counter(), fed=shared[slot])
+            if job.kwargs.get("do_sample"):
+                seq.rng = np.random.default_rng(job.seed)
+            if job.top_logprobs is not None:
+                seq.logprobs = []
+            self._running.append(seq)
 
     def _step(self) -> None:
         """One llama_decode: the last token of every decoding sequence, then prompt chunks as room allows."""
@@ -382,6 +393,7 @@ class LlamaCppEngine:
 
     def _fail(self, seq: _Sequence, error: Exception) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+        self.kept[seq.slot] = []
         seq.job.future.set_exception(error)
 
     def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
@@ -417,7 +429,8 @@ class LlamaCppEngine:
             or self._hit_stop(seq)
         ):
             return False
-        self.lib.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+        # The stream keeps what its cells hold (all but the last new token, never read) for the next prompt.
+        self.kept[seq.slot] = seq.prompt[: seq.fed] + seq.new[:-1] if seq.new else seq.prompt[: seq.fed]
         ids = torch.tensor([seq.prompt + seq.new], dtype=torch.long)
         self.observe(job.name, time.perf_counter() - seq.started, len(self._running))
         job.future.set_result(Generated(ids, len(seq.prompt), seq.logprobs, aborted=job.cancelled.is_set()))
@@ -430,6 +443,16 @@ class LlamaCppEngine:
         window = max(len(s) for s in seq.job.stop) + 4  # tokens: every token is at least one character
         tail = self.tokenizer.decode(seq.new[-window:], skip_special_tokens=True)
         return any(s in tail for s in seq.job.stop)
+
+
+def _common_start(a: list[int], b: list[int]) -> int:
+    """How many tokens a and b share from the start."""
+    shared = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        shared += 1
+    return shared
 
 
 def _log_softmax_top(logits: np.ndarray, top: int) -> tuple[np.ndarray, list[tuple[int, float]]]:
