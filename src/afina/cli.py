@@ -138,7 +138,9 @@ def _add_serve_command(sub) -> None:
         "/metrics and a chat page at / for a run directory (its adapter over the base model) or any "
         "model spec. Settings come from the run's `serve:` recipe section; flags override them.",
     )
-    p.add_argument("target", help="a run directory (runs/NAME) or a model spec (see `afina models`)")
+    p.add_argument(
+        "target", help="a run directory (runs/NAME) or a model spec (see `afina models`); a .gguf file with --engine"
+    )
     p.add_argument("--host", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int)
     p.add_argument(
@@ -180,6 +182,21 @@ def _add_serve_command(sub) -> None:
         action="store_true",
         default=None,
         help="allow a --host other than this machine without an API key (anyone reaching it may use it)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["transformers", "llama.cpp"],
+        help="what runs the model: transformers (default) or llama.cpp, on the run's verified GGUF export or a "
+        ".gguf file given as TARGET (needs `make llama-cpp`)",
+    )
+    p.add_argument(
+        "--gguf-type",
+        choices=["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"],
+        help="with --engine llama.cpp: which verified GGUF export of the run to serve (default: q8_0, else the "
+        "first verified of f16, q6_k, q4_k_m, q5_k_m)",
+    )
+    p.add_argument(
+        "--threads", type=int, help="with --engine llama.cpp: CPU threads for decoding (default: torch's thread count)"
     )
 
 
@@ -452,6 +469,9 @@ def serve_settings(args):
         "watch",
         "insecure",
         "monitor_every",
+        "engine",
+        "gguf_type",
+        "threads",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)

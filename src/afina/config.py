@@ -584,6 +584,22 @@ class ServeConfig(_Section):
     insecure: bool = Field(
         False, description="Allow a host other than loopback without an API key (refused otherwise)."
     )
+    engine: Literal["transformers", "llama.cpp"] = Field(
+        "transformers",
+        description="What runs the model: transformers (the trained weights and adapters), or llama.cpp (the run's "
+        "verified GGUF export, or a .gguf file given as the target; needs `make llama-cpp`).",
+    )
+    gguf_type: GgufTypeName | None = Field(
+        None,
+        description="With engine llama.cpp: which of the run's verified GGUF exports to serve "
+        "(default: the first of q8_0, f16, q6_k, q4_k_m, q5_k_m that passed).",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="With engine llama.cpp: CPU threads for decoding (default: as many as torch uses, "
+        "torch.get_num_threads(), which OMP_NUM_THREADS sets).",
+    )
 
 
 class StageConfig(BaseModel):

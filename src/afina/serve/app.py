@@ -38,7 +38,7 @@ from fastapi import Request
 from afina import __version__
 from afina.config import ServeConfig
 from afina.rundir import RunDir
-from afina.serve.batching import Generated, Job, Scheduler
+from afina.serve.batching import Engine, Generated, Job, Scheduler
 from afina.serve.generation import IncrementalText, chat_logprobs, completion_logprobs, cut_at_stop, encode_chat
 from afina.serve.logs import RequestLog
 from afina.serve.models import ServedModels, ServeError, load_served
@@ -226,7 +226,7 @@ class AppState:
     api_key: str | None
     log: RequestLog | None
     metrics: Metrics
-    scheduler: Scheduler
+    scheduler: Engine
     max_prompt: int
     waiting: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -653,7 +653,8 @@ async def list_models(request: Request):
 
 async def health(request: Request):
     state = app_state(request)
-    return {"status": "ok", "models": state.served.names, "queued": state.waiting}
+    engine = "transformers" if state.served.gguf is None else "llama.cpp"
+    return {"status": "ok", "models": state.served.names, "queued": state.waiting, "engine": engine}
 
 
 async def prometheus_metrics(request: Request):
@@ -731,7 +732,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        """The monitor thread runs while the server does."""
+        """The monitor thread runs while the server does; the engine's resources go with the server."""
         if monitor is not None:
             monitor.start()
         try:
@@ -739,16 +740,24 @@ def create_app(
         finally:
             if monitor is not None:
                 await asyncio.to_thread(monitor.stop)
+            await asyncio.to_thread(scheduler.close)
 
     def observe(name: str, seconds: float, size: int) -> None:
         metrics.generation.labels(name).observe(seconds)
         metrics.batch.observe(size)
 
-    scheduler = Scheduler(
-        served,
-        settings.max_batch,
-        observe=observe,
-    )
+    scheduler: Engine
+    if served.gguf is not None:  # afina serve --engine llama.cpp
+        from afina.serve.llamacpp_engine import LlamaCppEngine
+
+        # Each sequence slot holds a KV cache of its own, allocated up front: as long as the longest request
+        # this server takes (max_prompt_tokens, 1024 unless set, plus max_tokens), not the model's whole context.
+        served.max_context = min(served.max_context, (settings.max_prompt_tokens or 1024) + settings.max_tokens)
+        scheduler = LlamaCppEngine(
+            served.gguf, served.tokenizer, settings.max_batch, served.max_context, observe, threads=settings.threads
+        )
+    else:
+        scheduler = Scheduler(served, settings.max_batch, observe=observe)
     app = FastAPI(title="afina", version=__version__, lifespan=lifespan)
     app.state.afina = AppState(
         served,
@@ -800,15 +809,25 @@ def serve(target: str, settings: ServeConfig) -> None:
     import uvicorn
 
     check_exposure(settings)
-    served = load_served(target, settings.adapters, settings.watch)
+    if settings.engine == "llama.cpp":
+        from afina.serve.llamacpp_engine import check_engine_settings, load_gguf_served
+
+        check_engine_settings(settings)
+        served = load_gguf_served(target, settings.gguf_type)
+    elif settings.gguf_type:
+        raise ServeError("--gguf-type picks the GGUF file for --engine llama.cpp; add --engine llama.cpp")
+    else:
+        served = load_served(target, settings.adapters, settings.watch)
     app = create_app(served, settings, run_root=target)
     if not is_loopback(settings.host) and app.state.afina.api_key is None:
         print(
             f"WARNING: serving on {settings.host} WITHOUT an API key (--insecure): anyone who can reach this port "
             "can use the model"
         )
+    engine = f"llama.cpp: {served.gguf}" if served.gguf else "transformers"
     print(
-        f"serving {', '.join(served.names)} at http://{settings.host}:{settings.port}/v1 (OpenAI-compatible); "
+        f"serving {', '.join(served.names)} ({engine}) at http://{settings.host}:{settings.port}/v1 "
+        "(OpenAI-compatible); "
         f"chat page at http://{settings.host}:{settings.port}/ ; Ctrl-C to stop"
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -76,6 +76,14 @@ class _TokenSink:
         pass
 
 
+class Engine(Protocol):
+    """What the app queues jobs on: this module's Scheduler (transformers) or serve/llamacpp_engine.py's engine."""
+
+    def submit(self, job: Job) -> Job: ...
+
+    def close(self) -> None: ...
+
+
 class Scheduler:
     def __init__(self, served, max_batch: int, observe: Callable[[str, float, int], None] | None = None):
         self.served = served
@@ -92,6 +100,9 @@ class Scheduler:
             self._pending.append(job)
             self._cond.notify()
         return job
+
+    def close(self) -> None:
+        """Nothing to free: the worker thread is a daemon and the model belongs to ServedModels."""
 
     def generate(self, name: str, kwargs: dict[str, Any], batchable: bool) -> torch.Tensor:
         """Queue a request and wait for its output ids (prompt + new tokens, shape 1 x N)."""

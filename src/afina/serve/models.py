@@ -35,6 +35,7 @@ class ServedModels:
     # Held by each generation batch and by an adapter switch (afina.serve.reload), so they never overlap.
     lock: threading.RLock = field(default_factory=threading.RLock)
     watcher: Any = None
+    gguf: Path | None = None  # the file the llama.cpp engine runs (serve/llamacpp_engine.py); None: transformers
 
     @property
     def names(self) -> list[str]:
