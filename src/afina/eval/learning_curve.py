@@ -140,13 +140,19 @@ def learning_curve_chart(curve: dict[str, Any], label: str):
         else None
     )
     ax.errorbar(rows, values, yerr=errors, fmt="o", color="#4c72b0", capsize=3, label="tuned (95% interval)")
-    if curve.get("fit"):
+    if curve.get("fit") and not curve["fit"].get("ceiling_at_best"):  # a pinned fit does not describe the points
         grid = np.geomspace(min(rows), 2 * max(rows), 50)
         ax.plot(grid, [predict(curve["fit"], g) for g in grid], "-", color="#4c72b0", alpha=0.6, label="power-law fit")
+    else:
+        ax.plot(rows, values, ":", color="#4c72b0", alpha=0.6, label="measured (no saturating fit)")
     colours = {"base": "#888888", "base_fewshot": "#dd8452", "base_rag": "#55a868", "tuned_rag": "#c44e52"}
     for system, value in (curve.get("baselines") or {}).items():
         ax.axhline(value, linestyle="--", color=colours.get(system, "#333333"), label=system)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xticks(rows, [str(n) for n in rows])  # the measured sizes, as plain numbers
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("train rows")
     ax.set_ylabel(label)
     ax.set_title("learning curve")
