@@ -311,3 +311,13 @@ def test_nested_subsets_of_labelled_rows_keep_every_class():
     subsets = nested_subsets(rows, (0.01, 0.1, 1.0), seed=0, label="label")
     assert len(subsets[0.01]) == 7 and {r["label"] for r in subsets[0.01]} == {f"c{k}" for k in range(7)}
     assert {r["id"] for r in subsets[0.01]} < {r["id"] for r in subsets[0.1]} and len(subsets[0.1]) == 20
+
+
+def test_which_system_tells_a_head_classifier_how_to_get_a_prompting_baseline():
+    from afina.eval.advice import which_system
+
+    head = {"mode": "head", "systems": {"tuned": {"accuracy": 74.5}}}
+    assert "a classification head has no prompting baseline" in which_system(head)
+    assert "classification.mode: generative" in which_system(head)
+    chat = {"systems": {"tuned": {"token_f1": 55.8}}}
+    assert which_system(chat).endswith("add base and base_rag to eval.systems.")

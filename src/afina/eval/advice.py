@@ -47,6 +47,12 @@ def which_system(report: dict[str, Any]) -> str:
     prompting = [s for s in PROMPTING if s in systems]
     if not prompting:
         only = f"{systems['tuned'][metric]:.2f} {label}"
+        if report.get("mode") == "head":  # a new classification head: there is no model to prompt
+            return (
+                f"Only the tuned classifier was scored ({only}): a classification head has no prompting baseline. "
+                "To compare with prompting, run the task generatively (classification.mode: generative) with "
+                "eval.systems [base, base_fewshot, tuned]."
+            )
         return f"Only the tuned model was scored ({only}); add base and base_rag to eval.systems."
     best = max(prompting, key=lambda s: sign * systems[s][metric])
     d = difference_of(report, "tuned", best, metric)
