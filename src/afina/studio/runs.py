@@ -50,15 +50,17 @@ def planned_steps(recipe: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[i
     training = recipe.get("training") or {}
     if training.get("max_steps"):  # it overrides epochs
         return int(training["max_steps"]), False
-    epochs = training.get("epochs")
-    until_converged = epochs is None
-    if until_converged:
+    given = training.get("epochs")
+    until_converged = given is None
+    if given is None:
         data = recipe.get("data") or {}
         split = {**SplitConfig().model_dump(), **(data.get("split") or {})}
         validation = data.get("validation_path") or (split["validation"] or 0) > 0
-        epochs = AUTO_EPOCHS if validation else FALLBACK_EPOCHS
+        epochs = float(AUTO_EPOCHS if validation else FALLBACK_EPOCHS)
+    else:
+        epochs = float(given)
     last = next((r for r in reversed(rows) if r.get("epoch")), None)
-    total = round(float(epochs) * last["step"] / last["epoch"]) if last else None
+    total = round(epochs * last["step"] / last["epoch"]) if last else None
     return total, until_converged
 
 
