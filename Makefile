@@ -48,8 +48,10 @@ check: $(STAMP)
 # Two pytest workers (one test file each at a time, the cores split between them): on a 2-core machine the
 # suite spends much of its time in single-threaded work (model loading, tokenizing, servers, subprocesses).
 TEST_WORKERS ?= 2
+# --no-loadscope-reorder: files in the order tests/conftest.py gives them (the longest first), not pytest-xdist's
+# default of the most tests first, which left the one-test quickstart integration file running alone at the end.
 test: check
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -m "not integration"

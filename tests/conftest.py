@@ -30,7 +30,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # The longest test files (minutes each on 2 cores), run first: with two workers the long ones then overlap the rest
-# instead of one of them running alone at the end (pytest-xdist hands out files in collection order).
+# instead of one of them running alone at the end (pytest-xdist hands out files in collection order when run with
+# --no-loadscope-reorder, as `make test` does; by default it reorders them by their number of tests).
 LONG_FIRST = (
     "integration/",
     "test_export_gguf.py",
