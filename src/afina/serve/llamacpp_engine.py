@@ -154,12 +154,10 @@ def _gguf_tokenizer(path: Path):
 
 
 def _gguf_context_length(path: Path) -> int:
-    from gguf import GGUFReader
+    from afina.models.gguf_header import read_gguf_header
 
-    fields = GGUFReader(str(path)).fields
-    arch = fields["general.architecture"].contents()
-    length = fields.get(f"{arch}.context_length")
-    return int(length.contents()) if length is not None else 2048
+    header = read_gguf_header(path)
+    return int(header.get(f"{header.get('general.architecture')}.context_length", 2048))
 
 
 def check_engine_settings(settings) -> None:
