@@ -501,7 +501,7 @@ async def api_estimate(request: Request, name: str):
         if running is not None:
             other, job = running
             raise StudioError(409, f"'{job['stage']}' of run '{other}' is running: estimate the time when it ends")
-        if not (root / "data" / "train.jsonl").is_file():
+        if not RunDir(root).split_path("train").is_file():
             raise StudioError(409, f"run '{name}' is not prepared: run Prepare first (the time comes from its rows)")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
