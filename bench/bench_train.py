@@ -12,6 +12,7 @@ validation loss on the same held-out rows.
     python bench/bench_train.py --checkpointing off   # both without gradient checkpointing (on: TRL's default)
     python bench/bench_train.py --steps 60 --batch 16 # on a GPU (used when one is visible)
     python bench/bench_train.py --systems afina        # afina alone (e.g. another checkout on PYTHONPATH)
+    python bench/bench_train.py --systems afina --afina-set training.batch_size=8   # one lever, a row
 
 Needs `pip install trl` (the peer; not a dependency of afina) and ../shared/data (or --data).
 --precision auto (the default) is bf16 where the device multiplies bf16 natively (a GPU, a CPU with
@@ -125,6 +126,7 @@ def worker_afina(args, train_rows, val_rows, out: dict) -> None:
             f"training.save_every={10**6}",
             f"training.compile={str(args.afina_compile).lower()}",
             f"training.gradient_checkpointing={str(args.checkpointing == 'on').lower()}",
+            *args.afina_set,
         ],
     )
     run = RunDir(recipe.run_dir)
@@ -225,6 +227,7 @@ def run_worker(name: str, args) -> dict:
     ]
     cmd += ["--afina-compile"] if args.afina_compile else []
     cmd += ["--checkpointing", args.checkpointing]
+    cmd += [f"--afina-set={kv}" for kv in args.afina_set]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     result = json.loads(Path(result_path).read_text())
@@ -266,6 +269,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="Dolly open_qa JSONL (default: ../shared/data)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--systems", default="trl,afina", help="comma-separated: trl, afina")
+    parser.add_argument(
+        "--afina-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for afina's run, a lever to measure (e.g. training.pack_length=1024)",
+    )
     args = parser.parse_args()
     train_rows, val_rows = chats(args.rows, args.data)
     if args.worker:
