@@ -95,32 +95,38 @@ def validation_loss(model, tokenizer, val, precision: str) -> float:
     return mean_label_loss(model, encoded, tokenizer.pad_token_id, 8, autocast_factory(precision, model.device))
 
 
+def afina_overrides(name: str, batch: int, steps: int, precision: str) -> list[str]:
+    """The bench's afina recipe (as overrides): LoRA r=16 on all linear layers, packing to 512 tokens."""
+    return [
+        f"name={name}",
+        f"output_dir={tempfile.mkdtemp(prefix=f'{name}-afina-')}",
+        "data.max_length=512",
+        "method.r=16",
+        "method.alpha=32",
+        "method.target_modules=all-linear",
+        "training.packing=true",
+        "training.pack_length=512",
+        f"training.batch_size={batch}",
+        f"training.max_steps={steps}",
+        "training.learning_rate=2e-4",
+        f"training.precision={resolved_precision(precision)}",
+        "training.tensorboard=false",
+        "training.plots=false",
+    ]
+
+
 def worker_afina(args, train_rows, val_rows, out: dict) -> None:
     from afina.config import load_recipe
     from afina.pipeline import train
     from afina.rundir import RunDir, write_jsonl
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-afina-"))
     recipe = load_recipe(
         None,
         [
-            "name=bench",
-            f"output_dir={tmp}",
-            "data.max_length=512",
-            "method.r=16",
-            "method.alpha=32",
-            "method.target_modules=all-linear",
-            "training.packing=true",
-            "training.pack_length=512",
-            f"training.batch_size={args.batch}",
-            f"training.max_steps={args.steps}",
-            "training.learning_rate=2e-4",
+            *afina_overrides("bench", args.batch, args.steps, args.precision),
             "training.scheduler=constant",
             "training.warmup_ratio=0",
             "training.log_every=1",
-            f"training.precision={resolved_precision(args.precision)}",
-            "training.tensorboard=false",
-            "training.plots=false",
             "training.load_best_at_end=false",
             f"training.eval_every={10**6}",
             f"training.save_every={10**6}",

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import DATA, chats, resolved_precision  # noqa: E402
+from bench_train import DATA, afina_overrides, chats  # noqa: E402
 
 CATEGORIES = [  # (category, operator-name fragments); the first match wins
     ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "mkldnn")),
@@ -57,24 +56,8 @@ def build(args):
     from afina.tasks import task_for
 
     train_rows, val_rows = chats(args.rows)
-    overrides = [
-        "name=profile",
-        f"output_dir={tempfile.mkdtemp(prefix='profile-train-')}",
-        "data.max_length=512",
-        "method.r=16",
-        "method.alpha=32",
-        "method.target_modules=all-linear",
-        "training.packing=true",
-        "training.pack_length=512",
-        f"training.batch_size={args.batch}",
-        f"training.max_steps={args.warmup + args.steps}",
-        "training.learning_rate=2e-4",
-        f"training.precision={resolved_precision(args.precision)}",
-        "training.tensorboard=false",
-        "training.plots=false",
-        *args.set,
-    ]
-    recipe = load_recipe(None, overrides)
+    overrides = afina_overrides("profile", args.batch, args.warmup + args.steps, args.precision)
+    recipe = load_recipe(None, [*overrides, *args.set])
     run = RunDir(recipe.run_dir)
     write_jsonl(run.split_path("train"), train_rows)
     write_jsonl(run.split_path("validation"), val_rows[:8])
