@@ -190,6 +190,14 @@ def test_early_stopping_keeps_the_best_weights(tiny_recipe):
     assert summary["stopped"].startswith("early stopping")
     assert summary["steps"] < 40
     assert summary["best_step"] <= summary["steps"] - 2
+    # What `afina train` prints says the saved weights are the best step's, not the last step's loss.
+    from afina.pipeline import best_kept
+
+    said = best_kept(summary, load_best_at_end=True)
+    assert said == f" (best {summary['best_val_loss']:.3f} at step {summary['best_step']}, those weights kept)"
+    assert summary["best_val_loss"] < summary["val_loss_after"]
+    assert best_kept(summary, load_best_at_end=False) == ""
+    assert best_kept({**summary, "best_step": summary["steps"]}, load_best_at_end=True) == ""
 
 
 def test_qlora_trains_lora_over_a_4bit_base(tiny_recipe):

@@ -97,8 +97,8 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
             echo(
                 f"trained {result['steps']} steps ({result['epochs']} epochs, {result['tokens']} tokens, "
                 f"{result['tokens_per_s']} tokens/s, {result['precision']} on {result['device']}); "
-                f"validation loss {_fmt(result['val_loss_before'])} -> {_fmt(result['val_loss_after'])}; "
-                f"saved to {result['output']}"
+                f"validation loss {_fmt(result['val_loss_before'])} -> {_fmt(result['val_loss_after'])}"
+                f"{best_kept(result, recipe.training.load_best_at_end)}; saved to {result['output']}"
             )
             if result.get("length"):
                 echo(f"{result['length']}; stopped: {result['stopped']}")
@@ -143,6 +143,14 @@ def run_all(recipe: Recipe, echo: Callable[[str], None] = print, **options: Any)
 
 def quickstart_recipe(overrides: list[str]) -> Recipe:
     return load_recipe(bundled_recipe_path("quickstart"), overrides)
+
+
+def best_kept(result: dict[str, Any], load_best_at_end: bool) -> str:
+    """' (best 1.234 at step 40, those weights kept)' when the saved weights are not the last step's."""
+    best, step = result.get("best_val_loss"), result.get("best_step")
+    if not load_best_at_end or best is None or step is None or step == result["steps"]:
+        return ""
+    return f" (best {best:.3f} at step {step}, those weights kept)"
 
 
 def _fmt(value: float | None) -> str:
