@@ -242,6 +242,24 @@ def test_nested_subsets_hold_each_smaller_one():
     assert nested_subsets(rows, (0.25,), seed=3)[0.25] == subsets[0.25]  # seeded: the same rows again
 
 
+@pytest.mark.parametrize("metric", ["bleu", "chrf"])
+def test_corpus_metric_of_a_resample_equals_sacrebleu_on_the_resampled_rows(metric):
+    import sacrebleu
+
+    from afina.eval.uncertainty import _corpus_statistic
+
+    rng = np.random.default_rng(3)
+    words = "el gato come pescado en la casa azul cuando llueve mucho hoy".split()
+    refs = [" ".join(rng.choice(words, size=rng.integers(4, 12))) for _ in range(40)]
+    preds = [" ".join(w if rng.random() < 0.7 else "perro" for w in r.split()) for r in refs]
+    preds[5] = ""  # an empty answer counts too
+    scorer = sacrebleu.corpus_chrf if metric == "chrf" else sacrebleu.corpus_bleu
+    statistic = _corpus_statistic(metric, preds, refs)
+    for idx in (np.arange(40), rng.integers(0, 40, size=40), np.array([5, 5, 7])):
+        expected = scorer([preds[i] for i in idx], [[refs[i] for i in idx]]).score
+        assert statistic(idx) == pytest.approx(expected, abs=1e-9)
+
+
 def test_entity_f1_interval_matches_seqeval_on_the_whole_split():
     from seqeval.metrics import f1_score
 

@@ -164,12 +164,20 @@ def _corpus_statistic(metric: str, predictions: list[str], references: list[str]
         return macro_f1
     if metric == "entity_f1":
         return _entity_f1_statistic(predictions, references)
-    import sacrebleu
+    return _sacrebleu_statistic(metric, predictions, references)
 
-    scorer = sacrebleu.corpus_chrf if metric == "chrf" else sacrebleu.corpus_bleu
+
+def _sacrebleu_statistic(metric: str, predictions: list[str], references: list[str]) -> Callable[[np.ndarray], float]:
+    """Corpus BLEU or chrF of a resample from per-sentence match counts, extracted once (as sacrebleu's own
+    paired bootstrap does): a resample sums counts instead of re-tokenising the corpus (1,000 resamples of
+    60 sentences: seconds instead of minutes). Equal to sacrebleu.corpus_bleu / corpus_chrf on the same rows."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    scorer = CHRF() if metric == "chrf" else BLEU()
+    counts = np.asarray(scorer._extract_corpus_statistics(predictions, [references]), dtype=np.int64)
 
     def corpus(idx: np.ndarray) -> float:
-        return float(scorer([predictions[i] for i in idx], [[references[i] for i in idx]]).score)
+        return float(scorer._compute_score_from_stats(counts[idx].sum(axis=0)).score)
 
     return corpus
 
