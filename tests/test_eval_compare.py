@@ -66,6 +66,10 @@ def test_retrievers_find_the_passage_that_answers(tmp_path, kind):
     assert [h[0].id for h in hits] == ["returns", "hours"] and len(hits[0]) == 2
     rows = [{"id": "r1", "messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}]
     assert passages_from_rows(rows)[0].text == "Q: Q?\nA: A."
+    if kind != "dense":  # bm25s's index-building chatter stays out of a run's output
+        import logging
+
+        assert logging.getLogger("bm25s").getEffectiveLevel() >= logging.WARNING
 
 
 def test_eval_runs_every_system_and_writes_the_three_files(tiny_recipe):

@@ -12,6 +12,7 @@ scales need no calibration).
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +78,9 @@ class Retriever:
         if kind in ("bm25", "hybrid"):
             import bm25s
 
+            # bm25s sets its own logger to DEBUG when imported: "Building index from IDs objects" in every
+            # run's output once logging is configured. Its warnings still show.
+            logging.getLogger("bm25s").setLevel(logging.WARNING)
             self.bm25 = bm25s.BM25()
             self.bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
         if kind in ("dense", "hybrid"):
