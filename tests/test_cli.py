@@ -82,6 +82,8 @@ def test_run_goes_through_every_stage(tmp_path, tiny_model_dir):
     assert out.returncode == 0, out.stderr
     for stage in ("== prepare", "== train", "== eval", "== export", "fact accuracy", "verified"):
         assert stage in out.stdout
+    # Libraries' chatter that tells a user nothing: peft's deprecated-property warning, bm25s's DEBUG lines.
+    assert "is_gradient_checkpointing" not in out.stderr and "DEBUG bm25s" not in out.stderr
     import json
 
     stages = json.loads((tmp_path / "runs" / "cli" / "manifest.json").read_text())["stages"]

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 
 from afina import __version__
 
@@ -581,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         # bitsandbytes (imported by peft) warns at import that an optional CPU kernel package is
         # missing; its slower built-in path works, so the warning is only noise for a user.
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # peft asks transformers for a property transformers has renamed: a FutureWarning in every run about
+        # code that is neither the user's nor afina's.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         code = COMMANDS[args.command](args)
     except (RecipeError, DataError, ModelError, ExportError, FileNotFoundError, LabelError, TagError) as exc:
