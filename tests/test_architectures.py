@@ -188,3 +188,41 @@ def test_qlora_trains_over_the_4bit_base(arch, arch_dirs, tmp_path):
 
     adapter = load_file(str(RunDir(recipe.run_dir).adapter / "adapter_model.safetensors"))
     assert adapter and all("lora_" in name for name in adapter)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_label_scores_share_the_prompt_and_match_whole_sequence_scoring(arch, arch_dirs):
+    """Generative classification runs each prompt once and its labels from the cached keys and values: under
+    every family's template and attention (Gemma's sliding windows included: one prompt is longer than the
+    window), each label's score equals the whole prompt + label sequence scored on its own."""
+    import torch
+
+    from afina.data.format import encode_chat
+    from afina.device import autocast_factory
+    from afina.models import load_model, load_tokenizer
+    from afina.tasks import classification
+    from afina.train.loss import label_logprobs, split_at_answer
+
+    fp32 = autocast_factory("fp32", torch.device("cpu"))
+    recipe = load_recipe(None, ["task=classification"])
+    model, tokenizer = load_model(str(arch_dirs[arch])), load_tokenizer(str(arch_dirs[arch]))
+    rows = [{"text": "short one"}, {"text": " ".join(f"word{i} and more" for i in range(30))}, {"text": "mid text"}]
+    labels = ["bad", "good", "not sure at all"]
+    encoded = [
+        [
+            encode_chat(
+                tokenizer,
+                classification.prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": label}],
+            )
+            for label in labels
+        ]
+        for row in rows
+    ]
+    for per_row in encoded:  # the shared-prompt path is the one under test
+        assert len({tuple(split_at_answer(e)[0]) for e in per_row}) == 1
+    assert len(encoded[1][0]["input_ids"]) > 64  # longer than the tiny Gemmas' sliding window
+    scored = classification.score_rows(model, tokenizer, rows, labels, recipe, fp32, batch_size=3)
+    whole = label_logprobs(model, [e for per_row in encoded for e in per_row], tokenizer.pad_token_id, 9, fp32)
+    for i, result in enumerate(scored):
+        for j, label in enumerate(labels):
+            assert result["label_logprobs"][label] == pytest.approx(whole[i * len(labels) + j], abs=2e-3)

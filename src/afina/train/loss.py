@@ -7,6 +7,7 @@ padding) carry no loss.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -241,4 +242,68 @@ def label_logprobs(model, encoded: list[dict[str, list[int]]], pad_id: int, batc
         rows = selected.nonzero()[:, 0]  # which example each selected position belongs to
         sums = torch.zeros(len(targets), device=token_logprob.device).index_add_(0, rows, token_logprob)
         scores += sums.tolist()
+    return scores
+
+
+def split_at_answer(example: dict[str, list[int]]) -> tuple[list[int], dict[str, list[int]]]:
+    """An encoded example cut where its labelled tokens begin: (prompt ids, continuation with its labels)."""
+    first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+    return example["input_ids"][:first], {
+        "input_ids": example["input_ids"][first:],
+        "labels": example["labels"][first:],
+    }
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model, prompts: list[list[int]], continuations: list[list[dict[str, list[int]]]], pad_id: int, autocast
+) -> list[list[float]]:
+    """For each prompt, the summed log-probability of the labelled tokens of each of its continuations (the same
+    number per prompt): equal to label_logprobs on prompt + continuation, at a fraction of the cost when prompts
+    are long and continuations short (a classifier's labels). Each prompt runs once; its keys and values are
+    cached and every continuation reads a copy of them (a copy, not a crop: sliding-window layers drop states as
+    they grow). The prompts form one batch, left-padded (a sliding-window cache keeps a prompt's last states,
+    which must be its own tokens), positions counted from each prompt's first token."""
+    import copy
+
+    from transformers import DynamicCache
+
+    decoder, head = causal_lm_parts(model)
+    # transformers renamed the decoder's past_key_values to cache (5.2x; the old name warns, then goes in 5.40)
+    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    device = model.device
+    batch = pad_batch([{"input_ids": p} for p in prompts], pad_id, side="left")
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    lengths = mask.sum(dim=1)
+    cache = DynamicCache()
+    with autocast():
+        hidden = decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+            use_cache=True,
+            **{cache_arg: cache},
+        ).last_hidden_state
+    last = hidden[:, -1]  # each prompt's final state: it predicts the continuation's first token
+    scores: list[list[float]] = [[] for _ in prompts]
+    labels = len(continuations[0])
+    for k in range(labels):
+        tail = pad_batch([c[k] for c in continuations], pad_id)
+        tail_ids, tail_mask = tail["input_ids"].to(device), tail["attention_mask"].to(device)
+        positions = lengths[:, None] + torch.arange(tail_ids.shape[1], device=device)[None]
+        with autocast():
+            tail_hidden = decoder(
+                input_ids=tail_ids,
+                attention_mask=torch.cat([mask, tail_mask], dim=1),
+                position_ids=positions,
+                use_cache=True,
+                **{cache_arg: cache if k == labels - 1 else copy.deepcopy(cache)},
+            ).last_hidden_state
+        states = torch.cat([last[:, None].to(tail_hidden.dtype), tail_hidden[:, :-1]], dim=1)
+        targets = tail["labels"].to(device)
+        selected = targets != IGNORE_INDEX
+        token_logprob = -F.cross_entropy(head(states[selected]).float(), targets[selected], reduction="none")
+        sums = torch.zeros(len(prompts), device=device).index_add_(0, selected.nonzero()[:, 0], token_logprob)
+        for i, value in enumerate(sums.tolist()):
+            scores[i].append(value)
     return scores
