@@ -109,6 +109,27 @@ def test_label_scores_are_the_label_sequence_log_probability(tiny_model_dir, tok
         assert 0 < result["label_probability"] <= 1
 
 
+def test_answer_logprobs_equal_whole_sequence_scores_for_any_group(tiny_model_dir, tokenizer):
+    """Groups of answers to one prompt (3 and 5 choices, as a forgetting probe's questions have) run the prompt
+    once; a group whose examples do not share a prompt is scored whole; both give label_logprobs' numbers."""
+    from afina.train.loss import answer_logprobs, label_logprobs
+
+    model = load_model(str(tiny_model_dir))
+
+    def chat(question, answer):
+        return encode_chat(tokenizer, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+
+    groups = [
+        [chat("Which is a colour?", a) for a in ("red", "seven", "a very long answer indeed")],
+        [chat("Count to three, please, in words", a) for a in ("one two three", "1", "uno", "eins zwei", "x")],
+        [chat("Which is a colour?", "blue"), chat("A different question here", "blue")],  # no shared prompt
+    ]
+    scores = answer_logprobs(model, groups, tokenizer.pad_token_id, 2, FP32)
+    whole = label_logprobs(model, [e for g in groups for e in g], tokenizer.pad_token_id, 4, FP32)
+    assert [len(s) for s in scores] == [3, 5, 2]
+    assert [v for s in scores for v in s] == pytest.approx(whole, abs=1e-3)
+
+
 def test_test_label_never_seen_in_training_is_an_error_or_skipped_with_reason(generative_run):
     recipe, _, _ = generative_run
     run = RunDir(recipe.run_dir)

@@ -14,7 +14,7 @@ from typing import Any
 from afina.config import Recipe
 from afina.data.format import encode_chat
 from afina.data.load import iter_json_objects
-from afina.train.loss import label_logprobs
+from afina.train.loss import answer_logprobs
 
 
 def default_probe_path() -> Path:
@@ -51,20 +51,17 @@ def load_probe(path: Path, max_questions: int | None = None) -> list[dict[str, A
 
 def probe_accuracy(model, tokenizer, questions: list[dict[str, Any]], batch_size: int, autocast) -> dict[str, Any]:
     """Accuracy (%) and each question's pick, choosing the choice of highest log-likelihood."""
-    encoded, owners = [], []
-    for qi, q in enumerate(questions):
-        for choice in q["choices"]:
-            messages = [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": choice}]
-            encoded.append(encode_chat(tokenizer, messages, "assistant"))
-            owners.append(qi)
-    scores = label_logprobs(model, encoded, tokenizer.pad_token_id, batch_size, autocast)
-    picks: list[int] = []
-    position = 0
-    for q in questions:
-        n = len(q["choices"])
-        mine = scores[position : position + n]
-        picks.append(max(range(n), key=mine.__getitem__))
-        position += n
+    groups = [
+        [
+            encode_chat(
+                tokenizer, [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": choice}]
+            )
+            for choice in q["choices"]
+        ]
+        for q in questions
+    ]
+    scores = answer_logprobs(model, groups, tokenizer.pad_token_id, batch_size, autocast)
+    picks = [max(range(len(mine)), key=mine.__getitem__) for mine in scores]
     correct = [p == q["answer"] for p, q in zip(picks, questions)]
     return {"accuracy": 100.0 * sum(correct) / len(questions), "picks": picks, "correct": correct}
 

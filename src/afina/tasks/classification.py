@@ -138,54 +138,30 @@ def score_rows(
     full token sequence as the answer, the argmax label and its probability within the label set.
 
     The labels share the prompt, so it runs once per row and each label's tokens read its cached keys and
-    values (loss.continuation_logprobs), batch_size rows at a time; a row whose chat template renders the
-    prompt differently per label is scored whole, (row, label) pairs batched (loss.label_logprobs).
+    values (loss.answer_logprobs), batch_size rows per pass.
     """
     from afina.data.format import encode_chat
-    from afina.train.loss import choose_label, continuation_logprobs, label_logprobs, split_at_answer
+    from afina.train.loss import answer_logprobs, choose_label
 
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        encoded = [
-            [
-                encode_chat(
-                    tokenizer, prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": label}]
-                )
-                for label in labels
-            ]
-            for row in chunk
+    groups = [
+        [
+            encode_chat(
+                tokenizer, prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": label}]
+            )
+            for label in labels
         ]
-        split = [[split_at_answer(e) for e in per_row] for per_row in encoded]
-        shared = [i for i, parts in enumerate(split) if all(prompt == parts[0][0] for prompt, _ in parts)]
-        per_row: list[list[float]] = [[] for _ in chunk]
-        if shared:
-            scored = continuation_logprobs(
-                model,
-                [split[i][0][0] for i in shared],
-                [[tail for _, tail in split[i]] for i in shared],
-                tokenizer.pad_token_id,
-                autocast,
-            )
-            for i, values in zip(shared, scored):
-                per_row[i] = values
-        whole = sorted(set(range(len(chunk))) - set(shared))
-        if whole:
-            flat = label_logprobs(
-                model, [e for i in whole for e in encoded[i]], tokenizer.pad_token_id, batch_size, autocast
-            )
-            for n, i in enumerate(whole):
-                per_row[i] = flat[n * len(labels) : (n + 1) * len(labels)]
-        scores = torch.tensor(per_row)
-        for row_scores in scores:
-            best, probs = choose_label(row_scores)
-            out.append(
-                {
-                    "predicted_label": labels[best],
-                    "label_probability": round(float(probs[best]), 4),
-                    "label_logprobs": {label: round(float(s), 4) for label, s in zip(labels, row_scores)},
-                }
-            )
+        for row in rows
+    ]
+    out = []
+    for row_scores in torch.tensor(answer_logprobs(model, groups, tokenizer.pad_token_id, batch_size, autocast)):
+        best, probs = choose_label(row_scores)
+        out.append(
+            {
+                "predicted_label": labels[best],
+                "label_probability": round(float(probs[best]), 4),
+                "label_logprobs": {label: round(float(s), 4) for label, s in zip(labels, row_scores)},
+            }
+        )
     return out
 
 

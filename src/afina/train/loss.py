@@ -258,12 +258,12 @@ def split_at_answer(example: dict[str, list[int]]) -> tuple[list[int], dict[str,
 def continuation_logprobs(
     model, prompts: list[list[int]], continuations: list[list[dict[str, list[int]]]], pad_id: int, autocast
 ) -> list[list[float]]:
-    """For each prompt, the summed log-probability of the labelled tokens of each of its continuations (the same
-    number per prompt): equal to label_logprobs on prompt + continuation, at a fraction of the cost when prompts
-    are long and continuations short (a classifier's labels). Each prompt runs once; its keys and values are
-    cached and every continuation reads a copy of them (a copy, not a crop: sliding-window layers drop states as
-    they grow). The prompts form one batch, left-padded (a sliding-window cache keeps a prompt's last states,
-    which must be its own tokens), positions counted from each prompt's first token."""
+    """For each prompt, the summed log-probability of the labelled tokens of each of its continuations: equal to
+    label_logprobs on prompt + continuation, at a fraction of the cost when prompts are long and continuations
+    short (a classifier's labels). Each prompt runs once; its keys and values are cached and every continuation
+    reads a copy of them (a copy, not a crop: sliding-window layers drop states as they grow). The prompts form
+    one batch, left-padded (a sliding-window cache keeps a prompt's last states, which must be its own tokens),
+    positions counted from each prompt's first token."""
     import copy
 
     from transformers import DynamicCache
@@ -286,9 +286,9 @@ def continuation_logprobs(
         ).last_hidden_state
     last = hidden[:, -1]  # each prompt's final state: it predicts the continuation's first token
     scores: list[list[float]] = [[] for _ in prompts]
-    labels = len(continuations[0])
-    for k in range(labels):
-        tail = pad_batch([c[k] for c in continuations], pad_id)
+    labels = max(len(c) for c in continuations)
+    for k in range(labels):  # a prompt with fewer continuations repeats its last (that score is not kept)
+        tail = pad_batch([c[min(k, len(c) - 1)] for c in continuations], pad_id)
         tail_ids, tail_mask = tail["input_ids"].to(device), tail["attention_mask"].to(device)
         positions = lengths[:, None] + torch.arange(tail_ids.shape[1], device=device)[None]
         with autocast():
@@ -305,5 +305,32 @@ def continuation_logprobs(
         token_logprob = -F.cross_entropy(head(states[selected]).float(), targets[selected], reduction="none")
         sums = torch.zeros(len(prompts), device=device).index_add_(0, selected.nonzero()[:, 0], token_logprob)
         for i, value in enumerate(sums.tolist()):
-            scores[i].append(value)
+            if k < len(continuations[i]):
+                scores[i].append(value)
     return scores
+
+
+def answer_logprobs(
+    model, groups: list[list[dict[str, list[int]]]], pad_id: int, batch_size: int, autocast
+) -> list[list[float]]:
+    """Multiple-choice scoring: each group holds encoded examples that differ only in their answer (a classifier's
+    labels, a question's choices); per group, each answer's summed labelled-token log-probability. A group whose
+    examples share the prompt runs it once (continuation_logprobs, batch_size groups per pass); one whose chat
+    template renders the prompt differently per answer is scored whole (label_logprobs)."""
+    out: list[list[float]] = [[] for _ in groups]
+    for start in range(0, len(groups), batch_size):
+        chunk = groups[start : start + batch_size]
+        split = [[split_at_answer(e) for e in group] for group in chunk]
+        shared = [i for i, parts in enumerate(split) if all(prompt == parts[0][0] for prompt, _ in parts)]
+        if shared:
+            prompts = [split[i][0][0] for i in shared]
+            tails = [[tail for _, tail in split[i]] for i in shared]
+            scored = continuation_logprobs(model, prompts, tails, pad_id, autocast)
+            for i, values in zip(shared, scored):
+                out[start + i] = values
+        whole = sorted(set(range(len(chunk))) - set(shared))
+        if whole:
+            flat = label_logprobs(model, [e for i in whole for e in chunk[i]], pad_id, batch_size, autocast)
+            for i in whole:
+                out[start + i], flat = flat[: len(chunk[i])], flat[len(chunk[i]) :]
+    return out
