@@ -158,6 +158,14 @@ def test_sequence_logps_equal_the_scoring_used_by_evaluation(tiny_model_dir, tok
     theirs = label_logprobs(model, examples, tokenizer.pad_token_id, 2, FP32)
     assert ours.total.tolist() == pytest.approx(theirs, abs=1e-4)
     assert ours.tokens.tolist() == [sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples]
+    # Evaluation runs the pair's prompt once; both answers read its cached keys and values: the same numbers.
+    from afina.tasks.preference import pair_scores
+
+    row = {"prompt": PROMPT, "chosen": "Descale it.", "rejected": "Rinse it twice with cold water."}
+    chosen, rejected = pair_scores(model, tokenizer, [row, row], 2, FP32)
+    assert chosen.total.tolist() == pytest.approx([ours.total[0].item()] * 2, abs=1e-4)
+    assert rejected.total.tolist() == pytest.approx([ours.total[1].item()] * 2, abs=1e-4)
+    assert [chosen.tokens[0].item(), rejected.tokens[0].item()] == ours.tokens.tolist()
 
 
 UNITS = ("hours", "days", "weeks", "seconds")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from afina.config import Recipe, RecipeError
-from afina.data.format import encode_answer
+from afina.data.format import IGNORE_INDEX, encode_answer
 from afina.device import autocast_factory, pick_device, recipe_weight_dtype, resolve_precision
 from afina.eval.forgetting import forgetting_probe
 from afina.eval.generative import last_user_text
@@ -34,6 +34,7 @@ from afina.models import load_tokenizer, recipe_rope_settings
 from afina.rundir import RunDir
 from afina.tasks.base import TaskType
 from afina.train.batches import pad_batch
+from afina.train.loss import answer_logprobs
 from afina.train.methods import apply_method, load_for_method
 from afina.train.preference_loss import DEFAULT_BETA, PreferenceLoss, SequenceLogps, sequence_logps
 from afina.train.task import TrainingTask
@@ -263,31 +264,13 @@ def training_task(recipe: Recipe, run: RunDir, train_rows: Rows) -> TrainingTask
 # ---- evaluation ------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def answer_logps(
-    model, tokenizer, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int, autocast
-) -> SequenceLogps:
-    """Each answer's summed log-probability after its prompt, and its token count."""
-    totals, tokens = [], []
-    for start in range(0, len(answers), batch_size):
-        chunk = [
-            encode_answer(tokenizer, p, a)
-            for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True)
-        ]
-        batch = {k: v.to(model.device) for k, v in pad_batch(chunk, tokenizer.pad_token_id).items()}
-        with autocast():
-            scored = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
-        totals.append(scored.total.float().cpu())
-        tokens.append(scored.tokens.cpu())
-    return SequenceLogps(torch.cat(totals), torch.cat(tokens))
-
-
 def pair_scores(model, tokenizer, rows: Rows, batch_size: int, autocast) -> tuple[SequenceLogps, SequenceLogps]:
-    prompts = [row["prompt"] for row in rows]
-    return (
-        answer_logps(model, tokenizer, prompts, [row["chosen"] for row in rows], batch_size, autocast),
-        answer_logps(model, tokenizer, prompts, [row["rejected"] for row in rows], batch_size, autocast),
-    )
+    """The chosen and the rejected answer's summed log-probabilities after their prompt, and token counts: the
+    prompt runs once per pair and both answers read its cached keys and values (loss.answer_logprobs)."""
+    groups = [[encode_answer(tokenizer, row["prompt"], row[side]) for side in ("chosen", "rejected")] for row in rows]
+    sums = torch.tensor(answer_logprobs(model, groups, tokenizer.pad_token_id, batch_size, autocast))
+    tokens = torch.tensor([[sum(t != IGNORE_INDEX for t in e["labels"]) for e in group] for group in groups])
+    return SequenceLogps(sums[:, 0], tokens[:, 0]), SequenceLogps(sums[:, 1], tokens[:, 1])
 
 
 def preference_metrics(chosen: SequenceLogps, rejected: SequenceLogps) -> dict[str, float]:
