@@ -254,6 +254,25 @@ def split_at_answer(example: dict[str, list[int]]) -> tuple[list[int], dict[str,
     }
 
 
+def fork_cache(cache):
+    """A cache that starts from `cache`'s keys and values and grows on its own, leaving `cache` as it was. A
+    dynamic layer replaces its tensors when it grows (concatenation; a sliding window slices) and never writes
+    into them, so shallow copies of the cache and its layers share the prompt's tensors at no cost; any other
+    kind of layer is deep-copied (a crop would not do: sliding-window layers drop states as they grow)."""
+    import copy
+
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # transformers before the per-layer caches
+        DynamicLayer = None  # noqa: N806
+    layers = getattr(cache, "layers", None)
+    if DynamicLayer is None or layers is None or not all(isinstance(layer, DynamicLayer) for layer in layers):
+        return copy.deepcopy(cache)
+    fork = copy.copy(cache)
+    fork.layers = [copy.copy(layer) for layer in layers]
+    return fork
+
+
 @torch.no_grad()
 def continuation_logprobs(
     model, prompts: list[list[int]], continuations: list[list[dict[str, list[int]]]], pad_id: int, autocast
@@ -261,11 +280,9 @@ def continuation_logprobs(
     """For each prompt, the summed log-probability of the labelled tokens of each of its continuations: equal to
     label_logprobs on prompt + continuation, at a fraction of the cost when prompts are long and continuations
     short (a classifier's labels). Each prompt runs once; its keys and values are cached and every continuation
-    reads a copy of them (a copy, not a crop: sliding-window layers drop states as they grow). The prompts form
-    one batch, left-padded (a sliding-window cache keeps a prompt's last states, which must be its own tokens),
-    positions counted from each prompt's first token."""
-    import copy
-
+    reads them through a fork of the cache (fork_cache: nothing copied). The prompts form one batch, left-padded
+    (a sliding-window cache keeps a prompt's last states, which must be its own tokens), positions counted from
+    each prompt's first token."""
     from transformers import DynamicCache
 
     decoder, head = causal_lm_parts(model)
@@ -297,7 +314,7 @@ def continuation_logprobs(
                 attention_mask=torch.cat([mask, tail_mask], dim=1),
                 position_ids=positions,
                 use_cache=True,
-                **{cache_arg: cache if k == labels - 1 else copy.deepcopy(cache)},
+                **{cache_arg: cache if k == labels - 1 else fork_cache(cache)},
             ).last_hidden_state
         states = torch.cat([last[:, None].to(tail_hidden.dtype), tail_hidden[:, :-1]], dim=1)
         targets = tail["labels"].to(device)
