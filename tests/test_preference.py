@@ -11,6 +11,7 @@ from afina.config import RecipeError, load_recipe
 from afina.data.format import IGNORE_INDEX, encode_answer
 from afina.data.schema import RowError, guess_schema, to_canonical
 from afina.device import autocast_factory
+from afina.export.merge import export
 from afina.models import load_model
 from afina.pipeline import evaluate, prepare, train
 from afina.rundir import RunDir, read_jsonl
@@ -355,6 +356,7 @@ def test_dpo_training_raises_preference_accuracy_and_writes_the_report(preferenc
         "training.learning_rate=0.008",
         "preference.beta=0.5",
         f"preference.task_test={chat_test}",
+        "export.formats=[merged]",
     )
     prepare(recipe)
     summary = train(recipe, progress=False)
@@ -377,6 +379,8 @@ def test_dpo_training_raises_preference_accuracy_and_writes_the_report(preferenc
     assert "preference accuracy" in (run.eval / "report.html").read_text()
     predictions = read_jsonl(run.eval / "predictions.jsonl")
     assert {p["system"] for p in predictions} == {"base", "tuned"} and all("logp_chosen" in p for p in predictions)
+    # the preference-tuned model exports like any other (checked on the pairs' prompts)
+    assert export(recipe)["merged"]["ok"]
 
 
 @pytest.mark.parametrize("loss", ["orpo", "simpo", "kto"])  # ipo shares dpo's path; its formula is tested above
@@ -397,6 +401,8 @@ def test_every_loss_trains_through_the_loop(preference_recipe, loss):
         loss, "the base model (adapter disabled)"
     )
     assert summary["reference"] == expected
+    if loss == "kto":  # unpaired rows (a prompt and one completion) export too
+        assert export(recipe)["adapter"]["ok"]
 
 
 def test_full_fine_tuning_uses_reference_logps_computed_before_training(preference_recipe):

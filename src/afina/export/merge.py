@@ -33,10 +33,7 @@ def export(recipe: Recipe) -> dict[str, Any]:
     device = pick_device()
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.chat_template)
     rows = read_jsonl(run.require(run.split_path("test"), "prepare"))[:3] or read_jsonl(run.split_path("train"))[:3]
-    # Chat rows: the prompt as served; text rows (domain text, context extension): the text's opening.
-    prompts = [
-        render_prompt(tokenizer, row["messages"][:-1]) if "messages" in row else row["text"][:400] for row in rows
-    ]
+    prompts = [probe_prompt(tokenizer, row) for row in rows]
 
     tuned = load_trained(run.root, recipe.model.name, device, full=recipe.method.type == "full")
     reference = Reference.of(tuned, tokenizer, prompts)
@@ -62,6 +59,16 @@ def export(recipe: Recipe) -> dict[str, Any]:
     if message:
         raise ExportCheckError(message)
     return results
+
+
+def probe_prompt(tokenizer, row: dict[str, Any]) -> str:
+    """The prompt an export is checked on, from a prepared row: a chat's prompt as served; a preference pair's
+    or KTO row's shared prompt; text rows (domain text, context extension): the text's opening."""
+    if "messages" in row:
+        return render_prompt(tokenizer, row["messages"][:-1])
+    if "prompt" in row:
+        return render_prompt(tokenizer, row["prompt"])
+    return row["text"][:400]
 
 
 def _guarded(step) -> dict[str, Any]:
