@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from afina.config import load_recipe
-from afina.data.format import encode_chat
 from afina.device import autocast_factory
 from afina.models import load_model, load_tokenizer
 from afina.tasks import classification
@@ -43,14 +42,7 @@ def read_rows(name: str) -> tuple[list[dict[str, str]], list[str]]:
 
 def whole_sequences(model, tokenizer, rows, labels, recipe, autocast, batch_size: int) -> list[list[float]]:
     """Every (row, label) pair as one sequence, batch_size sequences per forward pass."""
-    encoded = [
-        encode_chat(
-            tokenizer,
-            classification.prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": label}],
-        )
-        for row in rows
-        for label in labels
-    ]
+    encoded = [e for group in classification.label_groups(tokenizer, rows, labels, recipe) for e in group]
     flat = label_logprobs(model, encoded, tokenizer.pad_token_id, batch_size, autocast)
     return [flat[i * len(labels) : (i + 1) * len(labels)] for i in range(len(rows))]
 

@@ -197,7 +197,6 @@ def test_label_scores_share_the_prompt_and_match_whole_sequence_scoring(arch, ar
     window), each label's score equals the whole prompt + label sequence scored on its own."""
     import torch
 
-    from afina.data.format import encode_chat
     from afina.device import autocast_factory
     from afina.models import load_model, load_tokenizer
     from afina.tasks import classification
@@ -208,16 +207,7 @@ def test_label_scores_share_the_prompt_and_match_whole_sequence_scoring(arch, ar
     model, tokenizer = load_model(str(arch_dirs[arch])), load_tokenizer(str(arch_dirs[arch]))
     rows = [{"text": "short one"}, {"text": " ".join(f"word{i} and more" for i in range(30))}, {"text": "mid text"}]
     labels = ["bad", "good", "not sure at all"]
-    encoded = [
-        [
-            encode_chat(
-                tokenizer,
-                classification.prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": label}],
-            )
-            for label in labels
-        ]
-        for row in rows
-    ]
+    encoded = classification.label_groups(tokenizer, rows, labels, recipe)
     for per_row in encoded:  # the shared-prompt path is the one under test
         assert len({tuple(split_at_answer(e)[0]) for e in per_row}) == 1
     assert len(encoded[1][0]["input_ids"]) > 64  # longer than the tiny Gemmas' sliding window

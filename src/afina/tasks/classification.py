@@ -131,6 +131,21 @@ def prompt_messages(text: str, labels: list[str], recipe: Recipe) -> list[dict[s
     return system + [{"role": "user", "content": content}]
 
 
+def label_groups(tokenizer, rows: list[dict[str, Any]], labels: list[str], recipe: Recipe) -> list[list[dict]]:
+    """Per row (with `text`), its prompt answered with each label, encoded: what constrained scoring compares."""
+    from afina.data.format import encode_chat
+
+    return [
+        [
+            encode_chat(
+                tokenizer, prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": label}]
+            )
+            for label in labels
+        ]
+        for row in rows
+    ]
+
+
 def score_rows(
     model, tokenizer, rows: list[dict[str, Any]], labels: list[str], recipe: Recipe, autocast, batch_size: int = 16
 ) -> list[dict[str, Any]]:
@@ -140,18 +155,9 @@ def score_rows(
     The labels share the prompt, so it runs once per row and each label's tokens read its cached keys and
     values (loss.answer_logprobs), batch_size rows per pass.
     """
-    from afina.data.format import encode_chat
     from afina.train.loss import answer_logprobs, choose_label
 
-    groups = [
-        [
-            encode_chat(
-                tokenizer, prompt_messages(row["text"], labels, recipe) + [{"role": "assistant", "content": label}]
-            )
-            for label in labels
-        ]
-        for row in rows
-    ]
+    groups = label_groups(tokenizer, rows, labels, recipe)
     out = []
     for row_scores in torch.tensor(answer_logprobs(model, groups, tokenizer.pad_token_id, batch_size, autocast)):
         best, probs = choose_label(row_scores)
