@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from afina.models.saved import require_tensors
+
 PREFIX = "step-"
 CHECKSUMS = "checksums.json"
 
@@ -131,6 +133,7 @@ def save_checkpoint(
     if not write_files and not is_sharded_model(model):
         return path
     tensors, optim = trainable_state(model), optimizer_state(model, optimizer)  # gathers under FSDP
+    require_tensors(tensors, f"checkpoint {path}")
     if not write_files:
         return path
 
@@ -160,6 +163,7 @@ def save_weights(target: Path, model, info: dict[str, Any], write_files: bool = 
     if not write_files and not is_sharded_model(model):
         return target
     tensors = trainable_state(model)
+    require_tensors(tensors, f"checkpoint {target}")
     if not write_files:
         return target
 

@@ -33,6 +33,7 @@ from afina.device import (
 )
 from afina.models import recipe_rope_settings
 from afina.models.rope import save_rope_settings
+from afina.models.saved import require_saved_weights
 from afina.rundir import RunDir, read_jsonl
 from afina.train.batches import collate, epoch_batches, pack_settings
 from afina.train.checkpoint import (
@@ -501,6 +502,7 @@ def finish(t: Training, stop_reason: str, last_loss: float) -> dict[str, Any]:
         out_dir = t.task.output_dir
         if to_save is not None:
             to_save.save_pretrained(out_dir, safe_serialization=True)
+        require_saved_weights(out_dir)
         t.task.tokenizer.save_pretrained(out_dir)
         if t.task.on_save:
             t.task.on_save(out_dir)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from afina.models.saved import require_tensors
+
 PREFIX = "step-"
 
 
@@ -69,6 +71,7 @@ def save_sharded_checkpoint(
     from afina.train.checkpoint import list_checkpoints
 
     def write(tmp: Path) -> None:
+        require_tensors(_trainable(model), f"sharded checkpoint {tmp.parent}")
         state = {"model": _trainable(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
         dcp.save(state, checkpoint_id=str(tmp / "shards"))
         if is_main:
@@ -125,6 +128,7 @@ def save_sharded_weights(target: Path, model, info: dict[str, Any], is_main: boo
     import torch.distributed.checkpoint as dcp
 
     def write(tmp: Path) -> None:
+        require_tensors(_trainable(model), f"sharded checkpoint {tmp.parent}")
         dcp.save({"model": _trainable(model)}, checkpoint_id=str(tmp / "shards"))
         if is_main:
             torch.save(info, tmp / "info.pt")
