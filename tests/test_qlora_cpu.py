@@ -116,3 +116,35 @@ def test_qlora_with_validation_trains_the_same_whatever_the_cpu_flag_says(tiny_r
     assert forced_adapter.keys() == plain_adapter.keys() and plain_adapter
     for name in plain_adapter:
         torch.testing.assert_close(forced_adapter[name], plain_adapter[name], msg=name)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+needs_avx512_bf16 = pytest.mark.skipif(
+    "avx512_bf16" not in cpu_flags(), reason="this CPU has no AVX512-BF16 (lscpu: avx512_bf16)"
+)
+
+
+@needs_avx512_bf16
+def test_on_a_cpu_with_avx512_bf16_the_flag_is_bitsandbytes_own_and_training_turns_it_off(tiny_model_dir):
+    """Where the instruction set is real, bitsandbytes' layers ask for the packing by themselves (so the
+    forced flag above models a real path) and afina's QLoRA model has it off, before and after validation."""
+    import bitsandbytes.nn.modules as modules
+
+    if not hasattr(modules, "has_avx512bf16"):
+        pytest.skip("this bitsandbytes has no AVX512-BF16 inference packing")
+    assert modules.has_avx512bf16()
+    model = qlora_model(tiny_model_dir, "bfloat16")
+    layers = four_bit_layers(model)
+    assert layers and not any(layer.support_avx512bf16_for_cpu for layer in layers)
+    input_ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(2))
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=input_ids)
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
