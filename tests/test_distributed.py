@@ -163,3 +163,26 @@ def test_an_fsdp_checkpoint_is_not_loaded_into_an_unsharded_run():
     with pytest.raises(ValueError, match="written by an FSDP run"):
         load_optimizer_state(model, optimizer, fsdp_style)
     load_optimizer_state(model, optimizer, optimizer.state_dict())  # its own kind loads
+
+
+@pytest.mark.parametrize("strategy, method", [("ddp", "lora"), ("fsdp", "full")])
+def test_every_collective_takes_a_tensor_on_its_backends_device(tmp_path, tiny_model_dir, strategy, method):
+    """Every collective of a two-process run (DDP with gradient accumulation; FSDP) gets tensors on the device
+    its backend takes. Under DDP the gradients are summed once per optimizer step, not once per micro-batch:
+    the first micro-batch of each step runs under no_sync."""
+    write_jsonl(tmp_path / "rows.jsonl", support_rows(8, 4))
+    path = tmp_path / "probe.yaml"
+    path.write_text(recipe_text(tmp_path, tiny_model_dir, "probe", 2, strategy, method))
+    prepare(load_recipe(path))
+    torchrun(str(Path(__file__).parent / "collective_probe.py"), str(path), str(tmp_path / "seen"))
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / "seen" / f"rank-{rank}.json").read_text())
+        assert seen, "no collective was seen"
+        wrong = [s for s in seen if s["device"] != s["expected"]]
+        assert not wrong, wrong[:5]
+        if strategy == "ddp":
+            trainable = json.loads((tmp_path / "runs" / "probe" / "manifest.json").read_text())["train"][
+                "trainable_parameters"
+            ]
+            gradient_sums = [s for s in seen if s["op"] == "all_reduce" and s["numel"] == trainable]
+            assert len(gradient_sums) == 6  # one bucket per optimizer step, for 12 micro-batches per process

@@ -200,10 +200,11 @@ def held_bytes(model, optimizer) -> dict[str, int]:
     }
 
 
-def max_over_processes(values: dict[str, int]) -> dict[str, int]:
+def max_over_processes(values: dict[str, int], device: torch.device) -> dict[str, int]:
+    """The largest of each value over the processes; `device`: the one the backend takes tensors on."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return {key: int(v) for key, v in zip(values, t.tolist(), strict=True)}
 
