@@ -57,9 +57,9 @@ def keep_4bit_layout_trainable(model) -> int:
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
             checked += 1
-        weight = getattr(module, "weight", None)
+        weight: Any = getattr(module, "weight", None)
         state = getattr(weight, "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
+        if weight is not None and state is not None and getattr(state, "packing_format_for_cpu", False):
             # bitsandbytes' own inverse (the layer calls it itself before saving its state dict).
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
