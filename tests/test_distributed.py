@@ -1,6 +1,7 @@
 """Two processes (torchrun, gloo on CPU) train like one process with the same global batch."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -186,3 +187,54 @@ def test_every_collective_takes_a_tensor_on_its_backends_device(tmp_path, tiny_m
             ]
             gradient_sums = [s for s in seen if s["op"] == "all_reduce" and s["numel"] == trainable]
             assert len(gradient_sums) == 6  # one bucket per optimizer step, for 12 micro-batches per process
+
+
+def test_sharded_resume_runs_no_planted_code_and_skips_a_damaged_shard(tmp_path, tiny_model_dir):
+    """An FSDP checkpoint is data: a state.pt or a DCP .metadata whose pickle would run a command (checksums
+    rewritten to match, as whoever can write the folder could) is refused without running it; a shard cut
+    short makes --resume fall back to the newest intact checkpoint, naming the damaged file."""
+    import pickle
+
+    from afina.train.checkpoint import write_checksums
+
+    write_jsonl(tmp_path / "rows.jsonl", support_rows(8, 4))
+    path = tmp_path / "fsdp.yaml"
+    extra = "  save_every: 2\n  eval_every: 6\n  keep_checkpoints: 3\n"
+    path.write_text(recipe_text(tmp_path, tiny_model_dir, "fsdp", 1, "fsdp", "lora", extra))
+    recipe = load_recipe(path)
+    prepare(recipe)
+    torchrun("-m", "afina", "train", str(path))
+    uninterrupted = curve(recipe)
+    checkpoints = RunDir(recipe.run_dir).root / "checkpoints"
+    newest = checkpoints / "step-00000006"
+    assert json.loads((newest / "checksums.json").read_text()).keys() >= {"state.pt", "shards/.metadata"}
+    backup = tmp_path / "backup"
+    shutil.copytree(newest, backup)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    for planted in ("state.pt", "shards/.metadata"):
+        (newest / planted).write_bytes(pickle.dumps({"payload": Exploit()}))
+        write_checksums(newest)
+        out = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+            + ["-m", "afina", "train", str(path), "--resume"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode != 0 and not marker.exists(), planted
+        assert "pickle" in out.stderr.lower() or "not allowed" in out.stderr, out.stderr[-2000:]
+        shutil.rmtree(newest)
+        shutil.copytree(backup, newest)
+
+    shard = sorted((newest / "shards").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    out = torchrun("-m", "afina", "train", str(path), "--resume")
+    assert f"checkpoint {newest} is damaged: shards/{shard.name} is" in out.stderr
+    assert "resuming from step-00000004" in out.stderr
+    assert RunDir(recipe.run_dir).read_manifest()["train"]["resumed_from"].endswith("step-00000004")
+    assert curve(recipe) == pytest.approx(uninterrupted, rel=1e-6)

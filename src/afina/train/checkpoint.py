@@ -191,11 +191,12 @@ def _sha256(path: Path) -> str:
 
 
 def write_checksums(folder: Path) -> None:
-    """Record the size and sha256 of every file in `folder` (before it is renamed into place)."""
+    """Record the size and sha256 of every file in `folder` and its sub-folders (a sharded checkpoint's
+    shards/), by relative path, before the folder is renamed into place."""
     files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != CHECKSUMS
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() != CHECKSUMS
     }
     (folder / CHECKSUMS).write_text(json.dumps(files, indent=1) + "\n", encoding="utf-8")
 
@@ -236,12 +237,12 @@ def _apply_checkpoint(tensors, state, model, optimizer, scheduler, rng: random.R
     load_trainable_state(model, tensors)
     load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng.setstate(_python_rng_state(state["python_rng"]))
+    rng.setstate(python_rng_state(state["python_rng"]))
     torch.set_rng_state(state["torch_rng"])
     return state
 
 
-def _python_rng_state(saved) -> tuple:
+def python_rng_state(saved) -> tuple:
     # random.getstate() is (version, tuple of ints, gauss_next); a round trip may give lists.
     version, internal, gauss = saved
     return version, tuple(internal), gauss

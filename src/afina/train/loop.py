@@ -52,8 +52,8 @@ from afina.train.optim import build_optimizer
 from afina.train.sharded_checkpoint import (
     check_layout,
     has_weights,
-    load_sharded_checkpoint,
     load_sharded_weights,
+    resume_sharded_checkpoint,
     save_sharded_checkpoint,
     save_sharded_weights,
 )
@@ -356,13 +356,7 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
     )
     if resume:
         if ddp.sharded:  # every process reads its own shards
-            found = list_checkpoints(t.checkpoints)
-            if not found:
-                raise FileNotFoundError(
-                    f"no checkpoint to resume from in {t.checkpoints}; run `afina train` without --resume"
-                )
-            t.resumed_from = found[-1]
-            saved = load_sharded_checkpoint(t.resumed_from, model, optimizer, t.scheduler, t.rng)
+            t.resumed_from, saved = resume_sharded_checkpoint(t.checkpoints, model, optimizer, t.scheduler, t.rng)
         else:
             newest = list_checkpoints(t.checkpoints)
             if newest:
