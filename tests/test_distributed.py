@@ -238,3 +238,38 @@ def test_sharded_resume_runs_no_planted_code_and_skips_a_damaged_shard(tmp_path,
     assert "resuming from step-00000004" in out.stderr
     assert RunDir(recipe.run_dir).read_manifest()["train"]["resumed_from"].endswith("step-00000004")
     assert curve(recipe) == pytest.approx(uninterrupted, rel=1e-6)
+
+
+def test_afina_train_starts_torchrun_itself(tmp_path, tiny_model_dir):
+    """`afina train RECIPE --nproc-per-node 2`, as a user types it: two processes, the same loss curve as
+    the torchrun command it replaces; several nodes without a rendezvous endpoint is a clear error."""
+    write_jsonl(tmp_path / "rows.jsonl", support_rows(8, 4))
+    path = tmp_path / "launched.yaml"
+    path.write_text(recipe_text(tmp_path, tiny_model_dir, "launched", 1))
+    recipe = load_recipe(path)
+    prepare(recipe)
+    afina = [sys.executable, "-m", "afina", "train", str(path)]
+    out = subprocess.run([*afina, "--nproc-per-node", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "starting 2 processes with torchrun" in out.stderr
+    summary = RunDir(recipe.run_dir).read_manifest()["train"]
+    assert summary["processes"] == 2 and summary["distributed"] == "ddp"
+    launched = curve(recipe)
+    torchrun("-m", "afina", "train", str(path))
+    assert launched == pytest.approx(curve(recipe), rel=1e-6)
+
+    bad = subprocess.run([*afina, "--nproc-per-node", "2", "--nnodes", "2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--rdzv-endpoint" in bad.stderr
+
+
+def test_the_launch_passes_torchrun_its_rendezvous():
+    from afina.train.launch import Launch
+
+    assert Launch(4).torchrun_args() == ["--standalone", "--nproc_per_node=4"]
+    assert Launch(8, nnodes=2, node_rank=1, rdzv_endpoint="node0:29500").torchrun_args() == [
+        "--nproc_per_node=8",
+        "--nnodes=2",
+        "--node_rank=1",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node0:29500",
+    ]

@@ -19,6 +19,19 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
+def _add_launch_args(parser: argparse.ArgumentParser) -> None:
+    """afina starts torchrun itself (train/launch.py)."""
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="train with this many processes on this machine (one per GPU), started through torchrun; "
+        "training.distributed (ddp or fsdp) says how they share the model",
+    )
+    parser.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1 (default 0)")
+    parser.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0, the same on every machine (several nodes)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="afina",
@@ -73,6 +86,7 @@ def _add_stage_commands(sub) -> None:
             p.add_argument(
                 "--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints"
             )
+            _add_launch_args(p)
 
     p = sub.add_parser(
         "estimate",
@@ -352,16 +366,26 @@ def cmd_models(args) -> None:
     )
 
 
-def cmd_stage(args) -> None:
-    from afina.config import load_recipe
+def cmd_stage(args) -> int | None:
+    from afina.config import RecipeError, load_recipe
     from afina.pipeline import run_stage
+    from afina.train.launch import Launch, launch_train, under_torchrun
 
+    if getattr(args, "nproc_per_node", None) and not under_torchrun():
+        load_recipe(args.recipe, args.overrides)  # a bad recipe is said once, here, not by every process
+        launch = Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
+        try:
+            launch.check()
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+        return launch_train(launch, [args.recipe, *args.overrides, *(["--resume"] if args.resume else [])])
     run_stage(
         args.command,
         load_recipe(args.recipe, args.overrides),
         strict=getattr(args, "strict", False),
         resume=getattr(args, "resume", False),
     )
+    return None
 
 
 def cmd_estimate(args) -> None:
