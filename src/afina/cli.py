@@ -104,6 +104,12 @@ def _add_stage_commands(sub) -> None:
         "--strategy", choices=["ddp", "fsdp"], help="how the processes share the model (default: training.distributed)"
     )
     p.add_argument("--memory-only", action="store_true", help="skip the timed steps (no weights are read)")
+    p.add_argument(
+        "--gpu",
+        help="estimate for this GPU instead of the device at hand (h100, a100, l4, rtx4090, ...; an unknown name "
+        "lists them): its memory, and a time from the run's FLOPs at an MFU (nothing is timed)",
+    )
+    p.add_argument("--mfu", type=float, help="with --gpu: the model FLOPs utilisation to assume, e.g. 0.35")
 
     p = sub.add_parser(
         "predict",
@@ -389,19 +395,28 @@ def cmd_stage(args) -> int | None:
 
 
 def cmd_estimate(args) -> None:
-    from afina.config import load_recipe
+    from afina.config import RecipeError, load_recipe
     from afina.pipeline import estimate
     from afina.train.estimate import format_estimate
     from afina.train.memory import parse_bytes
 
     available = parse_bytes(args.device_memory) if args.device_memory else None
-    result = estimate(
-        load_recipe(args.recipe, args.overrides),
-        available=available,
-        processes=args.processes,
-        strategy=args.strategy,
-        measure=not args.memory_only,
-    )
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise RecipeError(f"--mfu: {args.mfu} is not a share between 0 and 1 (e.g. 0.35)")
+    try:
+        result = estimate(
+            load_recipe(args.recipe, args.overrides),
+            available=available,
+            processes=args.processes,
+            strategy=args.strategy,
+            measure=not args.memory_only,
+            gpu=args.gpu,
+            mfu=args.mfu,
+        )
+    except ValueError as exc:
+        if not args.gpu or "--gpu" not in str(exc):
+            raise
+        raise RecipeError(str(exc)) from None
     print(format_estimate(result))
 
 
