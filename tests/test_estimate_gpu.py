@@ -5,7 +5,7 @@ from transformers import LlamaConfig
 
 from afina.cli import main
 from afina.config import load_recipe
-from afina.pipeline import estimate
+from afina.pipeline import bundled_recipe_path, estimate
 from afina.train.gpus import GPUS, find_gpu, training_flops_per_token
 
 GIB = 2**30
@@ -61,7 +61,7 @@ def test_lora_costs_two_thirds_of_full_fine_tuning_per_token():
 
 def test_the_cli_prints_memory_and_time_for_the_default_recipe(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["estimate", "quickstart", "--gpu", "h100", "--mfu", "0.3"]) in (0, None)
+    assert main(["estimate", str(bundled_recipe_path("quickstart")), "--gpu", "h100", "--mfu", "0.3"]) in (0, None)
     out = capsys.readouterr().out
     assert "of 80.0 GiB: fits" in out
     assert "time on NVIDIA H100 SXM 80GB (an estimate" in out and "30% MFU, as given" in out
@@ -69,7 +69,7 @@ def test_the_cli_prints_memory_and_time_for_the_default_recipe(tmp_path, capsys,
 
 def test_an_unknown_gpu_lists_the_known_ones(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["estimate", "quickstart", "--gpu", "b9000"]) == 2
+    assert main(["estimate", str(bundled_recipe_path("quickstart")), "--gpu", "b9000"]) == 2
     err = capsys.readouterr().err
     assert "unknown GPU 'b9000'" in err and all(name in err for name in GPUS)
     assert find_gpu("RTX4090").name == "rtx4090"
