@@ -73,3 +73,13 @@ def test_an_unknown_gpu_lists_the_known_ones(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "unknown GPU 'b9000'" in err and all(name in err for name in GPUS)
     assert find_gpu("RTX4090").name == "rtx4090"
+
+
+def test_a_cuda_device_name_finds_its_row():
+    from afina.train.gpus import gpu_named
+
+    assert gpu_named("NVIDIA H100 80GB HBM3").name == "h100"
+    assert gpu_named("NVIDIA H100 PCIe").name == "h100-pcie"
+    assert gpu_named("NVIDIA A100-SXM4-40GB").name == "a100-40gb"
+    assert gpu_named("Tesla T4").name == "t4"
+    assert gpu_named("NVIDIA A10G") is None and gpu_named("NVIDIA B200") is None

@@ -128,3 +128,23 @@ def format_gpu_time(time: dict[str, Any]) -> str:
     if "expected_seconds" in time:
         line += f", about {time['expected_seconds'] / 60:.1f} min for the run"
     return line
+
+
+def gpu_named(device_name: str) -> GpuSpec | None:
+    """The table's entry for a device name as CUDA reports it ('NVIDIA H100 80GB HBM3'), or None."""
+    name = device_name.lower()
+    rules: list[tuple[str, str | None]] = [
+        ("a10g", None),  # AWS's A10 variant: lower tensor rates than the A10's datasheet, not published
+        ("h100", "h100-pcie" if "pcie" in name else "h100"),
+        ("h200", "h200"),
+        ("a100", "a100-40gb" if "40gb" in name else "a100"),
+        ("l40s", "l40s"),
+        ("4090", "rtx4090"),
+        ("3090", "rtx3090"),
+        ("v100", "v100"),
+        (" l4", "l4"),
+        (" a10", "a10"),
+        (" t4", "t4"),
+    ]
+    key = next((key for part, key in rules if part in name), None)
+    return GPUS[key] if key else None
