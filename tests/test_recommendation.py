@@ -72,3 +72,41 @@ def test_a_clear_gap_is_called_better_with_its_interval():
         "Fine-tuning (tuned) is better than the best prompting-only system (base_fewshot)" in line for line in lines
     )
     assert not any(line.startswith("Recommended among the tied") for line in lines)
+
+
+def test_the_answer_budget_covers_long_references_unless_the_recipe_sets_one(tokenizer):
+    from afina.eval.generate import answer_budget
+
+    references = [" ".join(["the filter needs rinsing"] * (10 + i)) for i in range(40)]  # ~40 to ~200 tokens
+    lengths = sorted(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    derived = answer_budget(None, tokenizer, references)
+    assert derived.source == "references" and derived.tokens >= lengths[int(0.95 * len(lengths))]
+    assert derived.tokens > 64  # the old fixed default would have cut most of them
+    assert "95th percentile" in derived.describe()
+    assert answer_budget(None, tokenizer, references, window=256).tokens == 128  # half the model's window
+    assert answer_budget(48, tokenizer, references).tokens == 48  # the recipe's own number is kept
+
+
+def test_answers_cut_at_the_cap_are_reported_per_system_everywhere(tiny_recipe):
+    """The tiny random model never stops by itself: with a cap of 6 tokens every answer is cut, and the table,
+    metrics.json, the report and the recommendation say so per system."""
+    import json
+
+    from afina.eval.summary import format_table
+    from afina.pipeline import evaluate, prepare
+    from afina.rundir import RunDir
+
+    recipe = tiny_recipe("eval.max_new_tokens=6", "eval.systems=[base,base_fewshot]", "eval.forgetting.enabled=false")
+    prepare(recipe)
+    report = evaluate(recipe, progress=False)
+    cut = report["answer_length"]["cut"]
+    n = report["test_examples"]
+    assert report["answer_length"]["max_new_tokens"] == 6 and "eval.max_new_tokens" in report["answer_length"]["how"]
+    assert set(cut) == {"base", "base_fewshot"} and all(c["answers"] == n and c["cut"] >= n // 2 for c in cut.values())
+    headline, warning = report["recommendation"][:2]
+    assert headline.startswith("Best quality") and warning.startswith("Answers cut short: base ")
+    assert "6-token cap" in warning and "base_fewshot" in warning
+    run = RunDir(recipe.run_dir)
+    assert json.loads((run.eval / "metrics.json").read_text())["answer_length"]["cut"] == cut
+    assert "answers cut at 6 new tokens" in (run.eval / "report.html").read_text()
+    assert "answers cut at 6 tok" in format_table(report)

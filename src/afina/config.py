@@ -476,7 +476,14 @@ class SandboxConfig(_Section):
 
 
 class EvalConfig(_Section):
-    max_new_tokens: int = Field(64, ge=1, le=8192)
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=8192,
+        description="New tokens each answer may use. Unset: derived from the test references (their 95th-percentile "
+        "token length x1.25 + 8, within 16..1024 and half the model's window), so answers are judged whole; the "
+        "results say how many answers of each system stopped at this cap.",
+    )
     batch_size: int = Field(16, ge=1, le=4096)
     max_examples: int | None = Field(
         None,

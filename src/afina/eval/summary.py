@@ -7,7 +7,8 @@ import statistics
 from typing import Any
 
 from afina.device import peak_memory_mb
-from afina.eval.uncertainty import difference_sentence
+from afina.eval.generate import CUT_WARNING_SHARE
+from afina.eval.uncertainty import COMPARED_PAIRS, difference_sentence
 from afina.rundir import RunDir
 
 METRIC_LABELS = {
@@ -209,12 +210,28 @@ def _cheaper_among(report: dict[str, Any], tied: list[str]) -> str | None:
     )
 
 
+def cut_sentences(report: dict[str, Any]) -> list[str]:
+    """Systems whose answers stopped at the answer budget more than a few percent of the time."""
+    length = report.get("answer_length") or {}
+    cut = {s: c for s, c in (length.get("cut") or {}).items() if c["share"] > CUT_WARNING_SHARE}
+    if not cut:
+        return []
+    return [
+        "Answers cut short: "
+        + ", ".join(f"{s} {c['cut']} of {c['answers']}" for s, c in cut.items())
+        + f" stopped at the {length['max_new_tokens']}-token cap ({length['how']}): these scores judge cut answers "
+        "and may rank the systems differently from whole ones; raise eval.max_new_tokens (or leave it unset to "
+        "derive it from the references) before trusting the comparison."
+    ]
+
+
 def recommend(report: dict[str, Any]) -> list[str]:
     """Plain sentences derived from the numbers: quality winner (or a tie, by the paired intervals), cost winner,
     forgetting."""
     systems, efficiency = report["systems"], report["efficiency"]
     metric = primary_metric(systems)
     lines = quality_sentences(report, metric) if metric else []
+    lines[1:1] = cut_sentences(report)  # right under the headline: a winner called on cut answers says so
     cheapest = min(efficiency, key=lambda s: efficiency[s]["wall_s"])
     lines.append(
         f"Cheapest to serve: {cheapest} ({efficiency[cheapest]['latency_p50_s']:.3f} s p50 latency per batch, "
@@ -273,6 +290,13 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(
                 f"{label.ljust(width)}  " + "  ".join(f"{report['efficiency'][s][key]:{col}.2f}" for s in systems)
             )
+    length = report.get("answer_length") or {}
+    cut = length.get("cut") or {}
+    if cut and all(s in cut for s in systems):
+        label = f"answers cut at {length['max_new_tokens']} tok"
+        lines.append(
+            f"{label.ljust(width)}  " + "  ".join(f"{cut[s]['cut']} of {cut[s]['answers']}".rjust(col) for s in systems)
+        )
     for s in systems:  # classification: per-class recall, entities: per-type F1 (the tuned system)
         per_class = report["systems"][s].get("per_class") if s == "tuned" else None
         if per_class:
@@ -312,7 +336,7 @@ def format_table(report: dict[str, Any]) -> str:
         )
     primary = primary_metric(report["systems"])
     for d in (report.get("intervals") or {}).get("differences", []):
-        if primary is not None and d["metric"] == primary:
+        if primary is not None and d["metric"] == primary and (d["system"], d["baseline"]) in COMPARED_PAIRS:
             lines.append(difference_sentence(d, METRIC_LABELS[primary]))
     if report.get("forgetting"):
         f = report["forgetting"]

@@ -20,7 +20,7 @@ from afina.config import Recipe, RecipeError
 from afina.data.format import Chunking, encode_split
 from afina.device import autocast_factory, peak_memory_mb, pick_device, recipe_weight_dtype, resolve_precision
 from afina.eval.forgetting import forgetting_probe
-from afina.eval.generate import generate_timed
+from afina.eval.generate import AnswerBudget, answer_budget, cut_answers, generate_timed
 from afina.eval.generative import (
     few_shot_prompts,
     last_user_text,
@@ -112,6 +112,7 @@ class ChatEval:
     metrics: list[str]
     tasks: dict[str, list[int]]  # multi-task: the row indices of each task ({} for one task)
     task_metrics: dict[str, list[str]] = field(default_factory=dict)
+    budget: AnswerBudget = field(default_factory=lambda: AnswerBudget(64, "recipe"))  # new tokens per answer
 
 
 def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
@@ -126,9 +127,11 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     by_task: dict[str, dict[str, Any]] = {task: {} for task in ev.tasks}
     predictions: list[dict[str, Any]] = []
     answers: dict[str, list[str]] = {}
+    cut: dict[str, dict[str, float]] = {}
     for system in cfg.systems:
         generation, loss, task_loss = answer_with(ev, models, system, prompts[system], progress)
         answers[system] = generation.answers
+        cut[system] = cut_answers(generation.new_tokens, ev.budget.tokens)
         results[system], per_example = score_system(ev.rows, generation.answers, loss, ev.metrics, cfg.sandbox)
         for task, idx in ev.tasks.items():  # the same answers, scored per task
             by_task[task][system] = score_system(
@@ -147,6 +150,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "metrics": ev.metrics,
         "systems": results,
         "efficiency": efficiency,
+        "answer_length": {"max_new_tokens": ev.budget.tokens, "how": ev.budget.describe(), "cut": cut},
     }
     if ev.tasks:
         report["tasks"] = {
@@ -182,7 +186,7 @@ def chat_risks(
                 model,
                 ev.tokenizer,
                 conversations,
-                ev.recipe.eval.max_new_tokens,
+                ev.budget.tokens,
                 ev.recipe.eval.batch_size,
                 ev.autocast,
                 desc=f"eval {system} (risks)",
@@ -222,12 +226,15 @@ def chat_eval(recipe: Recipe) -> ChatEval:
         )
     train_path = run.split_path("train")
     tasks = tasks_of(rows)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.chat_template)
+    window = getattr(tokenizer, "model_max_length", None)
+    references = [str(row["messages"][-1].get("content") or "") for row in rows]
     return ChatEval(
         recipe=recipe,
         run=run,
         rows=rows,
         train_rows=read_jsonl(train_path) if train_path.is_file() else [],
-        tokenizer=load_tokenizer(recipe.model.name, recipe.model.chat_template),
+        tokenizer=tokenizer,
         device=device,
         autocast=autocast_factory(resolve_precision(recipe.training.precision, device), device),
         metrics=resolve_metrics(recipe.eval.metrics, rows),
@@ -235,6 +242,9 @@ def chat_eval(recipe: Recipe) -> ChatEval:
         task_metrics={
             task: resolve_metrics(recipe.eval.metrics, [rows[i] for i in idx]) for task, idx in tasks.items()
         },
+        budget=answer_budget(
+            recipe.eval.max_new_tokens, tokenizer, references, window if window and window < 10**6 else None
+        ),
     )
 
 
@@ -273,7 +283,7 @@ def answer_with(ev: ChatEval, models: SystemModels, system: str, conversations: 
             model,
             ev.tokenizer,
             conversations,
-            cfg.max_new_tokens,
+            ev.budget.tokens,
             cfg.batch_size,
             ev.autocast,
             desc=f"eval {system}",
