@@ -110,3 +110,28 @@ def test_answers_cut_at_the_cap_are_reported_per_system_everywhere(tiny_recipe):
     assert json.loads((run.eval / "metrics.json").read_text())["answer_length"]["cut"] == cut
     assert "answers cut at 6 new tokens" in (run.eval / "report.html").read_text()
     assert "answers cut at 6 tok" in format_table(report)
+
+
+def test_every_phase_of_eval_after_generation_says_what_it_does(tiny_recipe, capsys):
+    """The forgetting probe, intervals, memorisation, hallucination and writing each announce themselves (the
+    probe with a bar per batch), so `afina eval` is never silent for minutes after the answers are generated."""
+    from afina.pipeline import evaluate, prepare, train
+
+    recipe = tiny_recipe("training.max_steps=2", "eval.systems=[base,tuned]", "eval.forgetting.max_questions=6")
+    prepare(recipe)
+    train(recipe, progress=False)
+    capsys.readouterr()
+    evaluate(recipe, progress=True)
+    err = capsys.readouterr().err
+    phases = [
+        "eval: forgetting probe, 6 general-knowledge questions",
+        "forgetting probe (base)",
+        "forgetting probe (tuned)",
+        "eval: bootstrap intervals",
+        "eval: memorisation check",
+        "eval: hallucination check",
+        "eval: writing eval/metrics.json",
+    ]
+    positions = [err.find(phase) for phase in phases]
+    assert all(p >= 0 for p in positions), [phase for phase, p in zip(phases, positions) if p < 0]
+    assert positions == sorted(positions)

@@ -18,7 +18,14 @@ from typing import Any
 
 from afina.config import Recipe, RecipeError
 from afina.data.format import Chunking, encode_split
-from afina.device import autocast_factory, peak_memory_mb, pick_device, recipe_weight_dtype, resolve_precision
+from afina.device import (
+    autocast_factory,
+    peak_memory_mb,
+    pick_device,
+    progress_line,
+    recipe_weight_dtype,
+    resolve_precision,
+)
 from afina.eval.forgetting import forgetting_probe
 from afina.eval.generate import AnswerBudget, answer_budget, cut_answers, generate_timed
 from afina.eval.generative import (
@@ -158,10 +165,11 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             for task, idx in ev.tasks.items()
         }
     forgetting = cfg.forgetting.enabled and models.tuned is not None
-    report["forgetting"] = forgetting_probe(recipe, models, ev.tokenizer, ev.autocast) if forgetting else None
+    report["forgetting"] = forgetting_probe(recipe, models, ev.tokenizer, ev.autocast, progress) if forgetting else None
     report["training"] = training_cost(ev.run, cfg.price_per_hour)
     chat_risks(ev, models, report, predictions, answers, prompts, progress)
     report["recommendation"] = recommend(report) + risk_sentences(report)
+    progress_line("eval: writing eval/metrics.json, predictions.jsonl and report.html", progress)
     write_eval(recipe, ev.run, report, predictions)
     return report
 
@@ -177,6 +185,9 @@ def chat_risks(
 ) -> None:
     """Error bars, overfitting (with the tuned model's answers to a sample of train rows), invented facts and
     (eval.risks.bias=true) the bias probe: afina.eval.risks."""
+    progress_line(
+        f"eval: bootstrap intervals ({ev.recipe.eval.risks.resamples} resamples over {len(ev.rows)} rows)", progress
+    )
     add_intervals(ev.recipe, report, predictions)
 
     def answer_as(system: str, conversations: Prompts) -> list[str]:
@@ -201,11 +212,16 @@ def chat_risks(
             rows, tuned_answers, None, [m for m in ev.metrics if m != "perplexity"], ev.recipe.eval.sandbox
         )[1]
 
+    tuned = models.tuned is not None
+    progress_line("eval: memorisation check (the tuned model on a sample of train rows)", progress and tuned)
     memorisation = (
         chat_memorisation(ev.recipe, report, predictions, ev.train_rows, answer, score) if models.tuned else None
     )
     add_overfitting(ev.recipe, ev.run, report, memorisation)
+    progress_line("eval: hallucination check (facts in answers that no reference or passage holds)", progress)
     chat_hallucination(ev.recipe, report, ev.rows, ev.train_rows, answers, prompts, answer_as)
+    bias = ev.recipe.eval.risks.bias is True  # chat runs the probe only when asked
+    progress_line("eval: bias probe (questions with names, genders and nationalities swapped)", progress and bias)
     chat_bias_probe(ev.recipe, report, ev.rows, ev.tokenizer, models, ev.autocast)
 
 

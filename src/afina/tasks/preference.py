@@ -341,7 +341,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         **({"task_test": task_test} if task_test else {}),
     }
     report["forgetting"] = (
-        forgetting_probe(recipe, models, tokenizer, autocast) if recipe.eval.forgetting.enabled else None
+        forgetting_probe(recipe, models, tokenizer, autocast, progress) if recipe.eval.forgetting.enabled else None
     )
     report["training"] = training_cost(run, recipe.eval.price_per_hour)
     report["recommendation"] = recommend(report)
