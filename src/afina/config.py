@@ -656,6 +656,12 @@ class ClassificationConfig(_Section):
         "than list_labels_up_to labels: the model learns them in training).",
     )
     list_labels_up_to: int = Field(20, ge=0, description="generative: list the labels in the prompt up to this many.")
+    calibrate_zero_shot: bool = Field(
+        True,
+        description="generative: the base model's zero-shot row divides out its label prior, measured on content-free "
+        "inputs (contextual calibration, Zhao et al. 2021), so it is not an artefact of which label the instruction "
+        "lists first; the tuned model is scored as it is.",
+    )
     head_learning_rate: float | None = Field(
         None, gt=0, le=1.0, description="Learning rate of the new head (default: training.learning_rate)."
     )
