@@ -127,8 +127,8 @@ def _add_stage_commands(sub) -> None:
     p = sub.add_parser(
         "advise",
         help="learning curve: train on 10/25/50/100%% of the data, fit what more data buys",
-        description="Train the recipe on nested seeded subsets of its prepared train split (the same "
-        "epochs), score each on the run's test split, fit a saturating power law and say what doubling "
+        description="Train the recipe on nested seeded subsets of its prepared train split (the same optimizer steps "
+        "for each), score each on the run's test split, fit a saturating power law and say what doubling "
         "the data is expected to buy, beside the run's base, few-shot and RAG scores. Writes "
         "<run>/advise/learning_curve.json and .png and refreshes eval/report.html. Needs `afina "
         "prepare` first; `afina train` and `afina eval` first let the full-data point be reused.",
