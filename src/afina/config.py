@@ -514,9 +514,9 @@ class ExportConfig(_Section):
     formats: list[Literal["adapter", "merged", "gguf", "gguf_adapter", "ollama"]] = Field(
         default_factory=list_of("adapter", "merged", "gguf", "ollama"),
         description="adapter (peft), merged (plain transformers folder), gguf (llama.cpp files of export.gguf_types, "
-        "made by llama.cpp's converter and quantizer; needs `make llama-cpp`), gguf_adapter (the LoRA adapter as a "
-        "GGUF adapter with an F16 GGUF of the base), ollama (a Modelfile next to the GGUF file; ADAPTER with "
-        "gguf_adapter).",
+        "made by llama.cpp's converter and quantizer; needs `afina setup llama-cpp`), gguf_adapter (the LoRA "
+        "adapter as a GGUF adapter with an F16 GGUF of the base), ollama (a Modelfile next to the GGUF file; "
+        "ADAPTER with gguf_adapter).",
     )
     gguf_types: list[GgufTypeName] = Field(default_factory=list_of("f16", "q8_0", "q4_k_m"), min_length=1)
     gguf_check_transformers: bool = Field(
@@ -587,7 +587,7 @@ class ServeConfig(_Section):
     engine: Literal["transformers", "llama.cpp"] = Field(
         "transformers",
         description="What runs the model: transformers (the trained weights and adapters), or llama.cpp (the run's "
-        "verified GGUF export, or a .gguf file given as the target; needs `make llama-cpp`).",
+        "verified GGUF export, or a .gguf file given as the target; needs `afina setup llama-cpp`).",
     )
     gguf_type: GgufTypeName | None = Field(
         None,

@@ -6,8 +6,9 @@ soft-capping, sliding windows, MoE experts), and its tokenizer handling recognis
 pre-tokenizer. A hand-written writer covered one architecture and had to grow with each. The `gguf`
 package on PyPI is only the file format (gguf-py), without the converter; the converter is not on PyPI.
 It comes with the `llama-cpp-python` source distribution, which afina builds anyway for the
-quantizer and for verification (`make llama-cpp`: it builds the bindings and copies the converter, its
-`conversion/` package and the gguf-py of the same llama.cpp version into `<venv>/share/afina/llama.cpp`).
+quantizer and for verification (`afina setup llama-cpp` or `make llama-cpp`: it builds the bindings and
+copies the converter, its `conversion/` package and the gguf-py of the same llama.cpp version into
+`<venv>/share/afina/llama.cpp`).
 The converter runs as a subprocess with that gguf-py, so its version always matches the llama.cpp that
 loads the files; afina's own `gguf` dependency is untouched.
 
@@ -46,8 +47,8 @@ _FAMILY = {
     "q4_k_m": {"Q4_K", "Q5_K", "Q6_K"},
 }
 _INSTALL_HINT = (
-    "run `make llama-cpp` (it builds llama-cpp-python with the settings that work on CPUs and copies "
-    "llama.cpp's converter into the virtual environment)"
+    "run `afina setup llama-cpp` (from a clone: `make llama-cpp`); it builds llama-cpp-python with the settings "
+    "that work on CPUs and copies llama.cpp's converter into the virtual environment"
 )
 
 
