@@ -366,7 +366,13 @@ class TrainingConfig(_Section):
         "bitsandbytes 8-bit AdamW, 2 bytes (paged: state pages out to host memory under GPU pressure); adafactor: "
         "factored second moments, about 4/sqrt(size) bytes per weight of a matrix.",
     )
-    tensorboard: bool = Field(True, description="Write TensorBoard event files to <run>/tensorboard.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list_of("tensorboard"),
+        description="Experiment trackers that get every logged metric at its step, the resolved recipe as "
+        "parameters and the run's plots and reports as artifacts: tensorboard (<run>/tensorboard), mlflow "
+        "($MLFLOW_TRACKING_URI, else a file store in <run>/mlruns), wandb (<run>/wandb; offline unless "
+        "$WANDB_API_KEY or $WANDB_MODE says otherwise). [] for none; mlflow and wandb: pip install 'afina[trackers]'.",
+    )
     plots: bool = Field(True, description="Write <run>/plots/training.png (loss and learning rate).")
 
     def until_converged(self) -> bool:
