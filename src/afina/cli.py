@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 import time
-import warnings
 
 from afina import __version__
+from afina.quiet import quiet_third_party
 
 RECIPE_HELP = "recipe YAML file"
 OVERRIDES_HELP = "overrides of the form key.sub=value (e.g. training.epochs=2 method.r=8)"
@@ -451,7 +451,7 @@ def cmd_quickstart(args) -> None:
         f"afina quickstart: teach {recipe.model.name} the support facts of a fictional company, "
         f"then compare base and tuned on held-out questions. Run directory: {recipe.run_dir}"
     )
-    result = run_all(recipe)
+    result = run_all(recipe, eval_table=False)  # the table once, at the end
     print()
     print("Before / after fine-tuning (held-out test questions):")
     print(format_table(result["eval"]))
@@ -598,16 +598,11 @@ def main(argv: list[str] | None = None) -> int:
     from afina.train.loop import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
+    # Before any library is imported: their bars and warnings that tell a user nothing (afina/quiet.py).
+    quiet_third_party(args.verbose)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    if not args.verbose:
-        # bitsandbytes (imported by peft) warns at import that an optional CPU kernel package is
-        # missing; its slower built-in path works, so the warning is only noise for a user.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        # peft asks transformers for a property transformers has renamed: a FutureWarning in every run about
-        # code that is neither the user's nor afina's.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         code = COMMANDS[args.command](args)
     except (
