@@ -39,6 +39,11 @@ def noise_lines(stderr: str) -> list[str]:
     return [l for l in lines if any(n in l for n in THIRD_PARTY_NOISE) or "warning" in l.lower()]
 
 
+def table_rows(stdout: str) -> int:
+    """How many times the eval table was printed (its fact-accuracy row starts a line)."""
+    return sum(line.startswith("fact accuracy (%)") for line in stdout.splitlines())
+
+
 def afina(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "afina", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
