@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from afina.config import RecipeError, load_recipe
-from afina.pipeline import prepare, train
+from afina.pipeline import evaluate, prepare, train
 from afina.rundir import RunDir
 
 
@@ -59,6 +59,27 @@ def test_mlflow_run_holds_the_metrics_params_and_plots(tiny_recipe, monkeypatch)
         f.path for f in client.list_artifacts(run_id, "plots")
     }
     assert {"plots/training.png", "metrics.jsonl", "data"} <= artifacts
+
+
+def test_eval_joins_the_training_run_in_mlflow(tiny_recipe, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'afina[trackers]')")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recipe = tiny_recipe("training.report_to=[mlflow]", "eval.systems=[base,tuned]", "eval.max_examples=4")
+    prepare(recipe)
+    train(recipe, progress=False)
+    evaluate(recipe, progress=False)
+    run = RunDir(recipe.run_dir)
+    client = MlflowClient(tracking_uri=(run.root / "mlruns").resolve().as_uri())
+    run_id = json.loads((run.root / "trackers.json").read_text())["mlflow"]
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1  # the same run, not a second
+    systems = json.loads((run.root / "eval" / "metrics.json").read_text())["systems"]
+    for system in ("base", "tuned"):
+        history = client.get_metric_history(run_id, f"eval/{system}/rougeL")
+        assert [(m.step, m.value) for m in history] == [(4, pytest.approx(systems[system]["rougeL"]))]
+    assert {f.path for f in client.list_artifacts(run_id, "eval")} == {"eval/report.html", "eval/metrics.json"}
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def wandb_records(path: Path):

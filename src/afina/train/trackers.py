@@ -12,7 +12,8 @@ Where they write, by default inside the run directory so a run stays one folder:
 - wandb: `<run>/wandb/`; project `$WANDB_PROJECT` or "afina"; `$WANDB_MODE`, else online only when
   `$WANDB_API_KEY` is set and offline otherwise (`wandb sync <run>/wandb/offline-run-*` uploads it later).
 
-A resumed run continues the same MLflow and W&B runs (their ids are kept in `<run>/trackers.json`).
+A resumed run continues the same MLflow and W&B runs (their ids are kept in `<run>/trackers.json`), and so does
+`afina eval`: its numbers (`eval/<system>/<metric>`) and eval/report.html join the training's run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ TRACKER_PACKAGES = {
 }
 # Files of a run logged as artifacts when training ends (those that exist).
 ARTIFACTS = ("plots/training.png", "metrics.jsonl", "data/report.html", "data/report.json")
+EVAL_ARTIFACTS = ("eval/report.html", "eval/metrics.json")
 IDS_FILE = "trackers.json"
 
 
@@ -176,3 +178,28 @@ def open_trackers(names: Sequence[str], root: Path, recipe: dict[str, Any], resu
     if kept:
         ids_path.write_text(json.dumps(kept, indent=1) + "\n")
     return trackers
+
+
+def numeric_leaves(values: dict[str, Any], prefix: str) -> dict[str, float]:
+    """{"eval/tuned/fact_accuracy": 60.4, ...}: the numbers of a nested report (lists and text left out)."""
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(numeric_leaves(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:  # not NaN
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def report_eval(names: Sequence[str], root: Path, recipe: dict[str, Any], report: dict[str, Any], step: int) -> None:
+    """`afina eval`'s numbers (`eval/<system>/<metric>`, at the last training step) and its report and metrics
+    files, into the same tracker runs as the training (their ids in <run>/trackers.json)."""
+    if not names:
+        return
+    metrics = numeric_leaves(report.get("systems") or {}, "eval/")
+    artifacts = [path for path in EVAL_ARTIFACTS if (root / path).is_file()]
+    for tracker in open_trackers(names, root, recipe, resume_step=step):
+        if metrics:
+            tracker.log_metrics(metrics, step)
+        tracker.log_artifacts(root, artifacts)
+        tracker.close(failed=False)
