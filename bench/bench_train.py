@@ -110,7 +110,7 @@ def afina_overrides(name: str, batch: int, steps: int, precision: str) -> list[s
         f"training.max_steps={steps}",
         "training.learning_rate=2e-4",
         f"training.precision={resolved_precision(precision)}",
-        "training.tensorboard=false",
+        "training.report_to=[]",
         "training.plots=false",
     ]
 
