@@ -15,6 +15,7 @@ COMMANDS = [
     "serve",
     "studio",
     "models",
+    "setup",
     "config",
     "quickstart",
 ]
