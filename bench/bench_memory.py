@@ -93,7 +93,7 @@ def worker(overrides: list[str], plain_bf16: bool, result: Path) -> None:
         [
             "name=bench",
             f"output_dir={tmp}",
-            "training.tensorboard=false",
+            "training.report_to=[]",
             "training.plots=false",
             "training.load_best_at_end=false",
             "training.log_every=1",

@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="bench-methods-"))
     base = [
-        "training.tensorboard=false",
+        "training.report_to=[]",
         "training.plots=false",
         f"training.max_steps={args.steps}",
         f"output_dir={out}",

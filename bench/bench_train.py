@@ -119,7 +119,7 @@ def afina_overrides(
         f"training.max_steps={steps}",
         "training.learning_rate=2e-4",
         f"training.precision={resolved_precision(precision)}",
-        "training.tensorboard=false",
+        "training.report_to=[]",
         "training.plots=false",
     ]
 

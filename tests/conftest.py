@@ -59,7 +59,8 @@ def _llama_cpp_missing() -> str | None:
 # GGUF conversion, quantization and checks run llama.cpp's own tools, which `make test` does not build.
 LLAMA_CPP_MISSING = _llama_cpp_missing()
 needs_llama_cpp = pytest.mark.skipif(
-    LLAMA_CPP_MISSING is not None, reason=f"llama.cpp not installed (`make llama-cpp`): {LLAMA_CPP_MISSING}"
+    LLAMA_CPP_MISSING is not None,
+    reason=f"llama.cpp not installed (`afina setup llama-cpp` or `make llama-cpp`): {LLAMA_CPP_MISSING}",
 )
 
 

@@ -44,7 +44,7 @@ def make_recipe(tmp_path, model_dir, *overrides, rows=None):
             "training.max_steps=8",
             "training.learning_rate=0.01",
             "training.precision=fp32",
-            "training.tensorboard=false",
+            "training.report_to=[]",
             "training.plots=false",
             *overrides,
         ],

@@ -15,9 +15,34 @@ COMMANDS = [
     "serve",
     "studio",
     "models",
+    "setup",
     "config",
     "quickstart",
 ]
+
+
+# Third-party output that tells a user nothing (afina/quiet.py silences it): transformers' weight loading and
+# saving bars, the kernels package's offline trust-check warning, bitsandbytes' failed optional-kernel fetch,
+# peft's deprecated-property warning, bm25s's DEBUG lines.
+THIRD_PARTY_NOISE = (
+    "Loading weights",
+    "Writing model shards",
+    "Skipping publisher trust check",
+    "gemm_4bit_forward",
+    "is_gradient_checkpointing",
+    "DEBUG bm25s",
+)
+
+
+def noise_lines(stderr: str) -> list[str]:
+    """stderr lines (progress bars split at their carriage returns) that are third-party chatter or warnings."""
+    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    return [l for l in lines if any(n in l for n in THIRD_PARTY_NOISE) or "warning" in l.lower()]
+
+
+def table_rows(stdout: str) -> int:
+    """How many times the eval table was printed (its fact-accuracy row starts a line)."""
+    return sum(line.startswith("fact accuracy (%)") for line in stdout.splitlines())
 
 
 def afina(*args, cwd=None):
@@ -82,10 +107,37 @@ def test_run_goes_through_every_stage(tmp_path, tiny_model_dir):
     assert out.returncode == 0, out.stderr
     for stage in ("== prepare", "== train", "== eval", "== export", "fact accuracy", "verified"):
         assert stage in out.stdout
-    # Libraries' chatter that tells a user nothing: peft's deprecated-property warning, bm25s's DEBUG lines.
-    assert "is_gradient_checkpointing" not in out.stderr and "DEBUG bm25s" not in out.stderr
+    assert noise_lines(out.stderr) == []
     import json
 
     stages = json.loads((tmp_path / "runs" / "cli" / "manifest.json").read_text())["stages"]
     assert set(stages) == {"prepare", "train", "eval", "export"}
     assert all(s["wall_time_s"] > 0 for s in stages.values())
+
+
+KERNEL_FETCH = """
+import logging, sys
+from afina.quiet import quiet_third_party
+if sys.argv[1] != "loud":
+    quiet_third_party(verbose=sys.argv[1] == "verbose")
+logging.basicConfig(level=logging.INFO if sys.argv[1] == "verbose" else logging.WARNING)
+from kernels import get_kernel
+try:  # what importing bitsandbytes does on a CPU with AVX512-BF16, offline
+    get_kernel("kernels-community/quantization-bitsandbytes", version=1)
+except Exception as exc:
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward: %s", exc)
+"""
+
+
+def test_the_optional_kernel_fetch_is_one_afina_line_at_most(monkeypatch):
+    pytest.importorskip("kernels")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def stderr(mode: str) -> str:
+        return subprocess.run([sys.executable, "-c", KERNEL_FETCH, mode], capture_output=True, text=True).stderr
+
+    loud = stderr("loud")  # the libraries left alone: both lines appear
+    assert "Skipping publisher trust check" in loud and "gemm_4bit_forward" in loud
+    assert noise_lines(stderr("quiet")) == [] and stderr("quiet").strip() == ""
+    verbose = stderr("verbose").strip().splitlines()
+    assert len(verbose) == 1 and verbose[0].startswith("INFO:afina:") and "built-in kernel" in verbose[0]

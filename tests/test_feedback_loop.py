@@ -1,6 +1,7 @@
 """The loop from served traffic back to training: preference data from logs, drift monitoring, the promotion gate."""
 
 import json
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -191,13 +192,13 @@ def log_requests(folder, prompts, start, answer="Let me check that for you."):
 
 
 def test_monitor_sees_no_drift_in_traffic_like_the_training_data(tmp_path):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from afina.eval.monitor import monitor
 
     run = served_run(tmp_path)
     prompts = banking_texts("intent_banking77_test.jsonl", 3080)[::40]  # held-out questions of the same kind
-    log_requests(tmp_path / "logs", prompts, datetime(2026, 11, 1, 8, tzinfo=timezone.utc))
+    log_requests(tmp_path / "logs", prompts, datetime(2026, 11, 1, 8, tzinfo=UTC))
     report = monitor(tmp_path / "logs", run.root)
     assert not report["drift"]["drifted"] and not report["retrain"], report["verdict"]
     assert report["drift"]["share_unlike_train"] < 0.2
@@ -207,7 +208,7 @@ def test_monitor_sees_no_drift_in_traffic_like_the_training_data(tmp_path):
 
 
 def test_monitor_detects_a_planted_shift_and_names_the_new_topic(tmp_path):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from afina.cli import main
     from afina.eval.monitor import monitor
@@ -215,7 +216,7 @@ def test_monitor_detects_a_planted_shift_and_names_the_new_topic(tmp_path):
     run = served_run(tmp_path)
     earlier = banking_texts("intent_banking77_test.jsonl", 3080)[::100]
     recent = banking_texts("intent_banking77_test.jsonl", 3080)[5::300] + KETTLE * 2
-    log_requests(tmp_path / "logs", earlier + recent, datetime(2026, 11, 1, 8, tzinfo=timezone.utc))
+    log_requests(tmp_path / "logs", earlier + recent, datetime(2026, 11, 1, 8, tzinfo=UTC))
     report = monitor(tmp_path / "logs", run.root, recent_days=len(recent) * 10 / (24 * 60) - 1e-6)
     drift = report["drift"]
     assert report["recent"]["requests"] == len(recent)
@@ -319,7 +320,7 @@ def test_the_server_publishes_drift_and_feedback_as_prometheus_gauges(tmp_path, 
     """--monitor-every: the monitor's drift share, verdict and feedback rates appear on /metrics."""
     import re
     import time
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import httpx
 
@@ -330,9 +331,7 @@ def test_the_server_publishes_drift_and_feedback_as_prometheus_gauges(tmp_path, 
 
     run = served_run(tmp_path)
     logs = tmp_path / "logs"
-    log_requests(
-        logs, banking_texts("intent_banking77_test.jsonl", 3080)[5::300] + KETTLE * 3, datetime.now(timezone.utc)
-    )
+    log_requests(logs, banking_texts("intent_banking77_test.jsonl", 3080)[5::300] + KETTLE * 3, datetime.now(UTC))
     served = load_served(str(tiny_model_dir))
 
     def gauge(text, name):

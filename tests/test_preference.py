@@ -338,7 +338,7 @@ def preference_recipe(tiny_recipe, tmp_path):
             "data.dedup.near=false",
             "training.batch_size=2",
             "eval.forgetting.max_questions=4",
-            "training.tensorboard=false",
+            "training.report_to=[]",
             "training.plots=false",
             *overrides,
         )
@@ -390,7 +390,7 @@ def test_every_loss_trains_through_the_loop(preference_recipe, loss):
         "training.max_steps=3",
         "training.learning_rate=0.005",
         "training.eval_every=3",
-        "training.tensorboard=false",
+        "training.report_to=[]",
         "training.plots=false",
     )
     prepare(recipe)

@@ -181,7 +181,7 @@ def test_what_the_engine_cannot_do_is_refused_naming_it(run_dir, tmp_path, monke
     with pytest.raises(ServeError, match="add --engine llama.cpp"):
         serve(str(run_dir), ServeConfig(gguf_type="q8_0"))
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
-    with pytest.raises(ServeError, match="make llama-cpp"):
+    with pytest.raises(ServeError, match="afina setup llama-cpp"):
         load_gguf_served(str(run_dir))
 
 

@@ -127,13 +127,14 @@ def test_data_file_to_chat_and_next_training_file_in_a_browser(browser, tiny_mod
             "eval.risks.unanswerable_rows": "0",
             "eval.risks.resamples": "100",
             "export.formats": "[adapter]",
+            "training.report_to": "[]",
         }.items():
             browser.execute_script(
                 "const e = document.getElementById(arguments[0]); e.value = arguments[1];",
                 "f-" + key.replace(".", "-"),
                 value,
             )
-        for key in ("training.tensorboard", "training.plots", "eval.forgetting.enabled"):
+        for key in ("training.plots", "eval.forgetting.enabled"):
             browser.execute_script(
                 "document.getElementById(arguments[0]).checked = false", "f-" + key.replace(".", "-")
             )

@@ -158,7 +158,7 @@ def test_packed_training_runs_and_learns(tiny_recipe):
     ],
 )
 def test_methods_train_the_right_weights(tiny_recipe, method):
-    recipe = tiny_recipe(*method, "training.max_steps=2", "training.tensorboard=false", "training.plots=false")
+    recipe = tiny_recipe(*method, "training.max_steps=2", "training.report_to=[]", "training.plots=false")
     prepare(recipe)
     summary = train(recipe, progress=False)
     assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
@@ -208,7 +208,7 @@ def test_qlora_trains_lora_over_a_4bit_base(tiny_recipe, weights):
         f"model.dtype={weights}",
         "training.max_steps=6",
         "training.precision=bf16",
-        "training.tensorboard=false",
+        "training.report_to=[]",
         "training.plots=false",
     )
     prepare(recipe)
@@ -253,7 +253,7 @@ def test_compiled_packed_training_matches_eager(tiny_recipe):
         "training.pack_length=128",
         "training.batch_size=1",
         "training.max_steps=3",
-        "training.tensorboard=false",
+        "training.report_to=[]",
         "training.plots=false",
     )
     prepare(eager)
@@ -263,7 +263,7 @@ def test_compiled_packed_training_matches_eager(tiny_recipe):
         "training.pack_length=128",
         "training.batch_size=1",
         "training.max_steps=3",
-        "training.tensorboard=false",
+        "training.report_to=[]",
         "training.plots=false",
         "training.compile=true",
     )
@@ -271,12 +271,12 @@ def test_compiled_packed_training_matches_eager(tiny_recipe):
 
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_recipe):
-    plain = tiny_recipe("training.max_steps=2", "training.tensorboard=false", "training.plots=false")
+    plain = tiny_recipe("training.max_steps=2", "training.report_to=[]", "training.plots=false")
     prepare(plain)
     expected = train(plain, progress=False)["final_train_loss"]
     checkpointed = tiny_recipe(
         "training.max_steps=2",
-        "training.tensorboard=false",
+        "training.report_to=[]",
         "training.plots=false",
         "training.gradient_checkpointing=true",
     )

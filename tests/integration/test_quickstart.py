@@ -28,6 +28,11 @@ def test_quickstart_teaches_the_default_model(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Before / after fine-tuning" in out.stdout
+    from test_cli import noise_lines, table_rows
+
+    assert table_rows(out.stdout) == 1  # the table once, at the end
+
+    assert noise_lines(out.stderr) == []
     run = tmp_path / "runs" / "quickstart"
     manifest = json.loads((run / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"prepare", "train", "eval", "export"}

@@ -7,6 +7,7 @@ from typing import Any
 from afina.config import Recipe
 from afina.eval.report import write_report
 from afina.rundir import RunDir, write_json_atomic, write_jsonl
+from afina.train.trackers import report_eval
 
 
 def write_eval(
@@ -25,3 +26,5 @@ def write_eval(
     if recipe.eval.report:
         write_report(run, report, predictions, recipe)
     run.update_manifest(eval=report)
+    steps = (run.read_manifest().get("train") or {}).get("steps") or 0
+    report_eval(recipe.training.report_to, run.root, recipe.model_dump(mode="json", by_alias=True), report, steps)

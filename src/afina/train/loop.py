@@ -58,6 +58,7 @@ from afina.train.sharded_checkpoint import (
     save_sharded_weights,
 )
 from afina.train.task import TrainingTask
+from afina.train.trackers import check_trackers
 
 
 class TrainingInterrupted(Exception):
@@ -247,14 +248,16 @@ def train(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Train `task` (from afina.tasks: `afina.pipeline.train` builds it) on the rows; returns the summary."""
+    check_trackers(recipe.training.report_to)  # a tracker not installed stops here, before the model loads
     t = setup(recipe, task, train_rows, val_rows, resume)
     monitor = (
         TrainingMonitor(
             t.run.root,
             t.run.metrics,
             t.state.step if resume else None,
-            recipe.training.tensorboard,
+            recipe.training.report_to,
             recipe.training.plots,
+            recipe.model_dump(mode="json", by_alias=True),
         )
         if t.ddp.is_main
         else TrainingMonitor.silent()
@@ -269,11 +272,13 @@ def train(
     )
     t.model.train()
     t.started = time.perf_counter()
+    failed = True
     try:
         stop_reason, last_loss = run_steps(t, monitor, bar)
+        failed = False
     finally:
         bar.close()
-        monitor.close()
+        monitor.close(failed)
     return finish(t, stop_reason, last_loss)
 
 

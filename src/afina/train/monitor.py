@@ -1,14 +1,27 @@
-"""What a person watches during training: metrics.jsonl, TensorBoard events and PNG plots."""
+"""What a person watches during training: metrics.jsonl, PNG plots and the trackers of `training.report_to`
+(TensorBoard, MLflow, W&B: afina.train.trackers)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from afina.train.trackers import ARTIFACTS, Tracker, metric_name, open_trackers
+
 
 class TrainingMonitor:
-    def __init__(self, root: Path, metrics_path: Path, resume_step: int | None, tensorboard: bool, plots: bool):
+    def __init__(
+        self,
+        root: Path,
+        metrics_path: Path,
+        resume_step: int | None,
+        report_to: Sequence[str],
+        plots: bool,
+        recipe: dict[str, Any] | None = None,
+    ):
+        self.root = root
         self.metrics_path = metrics_path
         self.plot_path = root / "plots" / "training.png" if plots else None
         self.records: list[dict[str, Any]] = []
@@ -20,19 +33,13 @@ class TrainingMonitor:
         else:
             metrics_path.unlink(missing_ok=True)
         self.file = metrics_path.open("a", encoding="utf-8")
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(
-                log_dir=str(root / "tensorboard"), purge_step=(resume_step + 1) if resume_step else None
-            )
+        self.trackers: list[Tracker] = open_trackers(report_to, root, recipe or {}, resume_step)
 
     @classmethod
     def silent(cls) -> TrainingMonitor:
         """For the non-main processes of a distributed run: records nothing."""
         monitor = cls.__new__(cls)
-        monitor.records, monitor.file, monitor.writer, monitor.plot_path = [], None, None, None  # type: ignore[assignment]
+        monitor.records, monitor.file, monitor.trackers, monitor.plot_path = [], None, [], None  # type: ignore[assignment]
         return monitor
 
     def log(self, record: dict[str, Any]) -> None:
@@ -41,13 +48,13 @@ class TrainingMonitor:
         self.records.append(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(
-                        f"train/{key}" if key != "val_loss" else "validation/loss", value, record["step"]
-                    )
-            self.writer.flush()
+        metrics = {
+            metric_name(key): value
+            for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        for tracker in self.trackers:
+            tracker.log_metrics(metrics, record["step"])
 
     def plot(self) -> None:
         """Rewrite the loss and learning-rate plot (called after each validation and at the end)."""
@@ -79,9 +86,13 @@ class TrainingMonitor:
         plt.close(fig)
         tmp.replace(self.plot_path)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """The last plot, then the plots and reports handed to the trackers as artifacts."""
         self.plot()
         if self.file is not None:
             self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self.trackers:
+            artifacts = [path for path in ARTIFACTS if (self.root / path).is_file()]
+            for tracker in self.trackers:
+                tracker.log_artifacts(self.root, artifacts)
+                tracker.close(failed)

@@ -2,7 +2,7 @@
 # Build llama-cpp-python from its source distribution with CPU settings that decode quantized files
 # correctly, and copy llama.cpp's own GGUF converter (same version) into the virtual environment.
 #
-#   scripts/install_llama_cpp.sh .venv/bin/python
+#   bash src/afina/scripts/install_llama_cpp.sh .venv/bin/python   (or: afina setup llama-cpp)
 #
 # Why these settings: a native build (-march=native) on a CPU with AMX picks ggml's AMX int8 kernels,
 # and decode of every quantized file segfaulted there (f16 worked). The build below targets AVX2/FMA/F16C
