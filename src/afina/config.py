@@ -375,6 +375,20 @@ class TrainingConfig(_Section):
     )
     plots: bool = Field(True, description="Write <run>/plots/training.png (loss and learning rate).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_switch(cls, data: Any) -> Any:
+        """`training.tensorboard: true|false`, the switch before report_to existed, still works in a recipe:
+        false takes TensorBoard out of report_to, true puts it in."""
+        if isinstance(data, dict) and "tensorboard" in data:
+            data = dict(data)
+            on = data.pop("tensorboard")
+            if not isinstance(on, bool):
+                raise ValueError("training.tensorboard (the older switch of report_to) takes true or false")
+            trackers = [t for t in data.get("report_to", ["tensorboard"]) if t != "tensorboard"]
+            data["report_to"] = ["tensorboard", *trackers] if on else trackers
+        return data
+
     def until_converged(self) -> bool:
         """The recipe does not say how long to train: stop when validation stops improving."""
         return self.epochs is None and self.max_steps is None

@@ -186,31 +186,44 @@ def check_layout(path: Path, sharded: bool) -> None:
 def resume_sharded_checkpoint(
     folder: Path, model, optimizer, scheduler, rng: random.Random
 ) -> tuple[Path, dict[str, Any]]:
-    """Restore the newest intact sharded checkpoint in `folder` (every process calls it and, reading the same
-    files, picks the same one); a damaged newer one is skipped with a message naming it and why."""
+    """Restore the newest intact sharded checkpoint in `folder`; a damaged newer one is skipped with a message
+    naming it and why. Rank 0 checks the files (each is hashed once, not once per process) and tells the
+    others which checkpoint to load."""
     found = list_checkpoints(folder)
     if not found:
         raise FileNotFoundError(f"no checkpoint to resume from in {folder}; run `afina train` without --resume")
+    verdict: list[Any] = [None]
+    if dist.get_rank() == 0:
+        verdict[0] = _newest_intact(found)
+    dist.broadcast_object_list(verdict, src=0)  # between afina's own processes: (index, reasons), no files
+    index, skipped = verdict[0]
+    if index is None:
+        raise DamagedCheckpointError(
+            f"no intact checkpoint to resume from in {folder}: "
+            + "; ".join(skipped)
+            + ". Restore the folder from a backup, or delete it and run `afina train` without --resume"
+        )
+    path = found[index]
+    check_layout(path, sharded=True)
+    return path, load_sharded_checkpoint(path, model, optimizer, scheduler, rng)
+
+
+def _newest_intact(found: list[Path]) -> tuple[int | None, list[str]]:
+    """The index of the newest checkpoint whose files match their checksums, and why each newer one does not."""
     skipped: list[str] = []
-    for path in reversed(found):
-        check_layout(path, sharded=True)
+    for index in range(len(found) - 1, -1, -1):
+        path = found[index]
         problem = checkpoint_problem(path)
-        if problem is not None:
-            skipped.append(f"{path.name}: {problem}")
-            if dist.get_rank() == 0:
-                print(f"checkpoint {path} is damaged: {problem}; trying an older one", file=sys.stderr)
-            continue
-        if skipped and dist.get_rank() == 0:
-            print(
-                f"resuming from {path.name}, the newest intact checkpoint (skipped {len(skipped)} damaged)",
-                file=sys.stderr,
-            )
-        return path, load_sharded_checkpoint(path, model, optimizer, scheduler, rng)
-    raise DamagedCheckpointError(
-        f"no intact checkpoint to resume from in {folder}: "
-        + "; ".join(skipped)
-        + ". Restore the folder from a backup, or delete it and run `afina train` without --resume"
-    )
+        if problem is None:
+            if skipped:
+                print(
+                    f"resuming from {path.name}, the newest intact checkpoint (skipped {len(skipped)} damaged)",
+                    file=sys.stderr,
+                )
+            return index, skipped
+        skipped.append(f"{path.name}: {problem}")
+        print(f"checkpoint {path} is damaged: {problem}; trying an older one", file=sys.stderr)
+    return None, skipped
 
 
 def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, rng: random.Random) -> dict[str, Any]:
