@@ -40,9 +40,14 @@ def add_intervals(recipe: Recipe, report: dict[str, Any], predictions: list[dict
     """Intervals of every system's metrics and of the stated pairs' differences, plus the best system (on the
     primary metric) against every other, which the recommendation's headline needs to call a winner or a tie."""
     cfg = recipe.eval.risks
-    report["intervals"] = intervals_from_predictions(
+    intervals = intervals_from_predictions(
         predictions, report["systems"], cfg.resamples, cfg.confidence, recipe.seed, headline_pairs(report["systems"])
     )
+    # `differences`: the pairs the report states; `headline_differences`: the best system against the rest.
+    every = intervals.pop("differences")
+    intervals["differences"] = [d for d in every if (d["system"], d["baseline"]) in COMPARED_PAIRS]
+    intervals["headline_differences"] = [d for d in every if (d["system"], d["baseline"]) not in COMPARED_PAIRS]
+    report["intervals"] = intervals
 
 
 def headline_pairs(systems: dict[str, dict[str, Any]]) -> tuple[tuple[str, str], ...]:

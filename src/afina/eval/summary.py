@@ -124,7 +124,8 @@ def best_system(systems: dict[str, dict[str, Any]], metric: str) -> str:
 
 def paired_difference(report: dict[str, Any], a: str, b: str, metric: str) -> dict[str, Any] | None:
     """The report's paired difference a - b on `metric` (from either order of the pair), or None."""
-    for d in (report.get("intervals") or {}).get("differences", []):
+    intervals = report.get("intervals") or {}
+    for d in intervals.get("differences", []) + intervals.get("headline_differences", []):
         if d["metric"] != metric:
             continue
         if (d["system"], d["baseline"]) == (a, b):
