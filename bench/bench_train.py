@@ -13,6 +13,11 @@ validation loss on the same held-out rows.
     python bench/bench_train.py --steps 60 --batch 16 # on a GPU (used when one is visible)
     python bench/bench_train.py --systems afina        # afina alone (e.g. another checkout on PYTHONPATH)
     python bench/bench_train.py --systems afina --afina-set training.batch_size=8   # one lever, a row
+    python bench/bench_train.py --model gemma3-270m --method qlora   # another model / method, both systems
+    python bench/bench_train.py --json out.json       # the results as JSON too (bench/gpu_session.sh reads it)
+
+--method: lora (r=16 on all linear layers, the default), qlora (the same over a 4-bit NF4 base, TRL's model
+loaded with the same BitsAndBytesConfig) or full (every weight; TRL without a peft config).
 
 Needs `pip install trl` (the peer; not a dependency of afina) and ../shared/data (or --data).
 --precision auto (the default) is bf16 where the device multiplies bf16 natively (a GPU, a CPU with
@@ -95,11 +100,15 @@ def validation_loss(model, tokenizer, val, precision: str) -> float:
     return mean_label_loss(model, encoded, tokenizer.pad_token_id, 8, autocast_factory(precision, model.device))
 
 
-def afina_overrides(name: str, batch: int, steps: int, precision: str) -> list[str]:
+def afina_overrides(
+    name: str, batch: int, steps: int, precision: str, model: str = "smollm2-135m-instruct", method: str = "lora"
+) -> list[str]:
     """The bench's afina recipe (as overrides): LoRA r=16 on all linear layers, packing to 512 tokens."""
     return [
         f"name={name}",
         f"output_dir={tempfile.mkdtemp(prefix=f'{name}-afina-')}",
+        f"model.name={model}",
+        f"method.type={method}",
         "data.max_length=512",
         "method.r=16",
         "method.alpha=32",
@@ -123,7 +132,7 @@ def worker_afina(args, train_rows, val_rows, out: dict) -> None:
     recipe = load_recipe(
         None,
         [
-            *afina_overrides("bench", args.batch, args.steps, args.precision),
+            *afina_overrides("bench", args.batch, args.steps, args.precision, args.model, args.method),
             "training.scheduler=constant",
             "training.warmup_ratio=0",
             "training.log_every=1",
@@ -153,10 +162,24 @@ def worker_trl(args, train_rows, val_rows, out: dict) -> None:
 
     from afina.models import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    tokenizer = load_tokenizer(args.model)
     precision = resolved_precision(args.precision)
-    # The weights as TRL users load them: bf16 under bf16 training, else fp32.
-    model = load_model("smollm2-135m-instruct", "bfloat16" if precision == "bf16" else "float32")
+    # The weights as TRL users load them: bf16 under bf16 training, else fp32; QLoRA's as afina quantizes them.
+    options: dict = {}
+    if args.method == "qlora":
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        options = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+            "device_map": {"": "cuda" if on_gpu() else "cpu"},
+        }
+    model = load_model(args.model, "bfloat16" if precision == "bf16" else "float32", **options)
     prompt_completion = [{"prompt": [r["messages"][0]], "completion": [r["messages"][1]]} for r in train_rows]
     times: list[float] = []
 
@@ -190,7 +213,9 @@ def worker_trl(args, train_rows, val_rows, out: dict) -> None:
         args=config,
         train_dataset=Dataset.from_list(prompt_completion),
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+        peft_config=None
+        if args.method == "full"
+        else LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
         callbacks=[StepTimes()],
     )
     start = time.perf_counter()
@@ -230,6 +255,10 @@ def run_worker(name: str, args) -> dict:
         str(args.data),
         "--precision",
         args.precision,
+        "--model",
+        args.model,
+        "--method",
+        args.method,
     ]
     cmd += ["--afina-compile"] if args.afina_compile else []
     cmd += ["--checkpointing", args.checkpointing]
@@ -239,6 +268,15 @@ def run_worker(name: str, args) -> dict:
     result = json.loads(Path(result_path).read_text())
     result["end_to_end_s"] = time.perf_counter() - start
     return result
+
+
+def model_parameters(spec: str) -> float:
+    """The model's parameters from its config (tied embeddings counted once), no weights read."""
+    from afina.config import MethodConfig
+    from afina.train.memory import meta_model, model_config
+
+    model = meta_model(model_config(spec), MethodConfig(type="full"))
+    return float(sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
 
 
 def summarize(result: dict, params: float, peak_flops: float) -> dict:
@@ -275,6 +313,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="Dolly open_qa JSONL (default: ../shared/data)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--systems", default="trl,afina", help="comma-separated: trl, afina")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="an afina model spec (default: the default)")
+    parser.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--afina-set",
         action="append",
@@ -297,9 +338,13 @@ def main() -> None:
 
     precision = resolved_precision(args.precision)
     peak = matmul_flops(precision)
-    params = 134.5e6  # SmolLM2-135M (tied embeddings counted once)
+    params = model_parameters(args.model)
     systems = [name.strip() for name in args.systems.split(",")]
     results = {name: summarize(run_worker(name, args), params, peak) for name in systems}
+    if args.json:
+        args.json.write_text(
+            json.dumps({"model": args.model, "method": args.method, "precision": precision, "results": results})
+        )
     where = "GPU " + __import__("torch").cuda.get_device_name() if on_gpu() else "CPU"
     print(
         f"\n{where}: {precision} matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s; "

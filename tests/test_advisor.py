@@ -339,3 +339,18 @@ def test_which_system_tells_a_head_classifier_how_to_get_a_prompting_baseline():
     assert "classification.mode: generative" in which_system(head)
     chat = {"systems": {"tuned": {"token_f1": 55.8}}}
     assert which_system(chat).endswith("add base and base_rag to eval.systems.")
+
+
+def test_every_subset_of_the_learning_curve_gets_the_full_runs_optimizer_steps(tmp_path):
+    """The x-axis is data: a recipe's max_steps is kept for every subset, and its epochs grow as the subset
+    shrinks (as many steps over fewer rows); a run until convergence stops on each subset's own validation."""
+    from afina.advise import subset_recipe
+    from afina.config import load_recipe
+
+    def recipe(*overrides):
+        return load_recipe(None, [f"output_dir={tmp_path}", *overrides])
+
+    assert subset_recipe(recipe("training.max_steps=200"), 0.1, "010pct").training.max_steps == 200
+    assert subset_recipe(recipe("training.epochs=2"), 0.25, "025pct").training.epochs == pytest.approx(8.0)
+    converging = subset_recipe(recipe(), 0.5, "050pct").training
+    assert converging.until_converged()

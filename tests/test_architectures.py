@@ -175,11 +175,21 @@ def test_full_finetune_and_merged_export(arch, arch_dirs, tmp_path):
     assert export(recipe)["merged"]["ok"]
 
 
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_qlora_trains_over_the_4bit_base(arch, arch_dirs, tmp_path):
+def test_qlora_trains_over_the_4bit_base(arch, arch_dirs, tmp_path, weights):
+    """Both weight dtypes `auto` may pick (bfloat16 on a CPU with AVX512-BF16, float32 elsewhere), each run
+    with a validation pass between its steps (where bitsandbytes' CPU inference packing once broke it)."""
     pytest.importorskip("bitsandbytes")
     recipe = _recipe(
-        tmp_path, arch_dirs[arch], arch, "method.type=qlora", "training.precision=bf16", "training.max_steps=2"
+        tmp_path,
+        arch_dirs[arch],
+        arch,
+        "method.type=qlora",
+        f"model.dtype={weights}",
+        "training.precision=bf16",
+        "training.max_steps=2",
+        "training.eval_every=1",
     )
     prepare(recipe)
     summary = train(recipe, progress=False)

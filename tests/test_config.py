@@ -80,3 +80,14 @@ def test_overrides_reach_list_items():
         apply_overrides(data, ["stages.5.replay=0.1"])
     with pytest.raises(RecipeError, match="is a value"):
         apply_overrides(data, ["stages.0.name.first=x"])
+
+
+def test_the_older_tensorboard_switch_still_sets_report_to():
+    """Recipes written before training.report_to keep working: tensorboard false/true edits the tracker list."""
+    assert load_recipe(None, ["training.tensorboard=false"]).training.report_to == []
+    assert load_recipe(None, ["training.tensorboard=true", "training.report_to=[mlflow]"]).training.report_to == [
+        "tensorboard",
+        "mlflow",
+    ]
+    with pytest.raises(RecipeError, match="tensorboard"):
+        load_recipe(None, ["training.tensorboard=maybe"])

@@ -200,10 +200,12 @@ def test_early_stopping_keeps_the_best_weights(tiny_recipe):
     assert best_kept({**summary, "best_step": summary["steps"]}, load_best_at_end=True) == ""
 
 
-def test_qlora_trains_lora_over_a_4bit_base(tiny_recipe):
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_qlora_trains_lora_over_a_4bit_base(tiny_recipe, weights):
     pytest.importorskip("bitsandbytes")
     recipe = tiny_recipe(
         "method.type=qlora",
+        f"model.dtype={weights}",
         "training.max_steps=6",
         "training.precision=bf16",
         "training.report_to=[]",

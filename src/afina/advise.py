@@ -2,7 +2,7 @@
 
 The recipe's prepared train split is shuffled once (seeded) and cut at 10/25/50/100%: each subset holds
 the one before it, so the curve measures more data, not different data. Each subset trains with the
-same settings (the same epochs; a `training.max_steps` is scaled with the subset, to keep them the same)
+same settings and the same number of optimizer steps (subset_recipe says how), so the x-axis is data,
 in <run>/advise/<pct>/ and is scored on the run's own test split; the full-data point reuses the
 run's own evaluation when `afina eval` has run. A saturating power law through the points
 (afina.eval.learning_curve) says what doubling the data is expected to buy; the base, few-shot and RAG
@@ -17,7 +17,6 @@ It writes <run>/advise/learning_curve.json and .png, and re-renders eval/report.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -58,12 +57,19 @@ def nested_subsets(
 
 
 def subset_recipe(recipe: Recipe, fraction: float, folder: str) -> Recipe:
-    """The recipe for one subset: its own run folder, the same epochs, only the tuned model scored."""
+    """The recipe for one subset: its own run folder, the same number of optimizer steps as the full run, only the
+    tuned model scored.
+
+    The curve's x-axis is data: were a 10% subset trained for the same epochs, it would also get a tenth of the
+    optimizer steps, and the curve would measure steps as much as rows. So `training.max_steps` is kept as it
+    is, and `training.epochs` grows as the subset shrinks (epochs / fraction: as many steps over fewer rows). A
+    recipe that trains until validation stops does so on every subset (each stops when its own validation does).
+    """
     sub = recipe.model_copy(deep=True)
     sub.name = folder
     sub.output_dir = str(RunDir(recipe.run_dir).root / "advise")
-    if sub.training.max_steps:
-        sub.training.max_steps = max(1, math.ceil(sub.training.max_steps * fraction))
+    if not sub.training.max_steps and sub.training.epochs:
+        sub.training.epochs = min(1000.0, sub.training.epochs / fraction)
     sub.eval.systems = ["tuned"]
     sub.eval.forgetting.enabled = False
     sub.eval.report = False

@@ -19,6 +19,19 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
+def _add_launch_args(parser: argparse.ArgumentParser) -> None:
+    """afina starts torchrun itself (train/launch.py)."""
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="train with this many processes on this machine (one per GPU), started through torchrun; "
+        "training.distributed (ddp or fsdp) says how they share the model",
+    )
+    parser.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1 (default 0)")
+    parser.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0, the same on every machine (several nodes)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="afina",
@@ -73,6 +86,7 @@ def _add_stage_commands(sub) -> None:
             p.add_argument(
                 "--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints"
             )
+            _add_launch_args(p)
 
     p = sub.add_parser(
         "estimate",
@@ -90,6 +104,12 @@ def _add_stage_commands(sub) -> None:
         "--strategy", choices=["ddp", "fsdp"], help="how the processes share the model (default: training.distributed)"
     )
     p.add_argument("--memory-only", action="store_true", help="skip the timed steps (no weights are read)")
+    p.add_argument(
+        "--gpu",
+        help="estimate for this GPU instead of the device at hand (h100, a100, l4, rtx4090, ...; an unknown name "
+        "lists them): its memory, and a time from the run's FLOPs at an MFU (nothing is timed)",
+    )
+    p.add_argument("--mfu", type=float, help="with --gpu: the model FLOPs utilisation to assume, e.g. 0.35")
 
     p = sub.add_parser(
         "predict",
@@ -107,8 +127,8 @@ def _add_stage_commands(sub) -> None:
     p = sub.add_parser(
         "advise",
         help="learning curve: train on 10/25/50/100%% of the data, fit what more data buys",
-        description="Train the recipe on nested seeded subsets of its prepared train split (the same "
-        "epochs), score each on the run's test split, fit a saturating power law and say what doubling "
+        description="Train the recipe on nested seeded subsets of its prepared train split (the same optimizer steps "
+        "for each), score each on the run's test split, fit a saturating power law and say what doubling "
         "the data is expected to buy, beside the run's base, few-shot and RAG scores. Writes "
         "<run>/advise/learning_curve.json and .png and refreshes eval/report.html. Needs `afina "
         "prepare` first; `afina train` and `afina eval` first let the full-data point be reused.",
@@ -373,32 +393,51 @@ def cmd_setup(args) -> None:
     run_setup(list(args.parts) or list(PARTS), args.model, args.dry_run)
 
 
-def cmd_stage(args) -> None:
-    from afina.config import load_recipe
+def cmd_stage(args) -> int | None:
+    from afina.config import RecipeError, load_recipe
     from afina.pipeline import run_stage
+    from afina.train.launch import Launch, launch_train, under_torchrun
 
+    if getattr(args, "nproc_per_node", None) and not under_torchrun():
+        load_recipe(args.recipe, args.overrides)  # a bad recipe is said once, here, not by every process
+        launch = Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
+        try:
+            launch.check()
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+        return launch_train(launch, [args.recipe, *args.overrides, *(["--resume"] if args.resume else [])])
     run_stage(
         args.command,
         load_recipe(args.recipe, args.overrides),
         strict=getattr(args, "strict", False),
         resume=getattr(args, "resume", False),
     )
+    return None
 
 
 def cmd_estimate(args) -> None:
-    from afina.config import load_recipe
+    from afina.config import RecipeError, load_recipe
     from afina.pipeline import estimate
     from afina.train.estimate import format_estimate
     from afina.train.memory import parse_bytes
 
     available = parse_bytes(args.device_memory) if args.device_memory else None
-    result = estimate(
-        load_recipe(args.recipe, args.overrides),
-        available=available,
-        processes=args.processes,
-        strategy=args.strategy,
-        measure=not args.memory_only,
-    )
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise RecipeError(f"--mfu: {args.mfu} is not a share between 0 and 1 (e.g. 0.35)")
+    try:
+        result = estimate(
+            load_recipe(args.recipe, args.overrides),
+            available=available,
+            processes=args.processes,
+            strategy=args.strategy,
+            measure=not args.memory_only,
+            gpu=args.gpu,
+            mfu=args.mfu,
+        )
+    except ValueError as exc:
+        if not args.gpu or "--gpu" not in str(exc):
+            raise
+        raise RecipeError(str(exc)) from None
     print(format_estimate(result))
 
 

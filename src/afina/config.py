@@ -375,6 +375,20 @@ class TrainingConfig(_Section):
     )
     plots: bool = Field(True, description="Write <run>/plots/training.png (loss and learning rate).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_switch(cls, data: Any) -> Any:
+        """`training.tensorboard: true|false`, the switch before report_to existed, still works in a recipe:
+        false takes TensorBoard out of report_to, true puts it in."""
+        if isinstance(data, dict) and "tensorboard" in data:
+            data = dict(data)
+            on = data.pop("tensorboard")
+            if not isinstance(on, bool):
+                raise ValueError("training.tensorboard (the older switch of report_to) takes true or false")
+            trackers = [t for t in data.get("report_to", ["tensorboard"]) if t != "tensorboard"]
+            data["report_to"] = ["tensorboard", *trackers] if on else trackers
+        return data
+
     def until_converged(self) -> bool:
         """The recipe does not say how long to train: stop when validation stops improving."""
         return self.epochs is None and self.max_steps is None
@@ -482,7 +496,14 @@ class SandboxConfig(_Section):
 
 
 class EvalConfig(_Section):
-    max_new_tokens: int = Field(64, ge=1, le=8192)
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=8192,
+        description="New tokens each answer may use. Unset: derived from the test references (their 95th-percentile "
+        "token length x1.25 + 8, within 16..1024 and half the model's window), so answers are judged whole; the "
+        "results say how many answers of each system stopped at this cap.",
+    )
     batch_size: int = Field(16, ge=1, le=4096)
     max_examples: int | None = Field(
         None,
@@ -655,6 +676,12 @@ class ClassificationConfig(_Section):
         "than list_labels_up_to labels: the model learns them in training).",
     )
     list_labels_up_to: int = Field(20, ge=0, description="generative: list the labels in the prompt up to this many.")
+    calibrate_zero_shot: bool = Field(
+        True,
+        description="generative: the base model's zero-shot row divides out its label prior, measured on content-free "
+        "inputs (contextual calibration, Zhao et al. 2021), so it is not an artefact of which label the instruction "
+        "lists first; the tuned model is scored as it is.",
+    )
     head_learning_rate: float | None = Field(
         None, gt=0, le=1.0, description="Learning rate of the new head (default: training.learning_rate)."
     )

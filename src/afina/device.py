@@ -72,4 +72,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def progress_interval() -> float:
     """Seconds between progress-bar refreshes: live on a terminal, a line now and then in a log."""
-    return 0.2 if sys.stderr.isatty() else 15.0
+    return 0.2 if sys.stderr.isatty() else 9.0
+
+
+def progress_line(text: str, enabled: bool = True) -> None:
+    """One line on stderr saying which phase of a long stage starts (with a bar after it where it loops), so a
+    user never watches a silent terminal wondering whether it hangs."""
+    if enabled:
+        print(text, file=sys.stderr, flush=True)

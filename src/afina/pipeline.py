@@ -58,17 +58,25 @@ def estimate(
     processes: int = 1,
     strategy: str | None = None,
     measure: bool = True,
+    gpu: str | None = None,
+    mfu: float | None = None,
 ) -> dict[str, Any]:
     """`afina estimate`: parameters, memory and time of the training run, before running it. Before
-    `afina prepare`, memory from the model's config alone (a micro-batch of data.max_length rows)."""
+    `afina prepare`, memory from the model's config alone (a micro-batch of data.max_length rows).
+    gpu: a GPU's name (train/gpus.py) to estimate for instead of this device."""
+    from afina.train.gpus import find_gpu
+
+    spec = find_gpu(gpu) if gpu else None
     run = RunDir(recipe.run_dir)
     if not run.split_path("train").is_file():
         return estimate_module.estimate(
-            recipe, available=available, processes=processes, strategy=strategy, measure=False
+            recipe, available=available, processes=processes, strategy=strategy, measure=False, gpu=spec, mfu=mfu
         )
     train_rows, _ = loop.read_splits(run)
     task = task_for(recipe).training_task(recipe, run, train_rows)
-    return estimate_module.estimate(recipe, task, train_rows, measure_steps, available, processes, strategy, measure)
+    return estimate_module.estimate(
+        recipe, task, train_rows, measure_steps, available, processes, strategy, measure, gpu=spec, mfu=mfu
+    )
 
 
 def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from afina.config import Recipe, RecipeError, build_recipe
 from afina.models import load_tokenizer, load_trained
+from afina.models.saved import require_saved_weights
 from afina.pipeline import run_stage
 from afina.rundir import RunDir, read_jsonl, write_json_atomic, write_jsonl
 from afina.tasks import task_for
@@ -129,6 +130,7 @@ def consolidate(stage_recipe: Recipe) -> Path:
     target = merged_dir(stage_recipe)
     model = load_trained(run.root, stage_recipe.model.name, full=stage_recipe.method.type == "full", merge=True)
     model.save_pretrained(target, safe_serialization=True)
+    require_saved_weights(target)
     load_tokenizer(stage_recipe.model.name, stage_recipe.model.chat_template).save_pretrained(target)
     return target
 

@@ -11,9 +11,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from afina.config import Recipe
 from afina.data.format import encode_chat
 from afina.data.load import iter_json_objects
+from afina.device import progress_interval, progress_line
 from afina.train.loss import answer_logprobs
 
 
@@ -49,8 +52,11 @@ def load_probe(path: Path, max_questions: int | None = None) -> list[dict[str, A
     return questions
 
 
-def probe_accuracy(model, tokenizer, questions: list[dict[str, Any]], batch_size: int, autocast) -> dict[str, Any]:
-    """Accuracy (%) and each question's pick, choosing the choice of highest log-likelihood."""
+def probe_accuracy(
+    model, tokenizer, questions: list[dict[str, Any]], batch_size: int, autocast, desc: str = "", progress: bool = False
+) -> dict[str, Any]:
+    """Accuracy (%) and each question's pick, choosing the choice of highest log-likelihood (a bar per batch of
+    questions when `progress`)."""
     groups = [
         [
             encode_chat(
@@ -60,7 +66,17 @@ def probe_accuracy(model, tokenizer, questions: list[dict[str, Any]], batch_size
         ]
         for q in questions
     ]
-    scores = answer_logprobs(model, groups, tokenizer.pad_token_id, batch_size, autocast)
+    scores: list = []
+    for start in tqdm(
+        range(0, len(groups), batch_size),
+        desc=desc or "forgetting probe",
+        unit="batch",
+        disable=not progress,
+        mininterval=progress_interval(),
+    ):
+        scores += answer_logprobs(
+            model, groups[start : start + batch_size], tokenizer.pad_token_id, batch_size, autocast
+        )
     picks = [max(range(len(mine)), key=mine.__getitem__) for mine in scores]
     correct = [p == q["answer"] for p, q in zip(picks, questions)]
     return {"accuracy": 100.0 * sum(correct) / len(questions), "picks": picks, "correct": correct}
@@ -77,15 +93,19 @@ def forgetting_verdict(base_accuracy: float, tuned_accuracy: float, threshold: f
     }
 
 
-def forgetting_probe(recipe: Recipe, models, tokenizer, autocast) -> dict[str, Any]:
+def forgetting_probe(recipe: Recipe, models, tokenizer, autocast, progress: bool = False) -> dict[str, Any]:
     """The probe for base and tuned (`models`: afina.eval.systems.SystemModels), with the verdict."""
     cfg = recipe.eval.forgetting
     path = recipe.resolve_path(cfg.probe) if cfg.probe else default_probe_path()
     questions = load_probe(path, cfg.max_questions)
+    progress_line(f"eval: forgetting probe, {len(questions)} general-knowledge questions for base and tuned", progress)
     base_model, base_context = models.get("base")
+    size = recipe.eval.batch_size
     with base_context():
-        base = probe_accuracy(base_model, tokenizer, questions, recipe.eval.batch_size, autocast)
-    tuned_result = probe_accuracy(models.tuned, tokenizer, questions, recipe.eval.batch_size, autocast)
+        base = probe_accuracy(base_model, tokenizer, questions, size, autocast, "forgetting probe (base)", progress)
+    tuned_result = probe_accuracy(
+        models.tuned, tokenizer, questions, size, autocast, "forgetting probe (tuned)", progress
+    )
     verdict = forgetting_verdict(base["accuracy"], tuned_result["accuracy"], cfg.threshold)
     lost = [q["id"] for q, b, t in zip(questions, base["correct"], tuned_result["correct"]) if b and not t]
     return {"probe": str(path), "questions": len(questions), **verdict, "lost": lost[:50]}

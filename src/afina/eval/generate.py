@@ -68,3 +68,49 @@ def generate_timed(
             result.latency_s[i] = batch_time
     result.wall_s = time.perf_counter() - started
     return result
+
+
+# Where a recipe does not set eval.max_new_tokens, answers may run to the test references' 95th-percentile
+# length with a margin: long enough that answers are judged whole, bounded so a model that never stops does
+# not make eval crawl. Both bounds are stated in the report beside the value used.
+DEFAULT_ANSWER_TOKENS = 64
+DERIVED_MARGIN, DERIVED_EXTRA, DERIVED_MIN, DERIVED_MAX = 1.25, 8, 16, 1024
+# An answer that used every token of its budget was (most likely) cut short; past this share the report says so.
+CUT_WARNING_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class AnswerBudget:
+    """eval.max_new_tokens as used, and where it came from."""
+
+    tokens: int
+    source: str  # "recipe" (eval.max_new_tokens) or "references" (derived from the test references)
+    reference_p95: int | None = None
+
+    def describe(self) -> str:
+        if self.source == "recipe":
+            return f"{self.tokens} new tokens (eval.max_new_tokens)"
+        return (
+            f"{self.tokens} new tokens, from the test references (95th percentile {self.reference_p95} tokens, "
+            f"x{DERIVED_MARGIN} + {DERIVED_EXTRA}, within {DERIVED_MIN}..{DERIVED_MAX}; eval.max_new_tokens sets it)"
+        )
+
+
+def answer_budget(set_tokens: int | None, tokenizer, references: list[str], window: int | None = None) -> AnswerBudget:
+    """The answer budget: the recipe's eval.max_new_tokens, else derived from the references' token lengths
+    (capped at half the model's window, where known)."""
+    if set_tokens is not None:
+        return AnswerBudget(set_tokens, "recipe")
+    lengths = sorted(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in references if text)
+    if not lengths:
+        return AnswerBudget(DEFAULT_ANSWER_TOKENS, "references")
+    p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+    tokens = int(p95 * DERIVED_MARGIN) + DERIVED_EXTRA
+    upper = min(DERIVED_MAX, window // 2) if window else DERIVED_MAX
+    return AnswerBudget(max(DERIVED_MIN, min(tokens, upper)), "references", p95)
+
+
+def cut_answers(new_tokens: list[int], budget: int) -> dict[str, float]:
+    """How many answers used their whole budget (stopped by the cap, not by the model)."""
+    cut = sum(1 for n in new_tokens if n >= budget)
+    return {"cut": cut, "answers": len(new_tokens), "share": round(cut / max(len(new_tokens), 1), 4)}

@@ -6,6 +6,7 @@ import html
 import json
 from typing import Any
 
+from afina.eval.generate import CUT_WARNING_SHARE
 from afina.eval.html import CHECK_SCRIPT, STYLE
 from afina.eval.long_context import long_context_section
 from afina.eval.risks_html import advice_section, interval_text, risks_section
@@ -138,6 +139,14 @@ def systems_table(report: dict[str, Any]) -> str:
         body += (
             f"<tr><td>{label}</td>" + "".join(f"<td>{report['efficiency'][s][key]:.4g}</td>" for s in systems) + "</tr>"
         )
+    cut = (report.get("answer_length") or {}).get("cut") or {}
+    if cut and all(s in cut for s in systems):
+        body += f"<tr><td>answers cut at {report['answer_length']['max_new_tokens']} new tokens</td>" + "".join(
+            f'<td class="{"warn" if cut[s]["share"] > CUT_WARNING_SHARE else ""}">{cut[s]["cut"]} of '
+            f"{cut[s]['answers']}</td>"
+            for s in systems
+        )
+        body += "</tr>"
     return f"<table>{head}{body}</table>"
 
 

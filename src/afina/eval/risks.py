@@ -25,8 +25,9 @@ from afina.eval.hallucination import (
     wrong_passage_report,
 )
 from afina.eval.overfitting import memorisation_gap, overfitting_report
-from afina.eval.summary import METRIC_LABELS, primary_metric
+from afina.eval.summary import METRIC_LABELS, best_system, primary_metric
 from afina.eval.uncertainty import (
+    COMPARED_PAIRS,
     PER_EXAMPLE_FIELDS,
     difference_sentence,
     intervals_from_predictions,
@@ -36,10 +37,22 @@ from afina.rundir import RunDir, read_jsonl
 
 
 def add_intervals(recipe: Recipe, report: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
+    """Intervals of every system's metrics and of the stated pairs' differences, plus the best system (on the
+    primary metric) against every other, which the recommendation's headline needs to call a winner or a tie."""
     cfg = recipe.eval.risks
     report["intervals"] = intervals_from_predictions(
-        predictions, report["systems"], cfg.resamples, cfg.confidence, recipe.seed
+        predictions, report["systems"], cfg.resamples, cfg.confidence, recipe.seed, headline_pairs(report["systems"])
     )
+
+
+def headline_pairs(systems: dict[str, dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """COMPARED_PAIRS and (best, other) for every other system, best by the primary metric's point estimate."""
+    metric = primary_metric(systems)
+    if metric is None:
+        return COMPARED_PAIRS
+    best = best_system(systems, metric)
+    stated = set(COMPARED_PAIRS) | {(b, a) for a, b in COMPARED_PAIRS}
+    return COMPARED_PAIRS + tuple((best, s) for s in systems if s != best and (best, s) not in stated)
 
 
 def add_overfitting(recipe: Recipe, run: RunDir, report: dict[str, Any], memorisation: dict[str, Any] | None) -> None:
@@ -52,7 +65,7 @@ def risk_sentences(report: dict[str, Any]) -> list[str]:
     lines = []
     metric = primary_metric(report["systems"])
     for d in (report.get("intervals") or {}).get("differences", []):
-        if metric is not None and d["metric"] == metric:
+        if metric is not None and d["metric"] == metric and (d["system"], d["baseline"]) in COMPARED_PAIRS:
             lines.append(difference_sentence(d, METRIC_LABELS[metric]))
     overfitting = report.get("overfitting")
     if overfitting:

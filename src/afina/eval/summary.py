@@ -7,7 +7,8 @@ import statistics
 from typing import Any
 
 from afina.device import peak_memory_mb
-from afina.eval.uncertainty import difference_sentence
+from afina.eval.generate import CUT_WARNING_SHARE
+from afina.eval.uncertainty import COMPARED_PAIRS, difference_sentence
 from afina.rundir import RunDir
 
 METRIC_LABELS = {
@@ -115,32 +116,122 @@ def training_cost(run: RunDir, price_per_hour: float) -> dict[str, Any]:
     }
 
 
-def recommend(report: dict[str, Any]) -> list[str]:
-    """Plain sentences derived from the numbers: quality winner, cost winner, forgetting."""
-    systems, efficiency = report["systems"], report["efficiency"]
-    metric = primary_metric(systems)
-    lines = []
-    if metric:
-        lower = metric in LOWER_IS_BETTER
-        ranked = sorted(systems, key=lambda s: systems[s][metric], reverse=not lower)
-        best = ranked[0]
-        lines.append(f"Best quality on {METRIC_LABELS[metric]}: {best} ({systems[best][metric]:.2f}).")
-        if "base" in systems and best != "base":
-            lines.append(
-                f"{best} vs base zero-shot: {systems[best][metric] - systems['base'][metric]:+.2f} on "
-                f"{METRIC_LABELS[metric]}."
-            )
-        if "tuned" in systems and {"base_fewshot", "base_rag"} & set(systems):
-            prompting = max(
-                (s for s in ("base_fewshot", "base_rag") if s in systems),
-                key=lambda s: systems[s][metric] * (-1 if lower else 1),
-            )
-            delta = (systems["tuned"][metric] - systems[prompting][metric]) * (-1 if lower else 1)
+def best_system(systems: dict[str, dict[str, Any]], metric: str) -> str:
+    """The system with the best point estimate on `metric`."""
+    lower = metric in LOWER_IS_BETTER
+    return sorted(systems, key=lambda s: systems[s][metric], reverse=not lower)[0]
+
+
+def paired_difference(report: dict[str, Any], a: str, b: str, metric: str) -> dict[str, Any] | None:
+    """The report's paired difference a - b on `metric` (from either order of the pair), or None."""
+    for d in (report.get("intervals") or {}).get("differences", []):
+        if d["metric"] != metric:
+            continue
+        if (d["system"], d["baseline"]) == (a, b):
+            return d
+        if (d["system"], d["baseline"]) == (b, a):
+            low, high = d["interval"]
+            return {**d, "system": a, "baseline": b, "difference": -d["difference"], "interval": [-high, -low]}
+    return None
+
+
+def _signed(d: dict[str, Any]) -> str:
+    low, high = d["interval"]
+    return f"{d['difference']:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def quality_sentences(report: dict[str, Any], metric: str) -> list[str]:
+    """Which system is better on the primary metric, called only where the paired interval excludes zero: a
+    difference whose interval crosses zero is a tie on this test split, whatever the point estimates say; among
+    tied systems the clearly cheaper one to serve is recommended on that ground."""
+    systems, label, lower = report["systems"], METRIC_LABELS[metric], metric in LOWER_IS_BETTER
+    best = best_system(systems, metric)
+    others = [s for s in systems if s != best]
+    found = {s: paired_difference(report, best, s, metric) for s in others}
+    diffs = {s: d for s, d in found.items() if d is not None}
+    tied = [s for s in others if s in diffs and not diffs[s]["conclusive"]]
+    better = [s for s in others if s in diffs and diffs[s]["conclusive"]]
+    unknown = [s for s in others if s not in diffs]
+    head = f"Best quality on {label}: {best} ({systems[best][metric]:.2f})"
+    if tied:
+        head += (
+            ", tied on this test split with "
+            + ", ".join(f"{s} ({systems[s][metric]:.2f}; difference {_signed(diffs[s])})" for s in tied)
+            + ": the paired interval includes zero"
+        )
+    if better:
+        head += "; better than " + ", ".join(f"{s} ({_signed(diffs[s])})" for s in better)
+    if unknown:
+        head += "; by point estimate only against " + ", ".join(unknown) + " (no paired interval)"
+    lines = [head + "."]
+    cheaper = _cheaper_among(report, [best, *tied])
+    if cheaper:
+        lines.append(cheaper)
+    if "tuned" in systems and {"base_fewshot", "base_rag"} & set(systems):
+        prompting = max(
+            (s for s in ("base_fewshot", "base_rag") if s in systems),
+            key=lambda s: systems[s][metric] * (-1 if lower else 1),
+        )
+        d = paired_difference(report, "tuned", prompting, metric)
+        delta = (systems["tuned"][metric] - systems[prompting][metric]) * (-1 if lower else 1)
+        if d is None:
             verdict = "beats" if delta > 0 else "trails"
             lines.append(
                 f"Fine-tuning (tuned) {verdict} the best prompting-only system ({prompting}) by {abs(delta):.2f} on "
-                f"{METRIC_LABELS[metric]}."
+                f"{label} (point estimate; no paired interval)."
             )
+        elif d["conclusive"]:
+            verdict = "is better than" if delta > 0 else "is worse than"
+            lines.append(
+                f"Fine-tuning (tuned) {verdict} the best prompting-only system ({prompting}) on {label}: {_signed(d)}."
+            )
+        else:
+            lines.append(
+                f"Fine-tuning (tuned) and the best prompting-only system ({prompting}) are tied on {label} on this "
+                f"test split: {_signed(d)} includes zero."
+            )
+    return lines
+
+
+def _cheaper_among(report: dict[str, Any], tied: list[str]) -> str | None:
+    """Among systems tied on quality, the one clearly cheaper to serve (at least 20% less per request)."""
+    efficiency = report.get("efficiency") or {}
+    costs = {s: efficiency[s]["wall_s"] for s in tied if s in efficiency}
+    if len(costs) < 2:
+        return None
+    cheapest = min(costs, key=costs.__getitem__)
+    runner_up = min(c for s, c in costs.items() if s != cheapest)
+    if costs[cheapest] > 0.8 * runner_up:
+        return None
+    return (
+        f"Recommended among the tied: {cheapest}, the cheapest to serve "
+        f"({efficiency[cheapest]['cost_per_1k_requests']:.4f} per 1,000 requests, "
+        f"{costs[cheapest]:.1f} s for the test split against {runner_up:.1f} s)."
+    )
+
+
+def cut_sentences(report: dict[str, Any]) -> list[str]:
+    """Systems whose answers stopped at the answer budget more than a few percent of the time."""
+    length = report.get("answer_length") or {}
+    cut = {s: c for s, c in (length.get("cut") or {}).items() if c["share"] > CUT_WARNING_SHARE}
+    if not cut:
+        return []
+    return [
+        "Answers cut short: "
+        + ", ".join(f"{s} {c['cut']} of {c['answers']}" for s, c in cut.items())
+        + f" stopped at the {length['max_new_tokens']}-token cap ({length['how']}): these scores judge cut answers "
+        "and may rank the systems differently from whole ones; raise eval.max_new_tokens (or leave it unset to "
+        "derive it from the references) before trusting the comparison."
+    ]
+
+
+def recommend(report: dict[str, Any]) -> list[str]:
+    """Plain sentences derived from the numbers: quality winner (or a tie, by the paired intervals), cost winner,
+    forgetting."""
+    systems, efficiency = report["systems"], report["efficiency"]
+    metric = primary_metric(systems)
+    lines = quality_sentences(report, metric) if metric else []
+    lines[1:1] = cut_sentences(report)  # right under the headline: a winner called on cut answers says so
     cheapest = min(efficiency, key=lambda s: efficiency[s]["wall_s"])
     lines.append(
         f"Cheapest to serve: {cheapest} ({efficiency[cheapest]['latency_p50_s']:.3f} s p50 latency per batch, "
@@ -199,6 +290,13 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(
                 f"{label.ljust(width)}  " + "  ".join(f"{report['efficiency'][s][key]:{col}.2f}" for s in systems)
             )
+    length = report.get("answer_length") or {}
+    cut = length.get("cut") or {}
+    if cut and all(s in cut for s in systems):
+        label = f"answers cut at {length['max_new_tokens']} tok"
+        lines.append(
+            f"{label.ljust(width)}  " + "  ".join(f"{cut[s]['cut']} of {cut[s]['answers']}".rjust(col) for s in systems)
+        )
     for s in systems:  # classification: per-class recall, entities: per-type F1 (the tuned system)
         per_class = report["systems"][s].get("per_class") if s == "tuned" else None
         if per_class:
@@ -238,7 +336,7 @@ def format_table(report: dict[str, Any]) -> str:
         )
     primary = primary_metric(report["systems"])
     for d in (report.get("intervals") or {}).get("differences", []):
-        if primary is not None and d["metric"] == primary:
+        if primary is not None and d["metric"] == primary and (d["system"], d["baseline"]) in COMPARED_PAIRS:
             lines.append(difference_sentence(d, METRIC_LABELS[primary]))
     if report.get("forgetting"):
         f = report["forgetting"]

@@ -216,11 +216,13 @@ def intervals_from_predictions(
     resamples: int = DEFAULT_RESAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
     seed: int = 0,
+    pairs: tuple[tuple[str, str], ...] = COMPARED_PAIRS,
 ) -> dict[str, Any]:
     """Intervals of each system's metrics and of the compared pairs' differences (eval/metrics.json `intervals`).
 
     `systems` is the report's {system: {metric: value}}; a metric gets an interval where the predictions
-    carry what it needs. A difference is `conclusive` when its interval excludes zero.
+    carry what it needs. A difference is `conclusive` when its interval excludes zero. `pairs`: (system,
+    baseline) pairs to compare (default: COMPARED_PAIRS, the ones the report states).
     """
     out: dict[str, Any] = {
         "confidence": confidence,
@@ -239,7 +241,7 @@ def intervals_from_predictions(
             if metric in systems[system] and values.get(system):
                 interval = bootstrap_mean(list(values[system].values()), resamples, confidence, seed)
                 out["systems"][system][metric] = interval.as_list()
-        for a, b in COMPARED_PAIRS:
+        for a, b in pairs:
             if not (values.get(a) and values.get(b) and metric in systems.get(a, {}) and metric in systems.get(b, {})):
                 continue
             ids = [i for i in values[a] if i in values[b]]
@@ -249,7 +251,7 @@ def intervals_from_predictions(
                 )
                 out["differences"].append(_difference(metric, a, b, diff, len(ids)))
     for metric in CORPUS_METRICS:
-        _corpus_intervals(out, predictions, systems, metric, min(resamples, 1000), confidence, seed)
+        _corpus_intervals(out, predictions, systems, metric, min(resamples, 1000), confidence, seed, pairs)
     return out
 
 
@@ -261,6 +263,7 @@ def _corpus_intervals(
     resamples: int,
     confidence: float,
     seed: int,
+    pairs: tuple[tuple[str, str], ...] = COMPARED_PAIRS,
 ) -> None:
     rows: dict[str, dict[str, tuple[str, str]]] = {}
     for p in predictions:
@@ -270,7 +273,7 @@ def _corpus_intervals(
         preds, refs = zip(*by_id.values(), strict=True)
         stat = _corpus_statistic(metric, list(preds), list(refs))
         out["systems"][system][metric] = bootstrap_statistic(stat, len(preds), resamples, confidence, seed).as_list()
-    for a, b in COMPARED_PAIRS:
+    for a, b in pairs:
         if a not in rows or b not in rows:
             continue
         ids = [i for i in rows[a] if i in rows[b]]

@@ -18,6 +18,7 @@ from afina.data.format import render_prompt
 from afina.device import pick_device
 from afina.export.gguf_file import ExportError
 from afina.export.verify import ExportCheckError, Reference, failure_message, judge, transformers_candidate
+from afina.models.saved import require_saved_weights
 from afina.rundir import RunDir, read_jsonl
 
 
@@ -102,6 +103,7 @@ def _export_merged(merged, run, device, tokenizer, reference: Reference) -> dict
 
 def _save_merged(merged, tokenizer, target: Path) -> None:
     merged.save_pretrained(target, safe_serialization=True)
+    require_saved_weights(target)
     tokenizer.save_pretrained(target)
 
 

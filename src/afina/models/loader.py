@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from afina.models.rope import apply_rope_settings, rope_settings
+from afina.models.saved import require_saved_weights
 from afina.rundir import file_sha256
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def convert_gguf(path: Path) -> Path:
         model.hf_quantizer = None  # type: ignore[assignment]
         model.config.name_or_path = path.stem
         model.save_pretrained(tmp, safe_serialization=True)
+        require_saved_weights(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "afina_source.json").write_text(
             json.dumps({"source": str(path), "sha256": digest, "format": "gguf"}, indent=2)

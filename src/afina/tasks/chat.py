@@ -18,9 +18,16 @@ from typing import Any
 
 from afina.config import Recipe, RecipeError
 from afina.data.format import Chunking, encode_split
-from afina.device import autocast_factory, peak_memory_mb, pick_device, recipe_weight_dtype, resolve_precision
+from afina.device import (
+    autocast_factory,
+    peak_memory_mb,
+    pick_device,
+    progress_line,
+    recipe_weight_dtype,
+    resolve_precision,
+)
 from afina.eval.forgetting import forgetting_probe
-from afina.eval.generate import generate_timed
+from afina.eval.generate import AnswerBudget, answer_budget, cut_answers, generate_timed
 from afina.eval.generative import (
     few_shot_prompts,
     last_user_text,
@@ -112,6 +119,7 @@ class ChatEval:
     metrics: list[str]
     tasks: dict[str, list[int]]  # multi-task: the row indices of each task ({} for one task)
     task_metrics: dict[str, list[str]] = field(default_factory=dict)
+    budget: AnswerBudget = field(default_factory=lambda: AnswerBudget(64, "recipe"))  # new tokens per answer
 
 
 def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
@@ -126,9 +134,11 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     by_task: dict[str, dict[str, Any]] = {task: {} for task in ev.tasks}
     predictions: list[dict[str, Any]] = []
     answers: dict[str, list[str]] = {}
+    cut: dict[str, dict[str, float]] = {}
     for system in cfg.systems:
         generation, loss, task_loss = answer_with(ev, models, system, prompts[system], progress)
         answers[system] = generation.answers
+        cut[system] = cut_answers(generation.new_tokens, ev.budget.tokens)
         results[system], per_example = score_system(ev.rows, generation.answers, loss, ev.metrics, cfg.sandbox)
         for task, idx in ev.tasks.items():  # the same answers, scored per task
             by_task[task][system] = score_system(
@@ -147,6 +157,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "metrics": ev.metrics,
         "systems": results,
         "efficiency": efficiency,
+        "answer_length": {"max_new_tokens": ev.budget.tokens, "how": ev.budget.describe(), "cut": cut},
     }
     if ev.tasks:
         report["tasks"] = {
@@ -154,10 +165,11 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             for task, idx in ev.tasks.items()
         }
     forgetting = cfg.forgetting.enabled and models.tuned is not None
-    report["forgetting"] = forgetting_probe(recipe, models, ev.tokenizer, ev.autocast) if forgetting else None
+    report["forgetting"] = forgetting_probe(recipe, models, ev.tokenizer, ev.autocast, progress) if forgetting else None
     report["training"] = training_cost(ev.run, cfg.price_per_hour)
     chat_risks(ev, models, report, predictions, answers, prompts, progress)
     report["recommendation"] = recommend(report) + risk_sentences(report)
+    progress_line("eval: writing eval/metrics.json, predictions.jsonl and report.html", progress)
     write_eval(recipe, ev.run, report, predictions)
     return report
 
@@ -173,6 +185,9 @@ def chat_risks(
 ) -> None:
     """Error bars, overfitting (with the tuned model's answers to a sample of train rows), invented facts and
     (eval.risks.bias=true) the bias probe: afina.eval.risks."""
+    progress_line(
+        f"eval: bootstrap intervals ({ev.recipe.eval.risks.resamples} resamples over {len(ev.rows)} rows)", progress
+    )
     add_intervals(ev.recipe, report, predictions)
 
     def answer_as(system: str, conversations: Prompts) -> list[str]:
@@ -182,7 +197,7 @@ def chat_risks(
                 model,
                 ev.tokenizer,
                 conversations,
-                ev.recipe.eval.max_new_tokens,
+                ev.budget.tokens,
                 ev.recipe.eval.batch_size,
                 ev.autocast,
                 desc=f"eval {system} (risks)",
@@ -197,11 +212,16 @@ def chat_risks(
             rows, tuned_answers, None, [m for m in ev.metrics if m != "perplexity"], ev.recipe.eval.sandbox
         )[1]
 
+    tuned = models.tuned is not None
+    progress_line("eval: memorisation check (the tuned model on a sample of train rows)", progress and tuned)
     memorisation = (
         chat_memorisation(ev.recipe, report, predictions, ev.train_rows, answer, score) if models.tuned else None
     )
     add_overfitting(ev.recipe, ev.run, report, memorisation)
+    progress_line("eval: hallucination check (facts in answers that no reference or passage holds)", progress)
     chat_hallucination(ev.recipe, report, ev.rows, ev.train_rows, answers, prompts, answer_as)
+    bias = ev.recipe.eval.risks.bias is True  # chat runs the probe only when asked
+    progress_line("eval: bias probe (questions with names, genders and nationalities swapped)", progress and bias)
     chat_bias_probe(ev.recipe, report, ev.rows, ev.tokenizer, models, ev.autocast)
 
 
@@ -222,12 +242,15 @@ def chat_eval(recipe: Recipe) -> ChatEval:
         )
     train_path = run.split_path("train")
     tasks = tasks_of(rows)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.chat_template)
+    window = getattr(tokenizer, "model_max_length", None)
+    references = [str(row["messages"][-1].get("content") or "") for row in rows]
     return ChatEval(
         recipe=recipe,
         run=run,
         rows=rows,
         train_rows=read_jsonl(train_path) if train_path.is_file() else [],
-        tokenizer=load_tokenizer(recipe.model.name, recipe.model.chat_template),
+        tokenizer=tokenizer,
         device=device,
         autocast=autocast_factory(resolve_precision(recipe.training.precision, device), device),
         metrics=resolve_metrics(recipe.eval.metrics, rows),
@@ -235,6 +258,9 @@ def chat_eval(recipe: Recipe) -> ChatEval:
         task_metrics={
             task: resolve_metrics(recipe.eval.metrics, [rows[i] for i in idx]) for task, idx in tasks.items()
         },
+        budget=answer_budget(
+            recipe.eval.max_new_tokens, tokenizer, references, window if window and window < 10**6 else None
+        ),
     )
 
 
@@ -273,7 +299,7 @@ def answer_with(ev: ChatEval, models: SystemModels, system: str, conversations: 
             model,
             ev.tokenizer,
             conversations,
-            cfg.max_new_tokens,
+            ev.budget.tokens,
             cfg.batch_size,
             ev.autocast,
             desc=f"eval {system}",

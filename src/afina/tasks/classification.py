@@ -171,6 +171,33 @@ def score_rows(
     return out
 
 
+# Inputs that carry no content: what a model answers to them is its prior over the labels under this prompt.
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+def label_prior(model, tokenizer, labels: list[str], recipe: Recipe, autocast) -> dict[str, float]:
+    """The model's probability of each label for content-free texts under the classification prompt, averaged:
+    a zero-shot model's preference that no input earned (the first listed label, the shortest one)."""
+    scored = score_rows(model, tokenizer, [{"text": text} for text in CONTENT_FREE], labels, recipe, autocast)
+    probs = torch.stack([torch.softmax(torch.tensor(list(s["label_logprobs"].values())), dim=-1) for s in scored])
+    return {label: float(p) for label, p in zip(labels, probs.mean(dim=0))}
+
+
+def calibrated(predicted: list[dict[str, Any]], prior: dict[str, float]) -> list[dict[str, Any]]:
+    """Contextual calibration: each row's label probabilities divided by the prior and renormalised, the
+    prediction their argmax (raw log-probabilities kept beside them)."""
+    from afina.train.loss import choose_label
+
+    labels = list(prior)
+    log_prior = torch.log(torch.tensor([max(prior[label], 1e-12) for label in labels]))
+    out = []
+    for p in predicted:
+        raw = torch.tensor([p["label_logprobs"][label] for label in labels])
+        best, probs = choose_label(torch.log_softmax(raw, dim=-1) - log_prior)
+        out.append({**p, "predicted_label": labels[best], "label_probability": round(float(probs[best]), 4)})
+    return out
+
+
 # ---- head ---------------------------------------------------------------------------------------
 
 
@@ -340,12 +367,17 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     results, efficiency, predictions = {}, {}, []
     oos_report: dict[str, Any] = {}
     oos_predictions: list[dict[str, Any]] = []
+    calibration: dict[str, Any] = {}
     references = [row["label"] for row in rows]
     for system in systems:
         context = model.disable_adapter if system == "base" else contextlib.nullcontext
         began = time.perf_counter()
         with context():
             predicted, latencies = predict_batches(model, tokenizer, rows, labels, recipe, autocast, cfg.batch_size)
+            if system == "base" and recipe.classification.calibrate_zero_shot:
+                prior = label_prior(model, tokenizer, labels, recipe, autocast)
+                calibration["base"] = {"method": "contextual", "inputs": list(CONTENT_FREE), "prior": prior}
+                predicted = calibrated(predicted, prior)
         wall = time.perf_counter() - began
         scores = label_metrics(references, [p["predicted_label"] for p in predicted], labels)
         results[system] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()}
@@ -404,6 +436,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "efficiency": efficiency,
         "forgetting": None,
         "training": training_cost(run, cfg.price_per_hour),
+        **({"calibration": calibration} if calibration else {}),
     }
     classification_risks(recipe, run, report, predictions, model, tokenizer, labels, autocast, systems, rows)
     report["recommendation"] = recommend(report) + risk_sentences(report)

@@ -99,7 +99,9 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         },
         "peak_memory_mb": round(peak_memory_mb(device), 1),
     }
-    report["forgetting"] = forgetting_probe(recipe, models, tokenizer, autocast) if cfg.forgetting.enabled else None
+    report["forgetting"] = (
+        forgetting_probe(recipe, models, tokenizer, autocast, progress) if cfg.forgetting.enabled else None
+    )
     report["training"] = training_cost(run, cfg.price_per_hour)
     report["recommendation"] = domain_verdict(report)
     write_eval(recipe, run, report, [])  # no generations: domain adaptation is scored by perplexity

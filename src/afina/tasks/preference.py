@@ -341,7 +341,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         **({"task_test": task_test} if task_test else {}),
     }
     report["forgetting"] = (
-        forgetting_probe(recipe, models, tokenizer, autocast) if recipe.eval.forgetting.enabled else None
+        forgetting_probe(recipe, models, tokenizer, autocast, progress) if recipe.eval.forgetting.enabled else None
     )
     report["training"] = training_cost(run, recipe.eval.price_per_hour)
     report["recommendation"] = recommend(report)
@@ -354,7 +354,7 @@ def task_metrics(
 ) -> dict[str, Any]:
     """preference.task_test: base and tuned answer a chat test file; its chat metrics join each system's scores.
     Returns what identifies that file (path, sha256, rows), for `afina promote`."""
-    from afina.eval.generate import generate_timed
+    from afina.eval.generate import answer_budget, generate_timed
     from afina.eval.generative import resolve_metrics, score_system
     from afina.rundir import file_sha256, read_jsonl
 
@@ -367,6 +367,9 @@ def task_metrics(
     if not rows:
         raise ValueError(f"{path}: preference.task_test holds no chat rows (with `messages`)")
     metrics = [m for m in resolve_metrics(recipe.eval.metrics, rows) if m != "perplexity"]
+    budget = answer_budget(
+        recipe.eval.max_new_tokens, tokenizer, [str(r["messages"][-1].get("content") or "") for r in rows]
+    )
     for system in ("base", "tuned"):
         model, context = models.get(system)
         with context():
@@ -374,7 +377,7 @@ def task_metrics(
                 model,
                 tokenizer,
                 [row["messages"][:-1] for row in rows],
-                recipe.eval.max_new_tokens,
+                budget.tokens,
                 recipe.eval.batch_size,
                 autocast,
                 desc=f"eval {system}",

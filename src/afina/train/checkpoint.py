@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from afina.models.saved import require_tensors
+
 PREFIX = "step-"
 CHECKSUMS = "checksums.json"
 
@@ -131,6 +133,7 @@ def save_checkpoint(
     if not write_files and not is_sharded_model(model):
         return path
     tensors, optim = trainable_state(model), optimizer_state(model, optimizer)  # gathers under FSDP
+    require_tensors(tensors, f"checkpoint {path}")
     if not write_files:
         return path
 
@@ -160,6 +163,7 @@ def save_weights(target: Path, model, info: dict[str, Any], write_files: bool = 
     if not write_files and not is_sharded_model(model):
         return target
     tensors = trainable_state(model)
+    require_tensors(tensors, f"checkpoint {target}")
     if not write_files:
         return target
 
@@ -187,11 +191,12 @@ def _sha256(path: Path) -> str:
 
 
 def write_checksums(folder: Path) -> None:
-    """Record the size and sha256 of every file in `folder` (before it is renamed into place)."""
+    """Record the size and sha256 of every file in `folder` and its sub-folders (a sharded checkpoint's
+    shards/), by relative path, before the folder is renamed into place."""
     files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != CHECKSUMS
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() != CHECKSUMS
     }
     (folder / CHECKSUMS).write_text(json.dumps(files, indent=1) + "\n", encoding="utf-8")
 
@@ -232,12 +237,12 @@ def _apply_checkpoint(tensors, state, model, optimizer, scheduler, rng: random.R
     load_trainable_state(model, tensors)
     load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng.setstate(_python_rng_state(state["python_rng"]))
+    rng.setstate(python_rng_state(state["python_rng"]))
     torch.set_rng_state(state["torch_rng"])
     return state
 
 
-def _python_rng_state(saved) -> tuple:
+def python_rng_state(saved) -> tuple:
     # random.getstate() is (version, tuple of ints, gauss_next); a round trip may give lists.
     version, internal, gauss = saved
     return version, tuple(internal), gauss

@@ -3,7 +3,13 @@
 Every process holds the whole data and draws the same batch order; a global step's
 micro-batches are dealt out by rank. Each process divides its loss by the label tokens of the
 whole global step, so summing the gradients across processes gives exactly the gradient of
-one process that ran all those micro-batches with gradient accumulation.
+one process that ran all those micro-batches with gradient accumulation. The sum is torch's
+DistributedDataParallel's: gradients all-reduced in buckets while the backward pass still runs,
+skipped (no_sync) on all but the last micro-batch of a step, with a communication hook that sums
+where DDP would average.
+
+Every collective afina runs takes a tensor on `collective_device()`: NCCL takes CUDA tensors only,
+gloo CPU ones, so a scalar built on the CPU would stop a GPU run at its first step.
 
 With `training.distributed: fsdp` each decoder layer, and then the rest of the model (embeddings,
 final norm, output layer), is sharded with PyTorch's FSDP2 (`fully_shard`): weights, gradients and
@@ -14,12 +20,41 @@ the model on the meta device and loads only each process's shards.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+
+def collective_device() -> torch.device:
+    """The device the process group's backend takes tensors on: CUDA for NCCL, the CPU for gloo."""
+    if dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sum_gradients_hook(state, bucket):
+    """DDP's all-reduce of one bucket as a plain sum (DDP's own hook divides by the world size; afina's loss
+    is already normalised by the whole global step's labels)."""
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+class _LossModule(torch.nn.Module):
+    """The model and its loss as one module, so DDP's forward sees every call the loss makes into the model
+    (the loss runs the decoder and then the output layer in chunks, not model.forward)."""
+
+    def __init__(self, model, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, **batch):
+        return self.loss_fn(self.model, **batch)
 
 
 def is_main_process() -> bool:
@@ -63,12 +98,23 @@ class Distributed:
         shard_model(model)
         start_root(model)
 
-    def sum_gradients(self, params: list[torch.Tensor]) -> None:
-        if self.world_size == 1:
-            return
-        for p in params:
-            if p.grad is not None and not isinstance(p.grad, DTensor):  # FSDP already reduced its shards
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    def data_parallel(self, model, loss_fn: Callable) -> tuple[Callable, Callable]:
+        """(loss_fn, no_sync) for training: with several unsharded processes, the loss runs through torch's
+        DDP (gradients summed in buckets during the backward, nothing sent under no_sync()); else as given.
+        FSDP reduce-scatters its own shards."""
+        if self.world_size == 1 or self.sharded:
+            return loss_fn, contextlib.nullcontext
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(p for p in model.parameters() if p.requires_grad).device
+        wrapped = DistributedDataParallel(
+            _LossModule(model, loss_fn),
+            device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # every process built the same model from the same seed
+            init_sync=False,  # likewise: no broadcast of the whole base model at the start
+        )
+        wrapped.register_comm_hook(None, _sum_gradients_hook)
+        return (lambda _model, **batch: wrapped(**batch)), wrapped.no_sync
 
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float | None) -> float:
         """Global gradient L2 norm over whole and sharded gradients; scale them down to max_norm."""
@@ -83,8 +129,9 @@ class Distributed:
                 sharded += g.to_local().float().pow(2).sum()
             else:
                 whole += g.float().pow(2).sum()
-        dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
-        norm = float(torch.sqrt(sharded + whole))
+        reduced = sharded.to(collective_device())
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        norm = float(torch.sqrt(reduced.to(whole.device) + whole))
         if max_norm is not None:  # the same rule as torch.nn.utils.clip_grad_norm_
             scale = min(max_norm / (norm + 1e-6), 1.0)
             for g in grads:
@@ -94,7 +141,7 @@ class Distributed:
     def sum_scalar(self, value: float) -> float:
         if self.world_size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t)
 

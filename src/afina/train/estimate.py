@@ -20,6 +20,7 @@ from afina.models import recipe_rope_settings
 from afina.models.rope import apply_rope_settings
 from afina.rundir import RunDir
 from afina.train.batches import collate, epoch_batches, pack_settings
+from afina.train.gpus import CUDA_RUNTIME_BYTES, GpuSpec, format_gpu_time, gpu_time
 from afina.train.loss import accumulate_gradients
 from afina.train.memory import GIB, MemoryPlan, alternatives, memory_estimate, meta_model, model_config, runtime_bytes
 from afina.train.memory import activation_bytes as memory_activation_bytes
@@ -69,21 +70,36 @@ def estimate(
     processes: int = 1,
     strategy: str | None = None,
     measure: bool = True,
+    gpu: GpuSpec | None = None,
+    mfu: float | None = None,
 ) -> dict[str, Any]:
     """Parameters and memory per process from the model's config (no weights read); with the prepared rows and
     the task type's TrainingTask (`afina.pipeline.estimate` builds it), the longest micro-batch sets the
     activations and (`measure`) a few timed steps give the run's duration.
 
-    processes/strategy: the launch to estimate for (default: one process; training.distributed)."""
+    processes/strategy: the launch to estimate for (default: one process; training.distributed).
+    gpu: estimate for that GPU instead of this device (train/gpus.py): its memory, and a time from the FLOPs
+    at `mfu` (nothing is timed)."""
     run = RunDir(recipe.run_dir)
     cfg = recipe.training
     device = pick_device()
-    precision = resolve_precision(cfg.precision, device)
-    runtime = runtime_bytes(device)  # before anything big is loaded
+    precision: str
+    weight_dtype: str
+    if gpu is not None:
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if gpu.has_bf16 else "fp32")
+        weight_dtype = recipe.model.dtype
+        if weight_dtype == "auto":
+            weight_dtype = "bfloat16" if precision == "bf16" else "float32"
+        runtime, measure = CUDA_RUNTIME_BYTES, False
+        available = int(gpu.memory_gib * GIB) if available is None else available
+    else:
+        precision = resolve_precision(cfg.precision, device)
+        weight_dtype = recipe_weight_dtype(recipe, device)
+        runtime = runtime_bytes(device)  # before anything big is loaded
     config = apply_rope_settings(model_config(recipe.model.name), recipe_rope_settings(recipe))
     plan = MemoryPlan(
         method=recipe.method,
-        weight_dtype=recipe_weight_dtype(recipe, device),
+        weight_dtype=weight_dtype,
         precision=precision,
         optimizer=cfg.optimizer,
         processes=processes,
@@ -91,6 +107,7 @@ def estimate(
         rows=cfg.batch_size,
         tokens=cfg.batch_size * (pack_settings(recipe)[0] or recipe.data.max_length),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        cpu_allocator=gpu is None,
     )
     result: dict[str, Any] = {}
     label_tokens = None
@@ -156,9 +173,14 @@ def estimate(
             "attention_flops_share": round(attention_flops_share(config, plan.tokens // max(plan.rows, 1)), 3),
             **({"rope_scaling": rope} if rope else {}),
             "precision": precision,
-            "device": str(device),
+            "device": gpu.label if gpu is not None else str(device),
         }
     )
+    if gpu is not None:
+        if "total_steps" not in result and cfg.max_steps:
+            result["total_steps"] = cfg.max_steps
+        tokens_per_step = plan.tokens * cfg.grad_accum * processes
+        result["gpu_time"] = gpu_time(config, result, gpu, recipe.method.type, mfu, tokens_per_step)
     if not fits:
         tries = [
             (label, total)
@@ -249,6 +271,8 @@ def format_estimate(result: dict[str, Any]) -> str:
             else ""
         ),
     ]
+    if "gpu_time" in result:
+        lines.append(format_gpu_time(result["gpu_time"]))
     if "warning" in result:
         lines.append(f"WARNING: {result['warning']}")
     elif "expected_seconds" in result:

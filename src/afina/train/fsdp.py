@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from afina.models.saved import require_tensors
+
 
 def shard_model(model, param_dtype: torch.dtype | None = None) -> None:
     """fully_shard every decoder layer, then the embeddings, final norm and output layer as one group (the
@@ -198,10 +200,11 @@ def held_bytes(model, optimizer) -> dict[str, int]:
     }
 
 
-def max_over_processes(values: dict[str, int]) -> dict[str, int]:
+def max_over_processes(values: dict[str, int], device: torch.device) -> dict[str, int]:
+    """The largest of each value over the processes; `device`: the one the backend takes tensors on."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return {key: int(v) for key, v in zip(values, t.tolist(), strict=True)}
 
@@ -231,6 +234,8 @@ def write_streamed_safetensors(
     process with write=True writes it and drops it before the next. The header (names, dtypes, shapes,
     offsets) is known from the shapes alone, so it goes first. dtype: cast floating tensors to it."""
 
+    require_tensors(dict(tensors), str(path))  # a header without weights would load as an untrained model
+
     def out_dtype(t):
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
@@ -257,6 +262,34 @@ def write_streamed_safetensors(
             del whole
 
 
+def adapter_names(model, names: list[str]) -> dict[str, str]:
+    """peft's own file names for the adapter's parameters (`...lora_A.default.weight` -> `...lora_A.weight`),
+    by parameter name.
+
+    peft's get_peft_model_state_dict picks and renames the adapter's entries of a state dict; it is given
+    one small integer tag per name (plain tensors: peft 0.22+ gathers DTensors into new tensors, so neither the
+    sharded parameters nor their identities may go in) and the tags it returns say which name became which.
+    Every trainable parameter must come back, exactly once: a parameter peft would not save, or a name
+    it returns twice, is an error here rather than an adapter file that silently lacks it."""
+    from peft import get_peft_model_state_dict
+
+    tags = {name: torch.tensor(i, dtype=torch.int64) for i, name in enumerate(names)}
+    renamed = get_peft_model_state_dict(model, state_dict=tags)
+    found: dict[str, str] = {}
+    for file_name, tag in renamed.items():
+        name = names[int(tag)]
+        if name in found:
+            raise RuntimeError(f"peft saves parameter {name} twice ({found[name]}, {file_name})")
+        found[name] = file_name
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise RuntimeError(
+            f"peft does not save {len(missing)} of the {len(names)} trainable parameters "
+            f"(first: {missing[0]}); the adapter would be incomplete"
+        )
+    return found
+
+
 def save_streamed_result(model, out_dir: Path, method_type: str, write: bool, dtype: torch.dtype | None) -> None:
     """The trained adapter (peft layout) or full model (transformers layout) written whole from shards,
     one tensor at a time; rank 0 (write=True) also writes the config."""
@@ -270,13 +303,9 @@ def save_streamed_result(model, out_dir: Path, method_type: str, write: bool, dt
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(out_dir)
         return
-    from peft import get_peft_model_state_dict
-
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    # peft's own naming of the adapter tensors (adapter name removed), applied to the sharded parameters.
-    names = get_peft_model_state_dict(model, state_dict=trainable)
-    by_id = {id(p): name for name, p in names.items()}
-    ordered = [(by_id[id(p)], p) for p in trainable.values() if id(p) in by_id]
+    file_names = adapter_names(model, list(trainable))
+    ordered = [(file_names[name], p) for name, p in trainable.items()]
     write_streamed_safetensors(out_dir / "adapter_model.safetensors", ordered, write)
     if write:
         import copy

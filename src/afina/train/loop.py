@@ -33,6 +33,7 @@ from afina.device import (
 )
 from afina.models import recipe_rope_settings
 from afina.models.rope import save_rope_settings
+from afina.models.saved import require_saved_weights
 from afina.rundir import RunDir, read_jsonl
 from afina.train.batches import collate, epoch_batches, pack_settings
 from afina.train.checkpoint import (
@@ -43,7 +44,7 @@ from afina.train.checkpoint import (
     save_weights,
     trainable_state,
 )
-from afina.train.distributed import Distributed
+from afina.train.distributed import Distributed, collective_device
 from afina.train.fsdp import build_sharded_model, held_bytes, max_over_processes, save_streamed_result
 from afina.train.loss import accumulate_gradients, count_label_tokens, label_token_loss, mean_label_loss
 from afina.train.monitor import TrainingMonitor
@@ -51,8 +52,8 @@ from afina.train.optim import build_optimizer
 from afina.train.sharded_checkpoint import (
     check_layout,
     has_weights,
-    load_sharded_checkpoint,
     load_sharded_weights,
+    resume_sharded_checkpoint,
     save_sharded_checkpoint,
     save_sharded_weights,
 )
@@ -170,6 +171,8 @@ class Training:
     collate_fn: Callable
     loss_fn: Callable
     count_fn: Callable
+    train_loss_fn: Callable  # loss_fn through torch's DDP when several unsharded processes train
+    no_sync: Callable  # DDP's no_sync (gradients kept local) for all but a step's last micro-batch
     per_step: int  # micro-batches in one global optimizer step
     steps_per_epoch: int
     total_steps: int
@@ -323,6 +326,8 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / per_step))
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epoch_limit(bool(val_set))))
     eval_every = cfg.eval_every or steps_per_epoch
+    loss_fn = task.loss_fn or label_token_loss
+    train_loss_fn, no_sync = ddp.data_parallel(model, loss_fn)
     t = Training(
         recipe=recipe,
         task=task,
@@ -341,8 +346,10 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
         pack_length=pack_length,
         collate_fn=task.collate
         or (lambda examples, rows, pad, length: collate(examples, rows, pad, length, continuous)),
-        loss_fn=task.loss_fn or label_token_loss,
+        loss_fn=loss_fn,
         count_fn=task.count_fn or count_label_tokens,
+        train_loss_fn=train_loss_fn,
+        no_sync=no_sync,
         per_step=per_step,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
@@ -354,13 +361,7 @@ def setup(recipe: Recipe, task: TrainingTask, train_rows, val_rows, resume: bool
     )
     if resume:
         if ddp.sharded:  # every process reads its own shards
-            found = list_checkpoints(t.checkpoints)
-            if not found:
-                raise FileNotFoundError(
-                    f"no checkpoint to resume from in {t.checkpoints}; run `afina train` without --resume"
-                )
-            t.resumed_from = found[-1]
-            saved = load_sharded_checkpoint(t.resumed_from, model, optimizer, t.scheduler, t.rng)
+            t.resumed_from, saved = resume_sharded_checkpoint(t.checkpoints, model, optimizer, t.scheduler, t.rng)
         else:
             newest = list_checkpoints(t.checkpoints)
             if newest:
@@ -407,10 +408,15 @@ def training_step(t: Training) -> tuple[float, float]:
     group = [t.collate_fn(t.train_set, rows, t.task.tokenizer.pad_token_id, t.pack_length) for rows in step_rows]
     local = group[t.ddp.rank :: t.ddp.world_size]
     step_loss, _ = accumulate_gradients(
-        t.model, local, t.autocast, denominator=t.count_fn(group), loss_fn=t.loss_fn, count_fn=t.count_fn
+        t.model,
+        local,
+        t.autocast,
+        denominator=t.count_fn(group),
+        loss_fn=t.train_loss_fn,
+        count_fn=t.count_fn,
+        no_sync=t.no_sync,
     )
-    step_loss = t.ddp.sum_scalar(step_loss)
-    t.ddp.sum_gradients(t.trainable)
+    step_loss = t.ddp.sum_scalar(step_loss)  # the gradients were summed by DDP during the backward
     grad_norm = t.ddp.clip_grad_norm(t.trainable, cfg.max_grad_norm)
     if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
         kept = list_checkpoints(t.checkpoints)
@@ -422,7 +428,7 @@ def training_step(t: Training) -> tuple[float, float]:
         )
     t.optimizer.step()
     if state.held_bytes is None:  # what each process holds at its fullest (gradients not yet freed)
-        state.held_bytes = max_over_processes(held_bytes(t.model, t.optimizer))
+        state.held_bytes = max_over_processes(held_bytes(t.model, t.optimizer), collective_device())
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -506,6 +512,7 @@ def finish(t: Training, stop_reason: str, last_loss: float) -> dict[str, Any]:
         out_dir = t.task.output_dir
         if to_save is not None:
             to_save.save_pretrained(out_dir, safe_serialization=True)
+        require_saved_weights(out_dir)
         t.task.tokenizer.save_pretrained(out_dir)
         if t.task.on_save:
             t.task.on_save(out_dir)

@@ -7,6 +7,7 @@ padding) carry no loss.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -102,6 +103,7 @@ def accumulate_gradients(
     denominator: int | None = None,
     loss_fn=None,
     count_fn=None,
+    no_sync=None,
 ) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; return (loss, label count).
 
@@ -111,16 +113,20 @@ def accumulate_gradients(
     unequally when micro-batches hold different token counts). `loss_fn(model, **batch)` returns
     (loss sum, label count) and `count_fn(micro_batches)` counts labels; both default to next-token
     loss over labelled tokens (the head tasks pass sequence_label_loss or token_label_loss).
+    `no_sync()`: a context under which the backward keeps gradients local (DDP's); every micro-batch but
+    the last runs under it, so the processes exchange gradients once per step.
     """
     loss_fn = loss_fn or label_token_loss
     n_label = (count_fn or count_label_tokens)(micro_batches)
     denominator = max(denominator if denominator is not None else n_label, 1)
     total = 0.0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        with autocast():
-            loss_sum, _ = loss_fn(model, **batch)
-        (loss_sum / denominator).backward()
+        last = i == len(micro_batches) - 1
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            with autocast():
+                loss_sum, _ = loss_fn(model, **batch)
+            (loss_sum / denominator).backward()
         total += float(loss_sum.detach())
     return total / denominator, n_label
 

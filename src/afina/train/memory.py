@@ -51,6 +51,7 @@ class MemoryPlan:
     rows: int = 8  # micro-batch rows per process
     tokens: int = 4096  # tokens per micro-batch per process (rows x sequence length, or packed)
     gradient_checkpointing: bool = False
+    cpu_allocator: bool = True  # the runtime counts a CPU allocator's slack (measured on CPUs only)
 
     @property
     def sharded(self) -> bool:
@@ -225,7 +226,7 @@ def memory_estimate(
     # On a CPU (runtime given) the resident peak also holds the allocator's slack: the blocks one step's activations
     # freed are not all reused by the next, and the peak of the second step is ~25% of the activations above the
     # first (measured on the default model, LoRA/QLoRA/full); later steps add little.
-    memory["runtime"] = runtime + (memory["activations"] // 4 if runtime else 0)
+    memory["runtime"] = runtime + (memory["activations"] // 4 if runtime and plan.cpu_allocator else 0)
     memory["total"] = sum(memory.values())
     return memory
 

@@ -38,7 +38,34 @@ def load_for_method(spec: str, method: MethodConfig, device, rope: dict | None =
         model.requires_grad_(False)  # the rest of the preparation; the embeddings and norms stay in `dtype`
     if torch.device(device).type == "cpu":
         release_checkpoint_file(model)
+        keep_4bit_layout_trainable(model)
     return model
+
+
+def keep_4bit_layout_trainable(model) -> int:
+    """Keep every 4-bit layer in the layout autograd trains through; returns how many layers were checked.
+
+    bitsandbytes 0.49+ on a CPU with AVX512-BF16 repacks a Linear4bit's weight *in place* into an
+    inference-only layout the first time the layer runs in eval mode without gradients (afina's validation
+    does exactly that), and the layer keeps that layout once it trains again: its gemv_4bit kernel has no
+    autograd formula (gradients through the base are silently wrong), adds the bias in place on a leaf that
+    requires grad (an error) and needs the output size divisible by 32 (an error on small shapes). The
+    layer's own switch for it is turned off, and a weight already repacked is unpacked. An AVX2-only CPU
+    never took this path; on a GPU the layers have no such switch and nothing changes."""
+    checked = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            checked += 1
+        weight: Any = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if weight is not None and state is not None and getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes' own inverse (the layer calls it itself before saving its state dict).
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            checked += 1
+    return checked
 
 
 def release_checkpoint_file(model) -> None:
