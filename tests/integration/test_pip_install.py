@@ -35,7 +35,6 @@ def test_wheel_in_a_fresh_venv_sets_up_and_runs_the_quickstart(tmp_path):
         "pip",
         "wheel",
         "--no-deps",
-        "--no-build-isolation",
         "-q",
         "-w",
         wheels,
