@@ -63,7 +63,6 @@ def test_the_wheel_carries_the_build_script(tmp_path):
             "pip",
             "wheel",
             "--no-deps",
-            "--no-build-isolation",
             "-q",
             "-w",
             str(tmp_path),
@@ -72,10 +71,8 @@ def test_the_wheel_carries_the_build_script(tmp_path):
         capture_output=True,
         text=True,
     )
-    if result.returncode != 0 and "No module named" in result.stderr:
-        pytest.skip(f"cannot build a wheel here: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("afina-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "afina/scripts/install_llama_cpp.sh" in names
-    assert "afina/recipes/quickstart.yaml" in names or any(n.startswith("afina/recipes/") for n in names)
+    assert "afina/recipes/quickstart.yaml" in names

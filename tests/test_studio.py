@@ -22,7 +22,7 @@ FAST = {
     "training.precision": "fp32",
     "training.log_every": "1",
     "training.eval_every": "10",
-    "training.tensorboard": False,
+    "training.report_to": "[]",
     "training.plots": False,
     "eval.systems": "[base, tuned]",
     "eval.max_new_tokens": "4",
