@@ -151,7 +151,7 @@ def parse_call_text(text: str, where: str) -> dict[str, Any]:
     except json.JSONDecodeError:
         quoted = re.fullmatch(r"\s*(\{.*\"arguments\"\s*:\s*)'(.*)'(\s*\}\s*)", text, re.S)  # glaive: '{...}'
         if quoted is None:
-            raise RowError(f"{where} is not a JSON call {{\"name\", \"arguments\"}}: {text[:80]!r}") from None
+            raise RowError(f'{where} is not a JSON call {{"name", "arguments"}}: {text[:80]!r}') from None
         try:
             call = json.loads(quoted.group(1) + json.dumps(quoted.group(2)) + quoted.group(3))
         except json.JSONDecodeError as exc:
@@ -184,7 +184,9 @@ def check_call(call: dict[str, Any], tools: dict[str, dict[str, Any]], where: st
         jsonschema.validate(arguments, effective_parameters(tools[name]["parameters"]))
     except jsonschema.ValidationError as exc:
         at = "/".join(str(p) for p in exc.absolute_path) or "(top)"
-        raise RowError(f"{where}: the arguments of '{name}' do not match its parameters at {at}: {exc.message}") from None
+        raise RowError(
+            f"{where}: the arguments of '{name}' do not match its parameters at {at}: {exc.message}"
+        ) from None
     return json.dumps(arguments, ensure_ascii=False)
 
 
@@ -230,6 +232,8 @@ def tool_chat(messages: Any, tools_value: Any) -> tuple[list[dict[str, Any]], li
         canon = ROLE_NAMES.get(role, role)
         if canon == "system" and "<tools>" in text:
             text, listed = tools_in_system(text)
+            if not text:  # the system prompt only listed the tools: the template lists them now
+                continue
         if canon in ("system", "user"):
             out.append({"role": canon, "content": text})
         elif canon == "assistant":
@@ -313,7 +317,9 @@ def glaive_chat(system: Any, chat: Any) -> tuple[list[dict[str, Any]], list[Any]
     parts = GLAIVE_TURN.split(chat)
     if len(parts) < 3:
         raise RowError("field 'chat' holds no 'USER:' / 'ASSISTANT:' turns")
-    messages: list[dict[str, Any]] = [{"role": "system", "content": prompt}] if prompt else []
+    # The prompt introduces the listed functions ("... access to the following functions"); the chat template
+    # lists the tools itself, so it is kept only when no functions follow it.
+    messages: list[dict[str, Any]] = [{"role": "system", "content": prompt}] if prompt and not tools else []
     for speaker, text in zip(parts[1::2], parts[2::2]):
         text = text.replace("<|endoftext|>", "").strip()
         if speaker == "USER":
