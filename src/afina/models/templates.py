@@ -37,8 +37,8 @@ CHATML_TOOLS = (
     "{{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
     "function signatures within <tools></tools> XML tags:\n<tools>' }}{%- for tool in tools %}{{- '\n' }}"
     "{{- tool | tojson }}{%- endfor %}{{- '\n</tools>\n\nFor each function call, return a json object with "
-    "function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": "
-    "<function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n' }}"
+    'function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": '
+    '<function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n\' }}'
     "{%- elif messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + "
     "'<|im_end|>\n' }}{%- endif %}"
     "{%- for message in messages %}{%- if message.role == 'user' or (message.role == 'assistant' and not "
@@ -46,7 +46,7 @@ CHATML_TOOLS = (
     "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant' }}{%- if message.content %}"
     "{{- '\n' + message.content }}{%- endif %}{%- for tool_call in message.tool_calls %}"
     "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
-    "{{- '\n<tool_call>\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
+    '{{- \'\n<tool_call>\n{"name": "\' + tool_call.name + \'", "arguments": \' }}'
     "{{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}"
     "{%- elif message.role == 'tool' %}{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}"
     "{{- '<|im_start|>user' }}{%- endif %}{{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}"
