@@ -58,7 +58,10 @@ def check_tool_template(tokenizer, tools: list[dict[str, Any]]) -> None:
     it never sees. TemplateError with the fix otherwise."""
     name = tools[0]["function"]["name"]
     call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": "{}"}}
-    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    probe: list[dict[str, Any]] = [
+        {"role": "user", "content": "?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+    ]
     prompt = render_prompt(tokenizer, probe[:1], tools)
     full = _render(tokenizer, probe, tools, False)
     if name not in prompt or name not in full[len(prompt) :]:

@@ -28,6 +28,9 @@ import json
 import re
 from typing import Any
 
+from afina.data.errors import RowError
+from afina.data.tools import glaive_chat, is_tool_row, tool_chat
+
 ROLES = ("system", "user", "assistant")
 CHAT_SCHEMAS = ("chat", "glaive", "prompt_completion", "instruction", "qa")
 EVAL_EXTRAS = ("tests", "test_setup", "references")  # kept for evaluation when a row has them
@@ -57,10 +60,6 @@ OPTIONAL_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
 TAG_PATTERN = re.compile(r"^(O|[BIES]-\S+)$")
-
-
-class RowError(ValueError):
-    """Why one row cannot be used (it goes to the rejects file)."""
 
 
 def field_present(row: dict[str, Any], canon: str, names: tuple[str, ...], fields: dict[str, str]) -> str | None:
@@ -180,8 +179,7 @@ def _messages_for(
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     extras: dict[str, Any] = {}
     if schema in ("chat", "glaive"):
-        from afina.data.tools import glaive_chat, is_tool_row, tool_chat  # tools.py raises this module's RowError
-
+        tools_value: Any
         if schema == "glaive":
             system = _field(row, schema, "system", fields)[0]
             messages, tools_value = glaive_chat(system, _field(row, schema, "chat", fields)[0])

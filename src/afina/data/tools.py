@@ -30,7 +30,7 @@ import json
 import re
 from typing import Any
 
-from afina.data.schema import RowError
+from afina.data.errors import RowError
 
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 TOOL_RESPONSE = re.compile(r"^\s*<tool_response>\s*(.*?)\s*</tool_response>\s*$", re.S)
@@ -115,7 +115,8 @@ def tools_in_system(text: str) -> tuple[str, list[Any]]:
 
 def _json_objects(text: str, where: str) -> list[Any]:
     """Every JSON value in `text`, one after another (a list, or objects one per line)."""
-    decoder, values, at = json.JSONDecoder(), [], 0
+    decoder, at = json.JSONDecoder(), 0
+    values: list[Any] = []
     while True:
         while at < len(text) and text[at] in " \t\r\n,":
             at += 1
@@ -332,3 +333,21 @@ def glaive_chat(system: Any, chat: Any) -> tuple[list[dict[str, Any]], list[Any]
         else:
             messages.append({"role": "assistant", "content": text})
     return messages, tools
+
+
+def calls_in_text(text: str) -> tuple[str, list[dict[str, Any] | None]]:
+    """A generated answer read back: its text outside <tool_call> blocks, and each block as {name, arguments}
+    (None for a block that is not a JSON call with an object of arguments). An unclosed block at the end (an
+    answer cut off) counts as a call that did not parse."""
+    calls: list[dict[str, Any] | None] = []
+    for block in TOOL_CALL.findall(text):
+        try:
+            call = parse_call_text(block, "a <tool_call> block")
+            calls.append({"name": call["name"], "arguments": _arguments(call["arguments"], "the call")})
+        except RowError:
+            calls.append(None)
+    rest = TOOL_CALL.sub("", text)
+    if "<tool_call>" in rest:
+        calls.append(None)
+        rest = rest[: rest.index("<tool_call>")]
+    return rest.strip(), calls

@@ -24,14 +24,12 @@ HEADER = re.compile(r'<tool_call>\n\{"name": ("(?:[^"\\]|\\.)*"), "arguments": '
 
 def check_tool_template(tokenizer) -> None:
     """400 unless the chat template shows the model its tools and writes calls the way the grammar does."""
-    tool = {"type": "function", "function": {"name": "probe_tool", "description": "", "parameters": {}}}
-    call = {"id": "c", "type": "function", "function": {"name": "probe_tool", "arguments": "{}"}}
-    chat = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
-    prompt = render_prompt(tokenizer, chat[:1], [tool])
+    tool: dict[str, Any] = {"type": "function", "function": {"name": "probe_tool", "description": "", "parameters": {}}}
+    call = {"id": "c", "type": "function", "function": {"name": "probe_tool", "arguments": {}}}
+    question: dict[str, Any] = {"role": "user", "content": "?"}
+    prompt = render_prompt(tokenizer, [question], [tool])
     full = tokenizer.apply_chat_template(
-        [chat[0], {**chat[1], "tool_calls": [{**call, "function": {"name": "probe_tool", "arguments": {}}}]}],
-        tools=[tool],
-        tokenize=False,
+        [question, {"role": "assistant", "content": "", "tool_calls": [call]}], tools=[tool], tokenize=False
     )
     written = f'{CALL_OPEN}{{"name": "probe_tool", "arguments": {{}}}}{CALL_CLOSE}'
     if "probe_tool" not in prompt or written not in full[len(prompt) :]:
