@@ -19,6 +19,7 @@ order; lists keep theirs. Parallel calls are matched as a set (order-insensitive
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from afina.data.tools import calls_in_text
@@ -96,7 +97,7 @@ def score_tool_answer(reference: dict[str, Any], prediction: str) -> dict[str, f
         scores["names_correct"] = float(names == sorted(c["name"] for c in ref_calls) and len(read) == len(predicted))
         hits, total = _argument_hits(ref_calls, predicted)
         scores["argument_match"] = hits / total
-        same = sorted(map(repr, map(_call_key, predicted))) == sorted(map(repr, map(_call_key, ref_calls)))
+        same = Counter(map(_call_key, predicted)) == Counter(map(_call_key, ref_calls))  # a multiset: order-free
         scores["call_exact"] = float(same and len(read) == len(predicted))
     return scores
 
