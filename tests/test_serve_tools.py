@@ -213,3 +213,19 @@ def test_streamed_call_deltas_follow_openai_shape_piece_by_piece():
     plain = ToolCallStream(expect_calls=True)
     released = [d for ch in "<b>bold</b>" for d in plain.add(ch)]
     assert released[0] == {"content": "<b"} and "".join(d["content"] for d in released) == "<b>bold</b>"
+
+
+def test_the_server_accepts_a_native_tool_template_and_refuses_one_it_cannot_parse(tokenizer):
+    """Qwen2.5's own template writes calls as the grammar does; Llama 3's (no tool support here) is refused."""
+    from pathlib import Path
+
+    from afina.serve.schema import ApiError
+    from afina.serve.tools import check_tool_template
+
+    templates = Path(__file__).parent / "fixtures" / "chat_templates"
+    qwen, llama = copy.deepcopy(tokenizer), copy.deepcopy(tokenizer)
+    qwen.chat_template = (templates / "qwen2_5_tools.jinja").read_text(encoding="utf-8")
+    llama.chat_template = (templates / "llama3.jinja").read_text(encoding="utf-8")
+    check_tool_template(qwen)
+    with pytest.raises(ApiError, match="chatml-tools"):
+        check_tool_template(llama)
