@@ -91,7 +91,12 @@ SLICES: dict[str, tuple[Callable[[], dict[str, list[dict]]], list[str]]] = {
     ),
     "agent_tools_xlam_glaive": (
         tools_slice,
-        ["data.split={train: 0.7, validation: 0.1, test: 0.2}", "eval.max_new_tokens=24", "eval.few_shot.k=1"],
+        [
+            "data.split={train: 0.7, validation: 0.1, test: 0.2}",
+            "eval.max_new_tokens=24",
+            "eval.few_shot.k=1",
+            "eval.report=true",
+        ],
     ),
 }
 
