@@ -256,3 +256,21 @@ def test_train_equals_serve_on_tool_turns(template, request):
         prompt = render_prompt(tok, CANONICAL["messages"][:index], CANONICAL["tools"])
         assert full.startswith(prompt) and start == len(prompt)
         assert "get_weather" in prompt  # the served prompt shows the tools
+
+
+def test_a_rated_tool_call_from_the_request_log_becomes_a_tool_row(tmp_path):
+    """The feedback loop: a served tool call (logged with its tools, the answer as <tool_call> text) rated good is a
+    training row that prepare reads back as the same call."""
+    from afina.data.from_logs import from_logs
+    from afina.serve.logs import RequestLog
+
+    log = RequestLog(tmp_path / "logs")
+    answer = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    request = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": OPENAI_TOOLS}
+    log.log_request("chatcmpl-1", "chat", "base", request, answer, {"prompt_tokens": 1}, 0.1)
+    log.log_feedback("chatcmpl-1", 1, None, None)
+    from_logs(tmp_path / "logs", tmp_path / "rows.jsonl")
+    (row,) = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    got = canonical(row)
+    assert got["tools"] == OPENAI_TOOLS
+    assert got["messages"][-1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
