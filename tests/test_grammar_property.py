@@ -92,7 +92,7 @@ def any_tokenizer(request, tokenizer, sentencepiece):
     return tokenizer if request.param == "byte-level-bpe" else sentencepiece
 
 
-PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @PROPERTY
