@@ -46,3 +46,13 @@ def running_server(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def grammar_accepts(tokenizer, grammar: str, text: str) -> bool:
+    """Whether `text` is (a prefix of) an answer the grammar allows, checked by the engine itself."""
+    from llguidance import LLMatcher
+
+    from afina.serve.grammar import engine_tokenizer
+
+    matcher = LLMatcher(engine_tokenizer(tokenizer), grammar, log_level=0)
+    return matcher.consume_tokens(tokenizer(text, add_special_tokens=False)["input_ids"]) and not matcher.is_error()

@@ -58,6 +58,15 @@ def mbpp_slice() -> dict[str, list[dict]]:
     return {"path": [rows[i] for i in (*range(1, 5), *range(11, 14), *range(601, 613))]}
 
 
+def tools_slice() -> dict[str, list[dict]]:
+    """Short rows of both sources: single and parallel xLAM calls, Glaive chats with a tool result or no call."""
+    rows = read_rows("tools_train.jsonl")
+    short = [r for r in rows if len(json.dumps(r)) < 1400]
+    xlam = [r for r in short if r["source"].startswith("xlam")][:14]
+    glaive = [r for r in short if r["source"].startswith("glaive")][:6]
+    return {"path": xlam + glaive}
+
+
 SLICES: dict[str, tuple[Callable[[], dict[str, list[dict]]], list[str]]] = {
     "customer_service_banking77": (
         banking_slice,
@@ -79,6 +88,15 @@ SLICES: dict[str, tuple[Callable[[], dict[str, list[dict]]], list[str]]] = {
     "translation_ntrex_en_es": (
         lambda: {"path": first_documents(read_rows("translation_ntrex128_en_es.jsonl"), 8)},
         [],
+    ),
+    "agent_tools_xlam_glaive": (
+        tools_slice,
+        [
+            "data.split={train: 0.7, validation: 0.1, test: 0.2}",
+            "eval.max_new_tokens=24",
+            "eval.few_shot.k=1",
+            "eval.report=true",
+        ],
     ),
 }
 
@@ -125,7 +143,7 @@ def test_use_case_recipe_runs_end_to_end_on_a_slice(name, tmp_path, tiny_model_d
     assert prepared["splits"]["train"] > 0 and prepared["splits"]["test"] > 0
     assert trained["steps"] == 2
     systems = evaluated["systems"]
-    wanted = [s for s in recipe.eval.systems if recipe.task == "chat" or s in ("base", "tuned")]
+    wanted = [s for s in recipe.eval.systems if recipe.task in ("chat", "tools") or s in ("base", "tuned")]
     if recipe.task == "classification" and recipe.classification.mode == "head":
         wanted = ["tuned"]
     assert list(systems) == wanted
@@ -137,5 +155,8 @@ def test_use_case_recipe_runs_end_to_end_on_a_slice(name, tmp_path, tiny_model_d
         "social_sentiment_tweeteval": {"accuracy", "macro_f1"},
         "code_generation_mbpp": {"pass@1"},
         "translation_ntrex_en_es": {"bleu", "chrf"},
+        "agent_tools_xlam_glaive": {"call_decision"},
     }[name]
     assert expected <= metrics
+    if recipe.task == "tools":  # every system's tool metrics carry their bootstrap interval
+        assert all("call_decision" in evaluated["intervals"]["systems"][s] for s in wanted)

@@ -815,12 +815,13 @@ class Recipe(_Section):
     name: str = Field("run", pattern=NAME_PATTERN, description="The run's name.")
     output_dir: str = Field("runs", description="Runs are written to <output_dir>/<name>/.")
     seed: int = Field(42, ge=0)
-    task: Literal["chat", "classification", "tagging", "domain", "preference"] = Field(
+    task: Literal["chat", "classification", "tagging", "domain", "preference", "tools"] = Field(
         "chat",
         description="The task type: chat (generative fine-tuning; several tasks via data.sources), "
         "classification (text -> label; see the classification section), tagging (words -> BIO tags, named entities; "
         "see the tagging section), domain (continued pre-training on raw text: documents chunked and packed, loss on "
-        "every token), preference (DPO, IPO, ORPO, SimPO or KTO on chosen/rejected pairs; see the preference section).",
+        "every token), preference (DPO, IPO, ORPO, SimPO or KTO on chosen/rejected pairs; see the preference section), "
+        "tools (function calling: chat rows with tools and tool_calls, trained like chat, scored on the calls).",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -275,7 +275,7 @@ def _hard_break(match: re.Match[str]) -> bool:
 def is_empty(row: dict[str, Any]) -> str | None:
     """What is empty in a cleaned row (its reason), or None."""
     for i, message in enumerate(row.get("messages", ())):
-        if not message["content"].strip():
+        if not message["content"].strip() and not message.get("tool_calls"):  # a turn of calls has no text
             return f"messages[{i}].content is empty after cleaning"
     for i, message in enumerate(row.get("prompt", ())):
         if not message["content"].strip():

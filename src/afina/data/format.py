@@ -9,6 +9,7 @@ that training text, so the model is trained on what it will see when served.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,22 +24,69 @@ def chat_template_hash(tokenizer) -> str:
     return hashlib.sha256((tokenizer.chat_template or "").encode("utf-8")).hexdigest()
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
-    """The text the model sees at inference, ending where the assistant starts to answer."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates take them: a call's arguments as an object (Qwen, Llama and Hermes templates
+    write them with `tojson`), where OpenAI's format and afina's rows keep them as JSON text."""
+    if not any("tool_calls" in m for m in messages):
+        return messages
+    out = []
+    for message in messages:
+        if "tool_calls" in message:
+            calls = [
+                {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"] or "{}")}}
+                for c in message["tool_calls"]
+            ]
+            message = {**message, "tool_calls": calls}
+        out.append(message)
+    return out
 
 
-def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendered text and the character spans of each assistant turn in it."""
+def _render(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        template_messages(messages), tools=tools or None, tokenize=False, add_generation_prompt=prompt
+    )
+
+
+def render_prompt(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    """The text the model sees at inference, ending where the assistant starts to answer (the tools, when
+    given, rendered by the template as it declares them)."""
+    return _render(tokenizer, messages, tools, True)
+
+
+def check_tool_template(tokenizer, tools: list[dict[str, Any]]) -> None:
+    """The chat template must show the model its tools and its calls, or training would teach calls to tools
+    it never sees. TemplateError with the fix otherwise."""
+    name = tools[0]["function"]["name"]
+    call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": "{}"}}
+    probe: list[dict[str, Any]] = [
+        {"role": "user", "content": "?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+    ]
+    prompt = render_prompt(tokenizer, probe[:1], tools)
+    full = _render(tokenizer, probe, tools, False)
+    if name not in prompt or name not in full[len(prompt) :]:
+        raise TemplateError(
+            "the model's chat template does not render tools or tool calls (it has no `tools` support); set "
+            "model.chat_template: chatml-tools (Hermes-style <tool_call> blocks in ChatML) or a Jinja file that does"
+        )
+
+
+def assistant_spans(
+    tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the character spans of each assistant turn in it (tool results and the
+    tool list are context, never inside a span)."""
     if not tokenizer.chat_template:
         raise TemplateError("the tokenizer has no chat template; use a chat model or set one on the tokenizer")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if tools:
+        check_tool_template(tokenizer, tools)
+    full = _render(tokenizer, messages, tools, False)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = render_prompt(tokenizer, messages[:i])
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prefix = render_prompt(tokenizer, messages[:i], tools)
+        upto = _render(tokenizer, messages[: i + 1], tools, False)
         if not full.startswith(prefix) or not full.startswith(upto) or not upto.startswith(prefix):
             raise TemplateError(
                 "the chat template renders a conversation differently from its prefix with add_generation_prompt; "
@@ -49,9 +97,12 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, lis
     return full, spans
 
 
-def encode_chat(tokenizer, messages: list[dict[str, str]], train_on: str = "assistant") -> dict[str, Any]:
-    """Token ids and labels (IGNORE_INDEX where no loss) for one conversation."""
-    text, spans = assistant_spans(tokenizer, messages)
+def encode_chat(
+    tokenizer, messages: list[dict[str, Any]], train_on: str = "assistant", tools: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Token ids and labels (IGNORE_INDEX where no loss) for one conversation (with `tools`: the tools it
+    may call, as the template renders them)."""
+    text, spans = assistant_spans(tokenizer, messages, tools)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     if train_on == "all":
@@ -88,7 +139,7 @@ def count_tokens(tokenizer, row: dict[str, Any], train_on: str = "assistant") ->
     if "completion" in row:
         return len(encode_answer(tokenizer, row["prompt"], row["completion"])["input_ids"])
     if "messages" in row:
-        return len(encode_chat(tokenizer, row["messages"], train_on)["input_ids"])
+        return len(encode_chat(tokenizer, row["messages"], train_on, row.get("tools"))["input_ids"])
     text = " ".join(row["tokens"]) if "tokens" in row else row["text"]
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -170,6 +221,8 @@ def encode_split(
             for chunk in encode_text_chunks(tokenizer, row["text"], chunking.length, chunking.overlap, chunking.add_eos)
         ]
     return [
-        encode_chat(tokenizer, row["messages"], train_on) if "messages" in row else encode_text(tokenizer, row["text"])
+        encode_chat(tokenizer, row["messages"], train_on, row.get("tools"))
+        if "messages" in row
+        else encode_text(tokenizer, row["text"])
         for row in rows
     ]

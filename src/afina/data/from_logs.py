@@ -137,6 +137,8 @@ def logs_to_training_rows(
             }
         else:  # checked in _read_log
             raise DataError(f"{requests_path}:{number}: a request line needs 'messages' or 'prompt'")
+        if request.get("tools"):  # a tool-calling request: the answer's <tool_call> blocks are read back by prepare
+            row["tools"] = request["tools"]
         row["source"] = {"id": request["id"], "model": request.get("model"), "feedback": reason}
         rows.append(row)
         counts[reason] += 1

@@ -3,6 +3,8 @@
 Canonical rows (written to data/{train,validation,test}.jsonl, each with "id" and "source"):
 
     chat, prompt_completion, instruction, qa -> {"messages": [{"role", "content"}, ...]}
+    chat with tools, glaive                  -> {"messages": [... tool_calls, tool turns], "tools": [...]}
+                                                (OpenAI's format; see afina.data.tools for the shapes mapped)
     text                                     -> {"text": str}                       (domain adaptation)
     classification                           -> {"text": str, "label": str}
     tagging                                  -> {"tokens": [str], "tags": [str]}    (BIO/IOBES tags)
@@ -26,14 +28,18 @@ import json
 import re
 from typing import Any
 
+from afina.data.errors import RowError
+from afina.data.tools import glaive_chat, is_tool_row, tool_chat
+
 ROLES = ("system", "user", "assistant")
-CHAT_SCHEMAS = ("chat", "prompt_completion", "instruction", "qa")
+CHAT_SCHEMAS = ("chat", "glaive", "prompt_completion", "instruction", "qa")
 EVAL_EXTRAS = ("tests", "test_setup", "references")  # kept for evaluation when a row has them
 
 # Each schema: the canonical fields it needs, and the user-side names guessed for them, in the order
 # they are tried. A row's schema is the first whose needed fields are all present.
 SCHEMAS: dict[str, dict[str, tuple[str, ...]]] = {
     "chat": {"messages": ("messages", "conversations")},
+    "glaive": {"chat": ("chat",), "system": ("system",)},
     "prompt_completion": {"prompt": ("prompt",), "completion": ("completion",)},
     "instruction": {"instruction": ("instruction",), "output": ("output", "response")},
     "qa": {"question": ("question",), "answer": ("answers", "answer")},
@@ -54,10 +60,6 @@ OPTIONAL_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
 TAG_PATTERN = re.compile(r"^(O|[BIES]-\S+)$")
-
-
-class RowError(ValueError):
-    """Why one row cannot be used (it goes to the rejects file)."""
 
 
 def field_present(row: dict[str, Any], canon: str, names: tuple[str, ...], fields: dict[str, str]) -> str | None:
@@ -176,8 +178,18 @@ def _messages_for(
     row: dict[str, Any], schema: str, fields: dict[str, str]
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     extras: dict[str, Any] = {}
-    if schema == "chat":
-        return _check_messages(_field(row, schema, "messages", fields)[0]), extras
+    if schema in ("chat", "glaive"):
+        tools_value: Any
+        if schema == "glaive":
+            system = _field(row, schema, "system", fields)[0]
+            messages, tools_value = glaive_chat(system, _field(row, schema, "chat", fields)[0])
+        else:
+            messages = _field(row, schema, "messages", fields)[0]
+            tools_value = row.get(fields.get("tools", "tools"), row.get("functions"))
+        if schema == "glaive" or is_tool_row(row, messages):
+            messages, tools = tool_chat(messages, tools_value)
+            return messages, {"tools": tools}
+        return _check_messages(messages), extras
     if schema == "prompt_completion":
         prompt = _text(*_field(row, schema, "prompt", fields))
         completion = _text(*_field(row, schema, "completion", fields))
@@ -277,7 +289,12 @@ def content_text(row: dict[str, Any]) -> str:
     if "question" in row:  # qa over a passage: many questions share a passage, the question tells them apart
         return f"{row['question']}\n{row['messages'][-1]['content']}"
     if "messages" in row:  # system prompts are shared by design; they would make every row look alike
-        return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"] if m["role"] != "system")
+        return "\n".join(
+            f"{m['role']}: {m['content']}"
+            + "".join(f" call {c['function']['name']}{c['function']['arguments']}" for c in m.get("tool_calls", ()))
+            for m in row["messages"]
+            if m["role"] != "system"
+        )
     if "tokens" in row:
         return " ".join(row["tokens"])
     return row["text"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -32,9 +33,13 @@ def generate_timed(
     autocast,
     desc: str = "generate",
     progress: bool = True,
+    tools: list[list[dict[str, Any]]] | None = None,
 ) -> Generation:
-    """Greedy, batched, KV-cached generation, timed per batch."""
-    prompts = [render_prompt(tokenizer, messages) for messages in conversations]
+    """Greedy, batched, KV-cached generation, timed per batch; `tools`: each conversation's tools, listed in its
+    prompt by the chat template."""
+    prompts = [
+        render_prompt(tokenizer, messages, tools[i] if tools else None) for i, messages in enumerate(conversations)
+    ]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     result = Generation([""] * len(prompts), [0.0] * len(prompts), [0] * len(prompts))

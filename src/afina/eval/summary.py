@@ -42,6 +42,11 @@ METRIC_LABELS = {
     "preference_accuracy": "preference accuracy (%)",
     "preference_accuracy_per_token": "pref. accuracy per token (%)",
     "logp_margin": "log-prob margin (chosen-rejected)",
+    "call_exact_match": "full-call exact match (%)",
+    "call_decision": "call-or-answer decision (%)",
+    "tool_name_accuracy": "tool-name accuracy (%)",
+    "argument_match": "argument match (%)",
+    "json_validity": "call JSON validity (%)",
 }
 LOWER_IS_BETTER = {
     "answer_loss",
@@ -53,6 +58,7 @@ LOWER_IS_BETTER = {
 }
 # The metric that decides "best system" and "worst examples", first one present wins.
 PRIMARY_METRICS = (
+    "call_exact_match",
     "preference_accuracy",
     "pass@1",
     "entity_f1",

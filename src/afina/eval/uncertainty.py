@@ -40,6 +40,12 @@ PER_EXAMPLE_FIELDS: dict[str, tuple[str, float]] = {
     "rouge1": ("rouge1", 1.0),
     "rouge2": ("rouge2", 1.0),
     "rougeL": ("rougeL", 1.0),
+    # tool calling (afina.eval.tool_metrics)
+    "call_decision": ("decision_correct", 100.0),
+    "tool_name_accuracy": ("names_correct", 100.0),
+    "argument_match": ("argument_match", 100.0),
+    "call_exact_match": ("call_exact", 100.0),
+    "json_validity": ("json_valid", 100.0),
 }
 # Metrics recomputed on each resample from the (prediction, reference) pairs.
 CORPUS_METRICS = ("macro_f1", "chrf", "bleu", "entity_f1")

@@ -27,9 +27,40 @@ GEMMA = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 
-NAMED_TEMPLATES = {"chatml": CHATML, "gemma": GEMMA}
+# ChatML with tools in the Hermes / Qwen2.5 way, for models whose own template has no tool support: the tools
+# listed as JSON between <tools></tools> in the system turn, each call a <tool_call>{"name", "arguments"}
+# </tool_call> block in the assistant turn, tool results as <tool_response> blocks in a user turn. Without
+# tools it renders exactly as `chatml` does. afina's server parses this call format (serve/tools.py).
+CHATML_TOOLS = (
+    "{%- if tools %}{{- '<|im_start|>system\n' }}{%- if messages[0]['role'] == 'system' %}"
+    "{{- messages[0]['content'] + '\n\n' }}{%- endif %}"
+    "{{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+    "function signatures within <tools></tools> XML tags:\n<tools>' }}{%- for tool in tools %}{{- '\n' }}"
+    "{{- tool | tojson }}{%- endfor %}{{- '\n</tools>\n\nFor each function call, return a json object with "
+    'function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": '
+    '<function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n\' }}'
+    "{%- elif messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + "
+    "'<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role == 'user' or (message.role == 'assistant' and not "
+    "message.tool_calls) %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant' }}{%- if message.content %}"
+    "{{- '\n' + message.content }}{%- endif %}{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    '{{- \'\n<tool_call>\n{"name": "\' + tool_call.name + \'", "arguments": \' }}'
+    "{{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}"
+    "{%- elif message.role == 'tool' %}{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}"
+    "{{- '<|im_start|>user' }}{%- endif %}{{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+NAMED_TEMPLATES = {"chatml": CHATML, "chatml-tools": CHATML_TOOLS, "gemma": GEMMA}
 # The special tokens each named template needs in the vocabulary; the second ends a turn.
-_TEMPLATE_TOKENS = {"chatml": ["<|im_start|>", "<|im_end|>"], "gemma": ["<start_of_turn>", "<end_of_turn>"]}
+_TEMPLATE_TOKENS = {
+    "chatml": ["<|im_start|>", "<|im_end|>"],
+    "chatml-tools": ["<|im_start|>", "<|im_end|>"],
+    "gemma": ["<start_of_turn>", "<end_of_turn>"],
+}
 
 
 class ChatTemplateError(ValueError):

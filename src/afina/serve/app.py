@@ -43,6 +43,7 @@ from afina.serve.generation import IncrementalText, chat_logprobs, completion_lo
 from afina.serve.logs import RequestLog
 from afina.serve.models import ServedModels, ServeError, load_served
 from afina.serve.schema import ApiError, ChatRequest, CompletionRequest, FeedbackRequest, error_body, parse_body
+from afina.serve.tools import ToolCallStream, check_tool_results, check_tool_template
 
 # Kept importable from here (older code and tests import them from serve.app).
 __all__ = ["ApiError", "BodyLimit", "create_app", "serve"]
@@ -265,6 +266,11 @@ class Plan:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
+    def calls_expected(self) -> bool:
+        """The answer may be tool calls: parsed into `tool_calls`, streamed as their deltas."""
+        return isinstance(self.request, ChatRequest) and self.request.calls_expected()
+
+    @property
     def stops(self) -> list[str]:
         stop = self.request.stop  # a list once checked (schema.py)
         return [stop] if isinstance(stop, str) else list(stop or [])
@@ -343,7 +349,7 @@ def check_length(state: AppState, ids: list[int], max_new: int) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
-def make_jobs(state: AppState, plan: Plan, schema: dict[str, Any] | None = None) -> list[Job]:
+def make_jobs(state: AppState, plan: Plan, grammar: str | None = None) -> list[Job]:
     """One job per requested choice (`n`); sampled choices get seeds seed, seed+1, ..."""
     tok, request = state.served.tokenizer, plan.request
     sampling = request.temperature > 0
@@ -360,10 +366,10 @@ def make_jobs(state: AppState, plan: Plan, schema: dict[str, Any] | None = None)
     jobs = []
     for i in range(request.n):
         processors = []
-        if schema is not None:
-            from afina.serve.json_output import JsonLogitsProcessor
+        if grammar is not None:
+            from afina.serve.grammar import GrammarLogitsProcessor
 
-            processors.append(JsonLogitsProcessor(tok, schema, plan.ids.shape[1], tok.eos_token_id))
+            processors.append(GrammarLogitsProcessor(tok, grammar, plan.ids.shape[1]))
         plain = not (sampling or request.stream or plan.stops or processors or plan.top_logprobs is not None)
         seed = None if request.seed is None else request.seed + i
         jobs.append(Job(plan.name, dict(kwargs), plain, plan.stops, seed, plan.top_logprobs, processors))
@@ -460,14 +466,13 @@ async def answer(state: AppState, request: Request, plan: Plan, jobs: list[Job])
             shaped = chat_logprobs if plan.endpoint == "chat" else completion_logprobs
             logprobs = shaped(tok, result.new_tokens, result.logprobs)
         if plan.endpoint == "chat":
-            choices.append(
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": logprobs,
-                    "finish_reason": reason,
-                }
-            )
+            message = {"role": "assistant", "content": text, "refusal": None}
+            if plan.calls_expected:
+                calls = ToolCallStream(expect_calls=True)
+                calls.add(text, final=True)
+                message = calls.message()
+                reason = "tool_calls" if calls.finished_calls() else reason
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
         else:
             choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
     aborted = any(r.aborted for r in results)
@@ -483,11 +488,21 @@ async def answer(state: AppState, request: Request, plan: Plan, jobs: list[Job])
     }
 
 
-def stream_chunk(plan: Plan, i: int, piece: str | None, finish: str | None, role: bool, include_usage: bool) -> str:
-    """One server-sent event of choice i: a piece of text, its end (finish), or (chat) the role first."""
+def stream_chunk(
+    plan: Plan,
+    i: int,
+    piece: str | None,
+    finish: str | None,
+    role: bool,
+    include_usage: bool,
+    delta: dict[str, Any] | None = None,
+) -> str:
+    """One server-sent event of choice i: a piece of text (or a chat `delta`: tool calls), its end (finish), or
+    (chat) the role first."""
     body: dict[str, Any] = {"id": plan.rid, "created": plan.created, "model": plan.name}
     if plan.endpoint == "chat":
-        delta = {"role": "assistant", "content": ""} if role else {"content": piece} if piece else {}
+        if delta is None:
+            delta = {"role": "assistant", "content": ""} if role else {"content": piece} if piece else {}
         body["object"] = "chat.completion.chunk"
         body["choices"] = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]
     else:
@@ -517,8 +532,19 @@ def stream(state: AppState, plan: Plan, jobs: list[Job]):
     chat = plan.endpoint == "chat"
     include_usage = bool(plan.request.stream_options and plan.request.stream_options.include_usage)
 
-    def chunk(i: int, piece: str | None, finish: str | None, role: bool = False) -> str:
-        return stream_chunk(plan, i, piece, finish, role, include_usage)
+    def chunk(i: int, piece: str | None, finish: str | None, role: bool = False, delta=None) -> str:
+        return stream_chunk(plan, i, piece, finish, role, include_usage, delta)
+
+    calls = [ToolCallStream(expect_calls=plan.calls_expected) for _ in jobs]
+
+    def pieces(i: int, piece: str, final: bool = False):
+        """Chunks for a piece of choice i's text: content as it comes, or tool-call deltas once they show."""
+        if not plan.calls_expected:
+            if piece:
+                yield chunk(i, piece, None)
+            return
+        for delta in calls[i].add(piece, final):
+            yield chunk(i, None, None, delta=delta)
 
     async def produce():
         texts = [IncrementalText(tok, plan.stops) for _ in jobs]
@@ -530,9 +556,8 @@ def stream(state: AppState, plan: Plan, jobs: list[Job]):
             while open_choices:
                 i, token = await events.get()
                 if token is not None:
-                    piece = texts[i].add(token)
-                    if piece:
-                        yield chunk(i, piece, None)
+                    for event in pieces(i, texts[i].add(token)):
+                        yield event
                     continue
                 open_choices.discard(i)
                 error = jobs[i].future.exception()
@@ -540,11 +565,11 @@ def stream(state: AppState, plan: Plan, jobs: list[Job]):
                     failure = error_body(f"generation failed: {error}", "generation_error", "server_error")
                     yield f"data: {json.dumps(failure)}\n\n"
                     continue
-                piece = texts[i].finish()
-                if piece:
-                    yield chunk(i, piece, None)
+                for event in pieces(i, texts[i].finish(), final=True):
+                    yield event
                 result = jobs[i].future.result()
-                yield chunk(i, None, finish_reason(tok, result, texts[i].stopped))
+                reason = finish_reason(tok, result, texts[i].stopped)
+                yield chunk(i, None, "tool_calls" if calls[i].finished_calls() else reason)
             completed = True
             usage = record(state, plan, [t.text() for t in texts], sum(len(t.tokens) for t in texts))
             if include_usage:
@@ -567,8 +592,8 @@ def stream(state: AppState, plan: Plan, jobs: list[Job]):
     return StreamingResponse(produce(), media_type="text/event-stream", headers={"x-request-id": plan.rid})
 
 
-async def generate(state: AppState, request: Request, plan: Plan, schema: dict[str, Any] | None = None):
-    jobs = make_jobs(state, plan, schema)
+async def generate(state: AppState, request: Request, plan: Plan, grammar: str | None = None):
+    jobs = make_jobs(state, plan, grammar)
     if plan.request.stream:
         return stream(state, plan, jobs)
     return await answer(state, request, plan, jobs)
@@ -579,12 +604,16 @@ async def chat_completions(request: Request):
     body: ChatRequest = await read_request(state, request, ChatRequest)
     started = time.perf_counter()
     name, max_new = resolve(state, body)
-    schema = body.json_schema()
+    grammar = body.grammar()
+    tools = body.tool_list()
+    if tools:
+        check_tool_template(state.served.tokenizer)
     messages = [m.as_turn() for m in body.messages]
-    ids = check_length(state, encode_chat(state.served.tokenizer, messages), max_new)
-    fields = {"messages": messages, "stream": body.stream}
+    check_tool_results(messages)
+    ids = check_length(state, encode_chat(state.served.tokenizer, messages, tools), max_new)
+    fields = {"messages": messages, "stream": body.stream, **({"tools": tools} if tools else {})}
     plan = Plan(f"chatcmpl-{uuid.uuid4().hex}", "chat", name, body, ids, max_new, fields, started)
-    return await generate(state, request, plan, schema)
+    return await generate(state, request, plan, grammar)
 
 
 async def completions(request: Request):

@@ -23,16 +23,21 @@ def special_tokens(tokenizer) -> list[str]:
     return sorted((t for t in found if t), key=len, reverse=True)
 
 
-def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the chat prompt, with every message's content tokenized as plain text."""
+def encode_chat(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Token ids of the chat prompt (with the tools the template lists), every message's content tokenized as
+    plain text."""
     specials = special_tokens(tokenizer)
     if not any(s in m["content"] for m in messages for s in specials):  # the usual case: as it always was
-        return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
-    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
-    rendered = render_prompt(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)])
+        return tokenizer(render_prompt(tokenizer, messages, tools), add_special_tokens=False)["input_ids"]
+    marks = [f"\ue000{i}\ue001" if m["content"] else "" for i, m in enumerate(messages)]
+    rendered = render_prompt(
+        tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)], tools
+    )
     ids: list[int] = []
     rest = rendered
     for message, mark in zip(messages, marks, strict=True):
+        if not mark:  # an empty content (a turn of tool calls): nothing of the user's to keep as text
+            continue
         before, found, rest = rest.partition(mark)
         if not found:
             raise ApiError(

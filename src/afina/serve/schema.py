@@ -4,11 +4,13 @@ Every OpenAI option is either honoured or refused with a 400 naming it: a client
 believe something happened that did not. Supported (chat): model, messages (roles system,
 developer, user, assistant; content a string or a list of text parts), max_tokens /
 max_completion_tokens, temperature, top_p, n, stop, seed, logprobs + top_logprobs, stream,
-stream_options.include_usage, response_format (text, json_object, json_schema). Completions: model,
-prompt, max_tokens, temperature, top_p, n, stop, seed, logprobs, stream, stream_options. Accepted
-and ignored (they change nothing a client can observe): user, metadata, store, service_tier,
-presence_penalty/frequency_penalty of 0, best_of equal to n. Everything else (tools, tool_choice,
-functions, logit_bias, echo, suffix, audio, modalities, ...) is refused.
+stream_options.include_usage, response_format (text, json_object, json_schema), tools (functions),
+tool_choice (none, auto, required, a named function), parallel_tool_calls, assistant messages with
+tool_calls and `tool` messages. Completions: model, prompt, max_tokens, temperature, top_p, n, stop,
+seed, logprobs, stream, stream_options. Accepted and ignored (they change nothing a client can
+observe): user, metadata, store, service_tier, presence_penalty/frequency_penalty of 0, best_of equal
+to n. Everything else (the legacy functions/function_call, logit_bias, echo, suffix, audio,
+modalities, ...) is refused.
 
 A body is read as JSON here (not by FastAPI) so that the API key is checked first, a malformed
 body is a 400 with the JSON error's position, and a lone surrogate ("\\ud800", valid JSON, not
@@ -55,9 +57,9 @@ class _Body(BaseModel):
                 continue
             if key in ("presence_penalty", "frequency_penalty") and value in (0, 0.0, None):
                 continue
-            if key in ("tools", "functions") and not value:
+            if key == "functions" and not value:
                 continue
-            if key in ("tool_choice", "function_call", "parallel_tool_calls") and value in (None, "none", False):
+            if key == "function_call" and value in (None, "none"):
                 continue
             raise unsupported(key)
 
@@ -76,22 +78,86 @@ class TextPart(BaseModel):
         return self
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value or "{}")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"arguments must be JSON text ({exc.msg})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object")
+        return value or "{}"
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # `name` and the like: carried by clients, not used
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @model_validator(mode="after")
-    def no_tool_calls(self):
-        for key in ("tool_calls", "function_call", "audio"):
+    def consistent(self):
+        for key in ("function_call", "audio"):
             if (self.model_extra or {}).get(key):
-                raise ValueError(f"messages with '{key}' are not supported (this server has no tool calling)")
+                raise ValueError(f"messages with '{key}' are not supported (send tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only for an assistant message with tool_calls)")
         return self
 
-    def as_turn(self) -> dict[str, str]:
-        """The turn as the chat template takes it: developer is the system turn, parts joined."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+    def as_turn(self) -> dict[str, Any]:
+        """The turn as the chat template takes it: developer is the system turn, parts joined; calls and the
+        id a tool result answers kept in OpenAI's shape."""
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text or "" for p in content)
+        turn: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            turn["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.role == "tool":
+            turn["tool_call_id"] = self.tool_call_id
+        return turn
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -157,27 +223,65 @@ class ChatRequest(_Generation):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def check(self) -> None:
         super().check()
         if self.top_logprobs and not self.logprobs:
             raise ApiError(400, "'top_logprobs' needs logprobs: true", "invalid_request", param="top_logprobs")
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ApiError(400, "two tools share a name; give each function its own", "invalid_request", param="tools")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise ApiError(
+                400, "'tool_choice' asks for a call, but no 'tools' are given", "invalid_request", "tool_choice"
+            )
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ApiError(
+                400,
+                f"tool_choice names '{choice.function.name}', which is not among the tools ({', '.join(names)})",
+                "invalid_request",
+                param="tool_choice",
+            )
+        if self.tools and self.response_format is not None and self.response_format.type != "text":
+            raise ApiError(
+                400, "give 'tools' or a JSON 'response_format', not both", "invalid_request", param="response_format"
+            )
 
-    def json_schema(self) -> dict[str, Any] | None:
-        """The schema the answer must follow, or None for free text."""
-        from afina.serve.json_output import ANY_OBJECT, SchemaError, check_schema
-
-        fmt = self.response_format
-        if fmt is None or fmt.type == "text":
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        """The tools in OpenAI's shape (as chat templates take them), or None."""
+        if not self.tools:
             return None
-        if fmt.type == "json_object":
-            return ANY_OBJECT
-        schema = fmt.json_schema.schema_ if fmt.json_schema else {}
+        return [{"type": "function", "function": tool.function.model_dump(exclude_none=True)} for tool in self.tools]
+
+    def calls_expected(self) -> bool:
+        """Whether the answer may be tool calls (tools given and tool_choice is not none)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def grammar(self) -> str | None:
+        """The grammar the answer must follow (a JSON schema, or the tools and tool_choice), or None for free text."""
+        from afina.serve.grammar import ANY_OBJECT, GrammarError, json_grammar, tool_grammar
+
         try:
-            check_schema(schema, "response_format.json_schema.schema")
-        except SchemaError as exc:
-            raise ApiError(400, str(exc), "unsupported_schema", param="response_format") from None
-        return schema
+            tools = self.tool_list()
+            if tools:
+                choice = self.tool_choice
+                name = choice.function.name if isinstance(choice, NamedToolChoice) else choice
+                return tool_grammar(tools, name, self.parallel_tool_calls)
+            fmt = self.response_format
+            if fmt is None or fmt.type == "text":
+                return None
+            if fmt.type == "json_object":
+                return json_grammar(ANY_OBJECT)
+            return json_grammar(
+                fmt.json_schema.schema_ if fmt.json_schema else {}, "response_format.json_schema.schema"
+            )
+        except GrammarError as exc:
+            param = "tools" if self.tools else "response_format"
+            raise ApiError(400, str(exc), "unsupported_schema", param=param) from None
 
 
 class CompletionRequest(_Generation):

@@ -5,6 +5,7 @@
     tagging         words -> BIO tags (named entities): a token-classification head
     domain          continued pre-training on raw text, scored by perplexity
     preference      DPO, IPO, ORPO, SimPO or KTO on chosen/rejected pairs, scored by preference accuracy
+    tools           function calling: chat rows with tools and calls, scored on the calls (decision, name, arguments)
 
 Adding a task type: one module here defining `TASK = TaskType(...)`, one line in TASKS, one
 config section (and its name in `Recipe.task`). The stages (prepare, train, estimate, eval,
@@ -18,11 +19,11 @@ from typing import Any, Literal
 
 from afina.config import Recipe, RecipeError
 from afina.rundir import RunDir
-from afina.tasks import chat, classification, domain, preference, tagging
+from afina.tasks import chat, classification, domain, preference, tagging, tools
 from afina.tasks.base import TaskType
 
 TASKS: dict[str, TaskType] = {
-    task.name: task for task in (chat.TASK, classification.TASK, tagging.TASK, domain.TASK, preference.TASK)
+    task.name: task for task in (chat.TASK, classification.TASK, tagging.TASK, domain.TASK, preference.TASK, tools.TASK)
 }
 
 
