@@ -17,11 +17,12 @@ recommendation.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from afina.config import Recipe, RecipeError
 from afina.device import autocast_factory, peak_memory_mb, pick_device, resolve_precision
-from afina.eval.generate import generate_timed
+from afina.eval.generate import answer_budget, generate_timed
 from afina.eval.generative import few_shot_prompts
 from afina.eval.outputs import write_eval
 from afina.eval.risks import add_intervals, risk_sentences
@@ -95,6 +96,10 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     models = SystemModels.load(recipe, device, with_tuned="tuned" in cfg.systems)
     report: dict[str, Any] = {"test_examples": len(rows), "metrics": list(TOOL_METRICS), "systems": {}}
     report["efficiency"], predictions = {}, []
+    # Unset eval.max_new_tokens: from the reference turns (their text, or their calls as JSON).
+    turns = [row["messages"][-1] for row in rows]
+    references = [json.dumps(t["tool_calls"]) if t.get("tool_calls") else str(t.get("content") or "") for t in turns]
+    budget = answer_budget(cfg.max_new_tokens, tokenizer, references).tokens
     for system in cfg.systems:
         prompts, tools = inputs[system]
         model, context = models.get(system)
@@ -107,7 +112,7 @@ def evaluate(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                 model,
                 tokenizer,
                 prompts,
-                cfg.max_new_tokens,
+                budget,
                 cfg.batch_size,
                 autocast,
                 f"eval {system}",
