@@ -141,3 +141,14 @@ def test_the_optional_kernel_fetch_is_one_afina_line_at_most(monkeypatch):
     assert noise_lines(stderr("quiet")) == [] and stderr("quiet").strip() == ""
     verbose = stderr("verbose").strip().splitlines()
     assert len(verbose) == 1 and verbose[0].startswith("INFO:afina:") and "built-in kernel" in verbose[0]
+
+
+def test_overrides_may_follow_the_flags_and_unknown_flags_are_still_refused(capsys):
+    from afina.cli import parse_command_line
+
+    args = parse_command_line(["train", "r.yaml", "--nproc-per-node", "2", "training.max_steps=3", "--resume"])
+    assert args.overrides == ["training.max_steps=3"] and args.nproc_per_node == 2 and args.resume
+    assert parse_command_line(["train", "r.yaml", "method.r=8", "--resume"]).overrides == ["method.r=8"]
+    with pytest.raises(SystemExit):
+        parse_command_line(["train", "r.yaml", "--bogus", "training.max_steps=3"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

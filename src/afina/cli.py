@@ -626,6 +626,20 @@ COMMANDS = {
 }
 
 
+def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; `key=value` overrides may also come after the flags
+    (`afina train recipe.yaml --nproc-per-node 2 training.max_steps=3`), as users type them."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
+        extra = [item for item in extra if item not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from afina.config import RecipeError
     from afina.data.load import DataError
@@ -636,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     from afina.tasks.tagging import TagError
     from afina.train.loop import TrainingInterrupted
 
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     # Before any library is imported: their bars and warnings that tell a user nothing (afina/quiet.py).
     quiet_third_party(args.verbose)
     logging.basicConfig(

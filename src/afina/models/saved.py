@@ -8,7 +8,7 @@ what it was writing, instead of leaving the surprise to whoever loads the result
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ class EmptyWeightsError(RuntimeError):
     """Weights about to be written, or just written, hold no tensors."""
 
 
-def require_tensors(tensors: Mapping[str, Any], what: str) -> None:
-    """`tensors` (name -> tensor) about to be saved as `what` must hold at least one tensor."""
+def require_tensors(tensors: Collection[Any], what: str) -> None:
+    """`tensors` (name -> tensor, or (name, tensor) pairs) about to be saved as `what` must hold at least one."""
     if not tensors:
         raise EmptyWeightsError(
             f"{what}: no tensors to save (the model has no trainable parameters, or none were matched to "

@@ -21,9 +21,11 @@ the model on the meta device and loads only each process's shards.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -107,11 +109,17 @@ class Distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         device = next(p for p in model.parameters() if p.requires_grad).device
+        # Every process built the same model from the same seed: no broadcast of the whole base model at the
+        # start (init_sync) and no buffer sync before each forward (torch 2.13 renamed broadcast_buffers).
+        options = inspect.signature(DistributedDataParallel).parameters
+        no_buffer_sync: dict[str, Any] = {
+            "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers": False
+        }
         wrapped = DistributedDataParallel(
             _LossModule(model, loss_fn),
             device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # every process built the same model from the same seed
-            init_sync=False,  # likewise: no broadcast of the whole base model at the start
+            init_sync=False,
+            **no_buffer_sync,
         )
         wrapped.register_comm_hook(None, _sum_gradients_hook)
         return (lambda _model, **batch: wrapped(**batch)), wrapped.no_sync

@@ -234,7 +234,7 @@ def write_streamed_safetensors(
     process with write=True writes it and drops it before the next. The header (names, dtypes, shapes,
     offsets) is known from the shapes alone, so it goes first. dtype: cast floating tensors to it."""
 
-    require_tensors(dict(tensors), str(path))  # a header without weights would load as an untrained model
+    require_tensors(tensors, str(path))  # a header without weights would load as an untrained model
 
     def out_dtype(t):
         return dtype if dtype is not None and t.is_floating_point() else t.dtype

@@ -115,6 +115,7 @@ def gpu_time(
     }
     if "total_steps" in result:
         out["expected_seconds"] = round(out["seconds_per_step"] * result["total_steps"], 1)
+        out["until_converged"] = bool(result.get("until_converged"))  # total_steps is then the epoch cap
     return out
 
 
@@ -126,7 +127,8 @@ def format_gpu_time(time: dict[str, Any]) -> str:
         f"{time['tokens_per_s']:,.0f} tokens/s, {time['seconds_per_step']} s/step"
     )
     if "expected_seconds" in time:
-        line += f", about {time['expected_seconds'] / 60:.1f} min for the run"
+        bound = "at most" if time.get("until_converged") else "about"
+        line += f", {bound} {time['expected_seconds'] / 60:.1f} min for the run"
     return line
 
 

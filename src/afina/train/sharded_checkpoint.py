@@ -152,8 +152,9 @@ def save_sharded_checkpoint(
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     def write(tmp: Path) -> None:
-        require_tensors(_trainable(model), f"sharded checkpoint {tmp.parent}")
-        state = {"model": _trainable(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        trainable = _trainable(model)
+        require_tensors(trainable, f"sharded checkpoint {tmp.parent}")
+        state = {"model": trainable, "optimizer": get_optimizer_state_dict(model, optimizer)}
         dcp.save(state, checkpoint_id=str(tmp / "shards"))
         if is_main:
             torch.save(
@@ -251,8 +252,9 @@ def save_sharded_weights(target: Path, model, info: dict[str, Any], is_main: boo
     """The trainable weights alone (the best checkpoint), sharded; every process calls it."""
 
     def write(tmp: Path) -> None:
-        require_tensors(_trainable(model), f"sharded checkpoint {tmp.parent}")
-        dcp.save({"model": _trainable(model)}, checkpoint_id=str(tmp / "shards"))
+        trainable = _trainable(model)
+        require_tensors(trainable, f"sharded checkpoint {tmp.parent}")
+        dcp.save({"model": trainable}, checkpoint_id=str(tmp / "shards"))
         if is_main:
             torch.save(info, tmp / "info.pt")
 
